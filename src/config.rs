@@ -1,0 +1,352 @@
+//! The broker's settings: defaults, `config.toml`, `OUTBOXD_<SECTION>__<KEY>` overrides, checks.
+//!
+//! Every limit the broker enforces is a field here, so an operator can find and change it in
+//! one place. Loading refuses any value that makes no sense and names the key, so a typo stops
+//! the broker at start instead of misbehaving later.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The largest payload a broker may accept. Larger values would make sled store them as
+/// separate blob files that its flush does not sync, so they could not be as durable as the rest.
+pub const PAYLOAD_CEILING: u64 = 65_536;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Confirm and send only after an fdatasync covers the write.
+    Fsync,
+    /// Confirm after the in-memory write; sled's background flush persists it later.
+    Relaxed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub storage: Storage,
+    pub heartbeat: Heartbeat,
+    pub delivery: Delivery,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    pub listen: String,
+    pub admin_listen: String,
+    pub max_connections: u32,
+    pub max_frame_bytes: u64,
+    pub hello_timeout_ms: u64,
+    pub write_queue_frames: u32,
+    pub max_bad_frames: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub group_commit_max_delay_us: u64,
+    pub cache_capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heartbeat {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    pub max_inflight: u32,
+    pub ack_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_payload_bytes: u64,
+    pub max_outbox_messages: u64,
+    pub max_outbox_bytes: u64,
+    pub message_ttl_ms: u64,
+    pub dedup_window_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: Server::default(),
+            storage: Storage::default(),
+            heartbeat: Heartbeat::default(),
+            delivery: Delivery::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_connections: 10_000,
+            max_frame_bytes: 131_072,
+            hello_timeout_ms: 10_000,
+            write_queue_frames: 256,
+            max_bad_frames: 16,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            durability: Durability::Fsync,
+            group_commit_max_delay_us: 0,
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            interval_ms: 15_000,
+            timeout_ms: 45_000,
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            max_inflight: 1024,
+            ack_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: PAYLOAD_CEILING,
+            max_outbox_messages: 100_000,
+            max_outbox_bytes: 100 * 1024 * 1024,
+            message_ttl_ms: 0,
+            dedup_window_ms: 600_000,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the file (required only when `required`), then the environment.
+    ///
+    /// `env` is the process environment as pairs; only `OUTBOXD_<SECTION>__<KEY>` names are read,
+    /// so unrelated `OUTBOXD_*` variables never turn into config keys.
+    pub fn load(
+        path: &Path,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        if required && !path.exists() {
+            return Err(ConfigError::Missing(path.to_owned()));
+        }
+        let overrides: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("OUTBOXD_") && k["OUTBOXD_".len()..].contains("__"))
+            .collect();
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from(path).required(required))
+            .add_source(
+                config::Environment::with_prefix("OUTBOXD")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()?
+            .try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuses values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        self.listen_addr()?;
+        self.server
+            .admin_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("server.admin_listen", format!("{e} (expected HOST:PORT)")))?;
+        let s = &self.server;
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.max_frame_bytes < 1024 {
+            return Err(invalid("server.max_frame_bytes", "must be at least 1024"));
+        }
+        if s.hello_timeout_ms == 0 {
+            return Err(invalid("server.hello_timeout_ms", "must be at least 1"));
+        }
+        if s.write_queue_frames < 2 {
+            return Err(invalid("server.write_queue_frames", "must be at least 2"));
+        }
+        if s.max_bad_frames == 0 {
+            return Err(invalid("server.max_bad_frames", "must be at least 1"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        if self.storage.group_commit_max_delay_us > 1_000_000 {
+            return Err(invalid(
+                "storage.group_commit_max_delay_us",
+                "must be at most 1000000 (1 s)",
+            ));
+        }
+        if self.storage.cache_capacity_bytes < 1024 * 1024 {
+            return Err(invalid("storage.cache_capacity_bytes", "must be at least 1048576"));
+        }
+        let h = &self.heartbeat;
+        if h.interval_ms == 0 {
+            return Err(invalid("heartbeat.interval_ms", "must be at least 1"));
+        }
+        if h.timeout_ms <= h.interval_ms {
+            return Err(invalid(
+                "heartbeat.timeout_ms",
+                format!("must be greater than heartbeat.interval_ms ({})", h.interval_ms),
+            ));
+        }
+        if self.delivery.max_inflight == 0 {
+            return Err(invalid("delivery.max_inflight", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > PAYLOAD_CEILING {
+            return Err(invalid(
+                "limits.max_payload_bytes",
+                format!(
+                    "must be 1 to {PAYLOAD_CEILING}: larger values would be stored as blob files the store cannot make durable"
+                ),
+            ));
+        }
+        if l.max_payload_bytes.saturating_add(1024) > s.max_frame_bytes {
+            return Err(invalid(
+                "server.max_frame_bytes",
+                format!(
+                    "must leave room for a full payload: at least limits.max_payload_bytes + 1024 ({})",
+                    l.max_payload_bytes + 1024
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|e| ConfigError::Invalid {
+            key: "server.listen",
+            reason: format!("{e} (expected HOST:PORT)"),
+        })
+    }
+
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.hello_timeout_ms)
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.interval_ms)
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.timeout_ms)
+    }
+
+    /// `None` when ack-timeout redelivery is off.
+    pub fn ack_timeout(&self) -> Option<Duration> {
+        (self.delivery.ack_timeout_ms > 0).then(|| Duration::from_millis(self.delivery.ack_timeout_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(
+            &path,
+            true,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.max_connections, 10_000);
+        assert_eq!(c.storage.durability, Durability::Fsync);
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscore_keys() {
+        let c = load(
+            "[server]\nmax_connections = 5\n",
+            &[
+                ("OUTBOXD_SERVER__MAX_CONNECTIONS", "7"),
+                ("OUTBOXD_STORAGE__DURABILITY", "relaxed"),
+                ("OUTBOXD_FAULT_FSYNC_FAIL_AFTER", "3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.storage.durability, Durability::Relaxed);
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = load("[heartbeat]\ninterval_ms = 100\ntimeout_ms = 50\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("heartbeat.timeout_ms"), "{e}");
+        let e = load("[limits]\nmax_payload_bytes = 200000\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("limits.max_payload_bytes"), "{e}");
+        let e = load("", &[("OUTBOXD_SERVER__MAX_CONNECTIONS", "lots")]).unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
+        let e = load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = load("[server]\nmax_conections = 5\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_file_is_an_error() {
+        let e = Config::load(Path::new("/nonexistent/outboxd.toml"), true, Vec::new()).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing(_)));
+    }
+}

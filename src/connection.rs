@@ -1,0 +1,716 @@
+//! One WebSocket connection, from the upgrade to the close.
+//!
+//! The connection task runs the handshake and the hello under one deadline, then a loop that
+//! turns socket frames, durable-store wake-ups and timers into actions decided by the I/O-free
+//! state machines in [`crate::session`]. A second task per connection owns the socket's write
+//! half and drains a bounded queue (`server.write_queue_frames`); when that queue is full the
+//! peer is too slow and is closed with 4029, and its messages stay stored.
+//!
+//! Delivery order inside the loop: messages are read from the store only below the outbox's
+//! durable frontier (see [`crate::store`]), so nothing is sent before an fsync covers it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::ids::ClientId;
+use crate::protocol::{
+    self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
+    SUBPROTOCOL,
+};
+use crate::registry::SessionGen;
+use crate::server::Shared;
+use crate::session::{Beat, Liveness, Window};
+use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
+
+type Ws = WebSocketStream<TcpStream>;
+type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// Why a connection ends, and what the peer is told.
+#[derive(Debug)]
+enum End {
+    Shutdown,
+    Replaced,
+    Dead,
+    TooSlow,
+    Protocol(String),
+    TooBig,
+    Policy(String),
+    NoHello,
+    Internal(String),
+    /// The peer closed or the socket failed: nothing more to say.
+    Gone,
+}
+
+impl End {
+    fn close(&self, cfg: &crate::config::Config) -> Option<(u16, String)> {
+        let frame = match self {
+            End::Shutdown => (close::GOING_AWAY, "broker shutting down; reconnect".to_string()),
+            End::Replaced => (close::REPLACED, "replaced by a newer connection".to_string()),
+            End::Dead => (
+                close::HEARTBEAT_TIMEOUT,
+                format!("heartbeat timeout: nothing heard for {} ms", cfg.heartbeat.timeout_ms),
+            ),
+            End::TooSlow => (close::TOO_SLOW, "too slow: write queue full".to_string()),
+            End::Protocol(m) => (close::PROTOCOL_ERROR, m.clone()),
+            End::TooBig => (
+                close::TOO_BIG,
+                format!("frame larger than {} bytes", cfg.server.max_frame_bytes),
+            ),
+            End::Policy(m) => (close::POLICY, m.clone()),
+            End::NoHello => (
+                close::NO_HELLO,
+                format!("no hello within {} ms", cfg.server.hello_timeout_ms),
+            ),
+            End::Internal(m) => (close::INTERNAL, m.clone()),
+            End::Gone => return None,
+        };
+        Some(frame)
+    }
+}
+
+/// Close reasons must fit a control frame (123 bytes).
+fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    let mut r = reason.to_string();
+    while r.len() > 120 {
+        r.pop();
+    }
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: r.into(),
+    }
+}
+
+fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(format!("{body}\n")));
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves one accepted TCP connection until it closes. Never panics on peer input.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+) {
+    let cfg = &shared.cfg;
+    let deadline = tokio::time::Instant::now() + cfg.hello_timeout();
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let has_permit = permit.is_some();
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != "/ws" {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "not found: the WebSocket endpoint is /ws",
+            ));
+        }
+        if !has_permit {
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (server.max_connections); retry later",
+            ));
+        }
+        let offered: Vec<String> = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !offered.is_empty() {
+            if offered.iter().any(|p| p == SUBPROTOCOL) {
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    HeaderValue::from_static(SUBPROTOCOL),
+                );
+            } else {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported subprotocol: this broker speaks outboxd.v1.json",
+                ));
+            }
+        }
+        Ok(resp)
+    };
+    let frame = usize::try_from(cfg.server.max_frame_bytes).unwrap_or(usize::MAX);
+    let ws_cfg = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(32 * 1024)
+        .max_write_buffer_size(32 * 1024 + 2 * frame + 1024)
+        .max_message_size(Some(frame))
+        .max_frame_size(Some(frame));
+    let ws = match tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(ws_cfg)),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "WebSocket handshake refused or failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "WebSocket handshake not finished within hello_timeout_ms");
+            return;
+        }
+    };
+    let (sink, stream) = ws.split();
+    let queue = usize::try_from(cfg.server.write_queue_frames).unwrap_or(256);
+    let (tx, rx) = mpsc::channel(queue);
+    let (kill_tx, kill_rx) = oneshot::channel();
+    let writer = shared.tracker.spawn(write_loop(sink, rx, kill_rx));
+    let out = Outgoing {
+        tx,
+        kill: Some(kill_tx),
+    };
+    run(stream, out, deadline, peer, &shared, permit).await;
+    // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
+    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        debug!(%peer, "writer did not finish within 5 s; dropping the socket");
+    }
+}
+
+/// The queue to the write half.
+struct Outgoing {
+    tx: mpsc::Sender<Message>,
+    kill: Option<oneshot::Sender<CloseFrame>>,
+}
+
+impl Outgoing {
+    fn text(&self, s: String) -> Result<(), End> {
+        match self.tx.try_send(Message::text(s)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(End::TooSlow),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
+        }
+    }
+
+    /// Sends the close frame after everything queued, or at once when the queue is full.
+    fn close(mut self, code: u16, reason: &str) {
+        let frame = close_frame(code, reason);
+        if code == close::TOO_SLOW {
+            if let Some(k) = self.kill.take() {
+                let _ = k.send(frame);
+            }
+            return;
+        }
+        if let Err(e) = self.tx.try_send(Message::Close(Some(frame))) {
+            if let (Message::Close(Some(frame)), Some(k)) = (e.into_inner(), self.kill.take()) {
+                let _ = k.send(frame);
+            }
+        }
+    }
+}
+
+enum WriteStep {
+    More,
+    Done,
+    Failed,
+    Kill(CloseFrame),
+}
+
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    mut kill: oneshot::Receiver<CloseFrame>,
+) {
+    let mut kill_open = true;
+    loop {
+        let step = tokio::select! {
+            biased;
+            k = &mut kill, if kill_open => match k {
+                Ok(frame) => WriteStep::Kill(frame),
+                Err(_) => { kill_open = false; continue; }
+            },
+            step = write_some(&mut sink, &mut rx) => step,
+        };
+        match step {
+            WriteStep::More => {}
+            WriteStep::Done | WriteStep::Failed => break,
+            WriteStep::Kill(frame) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    sink.send(Message::Close(Some(frame))),
+                )
+                .await;
+                break;
+            }
+        }
+    }
+}
+
+/// Writes whatever is queued with one flush. `Done` after a close frame or once the queue is
+/// closed and empty; `More` otherwise.
+async fn write_some(sink: &mut SplitSink<Ws, Message>, rx: &mut mpsc::Receiver<Message>) -> WriteStep {
+    let Some(first) = rx.recv().await else {
+        let _ = sink.close().await;
+        return WriteStep::Done;
+    };
+    let mut msg = first;
+    loop {
+        let closing = matches!(msg, Message::Close(_));
+        if sink.feed(msg).await.is_err() {
+            return WriteStep::Failed;
+        }
+        if closing {
+            let _ = sink.flush().await;
+            return WriteStep::Done;
+        }
+        match rx.try_recv() {
+            Ok(next) => msg = next,
+            Err(_) => break,
+        }
+    }
+    if sink.flush().await.is_err() {
+        return WriteStep::Failed;
+    }
+    WriteStep::More
+}
+
+/// Waits for the first text frame, skipping control frames.
+async fn next_frame(stream: &mut SplitStream<Ws>) -> Option<Result<Message, WsError>> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn run(
+    mut stream: SplitStream<Ws>,
+    out: Outgoing,
+    deadline: tokio::time::Instant,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    _permit: Option<OwnedSemaphorePermit>,
+) {
+    let cfg = &shared.cfg;
+    let max_payload = usize::try_from(cfg.limits.max_payload_bytes).unwrap_or(usize::MAX);
+    // Hello: the first frame, before the deadline.
+    let first = tokio::select! {
+        _ = shared.shutdown.cancelled() => Err(End::Shutdown),
+        r = tokio::time::timeout_at(deadline, next_frame(&mut stream)) => match r {
+            Err(_) => Err(End::NoHello),
+            Ok(None) => Err(End::Gone),
+            Ok(Some(Err(WsError::Capacity(_)))) => Err(End::TooBig),
+            Ok(Some(Err(_))) => Err(End::Gone),
+            Ok(Some(Ok(Message::Text(t)))) => Ok(t),
+            Ok(Some(Ok(Message::Binary(_)))) => {
+                let _ = out.text(encode_error(None, ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames"));
+                Err(End::Protocol("the first frame must be a JSON hello".into()))
+            }
+            Ok(Some(Ok(_))) => Err(End::Gone),
+        },
+    };
+    let hello = first.and_then(|text| match protocol::parse_client_frame(&text, max_payload) {
+        Ok(ClientFrame::Hello {
+            client_id, resume, ..
+        }) => Ok((client_id, resume)),
+        Ok(_) => {
+            let _ = out.text(encode_error(
+                None,
+                ErrorCode::BadFrame,
+                "the first frame must be hello",
+            ));
+            Err(End::Protocol("the first frame must be hello".into()))
+        }
+        Err(e) => {
+            let _ = out.text(encode_error(e.reference.as_deref(), e.code, &e.message));
+            if e.code == ErrorCode::BadClientId {
+                Err(End::Policy(e.message))
+            } else {
+                Err(End::Protocol(e.message))
+            }
+        }
+    });
+    let (client, resume) = match hello {
+        Ok(h) => h,
+        Err(end) => {
+            debug!(%peer, reason = ?end, "connection ended before hello");
+            if let Some((code, reason)) = end.close(cfg) {
+                out.close(code, &reason);
+            }
+            return;
+        }
+    };
+    let outcome = match shared.store.hello(client.clone(), resume).await {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(%peer, client = %client, error = %e, "hello refused: store failure");
+            let _ = out.text(encode_error(None, ErrorCode::Internal, &format!("the broker cannot open this outbox: {e}")));
+            out.close(close::INTERNAL, "store failure");
+            return;
+        }
+    };
+    let (gen, takeover, replaced) = shared.registry.attach(&client);
+    let span = tracing::info_span!("session", client = %client, gen = gen.0);
+    info!(parent: &span, %peer, resumed = outcome.resumed, reason = outcome.reason.unwrap_or(""),
+          last_seq = outcome.last_seq, pending = outcome.pending, missed = outcome.missed,
+          replaced, "client connected");
+    let welcome = Welcome {
+        client_id: client.as_str().to_owned(),
+        epoch: outcome.epoch.clone(),
+        resumed: outcome.resumed,
+        reason: outcome.reason,
+        last_seq: outcome.last_seq,
+        next_seq: outcome.next_seq,
+        pending: outcome.pending,
+        missed: outcome.missed,
+        heartbeat_ms: cfg.heartbeat.interval_ms,
+        max_inflight: cfg.delivery.max_inflight,
+    };
+    let mut conn = Conn {
+        shared: Arc::clone(shared),
+        window: Window::new(
+            usize::try_from(cfg.delivery.max_inflight).unwrap_or(usize::MAX),
+            outcome.last_seq,
+        ),
+        live: Liveness::new(cfg.heartbeat_interval(), cfg.heartbeat_timeout(), Instant::now()),
+        handle: outcome.handle,
+        client: client.clone(),
+        out,
+        bad_frames: 0,
+        max_payload,
+    };
+    let end = match conn.out.text(protocol::encode_welcome(&welcome)) {
+        Ok(()) => conn.session(&mut stream, &takeover).instrument(span.clone()).await,
+        Err(e) => e,
+    };
+    shared.registry.detach(&client, gen);
+    conn.finish(end, gen, &span);
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    out: Outgoing,
+    handle: Arc<OutboxHandle>,
+    client: ClientId,
+    window: Window,
+    live: Liveness,
+    bad_frames: u32,
+    max_payload: usize,
+}
+
+impl Conn {
+    async fn session(
+        &mut self,
+        stream: &mut SplitStream<Ws>,
+        takeover: &tokio_util::sync::CancellationToken,
+    ) -> End {
+        let mut durable = self.handle.watch_durable();
+        let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
+        let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
+        let shutdown = self.shared.shutdown.clone();
+        let end = loop {
+            if let Err(end) = self.fill() {
+                break end;
+            }
+            let wake = tokio::time::Instant::from_std(self.next_wake());
+            // Every branch is cancel-safe: a dropped `next()` or `changed()` loses nothing.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break End::Shutdown,
+                _ = takeover.cancelled() => break End::Replaced,
+                Some(frame) = replies.next(), if !replies.is_empty() => {
+                    if let Err(end) = self.out.text(frame) {
+                        break end;
+                    }
+                }
+                msg = stream.next(), if replies.len() < max_pending => {
+                    if let Err(end) = self.on_message(msg, &mut replies).await {
+                        break end;
+                    }
+                }
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        break End::Internal("store closed".into());
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if let Err(end) = self.on_timer() {
+                        break end;
+                    }
+                }
+            }
+        };
+        if matches!(end, End::Shutdown) {
+            // Publishes already queued are committed by the store; tell their publishers.
+            let drain = async {
+                while let Some(frame) = replies.next().await {
+                    if self.out.text(frame).is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        }
+        end
+    }
+
+    fn finish(self, end: End, gen: SessionGen, span: &tracing::Span) {
+        let cfg = &self.shared.cfg;
+        match end.close(cfg) {
+            Some((code, reason)) => {
+                info!(parent: span, gen = gen.0, code, reason = %reason, inflight = self.window.inflight(),
+                      "connection closed by the broker");
+                self.out.close(code, &reason);
+            }
+            None => {
+                info!(parent: span, inflight = self.window.inflight(), "connection closed by the peer");
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let beat = self.live.next_deadline();
+        match self.shared.cfg.ack_timeout().and_then(|t| self.window.next_due(t)) {
+            Some(due) => beat.min(due),
+            None => beat,
+        }
+    }
+
+    /// Sends stored messages while the window has room.
+    fn fill(&mut self) -> Result<(), End> {
+        while self.window.room() > 0 {
+            let batch = self
+                .shared
+                .store
+                .read(&self.handle, self.window.cursor(), self.window.room())
+                .map_err(|e| End::Internal(format!("store read failed: {e}")))?;
+            let now = Instant::now();
+            let got = batch.items.len();
+            for d in batch.items {
+                let redelivered = self.handle.was_sent(d.seq);
+                self.send_msg(d.seq, &d.message, redelivered)?;
+                self.window.sent(d.seq, now);
+            }
+            self.window.skip_to(batch.covered_to);
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_msg(
+        &mut self,
+        seq: u64,
+        m: &crate::codec::StoredMessage,
+        redelivered: bool,
+    ) -> Result<(), End> {
+        let payload = to_wire(&m.payload);
+        let id = format!("{:x}", m.id);
+        let frame = encode_msg(&MsgView {
+            seq,
+            id: &id,
+            ts: m.ts,
+            from: m.from.as_deref(),
+            topic: m.topic.as_deref(),
+            payload: &payload,
+            redelivered,
+        });
+        self.out.text(frame)?;
+        self.handle.mark_sent(seq);
+        Ok(())
+    }
+
+    fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        match self.live.poll(now) {
+            Beat::Dead => return Err(End::Dead),
+            Beat::SendPing => self.out.text(protocol::PING.to_string())?,
+            Beat::Nothing => {}
+        }
+        if let Some(timeout) = self.shared.cfg.ack_timeout() {
+            for seq in self.window.due(now, timeout) {
+                match self.shared.store.get(&self.handle, seq) {
+                    Ok(Some(m)) => {
+                        self.send_msg(seq, &m, true)?;
+                        self.window.resent(seq, now);
+                    }
+                    Ok(None) => self.window.forget(seq),
+                    Err(e) => return Err(End::Internal(format!("store read failed: {e}"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bad_frame(&mut self, reference: Option<&serde_json::value::RawValue>, code: ErrorCode, message: &str) -> Result<(), End> {
+        self.bad_frames += 1;
+        debug!(code = code.as_str(), message, "bad frame");
+        self.out.text(encode_error(reference, code, message))?;
+        if self.bad_frames >= self.shared.cfg.server.max_bad_frames {
+            return Err(End::Protocol(format!(
+                "too many bad frames ({})",
+                self.bad_frames
+            )));
+        }
+        Ok(())
+    }
+
+    async fn on_message(
+        &mut self,
+        msg: Option<Result<Message, WsError>>,
+        replies: &mut FuturesOrdered<Reply>,
+    ) -> Result<(), End> {
+        let text = match msg {
+            None => return Err(End::Gone),
+            Some(Err(WsError::Capacity(_))) => return Err(End::TooBig),
+            Some(Err(e)) => {
+                debug!(error = %e, "socket error");
+                return Err(End::Gone);
+            }
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                self.live.heard(Instant::now());
+                return self.bad_frame(None, ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames");
+            }
+            Some(Ok(Message::Close(_))) => return Err(End::Gone),
+            Some(Ok(_)) => {
+                self.live.heard(Instant::now());
+                return Ok(());
+            }
+        };
+        self.live.heard(Instant::now());
+        let frame = match protocol::parse_client_frame(&text, self.max_payload) {
+            Ok(f) => f,
+            Err(e) => return self.bad_frame(e.reference.as_deref(), e.code, &e.message),
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.bad_frame(None, ErrorCode::BadFrame, "hello was already received on this connection")
+            }
+            ClientFrame::Ack(ack) => {
+                self.window.ack(ack);
+                self.shared
+                    .store
+                    .ack(&self.handle, ack)
+                    .await
+                    .map_err(|e| End::Internal(e.to_string()))
+            }
+            ClientFrame::Publish(p) => self.publish(p, replies).await,
+            ClientFrame::Subscribe { reference, topic } => {
+                self.subscription(reference, topic, true, replies);
+                Ok(())
+            }
+            ClientFrame::Unsubscribe { reference, topic } => {
+                self.subscription(reference, topic, false, replies);
+                Ok(())
+            }
+            ClientFrame::Ping => self.out.text(protocol::PONG.to_string()),
+            ClientFrame::Pong => Ok(()),
+        }
+    }
+
+    fn subscription(
+        &self,
+        reference: Option<Box<serde_json::value::RawValue>>,
+        topic: crate::ids::Topic,
+        on: bool,
+        replies: &mut FuturesOrdered<Reply>,
+    ) {
+        let store = self.shared.store.clone();
+        let client = self.client.clone();
+        replies.push_back(Box::pin(async move {
+            match store.subscribe(client, topic, on).await {
+                Ok(()) => protocol::encode_ok(reference.as_deref()),
+                Err(e) => store_error_frame(reference.as_deref(), &e),
+            }
+        }));
+    }
+
+    async fn publish(&mut self, p: Publish, replies: &mut FuturesOrdered<Reply>) -> Result<(), End> {
+        let Publish {
+            reference,
+            to,
+            payload,
+            key,
+            ttl_ms,
+        } = p;
+        let direct = match &to {
+            crate::protocol::Target::Client(c) => Some(c.clone()),
+            crate::protocol::Target::Topic(_) => None,
+        };
+        let req = PublishRequest {
+            from: Some(self.client.clone()),
+            to,
+            payload,
+            key,
+            ttl_ms,
+        };
+        let rx = match self.shared.store.submit_publish(req).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                return self.out.text(store_error_frame(reference.as_deref(), &e));
+            }
+        };
+        replies.push_back(Box::pin(async move {
+            let r = match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Closed),
+            };
+            match r {
+                Ok(o) if direct.is_some() && !o.full.is_empty() => encode_error(
+                    reference.as_deref(),
+                    ErrorCode::OutboxFull,
+                    &format!(
+                        "the outbox of {} is full; nothing was written",
+                        direct.as_ref().map(|c| c.as_str()).unwrap_or("")
+                    ),
+                ),
+                Ok(o) => {
+                    let refused: Vec<protocol::Refused> = o
+                        .full
+                        .iter()
+                        .map(|c| protocol::Refused {
+                            client_id: c.as_str().to_owned(),
+                            code: ErrorCode::OutboxFull.as_str(),
+                        })
+                        .collect();
+                    protocol::encode_publish_ok(
+                        reference.as_deref(),
+                        &o.id,
+                        o.recipients,
+                        o.duplicate,
+                        &refused,
+                    )
+                }
+                Err(e) => store_error_frame(reference.as_deref(), &e),
+            }
+        }));
+        Ok(())
+    }
+}
+
+fn store_error_frame(reference: Option<&serde_json::value::RawValue>, e: &StoreError) -> String {
+    let message = match e {
+        StoreError::Latched(_) => {
+            "the broker's store refuses writes after a disk failure; nothing was written".to_string()
+        }
+        StoreError::Closed => "the broker is shutting down; nothing was written".to_string(),
+        other => format!("store failure: {other}"),
+    };
+    encode_error(reference, ErrorCode::Internal, &message)
+}

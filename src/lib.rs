@@ -1,0 +1,17 @@
+//! outboxd: a WebSocket message broker that writes every message durably to its recipient's
+//! outbox before it is sent or confirmed. See docs/architecture.md for the map.
+
+#![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod ids;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod store;

@@ -1,0 +1,118 @@
+//! The listener: accepts TCP connections, enforces the connection limit, and runs shutdown.
+//!
+//! One [`CancellationToken`] is the shutdown signal for every task; one [`TaskTracker`] knows
+//! every task, so shutdown can wait until the last connection has closed (with 1001) and only
+//! then let the store's writer make its final commit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError, StoreOptions};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("internal task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub store: Store,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Test hooks that are not configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub fail_fsync_after: Option<u64>,
+}
+
+/// Opens the store, listens, and serves until `shutdown` is cancelled; then closes every
+/// connection with 1001, waits for them, and commits what is queued. `ready` gets the bound
+/// address once clients can connect.
+pub async fn serve(
+    cfg: Config,
+    faults: Faults,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let addr = cfg.listen_addr()?;
+    let mut opts = StoreOptions::from_config(&cfg);
+    opts.fail_fsync_after = faults.fail_fsync_after;
+    let (store, writer) = tokio::task::spawn_blocking(move || Store::open(opts)).await??;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let limit = Arc::new(Semaphore::new(
+        usize::try_from(cfg.server.max_connections).unwrap_or(usize::MAX),
+    ));
+    info!(listen = %local, data_dir = %cfg.storage.data_dir.display(),
+          durability = ?cfg.storage.durability, "outboxd serving");
+    let shared = Arc::new(Shared {
+        cfg,
+        store,
+        registry: Registry::default(),
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+    });
+    ready(local);
+
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let permit = Arc::clone(&limit).try_acquire_owned().ok();
+                    if permit.is_none() {
+                        warn!(%peer, "connection refused: server.max_connections reached");
+                    }
+                    shared.tracker.spawn(crate::connection::serve(tcp, peer, permit, Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    drop(listener);
+    info!(
+        connected = shared.registry.connected(),
+        "shutting down: closing connections with 1001"
+    );
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    drop(shared);
+    tokio::task::spawn_blocking(move || writer.join()).await?;
+    info!("shutdown complete: every queued write committed");
+    Ok(())
+}

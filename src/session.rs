@@ -1,0 +1,233 @@
+//! The per-connection delivery state machines, free of I/O and clocks: the caller passes `now`.
+//!
+//! [`Window`] decides what may be sent (never more than `max_inflight` unacked), what an ack
+//! releases, and what is due again after the ack timeout. [`Liveness`] decides when to ping and
+//! when a silent peer is dead. The connection task only executes their decisions, so every
+//! rule here is unit-tested without sockets or sleeping.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::protocol::Ack;
+
+/// The in-flight window of one connection.
+#[derive(Debug)]
+pub struct Window {
+    max: usize,
+    /// Unacked sent seqs and when each was last sent.
+    inflight: BTreeMap<u64, Instant>,
+    /// Highest seq considered for sending (sent, or found already gone).
+    cursor: u64,
+}
+
+impl Window {
+    /// A window that starts sending after `start_after`.
+    pub fn new(max: usize, start_after: u64) -> Self {
+        Self {
+            max,
+            inflight: BTreeMap::new(),
+            cursor: start_after,
+        }
+    }
+
+    /// How many more messages may be sent now.
+    pub fn room(&self) -> usize {
+        self.max.saturating_sub(self.inflight.len())
+    }
+
+    /// Every seq at or below this has been considered; the next read starts after it.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Records a first send of `seq`.
+    pub fn sent(&mut self, seq: u64, now: Instant) {
+        self.inflight.insert(seq, now);
+        self.cursor = self.cursor.max(seq);
+    }
+
+    /// Moves the cursor past seqs that turned out to be gone from the store.
+    pub fn skip_to(&mut self, seq: u64) {
+        self.cursor = self.cursor.max(seq);
+    }
+
+    /// Releases what an ack covers; returns how many in-flight messages it released.
+    /// A cumulative ack also moves the cursor, so nothing at or below it is sent again.
+    pub fn ack(&mut self, ack: Ack) -> usize {
+        match ack {
+            Ack::Seq(s) => usize::from(self.inflight.remove(&s).is_some()),
+            Ack::Upto(u) => {
+                let keep = self.inflight.split_off(&u.saturating_add(1));
+                let released = self.inflight.len();
+                self.inflight = keep;
+                self.cursor = self.cursor.max(u);
+                released
+            }
+        }
+    }
+
+    /// Seqs unacked for at least `timeout`, oldest send first.
+    pub fn due(&self, now: Instant, timeout: Duration) -> Vec<u64> {
+        let mut due: Vec<(Instant, u64)> = self
+            .inflight
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= timeout)
+            .map(|(s, at)| (*at, *s))
+            .collect();
+        due.sort();
+        due.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Records a resend of `seq`.
+    pub fn resent(&mut self, seq: u64, now: Instant) {
+        if let Some(at) = self.inflight.get_mut(&seq) {
+            *at = now;
+        }
+    }
+
+    /// Drops `seq` from the window: it is gone from the store (acked elsewhere, expired).
+    pub fn forget(&mut self, seq: u64) {
+        self.inflight.remove(&seq);
+    }
+
+    /// When the oldest in-flight message becomes due, if any.
+    pub fn next_due(&self, timeout: Duration) -> Option<Instant> {
+        self.inflight.values().min().map(|at| *at + timeout)
+    }
+}
+
+/// What the heartbeat asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    Nothing,
+    SendPing,
+    /// Nothing heard for the whole timeout.
+    Dead,
+}
+
+/// Heartbeats: "nothing received for `timeout`" means dead; a ping goes out every `interval`.
+#[derive(Debug)]
+pub struct Liveness {
+    interval: Duration,
+    timeout: Duration,
+    last_heard: Instant,
+    last_ping: Instant,
+}
+
+impl Liveness {
+    pub fn new(interval: Duration, timeout: Duration, now: Instant) -> Self {
+        Self {
+            interval,
+            timeout,
+            last_heard: now,
+            last_ping: now,
+        }
+    }
+
+    /// Any frame from the peer is a sign of life.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// What to do at `now`. Records the ping when it asks for one.
+    pub fn poll(&mut self, now: Instant) -> Beat {
+        if now.saturating_duration_since(self.last_heard) >= self.timeout {
+            Beat::Dead
+        } else if now.saturating_duration_since(self.last_ping) >= self.interval {
+            self.last_ping = now;
+            Beat::SendPing
+        } else {
+            Beat::Nothing
+        }
+    }
+
+    /// The next moment [`Liveness::poll`] could answer something new.
+    pub fn next_deadline(&self) -> Instant {
+        (self.last_ping + self.interval).min(self.last_heard + self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn window_never_has_more_than_max_in_flight() {
+        let t = Instant::now();
+        let mut w = Window::new(3, 0);
+        for s in 1..=3 {
+            assert!(w.room() > 0);
+            w.sent(s, t);
+        }
+        assert_eq!(w.room(), 0);
+        assert_eq!(w.ack(Ack::Seq(2)), 1);
+        assert_eq!(w.room(), 1);
+        assert_eq!(w.cursor(), 3);
+    }
+
+    #[test]
+    fn ack_of_unknown_seq_releases_nothing() {
+        let mut w = Window::new(2, 0);
+        w.sent(1, Instant::now());
+        assert_eq!(w.ack(Ack::Seq(7)), 0);
+        assert_eq!(w.inflight(), 1);
+    }
+
+    #[test]
+    fn cumulative_ack_releases_everything_up_to_it_and_moves_the_cursor() {
+        let t = Instant::now();
+        let mut w = Window::new(10, 0);
+        for s in 1..=5 {
+            w.sent(s, t);
+        }
+        assert_eq!(w.ack(Ack::Upto(3)), 3);
+        assert_eq!(w.inflight(), 2);
+        assert_eq!(w.ack(Ack::Upto(9)), 2);
+        assert_eq!(w.cursor(), 9, "seqs up to 9 count as acked and must not be sent");
+    }
+
+    #[test]
+    fn unacked_messages_become_due_after_the_timeout_oldest_first() {
+        let t = Instant::now();
+        let mut w = Window::new(10, 0);
+        w.sent(2, t);
+        w.sent(1, t + ms(5));
+        assert!(w.due(t + ms(99), ms(100)).is_empty());
+        assert_eq!(w.due(t + ms(105), ms(100)), vec![2, 1]);
+        w.resent(2, t + ms(105));
+        assert_eq!(w.due(t + ms(110), ms(100)), vec![1]);
+        assert_eq!(w.next_due(ms(100)), Some(t + ms(105)));
+        w.forget(1);
+        w.forget(2);
+        assert_eq!(w.next_due(ms(100)), None);
+    }
+
+    #[test]
+    fn liveness_pings_every_interval_and_declares_silence_dead() {
+        let t = Instant::now();
+        let mut l = Liveness::new(ms(100), ms(300), t);
+        assert_eq!(l.poll(t + ms(50)), Beat::Nothing);
+        assert_eq!(l.poll(t + ms(100)), Beat::SendPing);
+        assert_eq!(l.poll(t + ms(150)), Beat::Nothing);
+        assert_eq!(l.poll(t + ms(200)), Beat::SendPing);
+        assert_eq!(l.poll(t + ms(300)), Beat::Dead);
+    }
+
+    #[test]
+    fn any_frame_heard_keeps_the_peer_alive() {
+        let t = Instant::now();
+        let mut l = Liveness::new(ms(100), ms(300), t);
+        l.heard(t + ms(250));
+        assert_ne!(l.poll(t + ms(400)), Beat::Dead);
+        assert_eq!(l.poll(t + ms(550)), Beat::Dead);
+        assert!(l.next_deadline() <= t + ms(550));
+    }
+}

@@ -1,0 +1,1328 @@
+//! The durable outboxes: the only module that knows sled, and the one owner of every write.
+//!
+//! All writes go through one writer thread ([`writer`](self::Writer)) that applies commands in
+//! arrival order, then makes a whole group of them durable with a single commit: sled's
+//! `flush()` followed by our own `fdatasync` of sled's log file (sled's flush alone issues
+//! `sync_file_range`, which is not a durability barrier). Only after that commit are replies
+//! sent and the new messages made visible to sessions. That ordering is the broker's promise:
+//!
+//! > a publish is confirmed, and a message is sent, only after an fsync covers its write.
+//!
+//! Sessions read messages straight from the tree, but never past an outbox's *durable
+//! frontier* (a `watch` channel the writer advances after each commit), so they cannot send
+//! what a crash could still take back. Acks are written by the same thread without waiting
+//! for a commit: losing an ack in a crash only means a redelivery, which the contract allows.
+//!
+//! A failed write, flush or fsync latches the store: every later write is refused with
+//! [`StoreError::Latched`] and nothing more is confirmed, because after a failed fsync the
+//! state of the file is unknown (the lesson of "fsyncgate").
+//!
+//! Layout (one sled db in the data dir):
+//! - tree `clients`: client name -> client number (u64 big-endian), fixed width so no client's
+//!   keys are a prefix of another's;
+//! - tree `outbox`, keys by a one-byte kind:
+//!   `M cid` -> [`ClientMeta`]; `O cid seq` -> [`StoredMessage`]; `X cid seq` -> () a message
+//!   that retention removed unacked (counted in `missed`); `E expires cid seq` -> () the expiry
+//!   index; `S len topic cid` -> () a subscription; `K len scope key` -> [`DedupEntry`];
+//!   `D ts len scope key` -> () the dedup expiry index. All integers big-endian, so one range
+//!   scan reads an outbox in seq order.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage, StoredPayload};
+use crate::config::{Config, Durability};
+use crate::ids::{ClientId, Topic};
+use crate::protocol::{Ack, Payload, Resume, Target};
+
+/// How many commands the writer queue holds before senders wait.
+const QUEUE_DEPTH: usize = 8192;
+/// The most commands applied before one commit.
+const MAX_GROUP: usize = 4096;
+/// How often retention (TTL and dedup expiry) runs when the writer is idle.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage engine error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("I/O error on the data directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored record under {key} is unreadable: {source}")]
+    Corrupt { key: String, source: CodecError },
+    #[error("record does not encode: {0}")]
+    Encode(CodecError),
+    #[error("the store refuses writes since an earlier failure: {0}")]
+    Latched(String),
+    #[error("cannot open the data directory {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// What the store needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub group_commit_max_delay: Duration,
+    pub cache_capacity_bytes: u64,
+    pub max_outbox_messages: u64,
+    pub max_outbox_bytes: u64,
+    pub message_ttl_ms: u64,
+    pub dedup_window_ms: u64,
+    /// Test hook: the commit after this many successful ones fails its fsync.
+    pub fail_fsync_after: Option<u64>,
+}
+
+impl StoreOptions {
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            data_dir: cfg.storage.data_dir.clone(),
+            durability: cfg.storage.durability,
+            group_commit_max_delay: Duration::from_micros(cfg.storage.group_commit_max_delay_us),
+            cache_capacity_bytes: cfg.storage.cache_capacity_bytes,
+            max_outbox_messages: cfg.limits.max_outbox_messages,
+            max_outbox_bytes: cfg.limits.max_outbox_bytes,
+            message_ttl_ms: cfg.limits.message_ttl_ms,
+            dedup_window_ms: cfg.limits.dedup_window_ms,
+            fail_fsync_after: None,
+        }
+    }
+}
+
+/// The live, shared side of one outbox: what sessions watch and read.
+#[derive(Debug)]
+pub struct OutboxHandle {
+    cid: u64,
+    name: ClientId,
+    /// Every seq below this is durable and may be sent.
+    durable: watch::Sender<u64>,
+    /// Highest seq possibly sent to the client (by any connection, or before a restart).
+    sent: AtomicU64,
+}
+
+impl OutboxHandle {
+    pub fn client_id(&self) -> &ClientId {
+        &self.name
+    }
+
+    /// A receiver that changes whenever new messages become durable.
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Records that every seq up to `seq` may have reached the client.
+    pub fn mark_sent(&self, seq: u64) {
+        self.sent.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// True when `seq` may have been sent before.
+    pub fn was_sent(&self, seq: u64) -> bool {
+        seq <= self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// The answer to a hello.
+#[derive(Debug, Clone)]
+pub struct HelloOutcome {
+    pub epoch: String,
+    pub resumed: bool,
+    pub reason: Option<&'static str>,
+    /// The position in force for this connection.
+    pub last_seq: u64,
+    pub next_seq: u64,
+    pub pending: u64,
+    pub missed: u64,
+    pub handle: Arc<OutboxHandle>,
+}
+
+/// A publish as the store sees it.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub from: Option<ClientId>,
+    pub to: Target,
+    pub payload: Payload,
+    pub key: Option<String>,
+    pub ttl_ms: Option<u64>,
+}
+
+/// What a durable publish wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The message id, shared by every outbox written.
+    pub id: String,
+    /// Outboxes written (for a duplicate: the number the first publish wrote).
+    pub recipients: u64,
+    pub duplicate: bool,
+    /// Recipients refused because they were over quota.
+    pub full: Vec<ClientId>,
+}
+
+/// Messages read for delivery, and the last seq the read covered.
+#[derive(Debug)]
+pub struct ReadBatch {
+    pub items: Vec<Delivery>,
+    pub covered_to: u64,
+}
+
+/// A message read back for delivery.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub seq: u64,
+    pub message: StoredMessage,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Hello {
+        client: ClientId,
+        resume: Option<Resume>,
+        reply: Reply<HelloOutcome>,
+    },
+    Publish {
+        req: PublishRequest,
+        reply: Reply<PublishOutcome>,
+    },
+    Ack {
+        cid: u64,
+        ack: Ack,
+    },
+    Subscribe {
+        client: ClientId,
+        topic: Topic,
+        on: bool,
+        reply: Reply<()>,
+    },
+}
+
+/// A cheap, cloneable handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Command>,
+    outbox: sled::Tree,
+    latched: Arc<AtomicBool>,
+}
+
+/// The writer thread; join it after every [`Store`] clone is dropped to finish the last commit.
+pub struct Writer {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Waits until the writer has committed everything queued and stopped. Blocking.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                error!("the store writer thread panicked");
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn new_epoch(cid: u64) -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u64(cid);
+    format!("{:016x}", h.finish())
+}
+
+mod keys {
+    pub const META: u8 = b'M';
+    pub const MSG: u8 = b'O';
+    pub const MISSED: u8 = b'X';
+    pub const EXPIRY: u8 = b'E';
+    pub const SUB: u8 = b'S';
+    pub const DEDUP: u8 = b'K';
+    pub const DEDUP_EXPIRY: u8 = b'D';
+
+    pub fn meta(cid: u64) -> [u8; 9] {
+        let mut k = [META; 9];
+        k[1..].copy_from_slice(&cid.to_be_bytes());
+        k
+    }
+
+    pub fn seq_key(kind: u8, cid: u64, seq: u64) -> [u8; 17] {
+        let mut k = [kind; 17];
+        k[1..9].copy_from_slice(&cid.to_be_bytes());
+        k[9..].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    #[cfg(test)]
+    pub fn seq_prefix(kind: u8, cid: u64) -> [u8; 9] {
+        let mut k = [kind; 9];
+        k[1..].copy_from_slice(&cid.to_be_bytes());
+        k
+    }
+
+    pub fn seq_of(key: &[u8]) -> Option<u64> {
+        key.get(9..17)?.try_into().ok().map(u64::from_be_bytes)
+    }
+
+    pub fn expiry(at: u64, cid: u64, seq: u64) -> [u8; 25] {
+        let mut k = [EXPIRY; 25];
+        k[1..9].copy_from_slice(&at.to_be_bytes());
+        k[9..17].copy_from_slice(&cid.to_be_bytes());
+        k[17..].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    /// `(at, cid, seq)` of an expiry key.
+    pub fn parse_expiry(key: &[u8]) -> Option<(u64, u64, u64)> {
+        let at = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+        let cid = u64::from_be_bytes(key.get(9..17)?.try_into().ok()?);
+        let seq = u64::from_be_bytes(key.get(17..25)?.try_into().ok()?);
+        Some((at, cid, seq))
+    }
+
+    fn push_name(k: &mut Vec<u8>, name: &str) {
+        // Names are at most 255 bytes (validated types), so the length fits one byte.
+        k.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+        k.extend_from_slice(name.as_bytes());
+    }
+
+    pub fn sub_prefix(topic: &str) -> Vec<u8> {
+        let mut k = vec![SUB];
+        push_name(&mut k, topic);
+        k
+    }
+
+    pub fn sub(topic: &str, cid: u64) -> Vec<u8> {
+        let mut k = sub_prefix(topic);
+        k.extend_from_slice(&cid.to_be_bytes());
+        k
+    }
+
+    /// `(topic, cid)` of a subscription key.
+    pub fn parse_sub(key: &[u8]) -> Option<(String, u64)> {
+        let len = usize::from(*key.get(1)?);
+        let topic = std::str::from_utf8(key.get(2..2 + len)?).ok()?.to_owned();
+        let cid = u64::from_be_bytes(key.get(2 + len..2 + len + 8)?.try_into().ok()?);
+        Some((topic, cid))
+    }
+
+    /// The part of a dedup key after the kind byte: scope and key.
+    pub fn dedup_body(scope: &str, key: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(2 + scope.len() + key.len());
+        push_name(&mut k, scope);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    pub fn dedup(body: &[u8]) -> Vec<u8> {
+        let mut k = vec![DEDUP];
+        k.extend_from_slice(body);
+        k
+    }
+
+    pub fn dedup_expiry(ts: u64, body: &[u8]) -> Vec<u8> {
+        let mut k = vec![DEDUP_EXPIRY];
+        k.extend_from_slice(&ts.to_be_bytes());
+        k.extend_from_slice(body);
+        k
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    codec::decode(bytes).map_err(|source| StoreError::Corrupt {
+        key: format!("{key:02x?}"),
+        source,
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    codec::encode(value).map_err(StoreError::Encode)
+}
+
+/// Removes `snap.*.generating` files a crash during a snapshot left behind: sled refuses to
+/// open with them present although the data is intact.
+fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            warn!(file = %entry.path().display(), "removing an unfinished snapshot left by a crash");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
+    ///
+    /// Errors: the directory cannot be created or is held by another process, or sled cannot
+    /// recover it, or a stored record does not decode.
+    pub fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
+        let dir = opts.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Open {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        remove_stale_snapshots(&dir)?;
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| {
+                let reason = match &e {
+                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                StoreError::Open {
+                    path: dir.clone(),
+                    reason,
+                }
+            })?;
+        let clients = db.open_tree("clients")?;
+        let outbox = db.open_tree("outbox")?;
+        // Our own handle on sled's log, for the fdatasync its flush does not do.
+        let log = File::open(dir.join("db"))?;
+        let latched = Arc::new(AtomicBool::new(false));
+        let state = WriterState::load(
+            db,
+            clients,
+            outbox.clone(),
+            log,
+            opts,
+            Arc::clone(&latched),
+        )?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("outboxd-writer".into())
+            .spawn(move || state.run(rx))?;
+        Ok((
+            Store {
+                tx,
+                outbox,
+                latched,
+            },
+            Writer {
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// True after a failed write or fsync: the store refuses writes.
+    pub fn is_latched(&self) -> bool {
+        self.latched.load(Ordering::Acquire)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Registers a connecting client: creates its outbox when new, applies its resume position.
+    /// Answers after the position is applied. Cancel-safe (an abandoned hello changes nothing
+    /// the contract cares about).
+    pub async fn hello(
+        &self,
+        client: ClientId,
+        resume: Option<Resume>,
+    ) -> Result<HelloOutcome, StoreError> {
+        self.call(|reply| Command::Hello {
+            client,
+            resume,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a publish and returns a receiver that answers once it is durable (or refused).
+    /// Waiting on the queue is the publisher's backpressure.
+    pub async fn submit_publish(
+        &self,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Publish { req, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Publishes and waits until it is durable.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
+        self.submit_publish(req)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues an ack. Not waited on: a lost ack only causes a redelivery.
+    pub async fn ack(&self, handle: &OutboxHandle, ack: Ack) -> Result<(), StoreError> {
+        self.tx
+            .send(Command::Ack {
+                cid: handle.cid,
+                ack,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Adds or removes a durable subscription; answers once durable.
+    pub async fn subscribe(
+        &self,
+        client: ClientId,
+        topic: Topic,
+        on: bool,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::Subscribe {
+            client,
+            topic,
+            on,
+            reply,
+        })
+        .await
+    }
+
+    /// Reads up to `limit` durable messages with seq greater than `after`, in seq order.
+    /// `covered_to` tells how far the read looked, so the caller skips seqs that are gone.
+    pub fn read(
+        &self,
+        handle: &OutboxHandle,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StoreError> {
+        let frontier = *handle.durable.borrow();
+        let start = after.saturating_add(1);
+        let mut batch = ReadBatch {
+            items: Vec::new(),
+            covered_to: after,
+        };
+        if start >= frontier || limit == 0 {
+            return Ok(batch);
+        }
+        let lo = keys::seq_key(keys::MSG, handle.cid, start);
+        let hi = keys::seq_key(keys::MSG, handle.cid, frontier);
+        for item in self.outbox.range(lo..hi).take(limit) {
+            let (k, v) = item?;
+            let seq = keys::seq_of(&k).ok_or_else(|| StoreError::Corrupt {
+                key: format!("{k:02x?}"),
+                source: CodecError::Empty,
+            })?;
+            batch.items.push(Delivery {
+                seq,
+                message: decode(&k, &v)?,
+            });
+        }
+        batch.covered_to = match batch.items.last() {
+            Some(last) if batch.items.len() == limit => last.seq,
+            _ => frontier - 1,
+        };
+        Ok(batch)
+    }
+
+    /// Reads one durable message, `None` when it is gone (acked or expired).
+    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<StoredMessage>, StoreError> {
+        if seq >= *handle.durable.borrow() {
+            return Ok(None);
+        }
+        let k = keys::seq_key(keys::MSG, handle.cid, seq);
+        match self.outbox.get(k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Stored payload <-> wire payload.
+pub fn to_wire(p: &StoredPayload) -> Payload {
+    match p {
+        StoredPayload::Json(s) => Payload::Json(s.clone()),
+        StoredPayload::Binary(b) => Payload::Binary(b.clone()),
+    }
+}
+
+struct ClientState {
+    meta: ClientMeta,
+    handle: Arc<OutboxHandle>,
+}
+
+/// Replies held back until the commit that covers them.
+enum Pending {
+    Hello(Reply<HelloOutcome>, Result<HelloOutcome, StoreError>),
+    Publish(Reply<PublishOutcome>, Result<PublishOutcome, StoreError>),
+    Subscribe(Reply<()>, Result<(), StoreError>),
+}
+
+impl Pending {
+    fn send(self) {
+        // A dropped receiver means the connection went away; nothing to tell.
+        match self {
+            Pending::Hello(tx, r) => drop(tx.send(r)),
+            Pending::Publish(tx, r) => drop(tx.send(r)),
+            Pending::Subscribe(tx, r) => drop(tx.send(r)),
+        }
+    }
+
+    /// The commit failed: nothing in it is confirmed. A hello still gets its answer, since a
+    /// client must be able to read what is already durable while the store refuses writes.
+    fn fail(self, err: &str) {
+        fn latched<T>(r: Result<T, StoreError>, err: &str) -> Result<T, StoreError> {
+            r.and_then(|_| Err(StoreError::Latched(err.to_string())))
+        }
+        match self {
+            Pending::Hello(tx, r) => drop(tx.send(r)),
+            Pending::Publish(tx, r) => drop(tx.send(latched(r, err))),
+            Pending::Subscribe(tx, r) => drop(tx.send(latched(r, err))),
+        }
+    }
+}
+
+/// Everything the writer thread owns. Nothing else writes to the db.
+struct WriterState {
+    db: sled::Db,
+    clients_tree: sled::Tree,
+    outbox: sled::Tree,
+    log: File,
+    opts: StoreOptions,
+    latched: Arc<AtomicBool>,
+    latch_reason: Option<String>,
+    clients: HashMap<ClientId, ClientState>,
+    by_cid: HashMap<u64, ClientId>,
+    subscribers: HashMap<Topic, BTreeSet<u64>>,
+    next_cid: u64,
+    commits: u64,
+    /// Clients whose durable frontier must advance at the next commit.
+    touched: Vec<u64>,
+    pending: Vec<Pending>,
+    last_sweep: Instant,
+}
+
+impl WriterState {
+    fn load(
+        db: sled::Db,
+        clients_tree: sled::Tree,
+        outbox: sled::Tree,
+        log: File,
+        opts: StoreOptions,
+        latched: Arc<AtomicBool>,
+    ) -> Result<Self, StoreError> {
+        let mut metas: HashMap<u64, ClientMeta> = HashMap::new();
+        for item in outbox.scan_prefix([keys::META]) {
+            let (k, v) = item?;
+            let cid = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("{k:02x?}"),
+                    source: CodecError::Empty,
+                })?;
+            metas.insert(cid, decode(&k, &v)?);
+        }
+        let mut st = WriterState {
+            db,
+            clients_tree,
+            outbox,
+            log,
+            opts,
+            latched,
+            latch_reason: None,
+            clients: HashMap::new(),
+            by_cid: HashMap::new(),
+            subscribers: HashMap::new(),
+            next_cid: 1,
+            commits: 0,
+            touched: Vec::new(),
+            pending: Vec::new(),
+            last_sweep: Instant::now(),
+        };
+        let mut orphans = Vec::new();
+        for item in st.clients_tree.iter() {
+            let (k, v) = item?;
+            let name = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|s| ClientId::new(s).ok());
+            let cid: Option<u64> = v.as_ref().try_into().ok().map(u64::from_be_bytes);
+            let (Some(name), Some(cid)) = (name, cid) else {
+                return Err(StoreError::Corrupt {
+                    key: format!("clients/{k:02x?}"),
+                    source: CodecError::Empty,
+                });
+            };
+            st.next_cid = st.next_cid.max(cid + 1);
+            let meta = match metas.remove(&cid) {
+                Some(m) => m,
+                None => {
+                    // Named before a crash, but its first write never became durable.
+                    orphans.push(cid);
+                    fresh_meta(&name, cid)
+                }
+            };
+            st.install(name, cid, meta);
+        }
+        for cid in orphans {
+            st.write_meta(cid)?;
+        }
+        for item in st.outbox.scan_prefix([keys::SUB]) {
+            let (k, _) = item?;
+            if let Some((topic, cid)) = keys::parse_sub(&k) {
+                if let Ok(topic) = Topic::new(&topic) {
+                    st.subscribers.entry(topic).or_default().insert(cid);
+                }
+            }
+        }
+        let pending: u64 = st.clients.values().map(|c| c.meta.pending).sum();
+        info!(
+            clients = st.clients.len(),
+            pending,
+            topics = st.subscribers.len(),
+            recovered = st.db.was_recovered(),
+            "store opened"
+        );
+        Ok(st)
+    }
+
+    fn install(&mut self, name: ClientId, cid: u64, meta: ClientMeta) {
+        let (durable, _) = watch::channel(meta.next_seq);
+        // Whatever was stored before this start may have been sent before it.
+        let handle = Arc::new(OutboxHandle {
+            cid,
+            name: name.clone(),
+            durable,
+            sent: AtomicU64::new(meta.next_seq.saturating_sub(1)),
+        });
+        self.by_cid.insert(cid, name.clone());
+        self.clients.insert(name, ClientState { meta, handle });
+    }
+
+    fn write_meta(&mut self, cid: u64) -> Result<(), StoreError> {
+        let meta = self.meta_of(cid)?;
+        self.outbox.insert(keys::meta(cid), encode(meta)?)?;
+        Ok(())
+    }
+
+    fn meta_of(&self, cid: u64) -> Result<&ClientMeta, StoreError> {
+        self.by_cid
+            .get(&cid)
+            .and_then(|n| self.clients.get(n))
+            .map(|c| &c.meta)
+            .ok_or_else(|| StoreError::Corrupt {
+                key: format!("client #{cid}"),
+                source: CodecError::Empty,
+            })
+    }
+
+    fn state_mut(&mut self, cid: u64) -> Option<&mut ClientState> {
+        let name = self.by_cid.get(&cid)?;
+        self.clients.get_mut(name)
+    }
+
+    /// Finds or creates the client's outbox. Creation writes the name first, so a client number
+    /// on disk always has its name.
+    fn ensure_client(&mut self, name: &ClientId) -> Result<u64, StoreError> {
+        if let Some(c) = self.clients.get(name) {
+            return Ok(c.handle.cid);
+        }
+        self.check_writable()?;
+        let cid = self.next_cid;
+        self.next_cid += 1;
+        self.clients_tree
+            .insert(name.as_str().as_bytes(), &cid.to_be_bytes())?;
+        let meta = fresh_meta(name, cid);
+        self.outbox.insert(keys::meta(cid), encode(&meta)?)?;
+        info!(client = %name, cid, epoch = %meta.epoch, "outbox created");
+        self.install(name.clone(), cid, meta);
+        self.touched.push(cid);
+        Ok(cid)
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match &self.latch_reason {
+            Some(r) => Err(StoreError::Latched(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The writer loop: gather a group, apply it, commit it, answer it.
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!(error = %e, "store writer cannot start its timer; the store is latched");
+                self.latched.store(true, Ordering::Release);
+                return;
+            }
+        };
+        loop {
+            let first = rt.block_on(async {
+                tokio::time::timeout(SWEEP_EVERY, rx.recv()).await
+            });
+            let mut group = 0usize;
+            match first {
+                Ok(Some(cmd)) => {
+                    self.apply(cmd);
+                    group += 1;
+                }
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            if group > 0 {
+                // Whatever queued while the last commit ran joins this one.
+                while group < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(cmd) => {
+                            self.apply(cmd);
+                            group += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let delay = self.opts.group_commit_max_delay;
+                if !delay.is_zero() && group < MAX_GROUP {
+                    let deadline = tokio::time::Instant::now() + delay;
+                    while group < MAX_GROUP {
+                        match rt.block_on(tokio::time::timeout_at(deadline, rx.recv())) {
+                            Ok(Some(cmd)) => {
+                                self.apply(cmd);
+                                group += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            if self.last_sweep.elapsed() >= SWEEP_EVERY {
+                self.last_sweep = Instant::now();
+                if let Err(e) = self.sweep() {
+                    self.latch(&format!("retention sweep failed: {e}"));
+                }
+            }
+            self.commit(group);
+        }
+        self.commit(0);
+        if let Err(e) = self.db.flush() {
+            error!(error = %e, "final flush failed");
+        } else if let Err(e) = self.log.sync_data() {
+            error!(error = %e, "final fsync failed");
+        }
+        debug!("store writer stopped");
+    }
+
+    fn latch(&mut self, reason: &str) {
+        if self.latch_reason.is_none() {
+            error!(
+                reason,
+                "STORE LATCHED: refusing every write from now on; nothing further is confirmed. \
+                 Check the disk, then restart the broker: everything confirmed so far is on disk."
+            );
+            self.latch_reason = Some(reason.to_string());
+            self.latched.store(true, Ordering::Release);
+        }
+    }
+
+    /// Makes everything applied so far durable, then answers and wakes sessions.
+    fn commit(&mut self, group: usize) {
+        if self.pending.is_empty() && self.touched.is_empty() && group == 0 {
+            return;
+        }
+        let result = match (self.opts.durability, &self.latch_reason) {
+            (_, Some(r)) => Err(r.clone()),
+            (Durability::Relaxed, None) => Ok(()),
+            (Durability::Fsync, None) => self.sync(),
+        };
+        match result {
+            Ok(()) => {
+                for cid in self.touched.drain(..) {
+                    if let Some(name) = self.by_cid.get(&cid) {
+                        if let Some(c) = self.clients.get(name) {
+                            c.handle.durable.send_replace(c.meta.next_seq);
+                        }
+                    }
+                }
+                for p in self.pending.drain(..) {
+                    p.send();
+                }
+            }
+            Err(reason) => {
+                self.latch(&reason);
+                self.touched.clear();
+                for p in self.pending.drain(..) {
+                    p.fail(&reason);
+                }
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+        if let Some(n) = self.opts.fail_fsync_after {
+            if self.commits >= n {
+                return Err("fsync failed: injected fault (OUTBOXD_FAULT_FSYNC_FAIL_AFTER)".into());
+            }
+        }
+        self.log
+            .sync_data()
+            .map_err(|e| format!("fsync of the store log failed: {e}"))?;
+        self.commits += 1;
+        debug!(took_us = started.elapsed().as_micros() as u64, "commit");
+        Ok(())
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Hello {
+                client,
+                resume,
+                reply,
+            } => {
+                let r = self.hello(&client, resume);
+                if let Err(e) = &r {
+                    warn!(client = %client, error = %e, "hello failed in the store");
+                }
+                self.pending.push(Pending::Hello(reply, r));
+            }
+            Command::Publish { req, reply } => {
+                let r = self.publish(req);
+                if let Err(e) = &r {
+                    self.maybe_latch(e);
+                }
+                self.pending.push(Pending::Publish(reply, r));
+            }
+            Command::Ack { cid, ack } => {
+                if self.latch_reason.is_some() {
+                    return;
+                }
+                if let Err(e) = self.ack(cid, ack) {
+                    error!(cid, error = %e, "ack failed in the store");
+                    self.maybe_latch(&e);
+                }
+            }
+            Command::Subscribe {
+                client,
+                topic,
+                on,
+                reply,
+            } => {
+                let r = self.subscribe(&client, &topic, on);
+                if let Err(e) = &r {
+                    self.maybe_latch(e);
+                }
+                self.pending.push(Pending::Subscribe(reply, r));
+            }
+        }
+    }
+
+    /// Storage-engine failures latch; refusals that are about the request do not.
+    fn maybe_latch(&mut self, e: &StoreError) {
+        if matches!(e, StoreError::Sled(_) | StoreError::Io(_)) {
+            self.latch(&e.to_string());
+        }
+    }
+
+    fn count_missed(&self, cid: u64, after: u64) -> Result<u64, StoreError> {
+        let lo = keys::seq_key(keys::MISSED, cid, after.saturating_add(1));
+        let hi = keys::seq_key(keys::MISSED, cid, u64::MAX);
+        let mut n = 0;
+        for item in self.outbox.range(lo..=hi) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn hello(
+        &mut self,
+        client: &ClientId,
+        resume: Option<Resume>,
+    ) -> Result<HelloOutcome, StoreError> {
+        let cid = self.ensure_client(client)?;
+        let (epoch, next_seq, acked) = {
+            let m = self.meta_of(cid)?;
+            (m.epoch.clone(), m.next_seq, m.acked)
+        };
+        let (resumed, reason, last_seq) = match resume {
+            Some(r) if r.epoch != epoch => (false, Some("epoch_mismatch"), acked),
+            Some(r) if r.last_seq >= next_seq => (false, Some("ahead"), acked),
+            Some(r) => {
+                if r.last_seq > acked && self.latch_reason.is_none() {
+                    self.ack(cid, Ack::Upto(r.last_seq))?;
+                }
+                (true, None, r.last_seq)
+            }
+            None => (false, None, acked),
+        };
+        let missed = self.count_missed(cid, if resumed { last_seq } else { 0 })?;
+        if self.latch_reason.is_none() {
+            if let Some(c) = self.state_mut(cid) {
+                c.meta.last_seen = now_ms();
+            }
+            self.write_meta(cid)?;
+        }
+        let c = self
+            .state_mut(cid)
+            .ok_or(StoreError::Closed)?;
+        Ok(HelloOutcome {
+            epoch,
+            resumed,
+            reason,
+            last_seq,
+            next_seq: c.meta.next_seq,
+            pending: c.meta.pending,
+            missed,
+            handle: Arc::clone(&c.handle),
+        })
+    }
+
+    fn publish(&mut self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
+        self.check_writable()?;
+        let now = now_ms();
+        let dedup_body = req.key.as_ref().map(|k| {
+            keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k)
+        });
+        if let Some(body) = &dedup_body {
+            let k = keys::dedup(body);
+            if let Some(v) = self.outbox.get(&k)? {
+                let entry: DedupEntry = decode(&k, &v)?;
+                if entry.ts.saturating_add(self.opts.dedup_window_ms) > now {
+                    return Ok(PublishOutcome {
+                        id: format!("{:x}", entry.id),
+                        recipients: entry.recipients,
+                        duplicate: true,
+                        full: Vec::new(),
+                    });
+                }
+            }
+        }
+        let (recipients, topic): (Vec<u64>, Option<String>) = match &req.to {
+            Target::Client(name) => (vec![self.ensure_client(name)?], None),
+            Target::Topic(t) => (
+                self.subscribers
+                    .get(t)
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default(),
+                Some(t.as_str().to_owned()),
+            ),
+        };
+        let id = self.db.generate_id()?;
+        let ttl = req
+            .ttl_ms
+            .filter(|t| *t > 0)
+            .or((self.opts.message_ttl_ms > 0).then_some(self.opts.message_ttl_ms));
+        let expires_at = ttl.map(|t| now.saturating_add(t)).unwrap_or(0);
+        let size = u64::try_from(req.payload.len()).unwrap_or(u64::MAX);
+        let record = StoredMessage {
+            id,
+            ts: now,
+            from: req.from.as_ref().map(|c| c.as_str().to_owned()),
+            topic,
+            payload: match req.payload {
+                Payload::Json(s) => StoredPayload::Json(s),
+                Payload::Binary(b) => StoredPayload::Binary(b),
+            },
+            expires_at,
+        };
+        let value = encode(&record)?;
+        let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
+        let mut batch = sled::Batch::default();
+        let mut written = 0u64;
+        let mut full = Vec::new();
+        let mut metas = Vec::new();
+        for cid in recipients {
+            let Some(c) = self.state_mut(cid) else { continue };
+            let m = &mut c.meta;
+            let over = (max_msgs > 0 && m.pending >= max_msgs)
+                || (max_bytes > 0 && m.bytes.saturating_add(size) > max_bytes);
+            if over {
+                full.push(c.handle.name.clone());
+                continue;
+            }
+            let seq = m.next_seq;
+            m.next_seq += 1;
+            m.pending += 1;
+            m.bytes += size;
+            batch.insert(&keys::seq_key(keys::MSG, cid, seq), value.clone());
+            if expires_at > 0 {
+                batch.insert(&keys::expiry(expires_at, cid, seq), &[]);
+            }
+            metas.push((cid, encode(&*m)?));
+            written += 1;
+        }
+        for (cid, meta) in metas {
+            batch.insert(&keys::meta(cid), meta);
+            self.touched.push(cid);
+        }
+        if written > 0 || matches!(req.to, Target::Topic(_)) {
+            if let Some(body) = &dedup_body {
+                let entry = DedupEntry {
+                    id,
+                    ts: now,
+                    recipients: written,
+                };
+                batch.insert(keys::dedup(body), encode(&entry)?);
+                batch.insert(keys::dedup_expiry(now, body), &[]);
+            }
+        }
+        // One batch: the messages, their metas and the dedup key land all-or-nothing.
+        self.outbox.apply_batch(batch)?;
+        Ok(PublishOutcome {
+            id: format!("{id:x}"),
+            recipients: written,
+            duplicate: false,
+            full,
+        })
+    }
+
+    /// Deletes acked messages and advances the acked watermark. Tombstones of expired messages
+    /// at or below the new watermark are dropped: the client has moved past them.
+    fn ack(&mut self, cid: u64, ack: Ack) -> Result<(), StoreError> {
+        let (acked, next_seq) = match self.state_mut(cid) {
+            Some(c) => (c.meta.acked, c.meta.next_seq),
+            None => return Ok(()),
+        };
+        let last_assigned = next_seq.saturating_sub(1);
+        let (lo, hi) = match ack {
+            Ack::Seq(s) if s > acked && s <= last_assigned => (s, s),
+            Ack::Upto(u) if u > acked => (acked + 1, u.min(last_assigned)),
+            _ => return Ok(()),
+        };
+        if lo > hi {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut freed = 0u64;
+        let mut freed_bytes = 0u64;
+        let from = keys::seq_key(keys::MSG, cid, lo);
+        let to = keys::seq_key(keys::MSG, cid, hi);
+        for item in self.outbox.range(from..=to) {
+            let (k, v) = item?;
+            let m: StoredMessage = decode(&k, &v)?;
+            if m.expires_at > 0 {
+                if let Some(seq) = keys::seq_of(&k) {
+                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
+                }
+            }
+            freed_bytes += payload_len(&m.payload);
+            freed += 1;
+            batch.remove(k);
+        }
+        // The new watermark: just below the first message still stored once this batch lands.
+        let base = if matches!(ack, Ack::Upto(_)) { hi } else { acked };
+        let mut first_left = None;
+        for k in self
+            .outbox
+            .range(
+                keys::seq_key(keys::MSG, cid, base.saturating_add(1))
+                    ..keys::seq_key(keys::MSG, cid, next_seq),
+            )
+            .keys()
+        {
+            let s = keys::seq_of(&k?);
+            if matches!(ack, Ack::Seq(x) if Some(x) == s) {
+                continue;
+            }
+            first_left = s;
+            break;
+        }
+        let watermark = first_left
+            .map_or(last_assigned, |s| s.saturating_sub(1))
+            .max(acked);
+        let dropped_to = watermark;
+        for item in self.outbox.range(
+            keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, dropped_to),
+        ) {
+            let (k, _) = item?;
+            batch.remove(k);
+        }
+        let Some(c) = self.state_mut(cid) else { return Ok(()) };
+        c.meta.pending = c.meta.pending.saturating_sub(freed);
+        c.meta.bytes = c.meta.bytes.saturating_sub(freed_bytes);
+        c.meta.acked = watermark;
+        let meta = encode(&c.meta)?;
+        batch.insert(&keys::meta(cid), meta);
+        self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn subscribe(&mut self, client: &ClientId, topic: &Topic, on: bool) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let cid = self.ensure_client(client)?;
+        let key = keys::sub(topic.as_str(), cid);
+        if on {
+            self.outbox.insert(key, &[])?;
+            self.subscribers.entry(topic.clone()).or_default().insert(cid);
+        } else {
+            self.outbox.remove(key)?;
+            if let Some(set) = self.subscribers.get_mut(topic) {
+                set.remove(&cid);
+                if set.is_empty() {
+                    self.subscribers.remove(topic);
+                }
+            }
+        }
+        // Any write needs the next commit before the reply.
+        self.touched.push(cid);
+        Ok(())
+    }
+
+    /// Retention: expire messages past their TTL (leaving a tombstone so the client is told)
+    /// and forget idempotency keys older than the dedup window.
+    fn sweep(&mut self) -> Result<(), StoreError> {
+        if self.latch_reason.is_some() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut due = Vec::new();
+        for item in self
+            .outbox
+            .range([keys::EXPIRY].as_slice()..keys::expiry(now, 0, 0).as_slice())
+        {
+            let (k, _) = item?;
+            if let Some(e) = keys::parse_expiry(&k) {
+                due.push(e);
+            }
+            if due.len() >= 10_000 {
+                break;
+            }
+        }
+        for (at, cid, seq) in due {
+            let mut batch = sled::Batch::default();
+            batch.remove(&keys::expiry(at, cid, seq));
+            let mk = keys::seq_key(keys::MSG, cid, seq);
+            if let Some(v) = self.outbox.get(mk)? {
+                let m: StoredMessage = decode(&mk, &v)?;
+                batch.remove(&mk);
+                batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+                if let Some(c) = self.state_mut(cid) {
+                    c.meta.pending = c.meta.pending.saturating_sub(1);
+                    c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
+                    batch.insert(&keys::meta(cid), encode(&c.meta)?);
+                }
+                info!(cid, seq, "message expired unacked (TTL); the client will see it in `missed`");
+            }
+            self.outbox.apply_batch(batch)?;
+        }
+        let horizon = now.saturating_sub(self.opts.dedup_window_ms);
+        let mut stale = Vec::new();
+        let mut lo = vec![keys::DEDUP_EXPIRY];
+        lo.extend_from_slice(&0u64.to_be_bytes());
+        let hi = keys::dedup_expiry(horizon, &[]);
+        for item in self.outbox.range(lo..hi) {
+            let (k, _) = item?;
+            stale.push(k);
+            if stale.len() >= 10_000 {
+                break;
+            }
+        }
+        for k in stale {
+            let (Some(ts), Some(body)) = (
+                k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+                k.get(9..),
+            ) else {
+                continue;
+            };
+            let dk = keys::dedup(body);
+            let mut batch = sled::Batch::default();
+            batch.remove(k.as_ref());
+            if let Some(v) = self.outbox.get(&dk)? {
+                let e: DedupEntry = decode(&dk, &v)?;
+                if e.ts == ts {
+                    batch.remove(dk);
+                }
+            }
+            self.outbox.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+}
+
+fn payload_len(p: &StoredPayload) -> u64 {
+    let n = match p {
+        StoredPayload::Json(s) => s.len(),
+        StoredPayload::Binary(b) => b.len(),
+    };
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+fn fresh_meta(name: &ClientId, cid: u64) -> ClientMeta {
+    ClientMeta {
+        name: name.as_str().to_owned(),
+        epoch: new_epoch(cid),
+        next_seq: 1,
+        acked: 0,
+        pending: 0,
+        bytes: 0,
+        last_seen: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_keys_sort_by_client_then_seq() {
+        let a = keys::seq_key(keys::MSG, 1, 255);
+        let b = keys::seq_key(keys::MSG, 1, 256);
+        let c = keys::seq_key(keys::MSG, 2, 0);
+        assert!(a < b && b < c);
+        assert_eq!(keys::seq_of(&b), Some(256));
+    }
+
+    #[test]
+    fn no_client_prefix_is_a_prefix_of_another() {
+        // Fixed-width numbers: client 1's range never contains client 256's keys.
+        let p1 = keys::seq_prefix(keys::MSG, 1);
+        let k256 = keys::seq_key(keys::MSG, 256, 1);
+        assert!(!k256.starts_with(&p1));
+    }
+
+    #[test]
+    fn subscription_keys_round_trip_and_do_not_collide() {
+        let k = keys::sub("news", 7);
+        assert_eq!(keys::parse_sub(&k), Some(("news".into(), 7)));
+        // "news" and "news/eu" differ in the length byte, so one is no prefix of the other.
+        assert!(!keys::sub("news/eu", 7).starts_with(&keys::sub_prefix("news")));
+    }
+
+    #[test]
+    fn expiry_keys_sort_by_time() {
+        let a = keys::expiry(10, 9, 9);
+        let b = keys::expiry(11, 1, 1);
+        assert!(a < b);
+        assert_eq!(keys::parse_expiry(&a), Some((10, 9, 9)));
+    }
+}
