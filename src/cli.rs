@@ -3,7 +3,7 @@
 //! `main` only calls [`main`] here; everything a subcommand does lives in the library so the
 //! tests drive the same code.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -65,6 +65,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -98,7 +99,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     if faults.fail_fsync_after.is_some() {
         tracing::warn!("fault injection is on (OUTBOXD_FAULT_FSYNC_FAIL_AFTER): for tests only");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outboxd: cannot start the runtime: {e}");
@@ -133,7 +137,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             error!("cannot install signal handlers; stop the broker with SIGKILL");

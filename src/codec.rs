@@ -162,13 +162,23 @@ mod tests {
 
     #[test]
     fn unknown_version_and_trailing_bytes_are_refused() {
-        let entry = DedupEntry { id: 1, ts: 2, recipients: 3 };
+        let entry = DedupEntry {
+            id: 1,
+            ts: 2,
+            recipients: 3,
+        };
         let mut bytes = encode(&entry).unwrap();
         bytes[0] = 9;
-        assert!(matches!(decode::<DedupEntry>(&bytes), Err(CodecError::Version(9))));
+        assert!(matches!(
+            decode::<DedupEntry>(&bytes),
+            Err(CodecError::Version(9))
+        ));
         let mut bytes = encode(&entry).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<DedupEntry>(&bytes), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<DedupEntry>(&bytes),
+            Err(CodecError::Trailing(1))
+        ));
         assert!(matches!(decode::<DedupEntry>(&[]), Err(CodecError::Empty)));
     }
 }

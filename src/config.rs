@@ -35,7 +35,7 @@ pub enum Durability {
     Relaxed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: Server,
@@ -88,18 +88,6 @@ pub struct Limits {
     pub max_outbox_bytes: u64,
     pub message_ttl_ms: u64,
     pub dedup_window_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: Server::default(),
-            storage: Storage::default(),
-            heartbeat: Heartbeat::default(),
-            delivery: Delivery::default(),
-            limits: Limits::default(),
-        }
-    }
 }
 
 impl Default for Server {
@@ -228,7 +216,10 @@ impl Config {
             ));
         }
         if self.storage.cache_capacity_bytes < 1024 * 1024 {
-            return Err(invalid("storage.cache_capacity_bytes", "must be at least 1048576"));
+            return Err(invalid(
+                "storage.cache_capacity_bytes",
+                "must be at least 1048576",
+            ));
         }
         let h = &self.heartbeat;
         if h.interval_ms == 0 {
@@ -237,7 +228,10 @@ impl Config {
         if h.timeout_ms <= h.interval_ms {
             return Err(invalid(
                 "heartbeat.timeout_ms",
-                format!("must be greater than heartbeat.interval_ms ({})", h.interval_ms),
+                format!(
+                    "must be greater than heartbeat.interval_ms ({})",
+                    h.interval_ms
+                ),
             ));
         }
         if self.delivery.max_inflight == 0 {
@@ -265,10 +259,13 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.listen.parse().map_err(|e| ConfigError::Invalid {
-            key: "server.listen",
-            reason: format!("{e} (expected HOST:PORT)"),
-        })
+        self.server
+            .listen
+            .parse()
+            .map_err(|e| ConfigError::Invalid {
+                key: "server.listen",
+                reason: format!("{e} (expected HOST:PORT)"),
+            })
     }
 
     pub fn hello_timeout(&self) -> Duration {
@@ -285,7 +282,8 @@ impl Config {
 
     /// `None` when ack-timeout redelivery is off.
     pub fn ack_timeout(&self) -> Option<Duration> {
-        (self.delivery.ack_timeout_ms > 0).then(|| Duration::from_millis(self.delivery.ack_timeout_ms))
+        (self.delivery.ack_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.delivery.ack_timeout_ms))
     }
 }
 

@@ -3,8 +3,10 @@
 //! The connection task runs the handshake and the hello under one deadline, then a loop that
 //! turns socket frames, durable-store wake-ups and timers into actions decided by the I/O-free
 //! state machines in [`crate::session`]. A second task per connection owns the socket's write
-//! half and drains a bounded queue (`server.write_queue_frames`); when that queue is full the
-//! peer is too slow and is closed with 4029, and its messages stay stored.
+//! half and drains a bounded queue (`server.write_queue_frames`). Stored messages enter that
+//! queue only while it has room beyond a reserve kept for replies and control frames; the rest
+//! wait in the outbox until the writer has drained the queue. When a reply or a control frame
+//! finds the queue full, the peer is too slow and is closed with 4029; its messages stay stored.
 //!
 //! Delivery order inside the loop: messages are read from the store only below the outbox's
 //! durable frontier (see [`crate::store`]), so nothing is sent before an fsync covers it.
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -59,11 +61,20 @@ enum End {
 impl End {
     fn close(&self, cfg: &crate::config::Config) -> Option<(u16, String)> {
         let frame = match self {
-            End::Shutdown => (close::GOING_AWAY, "broker shutting down; reconnect".to_string()),
-            End::Replaced => (close::REPLACED, "replaced by a newer connection".to_string()),
+            End::Shutdown => (
+                close::GOING_AWAY,
+                "broker shutting down; reconnect".to_string(),
+            ),
+            End::Replaced => (
+                close::REPLACED,
+                "replaced by a newer connection".to_string(),
+            ),
             End::Dead => (
                 close::HEARTBEAT_TIMEOUT,
-                format!("heartbeat timeout: nothing heard for {} ms", cfg.heartbeat.timeout_ms),
+                format!(
+                    "heartbeat timeout: nothing heard for {} ms",
+                    cfg.heartbeat.timeout_ms
+                ),
             ),
             End::TooSlow => (close::TOO_SLOW, "too slow: write queue full".to_string()),
             End::Protocol(m) => (close::PROTOCOL_ERROR, m.clone()),
@@ -102,6 +113,8 @@ fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
 }
 
 /// Serves one accepted TCP connection until it closes. Never panics on peer input.
+// The upgrade callback's error type is tungstenite's HTTP response; its size is not ours.
+#[allow(clippy::result_large_err)]
 pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -178,14 +191,22 @@ pub async fn serve(
     let queue = usize::try_from(cfg.server.write_queue_frames).unwrap_or(256);
     let (tx, rx) = mpsc::channel(queue);
     let (kill_tx, kill_rx) = oneshot::channel();
-    let writer = shared.tracker.spawn(write_loop(sink, rx, kill_rx));
+    let drained = Arc::new(Notify::new());
+    let writer = shared
+        .tracker
+        .spawn(write_loop(sink, rx, kill_rx, Arc::clone(&drained)));
     let out = Outgoing {
         tx,
         kill: Some(kill_tx),
+        reserve: (queue / 4).clamp(1, 64),
+        drained,
     };
     run(stream, out, deadline, peer, &shared, permit).await;
     // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
-    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
         debug!(%peer, "writer did not finish within 5 s; dropping the socket");
     }
 }
@@ -194,9 +215,18 @@ pub async fn serve(
 struct Outgoing {
     tx: mpsc::Sender<Message>,
     kill: Option<oneshot::Sender<CloseFrame>>,
+    /// Slots kept free of stored messages, for replies and control frames.
+    reserve: usize,
+    /// Signalled by the writer each time it has written a batch.
+    drained: Arc<Notify>,
 }
 
 impl Outgoing {
+    /// Room for stored messages: what the queue holds free beyond the reserve.
+    fn room_for_messages(&self) -> usize {
+        self.tx.capacity().saturating_sub(self.reserve)
+    }
+
     fn text(&self, s: String) -> Result<(), End> {
         match self.tx.try_send(Message::text(s)) {
             Ok(()) => Ok(()),
@@ -233,6 +263,7 @@ async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Message>,
     mut kill: oneshot::Receiver<CloseFrame>,
+    drained: Arc<Notify>,
 ) {
     let mut kill_open = true;
     loop {
@@ -245,7 +276,7 @@ async fn write_loop(
             step = write_some(&mut sink, &mut rx) => step,
         };
         match step {
-            WriteStep::More => {}
+            WriteStep::More => drained.notify_one(),
             WriteStep::Done | WriteStep::Failed => break,
             WriteStep::Kill(frame) => {
                 let _ = tokio::time::timeout(
@@ -261,7 +292,10 @@ async fn write_loop(
 
 /// Writes whatever is queued with one flush. `Done` after a close frame or once the queue is
 /// closed and empty; `More` otherwise.
-async fn write_some(sink: &mut SplitSink<Ws, Message>, rx: &mut mpsc::Receiver<Message>) -> WriteStep {
+async fn write_some(
+    sink: &mut SplitSink<Ws, Message>,
+    rx: &mut mpsc::Receiver<Message>,
+) -> WriteStep {
     let Some(first) = rx.recv().await else {
         let _ = sink.close().await;
         return WriteStep::Done;
@@ -323,27 +357,34 @@ async fn run(
             Ok(Some(Ok(_))) => Err(End::Gone),
         },
     };
-    let hello = first.and_then(|text| match protocol::parse_client_frame(&text, max_payload) {
-        Ok(ClientFrame::Hello {
-            client_id, resume, ..
-        }) => Ok((client_id, resume)),
-        Ok(_) => {
-            let _ = out.text(encode_error(
-                None,
-                ErrorCode::BadFrame,
-                "the first frame must be hello",
-            ));
-            Err(End::Protocol("the first frame must be hello".into()))
-        }
-        Err(e) => {
-            let _ = out.text(encode_error(e.reference.as_deref(), e.code, &e.message));
-            if e.code == ErrorCode::BadClientId {
-                Err(End::Policy(e.message))
-            } else {
-                Err(End::Protocol(e.message))
+    let hello = first.and_then(
+        |text| match protocol::parse_client_frame(&text, max_payload) {
+            Ok(ClientFrame::Hello {
+                client_id, resume, ..
+            }) => Ok((client_id, resume)),
+            Ok(_) => {
+                let _ = out.text(encode_error(
+                    None,
+                    ErrorCode::BadFrame,
+                    "the first frame must be hello",
+                ));
+                Err(End::Protocol("the first frame must be hello".into()))
             }
-        }
-    });
+            Err(e) if e.code == ErrorCode::BadClientId => {
+                let _ = out.text(encode_error(e.reference.as_deref(), e.code, &e.message));
+                Err(End::Policy(e.message))
+            }
+            Err(e) => {
+                let message = format!("the first frame must be a valid hello: {}", e.message);
+                let _ = out.text(encode_error(
+                    e.reference.as_deref(),
+                    ErrorCode::BadFrame,
+                    &message,
+                ));
+                Err(End::Protocol(message))
+            }
+        },
+    );
     let (client, resume) = match hello {
         Ok(h) => h,
         Err(end) => {
@@ -358,7 +399,11 @@ async fn run(
         Ok(o) => o,
         Err(e) => {
             warn!(%peer, client = %client, error = %e, "hello refused: store failure");
-            let _ = out.text(encode_error(None, ErrorCode::Internal, &format!("the broker cannot open this outbox: {e}")));
+            let _ = out.text(encode_error(
+                None,
+                ErrorCode::Internal,
+                &format!("the broker cannot open this outbox: {e}"),
+            ));
             out.close(close::INTERNAL, "store failure");
             return;
         }
@@ -386,7 +431,11 @@ async fn run(
             usize::try_from(cfg.delivery.max_inflight).unwrap_or(usize::MAX),
             outcome.last_seq,
         ),
-        live: Liveness::new(cfg.heartbeat_interval(), cfg.heartbeat_timeout(), Instant::now()),
+        live: Liveness::new(
+            cfg.heartbeat_interval(),
+            cfg.heartbeat_timeout(),
+            Instant::now(),
+        ),
         handle: outcome.handle,
         client: client.clone(),
         out,
@@ -394,7 +443,11 @@ async fn run(
         max_payload,
     };
     let end = match conn.out.text(protocol::encode_welcome(&welcome)) {
-        Ok(()) => conn.session(&mut stream, &takeover).instrument(span.clone()).await,
+        Ok(()) => {
+            conn.session(&mut stream, &takeover)
+                .instrument(span.clone())
+                .await
+        }
         Err(e) => e,
     };
     shared.registry.detach(&client, gen);
@@ -422,10 +475,12 @@ impl Conn {
         let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
         let shutdown = self.shared.shutdown.clone();
+        let drained = Arc::clone(&self.out.drained);
         let end = loop {
-            if let Err(end) = self.fill() {
-                break end;
-            }
+            let queue_bound = match self.fill() {
+                Ok(b) => b,
+                Err(end) => break end,
+            };
             let wake = tokio::time::Instant::from_std(self.next_wake());
             // Every branch is cancel-safe: a dropped `next()` or `changed()` loses nothing.
             tokio::select! {
@@ -442,6 +497,7 @@ impl Conn {
                         break end;
                     }
                 }
+                _ = drained.notified(), if queue_bound => {}
                 changed = durable.changed() => {
                     if changed.is_err() {
                         break End::Internal("store closed".into());
@@ -484,19 +540,29 @@ impl Conn {
 
     fn next_wake(&self) -> Instant {
         let beat = self.live.next_deadline();
-        match self.shared.cfg.ack_timeout().and_then(|t| self.window.next_due(t)) {
+        match self
+            .shared
+            .cfg
+            .ack_timeout()
+            .and_then(|t| self.window.next_due(t))
+        {
             Some(due) => beat.min(due),
             None => beat,
         }
     }
 
-    /// Sends stored messages while the window has room.
-    fn fill(&mut self) -> Result<(), End> {
+    /// Sends stored messages while both the window and the write queue have room. Returns
+    /// true when the write queue, not the window or the outbox, stopped it.
+    fn fill(&mut self) -> Result<bool, End> {
         while self.window.room() > 0 {
+            let room = self.window.room().min(self.out.room_for_messages());
+            if room == 0 {
+                return Ok(true);
+            }
             let batch = self
                 .shared
                 .store
-                .read(&self.handle, self.window.cursor(), self.window.room())
+                .read(&self.handle, self.window.cursor(), room)
                 .map_err(|e| End::Internal(format!("store read failed: {e}")))?;
             let now = Instant::now();
             let got = batch.items.len();
@@ -510,7 +576,7 @@ impl Conn {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn send_msg(
@@ -557,7 +623,12 @@ impl Conn {
         Ok(())
     }
 
-    fn bad_frame(&mut self, reference: Option<&serde_json::value::RawValue>, code: ErrorCode, message: &str) -> Result<(), End> {
+    fn bad_frame(
+        &mut self,
+        reference: Option<&serde_json::value::RawValue>,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), End> {
         self.bad_frames += 1;
         debug!(code = code.as_str(), message, "bad frame");
         self.out.text(encode_error(reference, code, message))?;
@@ -585,7 +656,11 @@ impl Conn {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
                 self.live.heard(Instant::now());
-                return self.bad_frame(None, ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames");
+                return self.bad_frame(
+                    None,
+                    ErrorCode::BadFrame,
+                    "binary frames are not accepted: send JSON text frames",
+                );
             }
             Some(Ok(Message::Close(_))) => return Err(End::Gone),
             Some(Ok(_)) => {
@@ -599,9 +674,11 @@ impl Conn {
             Err(e) => return self.bad_frame(e.reference.as_deref(), e.code, &e.message),
         };
         match frame {
-            ClientFrame::Hello { .. } => {
-                self.bad_frame(None, ErrorCode::BadFrame, "hello was already received on this connection")
-            }
+            ClientFrame::Hello { .. } => self.bad_frame(
+                None,
+                ErrorCode::BadFrame,
+                "hello was already received on this connection",
+            ),
             ClientFrame::Ack(ack) => {
                 self.window.ack(ack);
                 self.shared
@@ -641,7 +718,11 @@ impl Conn {
         }));
     }
 
-    async fn publish(&mut self, p: Publish, replies: &mut FuturesOrdered<Reply>) -> Result<(), End> {
+    async fn publish(
+        &mut self,
+        p: Publish,
+        replies: &mut FuturesOrdered<Reply>,
+    ) -> Result<(), End> {
         let Publish {
             reference,
             to,
@@ -707,7 +788,8 @@ impl Conn {
 fn store_error_frame(reference: Option<&serde_json::value::RawValue>, e: &StoreError) -> String {
     let message = match e {
         StoreError::Latched(_) => {
-            "the broker's store refuses writes after a disk failure; nothing was written".to_string()
+            "the broker's store refuses writes after a disk failure; nothing was written"
+                .to_string()
         }
         StoreError::Closed => "the broker is shutting down; nothing was written".to_string(),
         other => format!("store failure: {other}"),

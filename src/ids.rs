@@ -112,7 +112,10 @@ mod tests {
     fn topic_allows_slash_and_refuses_the_rest() {
         assert!(Topic::new("news/eu").is_ok());
         assert!(Topic::new(&"t".repeat(255)).is_ok());
-        assert_eq!(Topic::new(&"t".repeat(256)), Err(NameError::TopicLength(256)));
+        assert_eq!(
+            Topic::new(&"t".repeat(256)),
+            Err(NameError::TopicLength(256))
+        );
         assert_eq!(Topic::new("a#"), Err(NameError::TopicChar('#')));
         assert_eq!(Topic::new(""), Err(NameError::TopicLength(0)));
     }

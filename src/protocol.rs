@@ -220,10 +220,12 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             let reference = serde_json::from_str::<RefOnly>(text)
                 .ok()
                 .and_then(|r| r.reference);
-            let msg = if serde_json::from_str::<serde_json::Value>(text).is_err() {
-                format!("frame is not a JSON object: {e}")
-            } else {
-                format!("invalid frame: {e}")
+            let msg = match serde_json::from_str::<serde_json::Value>(text) {
+                Err(_) => format!("frame is not JSON: {e}"),
+                Ok(v) if !v.is_object() => {
+                    "frame must be a JSON object with a \"type\"".to_string()
+                }
+                Ok(_) => format!("invalid frame: {e}"),
             };
             return Err(FrameError::new(ErrorCode::BadFrame, msg, reference));
         }
@@ -312,7 +314,13 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             };
             let topic = match Topic::new(&topic) {
                 Ok(t) => t,
-                Err(e) => return Err(FrameError::new(ErrorCode::BadTopic, e.to_string(), reference)),
+                Err(e) => {
+                    return Err(FrameError::new(
+                        ErrorCode::BadTopic,
+                        e.to_string(),
+                        reference,
+                    ))
+                }
             };
             if kind == "subscribe" {
                 Ok(ClientFrame::Subscribe { reference, topic })
@@ -507,9 +515,19 @@ mod tests {
         let f = parse(r#"{"type":"hello","client_id":"alice","resume":{"epoch":"E","last_seq":41},"extra":1}"#)
             .unwrap();
         match f {
-            ClientFrame::Hello { client_id, resume, token } => {
+            ClientFrame::Hello {
+                client_id,
+                resume,
+                token,
+            } => {
                 assert_eq!(client_id.as_str(), "alice");
-                assert_eq!(resume, Some(Resume { epoch: "E".into(), last_seq: 41 }));
+                assert_eq!(
+                    resume,
+                    Some(Resume {
+                        epoch: "E".into(),
+                        last_seq: 41
+                    })
+                );
                 assert_eq!(token, None);
             }
             other => panic!("{other:?}"),
@@ -518,7 +536,10 @@ mod tests {
 
     #[test]
     fn hello_with_bad_client_id_is_bad_client_id() {
-        assert_eq!(code(r#"{"type":"hello","client_id":"a b"}"#), ErrorCode::BadClientId);
+        assert_eq!(
+            code(r#"{"type":"hello","client_id":"a b"}"#),
+            ErrorCode::BadClientId
+        );
         assert_eq!(code(r#"{"type":"hello"}"#), ErrorCode::BadFrame);
     }
 
@@ -535,15 +556,26 @@ mod tests {
 
     #[test]
     fn ack_needs_exactly_one_of_seq_and_upto() {
-        assert!(matches!(parse(r#"{"type":"ack","seq":3}"#), Ok(ClientFrame::Ack(Ack::Seq(3)))));
-        assert!(matches!(parse(r#"{"type":"ack","upto":9}"#), Ok(ClientFrame::Ack(Ack::Upto(9)))));
+        assert!(matches!(
+            parse(r#"{"type":"ack","seq":3}"#),
+            Ok(ClientFrame::Ack(Ack::Seq(3)))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"ack","upto":9}"#),
+            Ok(ClientFrame::Ack(Ack::Upto(9)))
+        ));
         assert_eq!(code(r#"{"type":"ack"}"#), ErrorCode::BadFrame);
-        assert_eq!(code(r#"{"type":"ack","seq":1,"upto":2}"#), ErrorCode::BadFrame);
+        assert_eq!(
+            code(r#"{"type":"ack","seq":1,"upto":2}"#),
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]
     fn publish_keeps_json_payload_verbatim_including_null() {
-        match parse(r#"{"type":"publish","ref":"r1","to":"client:bob","payload":{"a": [1, 2]}}"#).unwrap() {
+        match parse(r#"{"type":"publish","ref":"r1","to":"client:bob","payload":{"a": [1, 2]}}"#)
+            .unwrap()
+        {
             ClientFrame::Publish(p) => {
                 assert_eq!(p.payload, Payload::Json(r#"{"a": [1, 2]}"#.into()));
                 assert_eq!(p.reference.unwrap().get(), r#""r1""#);
@@ -559,14 +591,35 @@ mod tests {
 
     #[test]
     fn publish_errors_carry_their_codes() {
-        assert_eq!(code(r#"{"type":"publish","to":"client:a b","payload":1}"#), ErrorCode::BadClientId);
-        assert_eq!(code(r#"{"type":"publish","to":"topic:a#","payload":1}"#), ErrorCode::BadTopic);
-        assert_eq!(code(r#"{"type":"publish","to":"queue:x","payload":1}"#), ErrorCode::BadFrame);
-        assert_eq!(code(r#"{"type":"publish","to":"client:b"}"#), ErrorCode::BadFrame);
-        assert_eq!(code(r#"{"type":"publish","to":"client:b","payload_b64":"!!"}"#), ErrorCode::BadFrame);
-        let big = format!(r#"{{"type":"publish","to":"client:b","payload":"{}"}}"#, "x".repeat(2000));
+        assert_eq!(
+            code(r#"{"type":"publish","to":"client:a b","payload":1}"#),
+            ErrorCode::BadClientId
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","to":"topic:a#","payload":1}"#),
+            ErrorCode::BadTopic
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","to":"queue:x","payload":1}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","to":"client:b"}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","to":"client:b","payload_b64":"!!"}"#),
+            ErrorCode::BadFrame
+        );
+        let big = format!(
+            r#"{{"type":"publish","to":"client:b","payload":"{}"}}"#,
+            "x".repeat(2000)
+        );
         assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
-        assert_eq!(code(r#"{"type":"publish","to":"client:b","payload":1,"key":""}"#), ErrorCode::BadFrame);
+        assert_eq!(
+            code(r#"{"type":"publish","to":"client:b","payload":1,"key":""}"#),
+            ErrorCode::BadFrame
+        );
     }
 
     #[test]
@@ -577,7 +630,15 @@ mod tests {
     #[test]
     fn msg_frame_is_valid_json_with_the_contract_fields() {
         let p = Payload::Json(r#"{"hi":"there"}"#.into());
-        let s = encode_msg(&MsgView { seq: 5, id: "00ab", ts: 77, from: Some("alice"), topic: Some("news/eu"), payload: &p, redelivered: true });
+        let s = encode_msg(&MsgView {
+            seq: 5,
+            id: "00ab",
+            ts: 77,
+            from: Some("alice"),
+            topic: Some("news/eu"),
+            payload: &p,
+            redelivered: true,
+        });
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["type"], "msg");
         assert_eq!(v["seq"], 5);
@@ -587,7 +648,15 @@ mod tests {
         assert_eq!(v["redelivered"], true);
         assert_eq!(v["payload"]["hi"], "there");
         let b = Payload::Binary(vec![0, 255, 1]);
-        let s = encode_msg(&MsgView { seq: 1, id: "1", ts: 0, from: None, topic: None, payload: &b, redelivered: false });
+        let s = encode_msg(&MsgView {
+            seq: 1,
+            id: "1",
+            ts: 0,
+            from: None,
+            topic: None,
+            payload: &b,
+            redelivered: false,
+        });
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["payload_b64"], "AP8B");
         assert!(v.get("redelivered").is_none() && v.get("from").is_none());
@@ -596,9 +665,17 @@ mod tests {
     #[test]
     fn ok_and_error_frames_echo_the_ref() {
         let r = RawValue::from_string("\"x\"".into()).unwrap();
-        let v: Value = serde_json::from_str(&encode_publish_ok(Some(&r), "9", 2, true, &[])).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"ok","ref":"x","id":"9","recipients":2,"duplicate":true}));
-        let v: Value = serde_json::from_str(&encode_error(None, ErrorCode::OutboxFull, "full")).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"error","code":"outbox_full","message":"full"}));
+        let v: Value =
+            serde_json::from_str(&encode_publish_ok(Some(&r), "9", 2, true, &[])).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"ok","ref":"x","id":"9","recipients":2,"duplicate":true})
+        );
+        let v: Value =
+            serde_json::from_str(&encode_error(None, ErrorCode::OutboxFull, "full")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","code":"outbox_full","message":"full"})
+        );
     }
 }

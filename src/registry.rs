@@ -55,7 +55,10 @@ impl Registry {
 
     /// Clients connected right now.
     pub fn connected(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 }
 

@@ -191,7 +191,11 @@ mod tests {
         assert_eq!(w.ack(Ack::Upto(3)), 3);
         assert_eq!(w.inflight(), 2);
         assert_eq!(w.ack(Ack::Upto(9)), 2);
-        assert_eq!(w.cursor(), 9, "seqs up to 9 count as acked and must not be sent");
+        assert_eq!(
+            w.cursor(),
+            9,
+            "seqs up to 9 count as acked and must not be sent"
+        );
     }
 
     #[test]

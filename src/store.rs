@@ -410,14 +410,8 @@ impl Store {
         // Our own handle on sled's log, for the fdatasync its flush does not do.
         let log = File::open(dir.join("db"))?;
         let latched = Arc::new(AtomicBool::new(false));
-        let state = WriterState::load(
-            db,
-            clients,
-            outbox.clone(),
-            log,
-            opts,
-            Arc::clone(&latched),
-        )?;
+        let state =
+            WriterState::load(db, clients, outbox.clone(), log, opts, Arc::clone(&latched))?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
             .name("outboxd-writer".into())
@@ -551,7 +545,11 @@ impl Store {
     }
 
     /// Reads one durable message, `None` when it is gone (acked or expired).
-    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<StoredMessage>, StoreError> {
+    pub fn get(
+        &self,
+        handle: &OutboxHandle,
+        seq: u64,
+    ) -> Result<Option<StoredMessage>, StoreError> {
         if seq >= *handle.durable.borrow() {
             return Ok(None);
         }
@@ -620,7 +618,9 @@ struct WriterState {
     by_cid: HashMap<u64, ClientId>,
     subscribers: HashMap<Topic, BTreeSet<u64>>,
     next_cid: u64,
+    /// Successful fsync commits, and the publishes they covered (for the shutdown report).
     commits: u64,
+    published: u64,
     /// Clients whose durable frontier must advance at the next commit.
     touched: Vec<u64>,
     pending: Vec<Pending>,
@@ -662,6 +662,7 @@ impl WriterState {
             subscribers: HashMap::new(),
             next_cid: 1,
             commits: 0,
+            published: 0,
             touched: Vec::new(),
             pending: Vec::new(),
             last_sweep: Instant::now(),
@@ -787,9 +788,7 @@ impl WriterState {
             }
         };
         loop {
-            let first = rt.block_on(async {
-                tokio::time::timeout(SWEEP_EVERY, rx.recv()).await
-            });
+            let first = rt.block_on(async { tokio::time::timeout(SWEEP_EVERY, rx.recv()).await });
             let mut group = 0usize;
             match first {
                 Ok(Some(cmd)) => {
@@ -838,7 +837,17 @@ impl WriterState {
         } else if let Err(e) = self.log.sync_data() {
             error!(error = %e, "final fsync failed");
         }
-        debug!("store writer stopped");
+        let per_commit = if self.commits > 0 {
+            self.published as f64 / self.commits as f64
+        } else {
+            0.0
+        };
+        info!(
+            commits = self.commits,
+            publishes = self.published,
+            publishes_per_commit = format!("{per_commit:.1}"),
+            "store closed"
+        );
     }
 
     fn latch(&mut self, reason: &str) {
@@ -916,6 +925,7 @@ impl WriterState {
                 self.pending.push(Pending::Hello(reply, r));
             }
             Command::Publish { req, reply } => {
+                self.published += 1;
                 let r = self.publish(req);
                 if let Err(e) = &r {
                     self.maybe_latch(e);
@@ -978,8 +988,14 @@ impl WriterState {
             Some(r) if r.epoch != epoch => (false, Some("epoch_mismatch"), acked),
             Some(r) if r.last_seq >= next_seq => (false, Some("ahead"), acked),
             Some(r) => {
-                if r.last_seq > acked && self.latch_reason.is_none() {
-                    self.ack(cid, Ack::Upto(r.last_seq))?;
+                if self.latch_reason.is_none() {
+                    if r.last_seq > acked {
+                        self.ack(cid, Ack::Upto(r.last_seq))?;
+                    } else {
+                        let mut batch = sled::Batch::default();
+                        self.drop_tombstones(&mut batch, cid, r.last_seq)?;
+                        self.outbox.apply_batch(batch)?;
+                    }
                 }
                 (true, None, r.last_seq)
             }
@@ -992,9 +1008,7 @@ impl WriterState {
             }
             self.write_meta(cid)?;
         }
-        let c = self
-            .state_mut(cid)
-            .ok_or(StoreError::Closed)?;
+        let c = self.state_mut(cid).ok_or(StoreError::Closed)?;
         Ok(HelloOutcome {
             epoch,
             resumed,
@@ -1010,9 +1024,10 @@ impl WriterState {
     fn publish(&mut self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
         self.check_writable()?;
         let now = now_ms();
-        let dedup_body = req.key.as_ref().map(|k| {
-            keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k)
-        });
+        let dedup_body = req
+            .key
+            .as_ref()
+            .map(|k| keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k));
         if let Some(body) = &dedup_body {
             let k = keys::dedup(body);
             if let Some(v) = self.outbox.get(&k)? {
@@ -1062,7 +1077,9 @@ impl WriterState {
         let mut full = Vec::new();
         let mut metas = Vec::new();
         for cid in recipients {
-            let Some(c) = self.state_mut(cid) else { continue };
+            let Some(c) = self.state_mut(cid) else {
+                continue;
+            };
             let m = &mut c.meta;
             let over = (max_msgs > 0 && m.pending >= max_msgs)
                 || (max_bytes > 0 && m.bytes.saturating_add(size) > max_bytes);
@@ -1106,8 +1123,22 @@ impl WriterState {
         })
     }
 
+    /// Adds to `batch` the removal of the tombstones at or below `upto`.
+    fn drop_tombstones(
+        &self,
+        batch: &mut sled::Batch,
+        cid: u64,
+        upto: u64,
+    ) -> Result<(), StoreError> {
+        let range = keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, upto);
+        for item in self.outbox.range(range).keys() {
+            batch.remove(item?);
+        }
+        Ok(())
+    }
+
     /// Deletes acked messages and advances the acked watermark. Tombstones of expired messages
-    /// at or below the new watermark are dropped: the client has moved past them.
+    /// are dropped only up to a cumulative position the client stated (`upto`).
     fn ack(&mut self, cid: u64, ack: Ack) -> Result<(), StoreError> {
         let (acked, next_seq) = match self.state_mut(cid) {
             Some(c) => (c.meta.acked, c.meta.next_seq),
@@ -1140,7 +1171,11 @@ impl WriterState {
             batch.remove(k);
         }
         // The new watermark: just below the first message still stored once this batch lands.
-        let base = if matches!(ack, Ack::Upto(_)) { hi } else { acked };
+        let base = if matches!(ack, Ack::Upto(_)) {
+            hi
+        } else {
+            acked
+        };
         let mut first_left = None;
         for k in self
             .outbox
@@ -1160,14 +1195,15 @@ impl WriterState {
         let watermark = first_left
             .map_or(last_assigned, |s| s.saturating_sub(1))
             .max(acked);
-        let dropped_to = watermark;
-        for item in self.outbox.range(
-            keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, dropped_to),
-        ) {
-            let (k, _) = item?;
-            batch.remove(k);
+        // Only a position the client stated (`upto`) says it has moved past a removed message;
+        // a watermark that jumps over one after per-seq acks must keep it, or `missed` would
+        // never report it.
+        if let Ack::Upto(u) = ack {
+            self.drop_tombstones(&mut batch, cid, u.min(last_assigned))?;
         }
-        let Some(c) = self.state_mut(cid) else { return Ok(()) };
+        let Some(c) = self.state_mut(cid) else {
+            return Ok(());
+        };
         c.meta.pending = c.meta.pending.saturating_sub(freed);
         c.meta.bytes = c.meta.bytes.saturating_sub(freed_bytes);
         c.meta.acked = watermark;
@@ -1183,7 +1219,10 @@ impl WriterState {
         let key = keys::sub(topic.as_str(), cid);
         if on {
             self.outbox.insert(key, &[])?;
-            self.subscribers.entry(topic.clone()).or_default().insert(cid);
+            self.subscribers
+                .entry(topic.clone())
+                .or_default()
+                .insert(cid);
         } else {
             self.outbox.remove(key)?;
             if let Some(set) = self.subscribers.get_mut(topic) {
@@ -1231,7 +1270,10 @@ impl WriterState {
                     c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
                     batch.insert(&keys::meta(cid), encode(&c.meta)?);
                 }
-                info!(cid, seq, "message expired unacked (TTL); the client will see it in `missed`");
+                info!(
+                    cid,
+                    seq, "message expired unacked (TTL); the client will see it in `missed`"
+                );
             }
             self.outbox.apply_batch(batch)?;
         }
@@ -1249,7 +1291,9 @@ impl WriterState {
         }
         for k in stale {
             let (Some(ts), Some(body)) = (
-                k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+                k.get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
                 k.get(9..),
             ) else {
                 continue;

@@ -1,0 +1,221 @@
+//! Delivery on one broker: order, acks, the in-flight window, ack-timeout resends, takeover,
+//! and binary payloads.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{redelivered, seqs, Broker, Opts, QUIET};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_arrive_in_publish_order_with_seq_id_ts_and_sender() {
+    // Catches live delivery that reorders, drops fields, reuses ids or marks first sends redelivered.
+    let broker = Broker::start(Opts::new());
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["resumed"], false, "{welcome}");
+    assert_eq!(welcome["pending"], 0, "{welcome}");
+    assert_eq!(welcome["missed"], 0, "{welcome}");
+    let (mut alice, _) = broker.client("alice").await;
+
+    for i in 0..5 {
+        let ok = alice
+            .publish_ok(
+                &format!("p{i}"),
+                "client:bob",
+                json!({"n": i, "text": "héllo"}),
+            )
+            .await;
+        assert_eq!(ok["recipients"], 1, "{ok}");
+        assert!(ok["id"].is_string(), "publish ok without an id: {ok}");
+        assert!(
+            ok.get("duplicate").is_none(),
+            "a first publish is no duplicate: {ok}"
+        );
+    }
+    let msgs = bob.recv_msgs(5).await;
+    let first = msgs[0]["seq"].as_u64().expect("seq");
+    assert_eq!(
+        seqs(&msgs),
+        (first..first + 5).collect::<Vec<_>>(),
+        "{msgs:?}"
+    );
+    let mut ids = HashSet::new();
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m["payload"], json!({"n": i, "text": "héllo"}), "{m}");
+        assert_eq!(m["from"], "alice", "{m}");
+        assert!(
+            m["ts"].as_u64().is_some_and(|t| t > 1_600_000_000_000),
+            "ts in ms: {m}"
+        );
+        assert!(
+            ids.insert(m["id"].as_str().expect("string id").to_string()),
+            "id reused: {m}"
+        );
+        assert!(!redelivered(m), "first send marked redelivered: {m}");
+        assert!(m.get("topic").is_none(), "direct message with a topic: {m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_message_is_never_sent_again_after_reconnect() {
+    // Catches acks that do not delete: an acked message coming back on the next connection.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 3, "{welcome}");
+    let msgs = bob.recv_msgs(3).await;
+    assert_eq!(seqs(&msgs), vec![1, 2, 3]);
+    // Ack the first and the third only, one by one.
+    bob.ack(1).await;
+    bob.ack(3).await;
+    assert!(bob.sync().await.is_empty());
+    bob.close().await;
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    let again = bob.recv_msg().await;
+    assert_eq!(again["seq"], 2, "{again}");
+    assert_eq!(again["payload"], 2, "{again}");
+    assert!(
+        redelivered(&again),
+        "a message sent on an earlier connection must say so: {again}"
+    );
+    bob.ack(2).await;
+    bob.expect_quiet(QUIET).await;
+    bob.close().await;
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 0, "{welcome}");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_max_inflight_unacked_messages_are_sent_until_an_ack_frees_a_slot() {
+    // Catches a broker that ignores the in-flight window and floods a client with unacked messages.
+    let broker = Broker::start(Opts::new().set("delivery", "max_inflight", 3));
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=6 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["max_inflight"], 3, "{welcome}");
+    assert_eq!(seqs(&bob.recv_msgs(3).await), vec![1, 2, 3]);
+    bob.expect_quiet(QUIET).await;
+
+    bob.ack(1).await;
+    assert_eq!(bob.recv_msg().await["seq"], 4);
+    bob.expect_quiet(QUIET).await;
+
+    bob.ack_upto(4).await;
+    assert_eq!(seqs(&bob.recv_msgs(2).await), vec![5, 6]);
+    bob.expect_quiet(QUIET).await;
+
+    // Live messages obey the same window.
+    alice.publish_ok("p7", "client:bob", json!(7)).await;
+    alice.publish_ok("p8", "client:bob", json!(8)).await;
+    assert_eq!(bob.recv_msg().await["seq"], 7);
+    bob.expect_quiet(QUIET).await;
+    bob.ack(5).await;
+    assert_eq!(bob.recv_msg().await["seq"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_message_is_resent_with_the_same_seq_after_ack_timeout() {
+    // Catches a lost message on a live but stuck client: no resend, or a resend under a new seq.
+    let broker = Broker::start(Opts::new().set("delivery", "ack_timeout_ms", 300));
+    let (mut bob, _) = broker.client("bob").await;
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!("x")).await;
+
+    let first = bob.recv_msg().await;
+    assert!(!redelivered(&first), "{first}");
+    let again = bob.recv_msg().await;
+    assert_eq!(
+        again["seq"], first["seq"],
+        "resend must keep the seq: {again}"
+    );
+    assert_eq!(again["id"], first["id"], "resend must keep the id: {again}");
+    assert_eq!(again["payload"], "x");
+    assert_eq!(again["redelivered"], true, "{again}");
+
+    bob.ack(common::seq(&first)).await;
+    assert!(bob.sync().await.iter().all(|m| m["seq"] == first["seq"]));
+    // Acked: no more resends, even after several timeouts.
+    bob.expect_quiet(Duration::from_millis(1000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_connection_takes_over_and_the_older_is_closed_with_4000() {
+    // Catches two live connections for one client (split delivery) or a takeover that loses messages.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    let (mut old, _) = broker.client("bob").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    let m1 = old.recv_msg().await;
+    assert_eq!(m1["seq"], 1);
+
+    let (mut new, welcome) = broker.client("bob").await;
+    old.expect_close(4000).await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    let again = new.recv_msg().await;
+    assert_eq!(again["seq"], 1);
+    assert!(redelivered(&again), "{again}");
+
+    alice.publish_ok("p2", "client:bob", json!(2)).await;
+    let m2 = new.recv_msg().await;
+    assert_eq!(m2["seq"], 2);
+    assert_eq!(m2["payload"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_payload_round_trips_as_payload_b64() {
+    // Catches binary payloads that get decoded, re-encoded differently or turned into JSON.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    let (mut bob, _) = broker.client("bob").await;
+    // Bytes 00 01 02 ff 10 (padded) and de ad be (a full group, no padding).
+    for (r, b64) in [("b1", "AAEC/xA="), ("b2", "3q2+")] {
+        let ok = alice
+            .request(json!({"type": "publish", "ref": r, "to": "client:bob", "payload_b64": b64}))
+            .await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        let m = bob.recv_msg().await;
+        assert_eq!(m["payload_b64"], b64, "{m}");
+        assert!(
+            m.get("payload").is_none(),
+            "binary message also has a JSON payload: {m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_bigger_than_the_write_queue_reaches_a_prompt_reader() {
+    // Catches a broker that pushes a whole in-flight window into a shorter write queue at once
+    // and then blames a client that reads promptly for being too slow (close 4029).
+    let broker = Broker::start(Opts::new().set("server", "write_queue_frames", 16));
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 0..64 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 64, "{welcome}");
+    for expected in 1..=64 {
+        let m = bob.recv_msg().await;
+        assert_eq!(m["seq"], expected, "{m}");
+        bob.ack(expected).await;
+    }
+    bob.expect_quiet(QUIET).await;
+}
