@@ -219,3 +219,48 @@ async fn backlog_bigger_than_the_write_queue_reaches_a_prompt_reader() {
     }
     bob.expect_quiet(QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_that_stops_reading_is_closed_with_4029_and_keeps_its_messages() {
+    // Catches a broker that buffers without bound for a peer that does not read, or that loses
+    // the messages of the peer it disconnects for being too slow.
+    let broker = Broker::start(
+        Opts::new()
+            .set("server", "write_queue_frames", 4)
+            .set("storage", "durability", "relaxed")
+            .set("heartbeat", "interval_ms", 100)
+            .set("heartbeat", "timeout_ms", 60000),
+    );
+    let (mut alice, _) = broker.client("alice").await;
+    // Far more than the kernel's socket buffers hold, so the broker's writer gets stuck.
+    let big = "x".repeat(60_000);
+    let n = 300u64;
+    for i in 0..n {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(big))
+            .await;
+    }
+    let (stuck, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], n, "{welcome}");
+    let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
+    // Bob reads nothing; the broker's pings pile up in the queue's reserve until it is full.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !broker.stderr().contains("code=4029") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a peer that reads nothing was never closed with 4029"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stuck);
+
+    let mut bob = common::Client::connect(&broker.url).await;
+    let welcome = bob.hello("bob", Some((&epoch, 0))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(welcome["pending"], n, "{welcome}");
+    for expected in 1..=n {
+        let m = bob.recv_msg().await;
+        assert_eq!(m["seq"], expected);
+        bob.ack(expected).await;
+    }
+}
