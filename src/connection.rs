@@ -34,7 +34,7 @@ use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
 };
-use crate::registry::SessionGen;
+use crate::registry::{Kick, SessionGen, Ticket};
 use crate::server::Shared;
 use crate::session::{Beat, Liveness, Window};
 use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
@@ -47,6 +47,7 @@ type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
 enum End {
     Shutdown,
     Replaced,
+    Purged,
     Dead,
     TooSlow,
     Protocol(String),
@@ -68,6 +69,10 @@ impl End {
             End::Replaced => (
                 close::REPLACED,
                 "replaced by a newer connection".to_string(),
+            ),
+            End::Purged => (
+                close::PURGED,
+                "outbox purged by an operator; reconnect".to_string(),
             ),
             End::Dead => (
                 close::HEARTBEAT_TIMEOUT,
@@ -408,7 +413,8 @@ async fn run(
             return;
         }
     };
-    let (gen, takeover, replaced) = shared.registry.attach(&client);
+    let (ticket, replaced) = shared.registry.attach(&client);
+    let gen = ticket.gen;
     let span = tracing::info_span!("session", client = %client, gen = gen.0);
     info!(parent: &span, %peer, resumed = outcome.resumed, reason = outcome.reason.unwrap_or(""),
           last_seq = outcome.last_seq, pending = outcome.pending, missed = outcome.missed,
@@ -444,7 +450,7 @@ async fn run(
     };
     let end = match conn.out.text(protocol::encode_welcome(&welcome)) {
         Ok(()) => {
-            conn.session(&mut stream, &takeover)
+            conn.session(&mut stream, &ticket)
                 .instrument(span.clone())
                 .await
         }
@@ -466,11 +472,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn session(
-        &mut self,
-        stream: &mut SplitStream<Ws>,
-        takeover: &tokio_util::sync::CancellationToken,
-    ) -> End {
+    async fn session(&mut self, stream: &mut SplitStream<Ws>, ticket: &Ticket) -> End {
         let mut durable = self.handle.watch_durable();
         let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
@@ -486,7 +488,10 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break End::Shutdown,
-                _ = takeover.cancelled() => break End::Replaced,
+                _ = ticket.token.cancelled() => break match ticket.why() {
+                    Kick::Replaced => End::Replaced,
+                    Kick::Purged => End::Purged,
+                },
                 Some(frame) = replies.next(), if !replies.is_empty() => {
                     if let Err(end) = self.out.text(frame) {
                         break end;

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod ids;
 pub mod protocol;
 pub mod registry;
+pub mod report;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -59,6 +59,8 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
     pub const REPLACED: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    /// An operator purged the client's outbox (extension of the v1 contract).
+    pub const PURGED: u16 = 4002;
     pub const NO_HELLO: u16 = 4008;
     pub const TOO_SLOW: u16 = 4029;
 }

@@ -44,6 +44,10 @@ use crate::config::{Config, Durability};
 use crate::ids::{ClientId, Topic};
 use crate::protocol::{Ack, Payload, Resume, Target};
 
+mod backup;
+mod inspect;
+pub use inspect::Inspector;
+
 /// How many commands the writer queue holds before senders wait.
 const QUEUE_DEPTH: usize = 8192;
 /// The most commands applied before one commit.
@@ -67,6 +71,11 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
     #[error("the store is shut down")]
     Closed,
+    #[error(
+        "the data directory {path} is in use by a running outboxd; inspect it through that broker \
+         (--admin URL), or stop the broker first"
+    )]
+    Locked { path: PathBuf },
 }
 
 /// What the store needs from the configuration.
@@ -204,13 +213,40 @@ enum Command {
         on: bool,
         reply: Reply<()>,
     },
+    Purge {
+        client: ClientId,
+        reply: Reply<Option<PurgeOutcome>>,
+    },
+    Backup {
+        to: PathBuf,
+        reply: Reply<BackupOutcome>,
+    },
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeOutcome {
+    /// Messages removed unacked; the client sees them in `missed`.
+    pub removed: u64,
+    /// The outbox's new epoch.
+    pub epoch: String,
+}
+
+/// What a backup wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupOutcome {
+    pub records: u64,
+    pub bytes: u64,
 }
 
 /// A cheap, cloneable handle to the store.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Command>,
+    db: sled::Db,
+    clients: sled::Tree,
     outbox: sled::Tree,
+    dir: PathBuf,
     latched: Arc<AtomicBool>,
 }
 
@@ -270,7 +306,6 @@ mod keys {
         k
     }
 
-    #[cfg(test)]
     pub fn seq_prefix(kind: u8, cid: u64) -> [u8; 9] {
         let mut k = [kind; 9];
         k[1..].copy_from_slice(&cid.to_be_bytes());
@@ -410,8 +445,14 @@ impl Store {
         // Our own handle on sled's log, for the fdatasync its flush does not do.
         let log = File::open(dir.join("db"))?;
         let latched = Arc::new(AtomicBool::new(false));
-        let state =
-            WriterState::load(db, clients, outbox.clone(), log, opts, Arc::clone(&latched))?;
+        let state = WriterState::load(
+            db.clone(),
+            clients.clone(),
+            outbox.clone(),
+            log,
+            opts,
+            Arc::clone(&latched),
+        )?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
             .name("outboxd-writer".into())
@@ -419,13 +460,39 @@ impl Store {
         Ok((
             Store {
                 tx,
+                db,
+                clients,
                 outbox,
+                dir,
                 latched,
             },
             Writer {
                 thread: Some(thread),
             },
         ))
+    }
+
+    /// Removes every stored message of `client` and gives its outbox a new epoch; the removed
+    /// messages count in `missed` at the client's next hello. Answers after the commit; None
+    /// when the client has no outbox.
+    pub async fn purge(&self, client: ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
+        self.call(|reply| Command::Purge { client, reply }).await
+    }
+
+    /// Writes a consistent copy of the store to the new directory `to`, between two writes:
+    /// a broker started on `to` serves what was stored at that moment.
+    pub async fn backup(&self, to: PathBuf) -> Result<BackupOutcome, StoreError> {
+        self.call(|reply| Command::Backup { to, reply }).await
+    }
+
+    /// A read-only view of the stored outboxes, as they are now.
+    pub fn inspector(&self) -> Inspector {
+        Inspector::over(
+            self.dir.clone(),
+            self.db.clone(),
+            self.clients.clone(),
+            self.outbox.clone(),
+        )
     }
 
     /// True after a failed write or fsync: the store refuses writes.
@@ -579,6 +646,10 @@ enum Pending {
     Hello(Reply<HelloOutcome>, Result<HelloOutcome, StoreError>),
     Publish(Reply<PublishOutcome>, Result<PublishOutcome, StoreError>),
     Subscribe(Reply<()>, Result<(), StoreError>),
+    Purge(
+        Reply<Option<PurgeOutcome>>,
+        Result<Option<PurgeOutcome>, StoreError>,
+    ),
 }
 
 impl Pending {
@@ -588,6 +659,7 @@ impl Pending {
             Pending::Hello(tx, r) => drop(tx.send(r)),
             Pending::Publish(tx, r) => drop(tx.send(r)),
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
+            Pending::Purge(tx, r) => drop(tx.send(r)),
         }
     }
 
@@ -601,6 +673,7 @@ impl Pending {
             Pending::Hello(tx, r) => drop(tx.send(r)),
             Pending::Publish(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Subscribe(tx, r) => drop(tx.send(latched(r, err))),
+            Pending::Purge(tx, r) => drop(tx.send(latched(r, err))),
         }
     }
 }
@@ -953,6 +1026,24 @@ impl WriterState {
                 }
                 self.pending.push(Pending::Subscribe(reply, r));
             }
+            Command::Purge { client, reply } => {
+                let r = self.purge(&client);
+                match &r {
+                    Ok(Some(o)) => warn!(client = %client, removed = o.removed, epoch = %o.epoch,
+                                         "outbox purged by an operator; the client will see the removed messages in `missed`"),
+                    Ok(None) => {}
+                    Err(e) => self.maybe_latch(e),
+                }
+                self.pending.push(Pending::Purge(reply, r));
+            }
+            Command::Backup { to, reply } => {
+                // Between two writes: the copy is one consistent moment.
+                let r = backup::copy_trees(&self.clients_tree, &self.outbox, &to);
+                if let Err(e) = &r {
+                    warn!(to = %to.display(), error = %e, "backup failed");
+                }
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -1211,6 +1302,40 @@ impl WriterState {
         batch.insert(&keys::meta(cid), meta);
         self.outbox.apply_batch(batch)?;
         Ok(())
+    }
+
+    fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
+        self.check_writable()?;
+        let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
+            return Ok(None);
+        };
+        let mut batch = sled::Batch::default();
+        let mut removed = 0u64;
+        for item in self.outbox.scan_prefix(keys::seq_prefix(keys::MSG, cid)) {
+            let (k, v) = item?;
+            let Some(seq) = keys::seq_of(&k) else {
+                continue;
+            };
+            let m: StoredMessage = decode(&k, &v)?;
+            if m.expires_at > 0 {
+                batch.remove(&keys::expiry(m.expires_at, cid, seq));
+            }
+            batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+            batch.remove(k);
+            removed += 1;
+        }
+        let Some(c) = self.state_mut(cid) else {
+            return Ok(None);
+        };
+        c.meta.epoch = new_epoch(cid);
+        c.meta.pending = 0;
+        c.meta.bytes = 0;
+        c.meta.acked = c.meta.next_seq.saturating_sub(1);
+        let epoch = c.meta.epoch.clone();
+        batch.insert(&keys::meta(cid), encode(&c.meta)?);
+        self.outbox.apply_batch(batch)?;
+        self.touched.push(cid);
+        Ok(Some(PurgeOutcome { removed, epoch }))
     }
 
     fn subscribe(&mut self, client: &ClientId, topic: &Topic, on: bool) -> Result<(), StoreError> {

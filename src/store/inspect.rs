@@ -1,0 +1,358 @@
+//! Read-only views of the stored outboxes, for the admin API and `outboxd inspect`.
+//!
+//! An [`Inspector`] reads the same trees the writer writes, and never writes. A running broker
+//! hands one out over its open db ([`super::Store::inspector`]). Offline, on a data directory no
+//! broker holds, [`Inspector::open_offline`] first proves the directory is free (sled's own
+//! lock, tested without taking it for writing), then opens a private copy: sled has no
+//! read-only mode and may rewrite files while it recovers, so opening the original could change
+//! it. The copy is removed when the inspector is dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use base64::Engine;
+use tracing::{debug, info};
+
+use super::{decode, keys, payload_len, remove_stale_snapshots, StoreError};
+use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
+use crate::report::{ClientView, MessageView, OutboxPage, StatsView, TopicView};
+
+/// A read-only view of one data directory.
+pub struct Inspector {
+    dir: PathBuf,
+    clients: sled::Tree,
+    outbox: sled::Tree,
+    /// Kept open for the trees' sake.
+    _db: sled::Db,
+    /// The private copy an offline inspector reads; removed on drop.
+    _copy: Option<tempfile::TempDir>,
+}
+
+impl Inspector {
+    pub(super) fn over(
+        dir: PathBuf,
+        db: sled::Db,
+        clients: sled::Tree,
+        outbox: sled::Tree,
+    ) -> Self {
+        Inspector {
+            dir,
+            clients,
+            outbox,
+            _db: db,
+            _copy: None,
+        }
+    }
+
+    /// Opens `data_dir` for reading while no broker runs on it. Never writes to `data_dir`.
+    ///
+    /// Errors: [`StoreError::Locked`] when a running broker holds it, [`StoreError::Open`] when
+    /// it is not an outboxd data directory.
+    pub fn open_offline(data_dir: &Path) -> Result<Inspector, StoreError> {
+        let db_file = data_dir.join("db");
+        if !db_file.is_file() {
+            return Err(StoreError::Open {
+                path: data_dir.to_path_buf(),
+                reason: "no outboxd store here (no `db` file); check --data or storage.data_dir"
+                    .into(),
+            });
+        }
+        if held_by_another_process(&db_file)? {
+            return Err(StoreError::Locked {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        let started = Instant::now();
+        let copy = tempfile::Builder::new()
+            .prefix("outboxd-inspect-")
+            .tempdir()?;
+        let bytes = copy_dir(data_dir, copy.path())?;
+        debug!(
+            bytes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "data dir copied for inspection"
+        );
+        remove_stale_snapshots(copy.path())?;
+        let db = sled::Config::new()
+            .path(copy.path())
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: data_dir.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let clients = db.open_tree("clients")?;
+        let outbox = db.open_tree("outbox")?;
+        info!(dir = %data_dir.display(), "data dir opened read-only (a private copy)");
+        Ok(Inspector {
+            dir: data_dir.to_path_buf(),
+            clients,
+            outbox,
+            _db: db,
+            _copy: Some(copy),
+        })
+    }
+
+    fn cid_of(&self, client: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .clients
+            .get(client.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    fn meta(&self, cid: u64) -> Result<Option<ClientMeta>, StoreError> {
+        let k = keys::meta(cid);
+        match self.outbox.get(k)? {
+            Some(v) => Ok(Some(decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn oldest(&self, cid: u64) -> Result<Option<StoredMessage>, StoreError> {
+        match self
+            .outbox
+            .scan_prefix(keys::seq_prefix(keys::MSG, cid))
+            .next()
+        {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Every subscription, as client number -> topics.
+    fn subscriptions(&self) -> Result<HashMap<u64, Vec<String>>, StoreError> {
+        let mut by_cid: HashMap<u64, Vec<String>> = HashMap::new();
+        for item in self.outbox.scan_prefix([keys::SUB]).keys() {
+            if let Some((topic, cid)) = keys::parse_sub(&item?) {
+                by_cid.entry(cid).or_default().push(topic);
+            }
+        }
+        Ok(by_cid)
+    }
+
+    fn view(
+        &self,
+        name: String,
+        cid: u64,
+        subs: &mut HashMap<u64, Vec<String>>,
+    ) -> Result<Option<ClientView>, StoreError> {
+        let Some(meta) = self.meta(cid)? else {
+            return Ok(None);
+        };
+        let oldest = self.oldest(cid)?;
+        Ok(Some(ClientView {
+            client_id: name,
+            epoch: meta.epoch,
+            pending: meta.pending,
+            bytes: meta.bytes,
+            next_seq: meta.next_seq,
+            acked: meta.acked,
+            oldest_unacked_ts: oldest.map(|m| m.ts),
+            last_seen: (meta.last_seen > 0).then_some(meta.last_seen),
+            connected: None,
+            subscriptions: subs.remove(&cid).unwrap_or_default(),
+        }))
+    }
+
+    /// Every client with an outbox, in name order.
+    pub fn clients(&self) -> Result<Vec<ClientView>, StoreError> {
+        let mut subs = self.subscriptions()?;
+        let mut out = Vec::new();
+        for item in self.clients.iter() {
+            let (k, v) = item?;
+            let (Ok(name), Ok(cid)) = (std::str::from_utf8(&k), <[u8; 8]>::try_from(v.as_ref()))
+            else {
+                continue;
+            };
+            if let Some(view) = self.view(name.to_owned(), u64::from_be_bytes(cid), &mut subs)? {
+                out.push(view);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One client, or None when it has no outbox.
+    pub fn client(&self, client: &str) -> Result<Option<ClientView>, StoreError> {
+        let Some(cid) = self.cid_of(client)? else {
+            return Ok(None);
+        };
+        let mut subs = self.subscriptions()?;
+        self.view(client.to_owned(), cid, &mut subs)
+    }
+
+    /// Up to `limit` stored messages of `client` with seq >= `from`, in seq order; None when the
+    /// client has no outbox.
+    pub fn outbox(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Option<OutboxPage>, StoreError> {
+        let Some(cid) = self.cid_of(client)? else {
+            return Ok(None);
+        };
+        let Some(meta) = self.meta(cid)? else {
+            return Ok(None);
+        };
+        let lo = keys::seq_key(keys::MSG, cid, from);
+        let hi = keys::seq_key(keys::MSG, cid, u64::MAX);
+        let mut messages = Vec::new();
+        let mut next_from = None;
+        for item in self.outbox.range(lo..=hi) {
+            let (k, v) = item?;
+            let Some(seq) = keys::seq_of(&k) else {
+                continue;
+            };
+            if messages.len() >= limit {
+                next_from = Some(seq);
+                break;
+            }
+            let m: StoredMessage = decode(&k, &v)?;
+            messages.push(message_view(seq, m));
+        }
+        Ok(Some(OutboxPage {
+            client_id: client.to_owned(),
+            epoch: meta.epoch,
+            messages,
+            next_from,
+        }))
+    }
+
+    /// Every topic with at least one subscriber, in name order.
+    pub fn topics(&self) -> Result<Vec<TopicView>, StoreError> {
+        let mut names: HashMap<u64, String> = HashMap::new();
+        for item in self.clients.iter() {
+            let (k, v) = item?;
+            if let (Ok(name), Ok(cid)) = (std::str::from_utf8(&k), <[u8; 8]>::try_from(v.as_ref()))
+            {
+                names.insert(u64::from_be_bytes(cid), name.to_owned());
+            }
+        }
+        let mut topics: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for item in self.outbox.scan_prefix([keys::SUB]).keys() {
+            if let Some((topic, cid)) = keys::parse_sub(&item?) {
+                let who = names
+                    .get(&cid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{cid}"));
+                topics.entry(topic).or_default().push(who);
+            }
+        }
+        Ok(topics
+            .into_iter()
+            .map(|(topic, mut subscribers)| {
+                subscribers.sort();
+                TopicView { topic, subscribers }
+            })
+            .collect())
+    }
+
+    /// Writes a copy of what this inspector sees to the new directory `to`.
+    pub fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
+        super::backup::copy_trees(&self.clients, &self.outbox, to)
+    }
+
+    /// Totals over the directory.
+    pub fn stats(&self) -> Result<StatsView, StoreError> {
+        let clients = self.clients()?;
+        let topics = self.topics()?;
+        let mut live_bytes = 0u64;
+        for tree in [&self.clients, &self.outbox] {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                live_bytes += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok(StatsView {
+            data_dir: self.dir.display().to_string(),
+            format_version: FORMAT_VERSION,
+            clients: clients.len() as u64,
+            topics: topics.len() as u64,
+            subscriptions: topics.iter().map(|t| t.subscribers.len() as u64).sum(),
+            pending_messages: clients.iter().map(|c| c.pending).sum(),
+            pending_bytes: clients.iter().map(|c| c.bytes).sum(),
+            max_pending_messages: clients.iter().map(|c| c.pending).max().unwrap_or(0),
+            max_pending_bytes: clients.iter().map(|c| c.bytes).max().unwrap_or(0),
+            oldest_message_ts: clients.iter().filter_map(|c| c.oldest_unacked_ts).min(),
+            live_bytes,
+            disk_bytes: dir_size(&self.dir)?,
+        })
+    }
+}
+
+fn message_view(seq: u64, m: StoredMessage) -> MessageView {
+    let size = payload_len(&m.payload);
+    let (payload, payload_b64) = match m.payload {
+        StoredPayload::Json(text) => match serde_json::from_str(&text) {
+            Ok(v) => (Some(v), None),
+            // Stored payloads were valid JSON when published; show the raw text otherwise.
+            Err(_) => (Some(serde_json::Value::String(text)), None),
+        },
+        StoredPayload::Binary(b) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(b)),
+        ),
+    };
+    MessageView {
+        seq,
+        id: format!("{:x}", m.id),
+        ts: m.ts,
+        from: m.from,
+        topic: m.topic,
+        payload,
+        payload_b64,
+        size,
+        expires_at: (m.expires_at > 0).then_some(m.expires_at),
+        deliveries: None,
+    }
+}
+
+/// True when another open file description holds sled's lock on `db_file`. Opens the file
+/// read-only and only probes the lock, so the directory is not changed.
+fn held_by_another_process(db_file: &Path) -> Result<bool, StoreError> {
+    let f = std::fs::File::open(db_file)?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.unlock()?;
+            Ok(false)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+/// Copies the files under `from` into `to`; returns the bytes copied.
+fn copy_dir(from: &Path, to: &Path) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            total += copy_dir(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            total += std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes the files under `dir` take.
+pub(crate) fn dir_size(dir: &Path) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            total += dir_size(&entry.path())?;
+        } else if kind.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
