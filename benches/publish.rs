@@ -111,17 +111,24 @@ async fn publish_all(url: &str, messages: usize) -> Result<Duration, String> {
                         window.add_permits(1);
                     }
                     Some(Ok(Message::Text(t))) if t.contains(r#""type":"error""#) => {
+                        window.close();
                         return Err(format!("publish refused: {t}"));
                     }
                     Some(Ok(_)) => {}
-                    other => return Err(format!("connection ended: {other:?}")),
+                    other => {
+                        window.close();
+                        return Err(format!("connection ended: {other:?}"));
+                    }
                 }
             }
             Ok(())
         })
     };
     for i in 0..messages {
-        window.acquire().await.map_err(|e| e.to_string())?.forget();
+        if window.acquire().await.map(|p| p.forget()).is_err() {
+            // The reader stopped: its error says why.
+            break;
+        }
         let frame = format!(
             r#"{{"type":"publish","ref":{i},"to":"client:bench-sink","payload":"{payload}"}}"#
         );

@@ -35,6 +35,20 @@ enum Command {
     /// connect; logs go to stderr (filter with RUST_LOG, e.g. RUST_LOG=outboxd=debug).
     /// SIGTERM or SIGINT: stop accepting, close clients with 1001, commit what is queued, exit 0.
     Serve(ServeArgs),
+    /// Show what is stored: clients, one outbox, topics, totals.
+    ///
+    /// Offline (--data DIR, or storage.data_dir from the config) it reads a private copy of a
+    /// data directory that no broker holds, and never changes it. Online (--admin URL) it asks
+    /// a running broker's admin API. Human tables by default; --json for scripts.
+    Inspect(crate::inspect::InspectArgs),
+    /// Write a consistent copy of the store to a new directory.
+    ///
+    /// Online (--admin URL) the running broker writes it between two writes (the path is on the
+    /// broker's machine); offline (--data DIR) it is copied from a directory no broker holds.
+    /// The copy is a data directory: start a broker on it, or use `outboxd restore`.
+    Backup(crate::inspect::BackupArgs),
+    /// Make a data directory from a backup (offline; the target must be new or empty).
+    Restore(crate::inspect::RestoreArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -53,15 +67,24 @@ struct ServeArgs {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    // The broker logs what it does; the tools only warn, their output is on stdout.
+    init_logging(if matches!(command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    });
+    match command {
         Command::Serve(args) => serve(args),
+        Command::Inspect(args) => crate::inspect::inspect(args),
+        Command::Backup(args) => crate::inspect::backup(args),
+        Command::Restore(args) => crate::inspect::restore(args),
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

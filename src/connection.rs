@@ -492,7 +492,9 @@ impl Conn {
                     Kick::Replaced => End::Replaced,
                     Kick::Purged => End::Purged,
                 },
-                Some(frame) = replies.next(), if !replies.is_empty() => {
+                // Replies wait for room in the write queue: a publisher that pipelines and
+                // reads its replies is never too slow, only one that stops reading.
+                Some(frame) = replies.next(), if !replies.is_empty() && self.out.tx.capacity() > 0 => {
                     if let Err(end) = self.out.text(frame) {
                         break end;
                     }
@@ -502,7 +504,7 @@ impl Conn {
                         break end;
                     }
                 }
-                _ = drained.notified(), if queue_bound => {}
+                _ = drained.notified(), if queue_bound || (!replies.is_empty() && self.out.tx.capacity() == 0) => {}
                 changed = durable.changed() => {
                     if changed.is_err() {
                         break End::Internal("store closed".into());

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod ids;
+pub mod inspect;
 pub mod protocol;
 pub mod registry;
 pub mod report;

@@ -264,3 +264,22 @@ async fn consumer_that_stops_reading_is_closed_with_4029_and_keeps_its_messages(
         bob.ack(expected).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_publisher_gets_every_ok_even_with_a_short_write_queue() {
+    // Catches replies pushed into the write queue faster than the writer drains it, which
+    // closed a publisher that reads its replies with 4029.
+    let broker = Broker::start(Opts::new().set("server", "write_queue_frames", 8));
+    let (mut alice, _) = broker.client("alice").await;
+    let n = 600;
+    for i in 0..n {
+        alice
+            .send(json!({"type": "publish", "ref": i, "to": "client:bob", "payload": i}))
+            .await;
+    }
+    for i in 0..n {
+        let ok = alice.recv().await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        assert_eq!(ok["ref"], i, "{ok}");
+    }
+}

@@ -1,0 +1,816 @@
+//! `outboxd inspect`, `outboxd backup` and `outboxd restore`: the operator's view of the store.
+//!
+//! Every view comes from one of two sources that answer with the same shapes
+//! ([`crate::report`]): a data directory read offline through [`crate::store::Inspector`]
+//! (which never writes to it), or a running broker's admin API. Printing is separate from
+//! fetching: human tables (payload previews cut to the terminal width) or `--json` (one JSON
+//! document; NDJSON for message dumps).
+
+use std::io::{IsTerminal as _, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::config::{Config, ConfigError};
+use crate::report::{ClientView, OutboxPage, StatsView, TopicView};
+use crate::store::{Inspector, StoreError};
+
+#[derive(Debug, Error)]
+pub enum ToolError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("admin API at {url}: {message}")]
+    Admin { url: String, message: String },
+    #[error("no client {0:?} has an outbox here")]
+    NoSuchClient(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl ToolError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            ToolError::Config(_) => ExitCode::from(2),
+            ToolError::NoSuchClient(_) => ExitCode::from(3),
+            _ => ExitCode::from(1),
+        }
+    }
+}
+
+/// Where the stored state is read from.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SourceArgs {
+    /// Config file [default: ./config.toml, used only if present].
+    #[arg(long, value_name = "PATH", global = true)]
+    config: Option<PathBuf>,
+    /// Read this data directory offline [default: storage.data_dir]. A broker must not be
+    /// running on it; use --admin for a running one.
+    #[arg(long, value_name = "DIR", global = true, conflicts_with = "admin")]
+    data: Option<PathBuf>,
+    /// Ask a running broker's admin API [URL default: http://<server.admin_listen>].
+    #[arg(long, value_name = "URL", global = true, num_args = 0..=1, default_missing_value = "")]
+    admin: Option<String>,
+    /// Bearer token for the admin API [default: admin.token from the config].
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        global = true,
+        env = "OUTBOXD_ADMIN__TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Print JSON (one document; one JSON object per line for `outbox`).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// Every client with an outbox: pending messages and bytes, positions, oldest unacked age.
+    Clients {
+        /// Order: most pending messages, most bytes, or oldest unacked message first.
+        #[arg(long, value_enum, default_value_t = SortBy::Pending)]
+        sort: SortBy,
+        /// Show at most N clients (0: all).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        limit: usize,
+    },
+    /// The stored (unacked) messages of one client, in seq order.
+    Outbox {
+        /// The client id.
+        client: String,
+        /// Start at this seq.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        from: u64,
+        /// Show at most N messages (0: all).
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+    },
+    /// Topics and their durable subscribers.
+    Topics,
+    /// Totals: clients, pending messages and bytes, disk use, oldest message, format version.
+    Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortBy {
+    Pending,
+    Bytes,
+    Age,
+}
+
+impl SortBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            SortBy::Pending => "pending",
+            SortBy::Bytes => "bytes",
+            SortBy::Age => "age",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The new directory to write (must not exist or be empty). With --admin it is a path on
+    /// the broker's machine.
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup directory (written by `outboxd backup`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// The data directory to create (must not exist or be empty); then start the broker with
+    /// `--data DIR` or storage.data_dir = DIR.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `outboxd inspect`.
+pub fn inspect(args: InspectArgs) -> ExitCode {
+    finish(run_inspect(args))
+}
+
+/// Runs `outboxd backup`.
+pub fn backup(args: BackupArgs) -> ExitCode {
+    finish(run_backup(args))
+}
+
+/// Runs `outboxd restore`.
+pub fn restore(args: RestoreArgs) -> ExitCode {
+    finish(run_restore(args))
+}
+
+fn finish(r: Result<(), ToolError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ToolError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outboxd: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Where the views come from.
+enum Source {
+    Offline(Inspector),
+    Online(Admin),
+}
+
+impl Source {
+    fn open(args: &SourceArgs) -> Result<Source, ToolError> {
+        let (path, required) = match &args.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from("config.toml"), false),
+        };
+        let cfg = Config::load(&path, required, std::env::vars())?;
+        if let Some(url) = &args.admin {
+            let base = if url.is_empty() {
+                format!("http://{}", cfg.server.admin_listen)
+            } else {
+                url.trim_end_matches('/').to_string()
+            };
+            let token = args.token.clone().or_else(|| admin_token(&cfg));
+            return Ok(Source::Online(Admin { base, token }));
+        }
+        let dir = args
+            .data
+            .clone()
+            .unwrap_or_else(|| cfg.storage.data_dir.clone());
+        Ok(Source::Offline(Inspector::open_offline(&dir)?))
+    }
+
+    fn clients(&self, sort: SortBy, limit: usize) -> Result<Vec<ClientView>, ToolError> {
+        let mut clients = match self {
+            Source::Offline(i) => i.clients()?,
+            Source::Online(a) => {
+                a.get(&format!("/v1/clients?sort={}&limit={limit}", sort.as_str()))?
+            }
+        };
+        sort_clients(&mut clients, sort);
+        if limit > 0 {
+            clients.truncate(limit);
+        }
+        Ok(clients)
+    }
+
+    fn outbox(&self, client: &str, from: u64, limit: usize) -> Result<OutboxPage, ToolError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        match self {
+            Source::Offline(i) => i
+                .outbox(client, from, limit)?
+                .ok_or_else(|| ToolError::NoSuchClient(client.to_string())),
+            Source::Online(a) => {
+                // Page through the API so a large dump does not need one huge response.
+                let mut page: Option<OutboxPage> = None;
+                let mut next = Some(from);
+                while let Some(from) = next {
+                    let have = page.as_ref().map_or(0, |p| p.messages.len());
+                    let want = (limit - have).min(1000);
+                    let path = format!(
+                        "/v1/clients/{}/outbox?from={from}&limit={want}",
+                        encode_path(client)
+                    );
+                    let got: OutboxPage = a.get_client(&path, client)?;
+                    next = got.next_from;
+                    match &mut page {
+                        None => page = Some(got),
+                        Some(p) => p.messages.extend(got.messages),
+                    }
+                    if page.as_ref().map_or(0, |p| p.messages.len()) >= limit {
+                        break;
+                    }
+                }
+                let mut page = page.ok_or_else(|| ToolError::NoSuchClient(client.to_string()))?;
+                page.next_from = next;
+                Ok(page)
+            }
+        }
+    }
+
+    fn topics(&self) -> Result<Vec<TopicView>, ToolError> {
+        match self {
+            Source::Offline(i) => Ok(i.topics()?),
+            Source::Online(a) => a.get("/v1/topics"),
+        }
+    }
+
+    fn stats(&self) -> Result<StatsView, ToolError> {
+        match self {
+            Source::Offline(i) => Ok(i.stats()?),
+            Source::Online(a) => a.get("/v1/stats"),
+        }
+    }
+}
+
+fn admin_token(_cfg: &Config) -> Option<String> {
+    None
+}
+
+/// Percent-encodes a path segment (client ids may hold characters a URL path does not).
+fn encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A running broker's admin API.
+struct Admin {
+    base: String,
+    token: Option<String>,
+}
+
+impl Admin {
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    fn fail(&self, message: impl Into<String>) -> ToolError {
+        ToolError::Admin {
+            url: self.base.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn call(
+        &self,
+        req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> Result<(u16, String), ToolError> {
+        let req = match &self.token {
+            Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+            None => req,
+        };
+        self.read(req.call())
+    }
+
+    fn read(
+        &self,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, String), ToolError> {
+        let mut resp = r.map_err(|e| {
+            self.fail(format!(
+                "{e} (is the broker running, and is its admin API on this address?)"
+            ))
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| self.fail(e.to_string()))?;
+        Ok((status, body))
+    }
+
+    fn decode<T: DeserializeOwned>(&self, status: u16, body: &str) -> Result<T, ToolError> {
+        if status == 401 || status == 403 {
+            return Err(self.fail(format!(
+                "refused ({status}): pass the admin token with --token or OUTBOXD_ADMIN__TOKEN"
+            )));
+        }
+        if !(200..300).contains(&status) {
+            return Err(self.fail(format!("HTTP {status}: {}", error_message(body))));
+        }
+        serde_json::from_str(body).map_err(|e| self.fail(format!("unexpected answer: {e}")))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ToolError> {
+        let (status, body) = self.call(Self::agent().get(&format!("{}{path}", self.base)))?;
+        self.decode(status, &body)
+    }
+
+    /// Like [`Admin::get`], with a 404 meaning the client has no outbox.
+    fn get_client<T: DeserializeOwned>(&self, path: &str, client: &str) -> Result<T, ToolError> {
+        let (status, body) = self.call(Self::agent().get(&format!("{}{path}", self.base)))?;
+        if status == 404 {
+            return Err(ToolError::NoSuchClient(client.to_string()));
+        }
+        self.decode(status, &body)
+    }
+
+    fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ToolError> {
+        let req = Self::agent().post(&format!("{}{path}", self.base));
+        let req = match &self.token {
+            Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+            None => req,
+        };
+        let (status, text) = self.read(req.send_json(body))?;
+        self.decode(status, &text)
+    }
+}
+
+/// The `message` of an API error body, or the body itself.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("error")?;
+            let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("error");
+            let msg = e.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            Some(format!("{code}: {msg}"))
+        })
+        .unwrap_or_else(|| body.trim().chars().take(300).collect())
+}
+
+fn sort_clients(clients: &mut [ClientView], sort: SortBy) {
+    match sort {
+        SortBy::Pending => clients.sort_by(|a, b| {
+            b.pending
+                .cmp(&a.pending)
+                .then_with(|| a.client_id.cmp(&b.client_id))
+        }),
+        SortBy::Bytes => clients.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then_with(|| a.client_id.cmp(&b.client_id))
+        }),
+        // Oldest first; clients with nothing stored last.
+        SortBy::Age => clients.sort_by(|a, b| {
+            a.oldest_unacked_ts
+                .unwrap_or(u64::MAX)
+                .cmp(&b.oldest_unacked_ts.unwrap_or(u64::MAX))
+                .then_with(|| a.client_id.cmp(&b.client_id))
+        }),
+    }
+}
+
+fn run_inspect(args: InspectArgs) -> Result<(), ToolError> {
+    let source = Source::open(&args.source)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let now = now_ms();
+    match args.what {
+        What::Clients { sort, limit } => {
+            let clients = source.clients(sort, limit)?;
+            if args.json {
+                writeln!(out, "{}", to_json(&clients))?;
+            } else {
+                print_clients(&mut out, &clients, now)?;
+            }
+        }
+        What::Outbox {
+            client,
+            from,
+            limit,
+        } => {
+            let page = source.outbox(&client, from, limit)?;
+            if args.json {
+                for m in &page.messages {
+                    writeln!(out, "{}", to_json(m))?;
+                }
+            } else {
+                print_outbox(&mut out, &page, now, width())?;
+            }
+        }
+        What::Topics => {
+            let topics = source.topics()?;
+            if args.json {
+                writeln!(out, "{}", to_json(&topics))?;
+            } else {
+                print_topics(&mut out, &topics)?;
+            }
+        }
+        What::Stats => {
+            let stats = source.stats()?;
+            if args.json {
+                writeln!(out, "{}", to_json(&stats))?;
+            } else {
+                print_stats(&mut out, &stats, now)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn run_backup(args: BackupArgs) -> Result<(), ToolError> {
+    let source = Source::open(&args.source)?;
+    let (records, bytes) = match &source {
+        Source::Offline(i) => {
+            let o = i.backup(&args.to)?;
+            (o.records, o.bytes)
+        }
+        Source::Online(a) => {
+            let to = args.to.to_string_lossy().into_owned();
+            let v: serde_json::Value = a.post("/v1/backup", &serde_json::json!({ "to": to }))?;
+            let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            (n("records"), n("bytes"))
+        }
+    };
+    report_copy(args.json, &args.to, records, bytes)
+}
+
+fn run_restore(args: RestoreArgs) -> Result<(), ToolError> {
+    let o = Inspector::open_offline(&args.from)?.backup(&args.data)?;
+    report_copy(args.json, &args.data, o.records, o.bytes)
+}
+
+fn report_copy(json: bool, to: &Path, records: u64, bytes: u64) -> Result<(), ToolError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = serde_json::json!({ "to": to.display().to_string(), "records": records, "bytes": bytes });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "wrote {records} records ({}) to {}",
+            human_bytes(bytes),
+            to.display()
+        )?;
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The width to cut lines at: the terminal's, or $COLUMNS, or no cut when piped.
+fn width() -> Option<usize> {
+    if let Some(c) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
+        return Some(c);
+    }
+    if std::io::stdout().is_terminal() {
+        return terminal_size::terminal_size().map(|(w, _)| usize::from(w.0));
+    }
+    None
+}
+
+/// "3d4h", "12m5s", "800ms": how long ago `then` (Unix ms) was.
+pub fn age(now: u64, then: u64) -> String {
+    let ms = now.saturating_sub(then);
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Cuts `s` to at most `max` characters, marking the cut with an ellipsis.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Prints rows as left-aligned columns; the last column is cut so lines fit `width`.
+fn table(
+    out: &mut impl Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+    width: Option<usize>,
+) -> std::io::Result<()> {
+    let n = header.len();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, cell) in r.iter().enumerate().take(n.saturating_sub(1)) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let lead: usize = widths.iter().take(n.saturating_sub(1)).map(|w| w + 2).sum();
+    let last_room = width.map(|w| w.saturating_sub(lead).max(8));
+    let line = |cells: &[String]| -> String {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == n {
+                match last_room {
+                    Some(room) => s.push_str(&cut(cell, room)),
+                    None => s.push_str(cell),
+                }
+            } else {
+                s.push_str(cell);
+                let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                s.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let head: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    writeln!(out, "{}", line(&head))?;
+    for r in rows {
+        writeln!(out, "{}", line(r))?;
+    }
+    Ok(())
+}
+
+fn print_clients(out: &mut impl Write, clients: &[ClientView], now: u64) -> std::io::Result<()> {
+    if clients.is_empty() {
+        return writeln!(out, "no clients");
+    }
+    let rows: Vec<Vec<String>> = clients
+        .iter()
+        .map(|c| {
+            vec![
+                c.client_id.clone(),
+                c.epoch.clone(),
+                c.pending.to_string(),
+                human_bytes(c.bytes),
+                c.next_seq.to_string(),
+                c.acked.to_string(),
+                c.oldest_unacked_ts.map_or("-".into(), |t| age(now, t)),
+                c.last_seen
+                    .map_or("never".into(), |t| format!("{} ago", age(now, t))),
+                match c.connected {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no".into(),
+                    None => "-".into(),
+                },
+                if c.subscriptions.is_empty() {
+                    "-".into()
+                } else {
+                    c.subscriptions.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "CLIENT",
+            "EPOCH",
+            "PENDING",
+            "BYTES",
+            "NEXT_SEQ",
+            "ACKED",
+            "OLDEST",
+            "LAST_SEEN",
+            "CONNECTED",
+            "TOPICS",
+        ],
+        &rows,
+        width(),
+    )
+}
+
+fn print_outbox(
+    out: &mut impl Write,
+    page: &OutboxPage,
+    now: u64,
+    width: Option<usize>,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "outbox of {} (epoch {}): {} message(s) shown",
+        page.client_id,
+        page.epoch,
+        page.messages.len()
+    )?;
+    if !page.messages.is_empty() {
+        let rows: Vec<Vec<String>> = page
+            .messages
+            .iter()
+            .map(|m| {
+                let preview = match (&m.payload, &m.payload_b64) {
+                    (Some(p), _) => p.to_string(),
+                    (None, Some(b)) => format!("b64:{b}"),
+                    (None, None) => String::new(),
+                };
+                vec![
+                    m.seq.to_string(),
+                    m.id.clone(),
+                    age(now, m.ts),
+                    m.from.clone().unwrap_or_else(|| "-".into()),
+                    m.topic.clone().unwrap_or_else(|| "-".into()),
+                    m.size.to_string(),
+                    m.deliveries.map_or("-".into(), |d| d.to_string()),
+                    preview,
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                "SEQ", "ID", "AGE", "FROM", "TOPIC", "SIZE", "SENT", "PAYLOAD",
+            ],
+            &rows,
+            width,
+        )?;
+    }
+    if let Some(next) = page.next_from {
+        writeln!(
+            out,
+            "more from seq {next} (use --from {next}, or --limit 0 for all)"
+        )?;
+    }
+    Ok(())
+}
+
+fn print_topics(out: &mut impl Write, topics: &[TopicView]) -> std::io::Result<()> {
+    if topics.is_empty() {
+        return writeln!(out, "no topics with subscribers");
+    }
+    let rows: Vec<Vec<String>> = topics
+        .iter()
+        .map(|t| {
+            vec![
+                t.topic.clone(),
+                t.subscribers.len().to_string(),
+                t.subscribers.join(","),
+            ]
+        })
+        .collect();
+    table(out, &["TOPIC", "COUNT", "SUBSCRIBERS"], &rows, width())
+}
+
+fn print_stats(out: &mut impl Write, s: &StatsView, now: u64) -> std::io::Result<()> {
+    let lines = [
+        ("data dir", s.data_dir.clone()),
+        ("format version", s.format_version.to_string()),
+        ("clients", s.clients.to_string()),
+        ("topics", s.topics.to_string()),
+        ("subscriptions", s.subscriptions.to_string()),
+        ("pending messages", s.pending_messages.to_string()),
+        ("pending bytes", human_bytes(s.pending_bytes)),
+        (
+            "max pending (one client)",
+            format!(
+                "{} messages, {}",
+                s.max_pending_messages,
+                human_bytes(s.max_pending_bytes)
+            ),
+        ),
+        (
+            "oldest message",
+            s.oldest_message_ts
+                .map_or("-".into(), |t| format!("{} ago", age(now, t))),
+        ),
+        ("live data", human_bytes(s.live_bytes)),
+        ("on disk", human_bytes(s.disk_bytes)),
+    ];
+    for (k, v) in lines {
+        writeln!(out, "{:<26}{v}", format!("{k}:"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: &str, pending: u64, bytes: u64, oldest: Option<u64>) -> ClientView {
+        ClientView {
+            client_id: id.into(),
+            epoch: "e".into(),
+            pending,
+            bytes,
+            next_seq: pending + 1,
+            acked: 0,
+            oldest_unacked_ts: oldest,
+            last_seen: None,
+            connected: None,
+            subscriptions: vec![],
+        }
+    }
+
+    #[test]
+    fn clients_sort_by_pending_bytes_and_age() {
+        let mut c = vec![
+            client("a", 1, 300, Some(30)),
+            client("b", 5, 100, Some(20)),
+            client("c", 3, 200, None),
+        ];
+        sort_clients(&mut c, SortBy::Pending);
+        assert_eq!(
+            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
+            ["b", "c", "a"]
+        );
+        sort_clients(&mut c, SortBy::Bytes);
+        assert_eq!(
+            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
+            ["a", "c", "b"]
+        );
+        sort_clients(&mut c, SortBy::Age);
+        assert_eq!(
+            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
+            ["b", "a", "c"]
+        );
+    }
+
+    #[test]
+    fn table_cuts_only_the_last_column_to_the_width() {
+        let mut out = Vec::new();
+        let rows = vec![vec!["1".to_string(), "x".repeat(100)]];
+        table(&mut out, &["SEQ", "PAYLOAD"], &rows, Some(20)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for line in text.lines() {
+            assert!(line.chars().count() <= 20, "{line:?}");
+        }
+        assert!(text.contains('…'));
+    }
+
+    #[test]
+    fn ages_and_sizes_read_like_a_human_wrote_them() {
+        assert_eq!(age(10_000, 9_500), "500ms");
+        assert_eq!(age(200_000, 0), "3m20s");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(encode_path("a b/c"), "a%20b%2Fc");
+    }
+}
