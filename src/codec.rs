@@ -1,16 +1,23 @@
-//! On-disk record encoding: one format-version byte, then the record in bincode.
+//! On-disk record encoding: one format-version byte, a CRC-32 of the body, then the record in
+//! bincode.
 //!
 //! This is the only module that knows bincode. Every value the store writes passes through
 //! [`encode`] and every value it reads through [`decode`], so a later format (another encoder,
 //! a new field) is a new version byte here and nothing else moves. Decoding never trusts the
-//! bytes: the version, a size limit and the exact length consumed are all checked, and a bad
-//! record is an error, never a panic or a silently different value.
+//! bytes: the version, the checksum, a size limit and the exact length consumed are all
+//! checked, and a bad record is an error, never a panic or a silently different value (a
+//! flipped bit can turn bincode into another valid record; the checksum catches it).
+//!
+//! Versions: 2 (written today) = `[2][crc32 of body, little-endian][body]`; 1 = `[1][body]`,
+//! still read.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
 
 /// The record format written today.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// The first format: no checksum. Read, never written.
+const FORMAT_V1: u8 = 1;
 /// Records larger than this are refused on decode (the largest payload is 64 KiB).
 const MAX_RECORD: usize = 1 << 20;
 
@@ -24,6 +31,8 @@ pub enum CodecError {
     Decode(#[from] bincode::error::DecodeError),
     #[error("record has {0} trailing bytes")]
     Trailing(usize),
+    #[error("record checksum mismatch: the stored bytes are damaged")]
+    Checksum,
     #[error("record does not encode: {0}")]
     Encode(#[from] bincode::error::EncodeError),
 }
@@ -32,19 +41,30 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_RECORD>()
 }
 
-/// Encodes `value` with the current version byte in front.
+/// Encodes `value` with the current version byte and the body's checksum in front.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![FORMAT_VERSION];
+    let mut out = vec![FORMAT_VERSION, 0, 0, 0, 0];
     bincode::serde::encode_into_std_write(value, &mut out, config())?;
+    let crc = crc32fast::hash(&out[5..]);
+    out[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
 }
 
 /// Decodes a record written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(CodecError::Version(version));
-    }
+    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    let body = match version {
+        FORMAT_VERSION => {
+            let (crc, body) = rest.split_at_checked(4).ok_or(CodecError::Checksum)?;
+            let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            if crc32fast::hash(body) != crc {
+                return Err(CodecError::Checksum);
+            }
+            body
+        }
+        FORMAT_V1 => rest,
+        other => return Err(CodecError::Version(other)),
+    };
     let (value, used) = bincode::serde::decode_from_slice(body, config())?;
     if used != body.len() {
         return Err(CodecError::Trailing(body.len() - used));
@@ -142,15 +162,13 @@ mod tests {
         }
 
         #[test]
-        fn flipped_bits_never_panic(m in message(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+        fn flipped_bits_are_always_detected(m in message(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
             let mut bytes = encode(&m).unwrap();
             let i = pos.index(bytes.len());
             bytes[i] ^= 1 << bit;
-            // Either an error or some record; never a panic, never the original by accident
-            // unless the flip landed in a byte that does not matter (impossible in bincode).
-            if let Ok(back) = decode::<StoredMessage>(&bytes) {
-                prop_assert_ne!(back, m);
-            }
+            // Always an error: the checksum catches every single-bit flip in the body, and a
+            // flipped version byte names no format this build reads.
+            prop_assert!(decode::<StoredMessage>(&bytes).is_err());
         }
 
         #[test]
@@ -175,10 +193,13 @@ mod tests {
         ));
         let mut bytes = encode(&entry).unwrap();
         bytes.push(0);
-        assert!(matches!(
-            decode::<DedupEntry>(&bytes),
-            Err(CodecError::Trailing(1))
-        ));
+        assert!(matches!(decode::<DedupEntry>(&bytes), Err(CodecError::Checksum)));
+        // Version 1 (no checksum) is still read, and its length is still checked.
+        let mut v1 = vec![FORMAT_V1];
+        v1.extend_from_slice(&encode(&entry).unwrap()[5..]);
+        assert_eq!(decode::<DedupEntry>(&v1).unwrap(), entry);
+        v1.push(0);
+        assert!(matches!(decode::<DedupEntry>(&v1), Err(CodecError::Trailing(1))));
         assert!(matches!(decode::<DedupEntry>(&[]), Err(CodecError::Empty)));
     }
 }

@@ -164,7 +164,7 @@ async fn offline_inspection_reports_what_was_published_and_acked_and_changes_not
     assert_eq!(stats["pending_messages"], 7, "{stats}");
     assert_eq!(stats["max_pending_messages"], 5, "{stats}");
     assert_eq!(stats["subscriptions"], 2, "{stats}");
-    assert_eq!(stats["format_version"], 1, "{stats}");
+    assert_eq!(stats["format_version"], 2, "{stats}");
     assert!(stats["disk_bytes"].as_u64().unwrap_or(0) > 0, "{stats}");
     assert!(stats["live_bytes"].as_u64().unwrap_or(0) > 0, "{stats}");
 
