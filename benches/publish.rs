@@ -37,6 +37,8 @@ fn run_once(durability: &str, messages: usize) -> Result<Run, String> {
         .arg(dir.path().join("data"))
         .current_dir(dir.path())
         .env("OUTBOXD_STORAGE__DURABILITY", durability)
+        // No admin API: its "outboxd admin:" line would come before the ready line read below.
+        .env("OUTBOXD_SERVER__ADMIN_LISTEN", "")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

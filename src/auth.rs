@@ -60,7 +60,10 @@ pub enum AuthError {
     #[error("the token is not valid: {0}")]
     Invalid(String),
     #[error("the token was issued for {token_sub:?}, not for {client_id:?}")]
-    WrongSubject { token_sub: String, client_id: String },
+    WrongSubject {
+        token_sub: String,
+        client_id: String,
+    },
     #[error("the token expired")]
     Expired,
     #[error("the token is not valid yet")]
@@ -191,7 +194,12 @@ impl Verifier {
         self.verify_at(token, client_id, now_ms())
     }
 
-    pub fn verify_at(&self, token: Option<&str>, client_id: &str, now_ms: u64) -> Result<Grants, AuthError> {
+    pub fn verify_at(
+        &self,
+        token: Option<&str>,
+        client_id: &str,
+        now_ms: u64,
+    ) -> Result<Grants, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
@@ -311,13 +319,19 @@ mod tests {
         let v = hs_verifier(0);
         assert_eq!(v.verify_at(None, "alice", NOW), Err(AuthError::Missing));
         let forged = mint_hs256("another-secret-another-secret-xx", &claims("alice")).unwrap();
-        assert!(matches!(v.verify_at(Some(&forged), "alice", NOW), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            v.verify_at(Some(&forged), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
         let bobs = mint_hs256(SECRET, &claims("bob")).unwrap();
         assert!(matches!(
             v.verify_at(Some(&bobs), "alice", NOW),
             Err(AuthError::WrongSubject { .. })
         ));
-        assert!(matches!(v.verify_at(Some("not.a.jwt"), "alice", NOW), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            v.verify_at(Some("not.a.jwt"), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -325,13 +339,19 @@ mod tests {
         let mut c = claims("alice");
         c.exp = NOW / 1000 - 1; // expired one second ago
         let t = mint_hs256(SECRET, &c).unwrap();
-        assert_eq!(hs_verifier(0).verify_at(Some(&t), "alice", NOW), Err(AuthError::Expired));
+        assert_eq!(
+            hs_verifier(0).verify_at(Some(&t), "alice", NOW),
+            Err(AuthError::Expired)
+        );
         assert!(hs_verifier(2000).verify_at(Some(&t), "alice", NOW).is_ok());
 
         let mut c = claims("alice");
         c.nbf = Some(NOW / 1000 + 1);
         let t = mint_hs256(SECRET, &c).unwrap();
-        assert_eq!(hs_verifier(0).verify_at(Some(&t), "alice", NOW), Err(AuthError::NotYetValid));
+        assert_eq!(
+            hs_verifier(0).verify_at(Some(&t), "alice", NOW),
+            Err(AuthError::NotYetValid)
+        );
         assert!(hs_verifier(2000).verify_at(Some(&t), "alice", NOW).is_ok());
     }
 
@@ -341,13 +361,26 @@ mod tests {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let body = serde_json::to_vec(&claims("alice")).unwrap();
-        let none = format!("{}.{}.", b64.encode(br#"{"alg":"none","typ":"JWT"}"#), b64.encode(&body));
-        assert!(matches!(hs_verifier(0).verify_at(Some(&none), "alice", NOW), Err(AuthError::Invalid(_))));
-        assert!(matches!(rs_verifier().verify_at(Some(&none), "alice", NOW), Err(AuthError::Invalid(_))));
+        let none = format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(&body)
+        );
+        assert!(matches!(
+            hs_verifier(0).verify_at(Some(&none), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            rs_verifier().verify_at(Some(&none), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
 
         // HS256 signed with the RSA public key's bytes as the secret: the classic confusion.
         let confused = mint_hs256(RSA_PUB, &claims("alice")).unwrap();
-        assert!(matches!(rs_verifier().verify_at(Some(&confused), "alice", NOW), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            rs_verifier().verify_at(Some(&confused), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
 
         // A genuine RS256 token is accepted by the RS verifier and refused by the HS one.
         let rs = jsonwebtoken::encode(
@@ -357,7 +390,10 @@ mod tests {
         )
         .unwrap();
         assert!(rs_verifier().verify_at(Some(&rs), "alice", NOW).is_ok());
-        assert!(matches!(hs_verifier(0).verify_at(Some(&rs), "alice", NOW), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            hs_verifier(0).verify_at(Some(&rs), "alice", NOW),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -410,6 +446,8 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(e, AuthConfigError::ShortSecret(5)));
-        assert!(Verifier::from_config(&AuthConfig::default()).unwrap().is_none());
+        assert!(Verifier::from_config(&AuthConfig::default())
+            .unwrap()
+            .is_none());
     }
 }

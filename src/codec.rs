@@ -193,13 +193,19 @@ mod tests {
         ));
         let mut bytes = encode(&entry).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<DedupEntry>(&bytes), Err(CodecError::Checksum)));
+        assert!(matches!(
+            decode::<DedupEntry>(&bytes),
+            Err(CodecError::Checksum)
+        ));
         // Version 1 (no checksum) is still read, and its length is still checked.
         let mut v1 = vec![FORMAT_V1];
         v1.extend_from_slice(&encode(&entry).unwrap()[5..]);
         assert_eq!(decode::<DedupEntry>(&v1).unwrap(), entry);
         v1.push(0);
-        assert!(matches!(decode::<DedupEntry>(&v1), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<DedupEntry>(&v1),
+            Err(CodecError::Trailing(1))
+        ));
         assert!(matches!(decode::<DedupEntry>(&[]), Err(CodecError::Empty)));
     }
 }

@@ -43,6 +43,32 @@ pub struct Config {
     pub heartbeat: Heartbeat,
     pub delivery: Delivery,
     pub limits: Limits,
+    pub admin: Admin,
+}
+
+/// The admin HTTP API's settings (its address is `server.admin_listen`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// Bearer token every admin endpoint but `/healthz` requires; empty = no authentication,
+    /// which is only allowed while `server.admin_listen` is a loopback address.
+    pub token: String,
+}
+
+// By hand, so the token never reaches a log line.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "<empty>"
+                } else {
+                    "<set>"
+                },
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,7 +188,8 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with("OUTBOXD_") && k["OUTBOXD_".len()..].contains("__"))
             .collect();
-        let cfg: Config = config::Config::builder()
+        let token = overrides.get("OUTBOXD_ADMIN__TOKEN").cloned();
+        let mut cfg: Config = config::Config::builder()
             .add_source(config::File::from(path).required(required))
             .add_source(
                 config::Environment::with_prefix("OUTBOXD")
@@ -173,6 +200,10 @@ impl Config {
             )
             .build()?
             .try_deserialize()?;
+        // Taken verbatim: `try_parsing` would turn a token like "0123" into the number 123.
+        if let Some(token) = token {
+            cfg.admin.token = token;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -186,10 +217,18 @@ impl Config {
             }
         }
         self.listen_addr()?;
-        self.server
-            .admin_listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("server.admin_listen", format!("{e} (expected HOST:PORT)")))?;
+        if let Some(admin) = self.admin_addr()? {
+            if !admin.ip().is_loopback() && self.admin.token.is_empty() {
+                return Err(invalid(
+                    "admin.token",
+                    format!(
+                        "must be set when server.admin_listen ({admin}) is not a loopback address: \
+                         set admin.token (env OUTBOXD_ADMIN__TOKEN), or listen on 127.0.0.1, \
+                         or set server.admin_listen = \"\" to turn the admin API off"
+                    ),
+                ));
+            }
+        }
         let s = &self.server;
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
@@ -268,6 +307,18 @@ impl Config {
             })
     }
 
+    /// The admin API's address; `None` when `server.admin_listen` is empty (API off).
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let s = self.server.admin_listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|e| ConfigError::Invalid {
+            key: "server.admin_listen",
+            reason: format!("{e} (expected HOST:PORT, or \"\" to turn the admin API off)"),
+        })
+    }
+
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.server.hello_timeout_ms)
     }
@@ -334,6 +385,51 @@ mod tests {
         assert!(e.to_string().contains("max_connections"), "{e}");
         let e = load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn admin_api_beyond_loopback_needs_a_token() {
+        let e = load("[server]\nadmin_listen = \"0.0.0.0:9090\"\n", &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("admin.token") && msg.contains("server.admin_listen"),
+            "{msg}"
+        );
+        let c = load(
+            "[server]\nadmin_listen = \"0.0.0.0:9090\"\n",
+            &[("OUTBOXD_ADMIN__TOKEN", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.admin.token, "s3cret");
+        // A token that looks like a number stays the string it was.
+        let c = load("", &[("OUTBOXD_ADMIN__TOKEN", "0123")]).unwrap();
+        assert_eq!(c.admin.token, "0123");
+        let c = load("[server]\nadmin_listen = \"[::1]:0\"\n", &[]).unwrap();
+        assert!(c.admin_addr().unwrap().unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn empty_admin_listen_turns_the_admin_api_off() {
+        let c = load("[server]\nadmin_listen = \"\"\n", &[]).unwrap();
+        assert_eq!(c.admin_addr().unwrap(), None);
+        let e = load("[server]\nadmin_listen = \"nowhere\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.admin_listen"), "{e}");
+    }
+
+    #[test]
+    fn the_token_is_not_in_debug_output() {
+        let c = load("", &[("OUTBOXD_ADMIN__TOKEN", "s3cret")]).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_shipped_config_toml_loads_and_holds_the_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"));
+        let c = Config::load(path, true, Vec::new()).unwrap();
+        let d = Config::default();
+        assert_eq!(c.server.admin_listen, d.server.admin_listen);
+        assert_eq!(c.admin.token, d.admin.token);
+        assert_eq!(c.server.listen, d.server.listen);
     }
 
     #[test]

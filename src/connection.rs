@@ -30,6 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::ids::ClientId;
+use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
@@ -37,7 +38,7 @@ use crate::protocol::{
 use crate::registry::{Kick, SessionGen, Ticket};
 use crate::server::Shared;
 use crate::session::{Beat, Liveness, Window};
-use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
+use crate::store::{to_wire, OutboxHandle, PublishOutcome, PublishRequest, StoreError};
 
 type Ws = WebSocketStream<TcpStream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
@@ -60,6 +61,23 @@ enum End {
 }
 
 impl End {
+    /// The `reason` label this end is counted under.
+    fn reason(&self) -> CloseReason {
+        match self {
+            End::Shutdown => CloseReason::Shutdown,
+            End::Replaced => CloseReason::Replaced,
+            End::Purged => CloseReason::Purged,
+            End::Dead => CloseReason::HeartbeatTimeout,
+            End::TooSlow => CloseReason::TooSlow,
+            End::Protocol(_) => CloseReason::ProtocolError,
+            End::TooBig => CloseReason::TooBig,
+            End::Policy(_) => CloseReason::Policy,
+            End::NoHello => CloseReason::NoHello,
+            End::Internal(_) => CloseReason::Internal,
+            End::Gone => CloseReason::PeerClosed,
+        }
+    }
+
     fn close(&self, cfg: &crate::config::Config) -> Option<(u16, String)> {
         let frame = match self {
             End::Shutdown => (
@@ -111,6 +129,28 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
     }
 }
 
+/// Counts a connection as open while it lives, and as closed (by `reason`) when it is dropped,
+/// so every accepted connection is counted closed exactly once, whatever path it leaves by.
+struct Counted {
+    metrics: Arc<Metrics>,
+    reason: CloseReason,
+}
+
+impl Counted {
+    fn new(metrics: Arc<Metrics>, reason: CloseReason) -> Self {
+        metrics.connections_total.inc();
+        metrics.connections.inc();
+        Counted { metrics, reason }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+        self.metrics.closed(self.reason);
+    }
+}
+
 fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
     let mut r = ErrorResponse::new(Some(format!("{body}\n")));
     *r.status_mut() = status;
@@ -132,6 +172,14 @@ pub async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let has_permit = permit.is_some();
+    let mut counted = Counted::new(
+        Arc::clone(&shared.metrics),
+        if has_permit {
+            CloseReason::Handshake
+        } else {
+            CloseReason::OverLimit
+        },
+    );
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/ws" {
             return Err(refuse(
@@ -206,7 +254,7 @@ pub async fn serve(
         reserve: (queue / 4).clamp(1, 64),
         drained,
     };
-    run(stream, out, deadline, peer, &shared, permit).await;
+    counted.reason = run(stream, out, deadline, peer, &shared, permit).await;
     // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
     if tokio::time::timeout(Duration::from_secs(5), writer)
         .await
@@ -343,8 +391,9 @@ async fn run(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     _permit: Option<OwnedSemaphorePermit>,
-) {
+) -> CloseReason {
     let cfg = &shared.cfg;
+    let metrics = &shared.metrics;
     let max_payload = usize::try_from(cfg.limits.max_payload_bytes).unwrap_or(usize::MAX);
     // Hello: the first frame, before the deadline.
     let first = tokio::select! {
@@ -356,6 +405,7 @@ async fn run(
             Ok(Some(Err(_))) => Err(End::Gone),
             Ok(Some(Ok(Message::Text(t)))) => Ok(t),
             Ok(Some(Ok(Message::Binary(_)))) => {
+                metrics.refused(ErrorCode::BadFrame);
                 let _ = out.text(encode_error(None, ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames"));
                 Err(End::Protocol("the first frame must be a JSON hello".into()))
             }
@@ -368,6 +418,7 @@ async fn run(
                 client_id, resume, ..
             }) => Ok((client_id, resume)),
             Ok(_) => {
+                metrics.refused(ErrorCode::BadFrame);
                 let _ = out.text(encode_error(
                     None,
                     ErrorCode::BadFrame,
@@ -376,11 +427,13 @@ async fn run(
                 Err(End::Protocol("the first frame must be hello".into()))
             }
             Err(e) if e.code == ErrorCode::BadClientId => {
+                metrics.refused(e.code);
                 let _ = out.text(encode_error(e.reference.as_deref(), e.code, &e.message));
                 Err(End::Policy(e.message))
             }
             Err(e) => {
                 let message = format!("the first frame must be a valid hello: {}", e.message);
+                metrics.refused(ErrorCode::BadFrame);
                 let _ = out.text(encode_error(
                     e.reference.as_deref(),
                     ErrorCode::BadFrame,
@@ -397,23 +450,27 @@ async fn run(
             if let Some((code, reason)) = end.close(cfg) {
                 out.close(code, &reason);
             }
-            return;
+            return end.reason();
         }
     };
     let outcome = match shared.store.hello(client.clone(), resume).await {
         Ok(o) => o,
         Err(e) => {
             warn!(%peer, client = %client, error = %e, "hello refused: store failure");
+            metrics.refused(ErrorCode::Internal);
             let _ = out.text(encode_error(
                 None,
                 ErrorCode::Internal,
                 &format!("the broker cannot open this outbox: {e}"),
             ));
             out.close(close::INTERNAL, "store failure");
-            return;
+            return CloseReason::Internal;
         }
     };
     let (ticket, replaced) = shared.registry.attach(&client);
+    if replaced {
+        metrics.takeovers.inc();
+    }
     let gen = ticket.gen;
     let span = tracing::info_span!("session", client = %client, gen = gen.0);
     info!(parent: &span, %peer, resumed = outcome.resumed, reason = outcome.reason.unwrap_or(""),
@@ -457,7 +514,9 @@ async fn run(
         Err(e) => e,
     };
     shared.registry.detach(&client, gen);
+    let reason = end.reason();
     conn.finish(end, gen, &span);
+    reason
 }
 
 struct Conn {
@@ -605,6 +664,11 @@ impl Conn {
         });
         self.out.text(frame)?;
         self.handle.mark_sent(seq);
+        let m = &self.shared.metrics;
+        m.delivered.inc();
+        if redelivered {
+            m.redelivered.inc();
+        }
         Ok(())
     }
 
@@ -637,6 +701,7 @@ impl Conn {
         message: &str,
     ) -> Result<(), End> {
         self.bad_frames += 1;
+        self.shared.metrics.refused(code);
         debug!(code = code.as_str(), message, "bad frame");
         self.out.text(encode_error(reference, code, message))?;
         if self.bad_frames >= self.shared.cfg.server.max_bad_frames {
@@ -716,11 +781,15 @@ impl Conn {
         replies: &mut FuturesOrdered<Reply>,
     ) {
         let store = self.shared.store.clone();
+        let metrics = Arc::clone(&self.shared.metrics);
         let client = self.client.clone();
         replies.push_back(Box::pin(async move {
             match store.subscribe(client, topic, on).await {
                 Ok(()) => protocol::encode_ok(reference.as_deref()),
-                Err(e) => store_error_frame(reference.as_deref(), &e),
+                Err(e) => {
+                    metrics.refused(ErrorCode::Internal);
+                    store_error_frame(reference.as_deref(), &e)
+                }
             }
         }));
     }
@@ -751,55 +820,128 @@ impl Conn {
         let rx = match self.shared.store.submit_publish(req).await {
             Ok(rx) => rx,
             Err(e) => {
+                self.shared.metrics.refused(ErrorCode::Internal);
                 return self.out.text(store_error_frame(reference.as_deref(), &e));
             }
         };
+        let metrics = Arc::clone(&self.shared.metrics);
         replies.push_back(Box::pin(async move {
-            let r = match rx.await {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Closed),
-            };
-            match r {
-                Ok(o) if direct.is_some() && !o.full.is_empty() => encode_error(
-                    reference.as_deref(),
-                    ErrorCode::OutboxFull,
-                    &format!(
-                        "the outbox of {} is full; nothing was written",
-                        direct.as_ref().map(|c| c.as_str()).unwrap_or("")
-                    ),
-                ),
-                Ok(o) => {
-                    let refused: Vec<protocol::Refused> = o
-                        .full
-                        .iter()
-                        .map(|c| protocol::Refused {
-                            client_id: c.as_str().to_owned(),
-                            code: ErrorCode::OutboxFull.as_str(),
-                        })
-                        .collect();
-                    protocol::encode_publish_ok(
-                        reference.as_deref(),
-                        &o.id,
-                        o.recipients,
-                        o.duplicate,
-                        &refused,
-                    )
+            let r = rx.await.unwrap_or(Err(StoreError::Closed));
+            match publish_answer(direct.as_ref(), r, &metrics) {
+                Ok(ok) => ok.encode(reference.as_deref()),
+                Err(refusal) => {
+                    encode_error(reference.as_deref(), refusal.code(), &refusal.message())
                 }
-                Err(e) => store_error_frame(reference.as_deref(), &e),
             }
         }));
         Ok(())
     }
 }
 
-fn store_error_frame(reference: Option<&serde_json::value::RawValue>, e: &StoreError) -> String {
-    let message = match e {
+/// A publish confirmed durable: the parts of its `ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PublishOk {
+    pub id: String,
+    pub recipients: u64,
+    pub duplicate: bool,
+    pub refused: Vec<protocol::Refused>,
+}
+
+impl PublishOk {
+    /// The `ok` frame (also the admin API's answer, without `ref`).
+    pub fn encode(&self, reference: Option<&serde_json::value::RawValue>) -> String {
+        protocol::encode_publish_ok(
+            reference,
+            &self.id,
+            self.recipients,
+            self.duplicate,
+            &self.refused,
+        )
+    }
+}
+
+/// Why a publish was not confirmed.
+#[derive(Debug)]
+pub(crate) enum PublishRefusal {
+    /// A direct publish to a full outbox: nothing was written.
+    OutboxFull(ClientId),
+    /// The store failed or refuses writes: nothing was written.
+    Store(StoreError),
+}
+
+impl PublishRefusal {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PublishRefusal::OutboxFull(_) => ErrorCode::OutboxFull,
+            PublishRefusal::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            PublishRefusal::OutboxFull(c) => {
+                format!("the outbox of {c} is full; nothing was written")
+            }
+            PublishRefusal::Store(e) => store_error_message(e),
+        }
+    }
+}
+
+/// Turns the store's answer to a publish into what the publisher is told, the same over the
+/// WebSocket and the admin API: a direct publish that found its outbox full is refused
+/// (`outbox_full`); a topic publish is confirmed and lists the subscribers it skipped. Counts
+/// refusals in `metrics`. `direct` is the recipient of a direct publish, None for a topic.
+pub(crate) fn publish_answer(
+    direct: Option<&ClientId>,
+    r: Result<PublishOutcome, StoreError>,
+    metrics: &Metrics,
+) -> Result<PublishOk, PublishRefusal> {
+    match r {
+        Ok(o) => match direct {
+            Some(c) if !o.full.is_empty() => {
+                metrics.refused(ErrorCode::OutboxFull);
+                Err(PublishRefusal::OutboxFull(c.clone()))
+            }
+            _ => {
+                let refused: Vec<protocol::Refused> = o
+                    .full
+                    .iter()
+                    .map(|c| protocol::Refused {
+                        client_id: c.as_str().to_owned(),
+                        code: ErrorCode::OutboxFull.as_str(),
+                    })
+                    .collect();
+                metrics.refused_n(
+                    ErrorCode::OutboxFull,
+                    u64::try_from(refused.len()).unwrap_or(u64::MAX),
+                );
+                Ok(PublishOk {
+                    id: o.id,
+                    recipients: o.recipients,
+                    duplicate: o.duplicate,
+                    refused,
+                })
+            }
+        },
+        Err(e) => {
+            metrics.refused(ErrorCode::Internal);
+            Err(PublishRefusal::Store(e))
+        }
+    }
+}
+
+/// What a publisher is told about a store failure.
+pub(crate) fn store_error_message(e: &StoreError) -> String {
+    match e {
         StoreError::Latched(_) => {
             "the broker's store refuses writes after a disk failure; nothing was written"
                 .to_string()
         }
         StoreError::Closed => "the broker is shutting down; nothing was written".to_string(),
         other => format!("store failure: {other}"),
-    };
-    encode_error(reference, ErrorCode::Internal, &message)
+    }
+}
+
+fn store_error_frame(reference: Option<&serde_json::value::RawValue>, e: &StoreError) -> String {
+    encode_error(reference, ErrorCode::Internal, &store_error_message(e))
 }

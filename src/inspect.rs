@@ -270,8 +270,9 @@ impl Source {
     }
 }
 
-fn admin_token(_cfg: &Config) -> Option<String> {
-    None
+fn admin_token(cfg: &Config) -> Option<String> {
+    let t = cfg.admin.token.trim();
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 /// Percent-encodes a path segment (client ids may hold characters a URL path does not).

@@ -5,6 +5,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod codec;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod connection;
 pub mod ids;
 pub mod inspect;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod report;

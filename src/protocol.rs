@@ -680,4 +680,90 @@ mod tests {
             serde_json::json!({"type":"error","code":"outbox_full","message":"full"})
         );
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON built from the protocol's own field names and every kind of value, so the
+        /// generator reaches deep into the decoder rather than failing at the first key.
+        fn frame_like() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                prop_oneof![
+                    Just("hello"),
+                    Just("publish"),
+                    Just("ack"),
+                    Just("subscribe"),
+                    Just("unsubscribe"),
+                    Just("ping"),
+                    Just("pong"),
+                    Just("client:bob"),
+                    Just("topic:news"),
+                    Just("topic:"),
+                    Just("client:"),
+                    Just("AAEC"),
+                    Just("=="),
+                ]
+                .prop_map(|s| Value::String(s.to_string())),
+                ".{0,40}".prop_map(Value::String),
+            ];
+            let keys = prop_oneof![
+                Just("type"),
+                Just("ref"),
+                Just("to"),
+                Just("payload"),
+                Just("payload_b64"),
+                Just("key"),
+                Just("ttl_ms"),
+                Just("seq"),
+                Just("upto"),
+                Just("client_id"),
+                Just("resume"),
+                Just("epoch"),
+                Just("last_seq"),
+                Just("topic"),
+                Just("token"),
+            ];
+            leaf.prop_recursive(4, 48, 8, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(keys.clone(), inner, 0..8).prop_map(|m| {
+                        Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                    }),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_text_is_a_frame_or_a_clear_error(s in "\\PC{0,200}") {
+                if let Err(e) = parse_client_frame(&s, 64) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn any_frame_shaped_json_is_a_frame_or_a_clear_error(v in frame_like()) {
+                if let Err(e) = parse_client_frame(&v.to_string(), 64) {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn truncated_valid_frames_are_errors(cut in 0usize..60) {
+                let full = r#"{"type":"publish","ref":7,"to":"client:bob","payload":{"a":[1,2]}}"#;
+                let cut = cut.min(full.len() - 1);
+                prop_assert!(parse_client_frame(&full[..cut], 1024).is_err());
+            }
+        }
+    }
 }

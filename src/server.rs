@@ -1,9 +1,14 @@
-//! The listener: accepts TCP connections, enforces the connection limit, and runs shutdown.
+//! The listener: accepts TCP connections, enforces the connection limit, starts the admin API
+//! ([`crate::admin`]), and runs shutdown.
 //!
 //! One [`CancellationToken`] is the shutdown signal for every task; one [`TaskTracker`] knows
-//! every task, so shutdown can wait until the last connection has closed (with 1001) and only
-//! then let the store's writer make its final commit.
+//! every task (the admin API's too), so shutdown can wait until the last connection has closed
+//! (with 1001) and only then let the store's writer make its final commit.
+//!
+//! On stdout the broker prints `outboxd admin: http://ADDR` (when the admin API is on) and then
+//! `outboxd ready: ws://ADDR/ws`: both lines are part of the operator contract.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -30,6 +36,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminStartError),
     #[error("internal task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -41,6 +49,7 @@ pub struct Shared {
     pub registry: Registry,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Test hooks that are not configuration.
@@ -59,8 +68,11 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     let addr = cfg.listen_addr()?;
+    let admin_addr = cfg.admin_addr()?;
+    let metrics = Arc::new(Metrics::default());
     let mut opts = StoreOptions::from_config(&cfg);
     opts.fail_fsync_after = faults.fail_fsync_after;
+    opts.metrics = Arc::clone(&metrics);
     let (store, writer) = tokio::task::spawn_blocking(move || Store::open(opts)).await??;
     let listener = TcpListener::bind(addr)
         .await
@@ -68,6 +80,10 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
+    let admin = match admin_addr {
+        Some(a) => Some(crate::admin::bind(a).await?),
+        None => None,
+    };
     let limit = Arc::new(Semaphore::new(
         usize::try_from(cfg.server.max_connections).unwrap_or(usize::MAX),
     ));
@@ -79,7 +95,20 @@ pub async fn serve(
         registry: Registry::default(),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
+        metrics,
     });
+    match admin {
+        Some((admin, bound)) => {
+            crate::admin::spawn(admin, &shared);
+            info!(admin = %bound, auth = !shared.cfg.admin.token.is_empty(), "admin API serving");
+            // Part of the contract, like the ready line, and printed before it: a supervisor
+            // (or the test harness) that waits for the ready line has both.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "outboxd admin: http://{bound}");
+            let _ = out.flush();
+        }
+        None => info!("admin API off (server.admin_listen is empty)"),
+    }
     ready(local);
 
     let mut backoff = Duration::from_millis(5);

@@ -42,6 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage, StoredPayload};
 use crate::config::{Config, Durability};
 use crate::ids::{ClientId, Topic};
+use crate::metrics::Metrics;
 use crate::protocol::{Ack, Payload, Resume, Target};
 
 mod backup;
@@ -91,6 +92,8 @@ pub struct StoreOptions {
     pub dedup_window_ms: u64,
     /// Test hook: the commit after this many successful ones fails its fsync.
     pub fail_fsync_after: Option<u64>,
+    /// Where the writer counts commits, acks and errors (shared with the rest of the broker).
+    pub metrics: Arc<Metrics>,
 }
 
 impl StoreOptions {
@@ -105,6 +108,7 @@ impl StoreOptions {
             message_ttl_ms: cfg.limits.message_ttl_ms,
             dedup_window_ms: cfg.limits.dedup_window_ms,
             fail_fsync_after: None,
+            metrics: Arc::new(Metrics::default()),
         }
     }
 }
@@ -237,6 +241,16 @@ pub struct PurgeOutcome {
 pub struct BackupOutcome {
     pub records: u64,
     pub bytes: u64,
+}
+
+/// Totals over every outbox, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxTotals {
+    pub outboxes: u64,
+    pub pending_messages: u64,
+    pub pending_bytes: u64,
+    pub max_pending_messages: u64,
+    pub max_pending_bytes: u64,
 }
 
 /// A cheap, cloneable handle to the store.
@@ -495,6 +509,24 @@ impl Store {
         )
     }
 
+    /// Pending messages and bytes over every outbox, from the client records alone (one scan
+    /// of a record per client, no message is read). Blocking: call it off the async runtime.
+    ///
+    /// Errors: the storage engine fails, or a client record does not decode.
+    pub fn outbox_totals(&self) -> Result<OutboxTotals, StoreError> {
+        let mut t = OutboxTotals::default();
+        for item in self.outbox.scan_prefix([keys::META]) {
+            let (k, v) = item?;
+            let meta: ClientMeta = decode(&k, &v)?;
+            t.outboxes += 1;
+            t.pending_messages += meta.pending;
+            t.pending_bytes += meta.bytes;
+            t.max_pending_messages = t.max_pending_messages.max(meta.pending);
+            t.max_pending_bytes = t.max_pending_bytes.max(meta.bytes);
+        }
+        Ok(t)
+    }
+
     /// True after a failed write or fsync: the store refuses writes.
     pub fn is_latched(&self) -> bool {
         self.latched.load(Ordering::Acquire)
@@ -698,6 +730,16 @@ struct WriterState {
     touched: Vec<u64>,
     pending: Vec<Pending>,
     last_sweep: Instant,
+    /// Publishes applied since the last commit, counted in the metrics only once it succeeds.
+    tally: GroupTally,
+}
+
+/// What the group being committed confirms, for the metrics.
+#[derive(Debug, Default)]
+struct GroupTally {
+    published: u64,
+    stored: u64,
+    duplicates: u64,
 }
 
 impl WriterState {
@@ -739,6 +781,7 @@ impl WriterState {
             touched: Vec::new(),
             pending: Vec::new(),
             last_sweep: Instant::now(),
+            tally: GroupTally::default(),
         };
         let mut orphans = Vec::new();
         for item in st.clients_tree.iter() {
@@ -899,6 +942,7 @@ impl WriterState {
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
                 self.last_sweep = Instant::now();
                 if let Err(e) = self.sweep() {
+                    self.opts.metrics.store_errors.inc();
                     self.latch(&format!("retention sweep failed: {e}"));
                 }
             }
@@ -940,13 +984,26 @@ impl WriterState {
         if self.pending.is_empty() && self.touched.is_empty() && group == 0 {
             return;
         }
+        let tally = std::mem::take(&mut self.tally);
         let result = match (self.opts.durability, &self.latch_reason) {
             (_, Some(r)) => Err(r.clone()),
             (Durability::Relaxed, None) => Ok(()),
-            (Durability::Fsync, None) => self.sync(),
+            (Durability::Fsync, None) => self.sync().inspect_err(|_| {
+                self.opts.metrics.store_errors.inc();
+            }),
         };
         match result {
             Ok(()) => {
+                // Counted before the replies go out, so a publisher that has its `ok` (or a
+                // scrape after it) sees its publish in the metrics.
+                let m = &self.opts.metrics;
+                m.commit_groups.inc();
+                m.published.add(tally.published);
+                m.stored.add(tally.stored);
+                m.duplicates.add(tally.duplicates);
+                if tally.published > 0 {
+                    m.commit_group_publishes.observe(tally.published as f64);
+                }
                 for cid in self.touched.drain(..) {
                     if let Some(name) = self.by_cid.get(&cid) {
                         if let Some(c) = self.clients.get(name) {
@@ -980,7 +1037,9 @@ impl WriterState {
             .sync_data()
             .map_err(|e| format!("fsync of the store log failed: {e}"))?;
         self.commits += 1;
-        debug!(took_us = started.elapsed().as_micros() as u64, "commit");
+        let took = started.elapsed();
+        self.opts.metrics.commit_seconds.observe_duration(took);
+        debug!(took_us = took.as_micros() as u64, "commit");
         Ok(())
     }
 
@@ -994,14 +1053,23 @@ impl WriterState {
                 let r = self.hello(&client, resume);
                 if let Err(e) = &r {
                     warn!(client = %client, error = %e, "hello failed in the store");
+                    self.count_error(e);
                 }
                 self.pending.push(Pending::Hello(reply, r));
             }
             Command::Publish { req, reply } => {
                 self.published += 1;
+                let direct = matches!(req.to, Target::Client(_));
                 let r = self.publish(req);
-                if let Err(e) = &r {
-                    self.maybe_latch(e);
+                match &r {
+                    Ok(o) if o.duplicate => self.tally.duplicates += 1,
+                    // Refused (outbox_full): counted where the refusal is answered.
+                    Ok(o) if direct && !o.full.is_empty() => {}
+                    Ok(o) => {
+                        self.tally.published += 1;
+                        self.tally.stored += o.recipients;
+                    }
+                    Err(e) => self.maybe_latch(e),
                 }
                 self.pending.push(Pending::Publish(reply, r));
             }
@@ -1041,14 +1109,24 @@ impl WriterState {
                 let r = backup::copy_trees(&self.clients_tree, &self.outbox, &to);
                 if let Err(e) = &r {
                     warn!(to = %to.display(), error = %e, "backup failed");
+                    self.count_error(e);
                 }
                 let _ = reply.send(r);
             }
         }
     }
 
+    /// Counts a failed store operation; refusals because of an earlier failure or a shutdown
+    /// are not new errors.
+    fn count_error(&self, e: &StoreError) {
+        if !matches!(e, StoreError::Latched(_) | StoreError::Closed) {
+            self.opts.metrics.store_errors.inc();
+        }
+    }
+
     /// Storage-engine failures latch; refusals that are about the request do not.
     fn maybe_latch(&mut self, e: &StoreError) {
+        self.count_error(e);
         if matches!(e, StoreError::Sled(_) | StoreError::Io(_)) {
             self.latch(&e.to_string());
         }
@@ -1247,6 +1325,8 @@ impl WriterState {
         let mut batch = sled::Batch::default();
         let mut freed = 0u64;
         let mut freed_bytes = 0u64;
+        // Publish times of the deleted messages, for the publish-to-ack histogram.
+        let mut published_at = Vec::new();
         let from = keys::seq_key(keys::MSG, cid, lo);
         let to = keys::seq_key(keys::MSG, cid, hi);
         for item in self.outbox.range(from..=to) {
@@ -1259,6 +1339,7 @@ impl WriterState {
             }
             freed_bytes += payload_len(&m.payload);
             freed += 1;
+            published_at.push(m.ts);
             batch.remove(k);
         }
         // The new watermark: just below the first message still stored once this batch lands.
@@ -1301,6 +1382,13 @@ impl WriterState {
         let meta = encode(&c.meta)?;
         batch.insert(&keys::meta(cid), meta);
         self.outbox.apply_batch(batch)?;
+        let m = &self.opts.metrics;
+        m.acked.add(freed);
+        let now = now_ms();
+        for ts in published_at {
+            m.publish_to_ack_seconds
+                .observe(now.saturating_sub(ts) as f64 / 1000.0);
+        }
         Ok(())
     }
 
@@ -1386,7 +1474,9 @@ impl WriterState {
             let mut batch = sled::Batch::default();
             batch.remove(&keys::expiry(at, cid, seq));
             let mk = keys::seq_key(keys::MSG, cid, seq);
+            let mut removed = false;
             if let Some(v) = self.outbox.get(mk)? {
+                removed = true;
                 let m: StoredMessage = decode(&mk, &v)?;
                 batch.remove(&mk);
                 batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
@@ -1401,6 +1491,9 @@ impl WriterState {
                 );
             }
             self.outbox.apply_batch(batch)?;
+            if removed {
+                self.opts.metrics.expired.inc();
+            }
         }
         let horizon = now.saturating_sub(self.opts.dedup_window_ms);
         let mut stale = Vec::new();

@@ -83,6 +83,8 @@ pub struct Broker {
     /// `ws://127.0.0.1:PORT/ws` as printed by the broker.
     pub url: String,
     pub addr: SocketAddr,
+    /// The admin API's address from the broker's `outboxd admin:` line; None when it is off.
+    pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -99,6 +101,7 @@ impl Broker {
             child: None,
             url: String::new(),
             addr: "127.0.0.1:0".parse().expect("addr"),
+            admin: None,
             stderr: Arc::new(Mutex::new(String::new())),
         };
         b.spawn();
@@ -148,6 +151,9 @@ impl Broker {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        // A free port for the admin API too, so parallel brokers never collide on 9090; a
+        // test's own setting (Opts) overrides it.
+        cmd.env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0");
         cmd.envs(&self.opts.env);
         let mut child = cmd.spawn().expect("spawn the outboxd binary");
 
@@ -188,12 +194,21 @@ impl Broker {
         });
 
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut admin = None;
         let url = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match ready_rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(url) = line.strip_prefix("outboxd ready: ") {
                         break url.to_string();
+                    }
+                    // Printed before the ready line when the admin API is on.
+                    if let Some(a) = line.strip_prefix("outboxd admin: http://") {
+                        admin = Some(
+                            a.parse::<SocketAddr>()
+                                .unwrap_or_else(|e| panic!("admin line address {a:?}: {e}")),
+                        );
+                        continue;
                     }
                     // Other stdout lines are not part of the contract; keep them for diagnosis.
                     if let Ok(mut s) = self.stderr.lock() {
@@ -230,6 +245,7 @@ impl Broker {
             .parse()
             .unwrap_or_else(|e| panic!("ready line address {hostport:?}: {e}"));
         self.url = url;
+        self.admin = admin;
         self.child = Some(child);
     }
 
@@ -795,6 +811,349 @@ async fn pump(
 /// Resolves once the switch is true; never, if its sender is gone while it is false.
 async fn is_set(switch: &mut watch::Receiver<bool>) {
     if switch.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin HTTP client
+// ---------------------------------------------------------------------------------------------
+
+/// An answer from the admin API.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON; panics (showing the body) when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "admin answer {} is not JSON ({e}): {:.500}",
+                self.status, self.body
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts an error answer: this status, and `{"error":{"code":CODE,"message":...}}`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status, status,
+            "expected {status} {code}, got {self:?}"
+        );
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "expected error code {code}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "error without a message: {v}"
+        );
+    }
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`) and reads the whole answer. A tiny client
+/// on purpose: the tests need nothing more, and it shows exactly what goes over the wire.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the admin API at {addr}: {e}"));
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        if let Some(b) = body {
+            req.push_str(b);
+        }
+        // A server may answer (e.g. 413) and close before it has read a large body: keep what
+        // it sent even when the write or the end of the read fails with a reset.
+        let sent = tcp.write_all(req.as_bytes()).await;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+        if raw.is_empty() {
+            panic!("{method} {path}: no answer (send: {sent:?})");
+        }
+        raw
+    };
+    let raw = tokio::time::timeout(RECV_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {RECV_TIMEOUT:?}"));
+    parse_http(&raw).unwrap_or_else(|| {
+        panic!(
+            "{method} {path}: not an HTTP answer: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn parse_http(raw: &[u8]) -> Option<HttpResponse> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut out = Vec::new();
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size_text = std::str::from_utf8(&rest[..eol]).ok()?;
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size)?);
+            rest = rest.get(size + 2..)?;
+        }
+        out
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        rest.get(..len)?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8(body).ok()?,
+    })
+}
+
+/// Parses the Prometheus text exposition into `name{labels}` -> value, checking that every
+/// sample line has that shape.
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("metrics line without a value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|e| panic!("metrics line {line:?}: value: {e}"));
+        out.insert(key.to_string(), value);
+    }
+    out
+}
+
+impl Broker {
+    /// The admin API's address; panics when the broker runs without one.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .unwrap_or_else(|| panic!("this broker printed no `outboxd admin:` line"))
+    }
+
+    pub async fn admin_get(&self, path: &str) -> HttpResponse {
+        http(self.admin_addr(), "GET", path, None, None).await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> HttpResponse {
+        http(
+            self.admin_addr(),
+            "POST",
+            path,
+            None,
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn admin_delete(&self, path: &str) -> HttpResponse {
+        http(self.admin_addr(), "DELETE", path, None, None).await
+    }
+
+    /// Scrapes `/metrics` (no token) and parses it.
+    pub async fn metrics(&self) -> BTreeMap<String, f64> {
+        let r = self.admin_get("/metrics").await;
+        assert_eq!(r.status, 200, "GET /metrics: {r:?}");
+        parse_metrics(&r.body)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay: a TCP proxy whose failures hit only the connections open at the time
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP relay for client tests. Unlike [`Proxy`], its switches act on the connections open at
+/// the moment they are flipped, and every later connection is relayed normally: a network that
+/// fails once and recovers, which a reconnecting client must ride through. Its upstream can be
+/// moved, so a client keeps one URL while the broker restarts on a new port.
+pub struct Relay {
+    pub addr: SocketAddr,
+    /// `ws://ADDR/ws` through the relay.
+    pub url: String,
+    upstream: Arc<Mutex<SocketAddr>>,
+    /// Connections numbered below this are dropped (no close frame).
+    cut_below: watch::Sender<u64>,
+    /// Connections numbered below this relay nothing more toward the client.
+    mute_down_below: watch::Sender<u64>,
+    /// Connections numbered below this relay nothing more toward the broker.
+    mute_up_below: watch::Sender<u64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on `127.0.0.1:0` and relays each accepted connection to the current upstream.
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay bind");
+        let addr = listener.local_addr().expect("relay addr");
+        let upstream = Arc::new(Mutex::new(upstream));
+        let (cut_below, _) = watch::channel(0u64);
+        let (mute_down_below, _) = watch::channel(0u64);
+        let (mute_up_below, _) = watch::channel(0u64);
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (up, cut, down_mute, up_mute, count) = (
+            Arc::clone(&upstream),
+            cut_below.clone(),
+            mute_down_below.clone(),
+            mute_up_below.clone(),
+            Arc::clone(&accepted),
+        );
+        let accept = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let target = *up.lock().expect("relay upstream lock");
+                // Broker down: drop the client's connection, as a refused connect would.
+                let Ok(upc) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let _ = down.set_nodelay(true);
+                let _ = upc.set_nodelay(true);
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = upc.into_split();
+                tokio::spawn(relay_pump(dr, uw, n, cut.subscribe(), up_mute.subscribe()));
+                tokio::spawn(relay_pump(
+                    ur,
+                    dw,
+                    n,
+                    cut.subscribe(),
+                    down_mute.subscribe(),
+                ));
+            }
+        });
+        Relay {
+            addr,
+            url: format!("ws://{addr}/ws"),
+            upstream,
+            cut_below,
+            mute_down_below,
+            mute_up_below,
+            accepted,
+            accept,
+        }
+    }
+
+    /// Later connections go to `addr` (e.g. the broker after a restart).
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        *self.upstream.lock().expect("relay upstream lock") = addr;
+    }
+
+    /// How many connections the relay has accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Drops every open connection at once, without a close frame; new ones are relayed.
+    pub fn cut_all(&self) {
+        self.cut_below.send_replace(self.connections());
+    }
+
+    /// The open connections carry nothing more from the broker to the client (the client's
+    /// frames still arrive): the broker's answers and pings vanish.
+    pub fn silence_to_client(&self) {
+        self.mute_down_below.send_replace(self.connections());
+    }
+
+    /// The open connections carry nothing more either way, but stay open: a dead peer that
+    /// never closes. New connections work.
+    pub fn go_silent(&self) {
+        let n = self.connections();
+        self.mute_down_below.send_replace(n);
+        self.mute_up_below.send_replace(n);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut_below.send_replace(u64::MAX);
+        self.accept.abort();
+    }
+}
+
+/// Copies bytes one way for connection `n` until either side ends or the connection is cut;
+/// bytes read while it is muted are dropped, as a dead link drops them.
+async fn relay_pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    n: u64,
+    mut cut_below: watch::Receiver<u64>,
+    mute_below: watch::Receiver<u64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            _ = above(&mut cut_below, n) => return,
+            r = from.read(&mut buf) => r,
+        };
+        let len = match read {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(len) => len,
+        };
+        if *mute_below.borrow() > n {
+            continue;
+        }
+        tokio::select! {
+            _ = above(&mut cut_below, n) => return,
+            r = to.write_all(&buf[..len]) => if r.is_err() { return },
+        }
+    }
+}
+
+/// Resolves once the switch exceeds `n`; never, if its sender is gone.
+async fn above(switch: &mut watch::Receiver<u64>, n: u64) {
+    if switch.wait_for(|v| *v > n).await.is_err() {
         std::future::pending::<()>().await;
     }
 }

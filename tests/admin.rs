@@ -1,0 +1,546 @@
+//! The admin HTTP API against the real binary: every endpoint, its statuses and error codes,
+//! bearer-token authentication, the refusal to listen beyond loopback without a token, an HTTP
+//! publish that survives SIGKILL once confirmed, and a purge that ends the client's session.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{http, Broker, Client, Opts, QUIET};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FAULT: &str = "OUTBOXD_FAULT_FSYNC_FAIL_AFTER";
+
+/// Polls `check` on the admin API until it holds (the writer applies acks asynchronously).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + common::RECV_TIMEOUT;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_answer_200_on_a_healthy_broker() {
+    // Catches a probe endpoint that is missing, slow to come up, or not JSON.
+    let broker = Broker::start(Opts::new());
+    let r = broker.admin_get("/healthz").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), json!({"status": "ok"}));
+    let r = broker.admin_get("/readyz").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), json!({"status": "ready"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_endpoints_show_the_stored_outboxes_and_who_is_connected() {
+    // Catches a live view that disagrees with what was published, acked and subscribed.
+    let broker = Broker::start(Opts::new());
+    let (mut carol, _) = broker.client("carol").await;
+    carol.subscribe("s1", "news").await;
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!({"n": i}))
+            .await;
+    }
+    alice
+        .publish_ok("t1", "topic:news", json!("headline"))
+        .await;
+
+    let list = broker.admin_get("/v1/clients?sort=pending").await;
+    assert_eq!(list.status, 200, "{list:?}");
+    let list = list.json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bob", "carol", "alice"], "{list}");
+    assert_eq!(list[0]["pending"], 3, "{list}");
+    assert_eq!(list[0]["connected"], false, "bob never connected: {list}");
+    assert_eq!(list[1]["connected"], true, "carol is connected: {list}");
+    assert_eq!(list[1]["subscriptions"], json!(["news"]), "{list}");
+    let top = broker
+        .admin_get("/v1/clients?sort=pending&limit=1")
+        .await
+        .json();
+    assert_eq!(top.as_array().unwrap().len(), 1, "{top}");
+    assert_eq!(top[0]["client_id"], "bob", "{top}");
+
+    let bob = broker.admin_get("/v1/clients/bob").await;
+    assert_eq!(bob.status, 200, "{bob:?}");
+    let bob = bob.json();
+    assert_eq!(bob["pending"], 3, "{bob}");
+    assert_eq!(bob["next_seq"], 4, "{bob}");
+    assert_eq!(bob["acked"], 0, "{bob}");
+    assert!(bob["oldest_unacked_ts"].is_u64(), "{bob}");
+
+    let page = broker
+        .admin_get("/v1/clients/bob/outbox?from=2&limit=1")
+        .await;
+    assert_eq!(page.status, 200, "{page:?}");
+    let page = page.json();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["messages"][0]["seq"], 2, "{page}");
+    assert_eq!(page["messages"][0]["payload"], json!({"n": 2}), "{page}");
+    assert_eq!(page["messages"][0]["from"], "alice", "{page}");
+    assert_eq!(page["next_from"], 3, "{page}");
+    assert_eq!(page["epoch"], bob["epoch"], "{page}");
+    let all = broker.admin_get("/v1/clients/bob/outbox").await.json();
+    assert_eq!(all["messages"].as_array().unwrap().len(), 3, "{all}");
+    assert!(all["next_from"].is_null(), "{all}");
+
+    let topics = broker.admin_get("/v1/topics").await;
+    assert_eq!(topics.status, 200, "{topics:?}");
+    assert_eq!(
+        topics.json(),
+        json!([{"topic": "news", "subscribers": ["carol"]}])
+    );
+
+    let stats = broker.admin_get("/v1/stats").await;
+    assert_eq!(stats.status, 200, "{stats:?}");
+    let stats = stats.json();
+    assert_eq!(stats["clients"], 3, "{stats}");
+    assert_eq!(stats["topics"], 1, "{stats}");
+    assert_eq!(stats["pending_messages"], 4, "{stats}");
+    assert_eq!(stats["max_pending_messages"], 3, "{stats}");
+    assert!(stats["disk_bytes"].as_u64().unwrap() > 0, "{stats}");
+
+    // Bob connects and acks two: the view follows.
+    let (mut bob_ws, _) = broker.client("bob").await;
+    let msgs = bob_ws.recv_msgs(3).await;
+    bob_ws.ack_upto(common::seq(&msgs[1])).await;
+    bob_ws.sync().await;
+    eventually("bob's view after acking 2", || async {
+        let v = broker.admin_get("/v1/clients/bob").await.json();
+        if v["pending"] == 1 && v["acked"] == 2 && v["connected"] == true {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors_with_their_status() {
+    // Catches plain-text or HTML errors, and 200s for requests that make no sense.
+    let broker = Broker::start(Opts::new());
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:bob", "payload": 1}))
+        .await;
+    broker
+        .admin_get("/v1/clients/nobody")
+        .await
+        .assert_error(404, "not_found");
+    broker
+        .admin_get("/v1/clients/nobody/outbox")
+        .await
+        .assert_error(404, "not_found");
+    broker
+        .admin_delete("/v1/clients/nobody/outbox")
+        .await
+        .assert_error(404, "not_found");
+    broker
+        .admin_get("/v1/clients/a%20b")
+        .await
+        .assert_error(400, "bad_client_id");
+    broker
+        .admin_get("/v1/clients/bob/outbox?limit=0")
+        .await
+        .assert_error(400, "bad_frame");
+    broker
+        .admin_get("/v1/clients/bob/outbox?from=minus")
+        .await
+        .assert_error(400, "bad_frame");
+    broker
+        .admin_get("/v1/clients?sort=size")
+        .await
+        .assert_error(400, "bad_frame");
+    broker
+        .admin_get("/v1/nothing-here")
+        .await
+        .assert_error(404, "not_found");
+    http(broker.admin_addr(), "PUT", "/v1/stats", None, Some("{}"))
+        .await
+        .assert_error(405, "method_not_allowed");
+    // Client ids with URL-special characters are percent-encoded in the path.
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:svc:a@b", "payload": 1}))
+        .await;
+    let r = broker.admin_get("/v1/clients/svc%3Aa%40b").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["client_id"], "svc:a@b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_publish_confirmed_before_sigkill_is_delivered_after_restart() {
+    // Catches an HTTP publish answered before its fsync, or written somewhere a crash loses.
+    let mut broker = Broker::start(Opts::new());
+    let r = broker
+        .admin_post(
+            "/v1/publish",
+            json!({"to": "client:bob", "payload": {"order": 17, "total": 2.5}, "key": "order-17", "from": "backend"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let ok = r.json();
+    assert_eq!(ok["type"], "ok", "{ok}");
+    assert_eq!(ok["recipients"], 1, "{ok}");
+    assert!(ok.get("duplicate").is_none(), "{ok}");
+    let id = ok["id"].clone();
+    // Without `from`: no publisher, its own key scope.
+    let r = broker
+        .admin_post(
+            "/v1/publish",
+            json!({"to": "client:bob", "payload_b64": "AP8B"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    broker.kill9();
+    broker.restart();
+
+    // The retry after the crash is recognised by its key (scope: `from`).
+    let retry = broker
+        .admin_post(
+            "/v1/publish",
+            json!({"to": "client:bob", "payload": {"order": 17, "total": 2.5}, "key": "order-17", "from": "backend"}),
+        )
+        .await;
+    assert_eq!(retry.status, 200, "{retry:?}");
+    let retry = retry.json();
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(retry["id"], id, "{retry}");
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 2, "{welcome}");
+    let m = bob.recv_msg().await;
+    assert_eq!(m["payload"], json!({"order": 17, "total": 2.5}), "{m}");
+    assert_eq!(m["from"], "backend", "{m}");
+    assert_eq!(m["id"], id, "{m}");
+    let m = bob.recv_msg().await;
+    assert_eq!(m["payload_b64"], "AP8B", "{m}");
+    assert!(m.get("from").is_none(), "{m}");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_publish_refusals_use_protocol_codes_and_http_statuses() {
+    // Catches an HTTP publish that accepts what a WebSocket publish refuses, or answers 200.
+    let broker = Broker::start(Opts::new().set("limits", "max_outbox_messages", 1).set(
+        "limits",
+        "max_payload_bytes",
+        1000,
+    ));
+    let publish = |body: Value| broker.admin_post("/v1/publish", body);
+    publish(json!({"to": "queue:x", "payload": 1}))
+        .await
+        .assert_error(400, "bad_frame");
+    publish(json!({"to": "client:a b", "payload": 1}))
+        .await
+        .assert_error(400, "bad_client_id");
+    publish(json!({"to": "topic:a#b", "payload": 1}))
+        .await
+        .assert_error(400, "bad_topic");
+    publish(json!({"to": "client:bob"}))
+        .await
+        .assert_error(400, "bad_frame");
+    publish(json!({"to": "client:bob", "payload": 1, "from": "x y"}))
+        .await
+        .assert_error(400, "bad_client_id");
+    publish(json!({"to": "client:bob", "payload": 1, "ttl": 5}))
+        .await
+        .assert_error(400, "bad_frame");
+    publish(json!({"to": "client:bob", "payload": "x".repeat(2000)}))
+        .await
+        .assert_error(413, "payload_too_large");
+    http(
+        broker.admin_addr(),
+        "POST",
+        "/v1/publish",
+        None,
+        Some("not json"),
+    )
+    .await
+    .assert_error(400, "bad_frame");
+    // A body over server.max_frame_bytes is refused before it is read whole.
+    let huge = format!(
+        r#"{{"to":"client:bob","payload":"{}"}}"#,
+        "x".repeat(200_000)
+    );
+    http(
+        broker.admin_addr(),
+        "POST",
+        "/v1/publish",
+        None,
+        Some(&huge),
+    )
+    .await
+    .assert_error(413, "payload_too_large");
+
+    // Nothing above was written.
+    broker
+        .admin_get("/v1/clients/bob")
+        .await
+        .assert_error(404, "not_found");
+
+    // outbox_full: 409, nothing written; a topic publish names the full subscriber instead.
+    let (mut bob, _) = broker.client("bob").await;
+    bob.subscribe("s", "news").await;
+    let r = publish(json!({"to": "client:bob", "payload": 1})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    publish(json!({"to": "client:bob", "payload": 2}))
+        .await
+        .assert_error(409, "outbox_full");
+    let r = publish(json!({"to": "topic:news", "payload": 3})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["refused"],
+        json!([{"client_id": "bob", "code": "outbox_full"}]),
+        "{r:?}"
+    );
+    assert_eq!(r.json()["recipients"], 0, "{r:?}");
+    let v = broker.admin_get("/v1/clients/bob").await.json();
+    assert_eq!(v["pending"], 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latched_store_makes_readyz_and_publish_answer_503() {
+    // Catches a broker that reports ready, or confirms over HTTP, after a failed fsync.
+    let broker = Broker::start(Opts::new().env(FAULT, 0));
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:bob", "payload": 1}))
+        .await
+        .assert_error(503, "internal");
+    broker
+        .admin_get("/readyz")
+        .await
+        .assert_error(503, "internal");
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:bob", "payload": 2}))
+        .await
+        .assert_error(503, "internal");
+    broker
+        .admin_delete("/v1/clients/bob/outbox")
+        .await
+        .assert_error(503, "internal");
+    // Liveness is not readiness: the process is up.
+    assert_eq!(broker.admin_get("/healthz").await.status, 200);
+    let m = broker.metrics().await;
+    assert_eq!(m["outboxd_store_latched"], 1.0);
+    assert!(m["outboxd_store_errors_total"] >= 1.0, "{m:?}");
+    assert_eq!(m["outboxd_refused_total{code=\"internal\"}"], 2.0, "{m:?}");
+    assert_eq!(m["outboxd_published_total"], 0.0, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_closes_the_session_with_4002_and_the_next_hello_reports_missed() {
+    // Catches a purge that leaves the client reading a dead epoch, or drops messages silently.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let (mut bob, welcome) = broker.client("bob").await;
+    let old_epoch = welcome["epoch"].as_str().unwrap().to_string();
+    let msgs = bob.recv_msgs(3).await;
+    assert_eq!(common::seqs(&msgs), [1, 2, 3]);
+
+    let r = broker.admin_delete("/v1/clients/bob/outbox").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let purged = r.json();
+    assert_eq!(purged["client_id"], "bob", "{purged}");
+    assert_eq!(purged["removed"], 3, "{purged}");
+    assert_eq!(purged["disconnected"], true, "{purged}");
+    let new_epoch = purged["epoch"].as_str().unwrap().to_string();
+    assert_ne!(new_epoch, old_epoch);
+    bob.expect_close(4002).await;
+
+    let mut bob = Client::connect(&broker.url).await;
+    let w = bob.hello("bob", Some((&old_epoch, 0))).await;
+    assert_eq!(w["resumed"], false, "{w}");
+    assert_eq!(w["reason"], "epoch_mismatch", "{w}");
+    assert_eq!(w["epoch"], new_epoch.as_str(), "{w}");
+    assert_eq!(w["missed"], 3, "{w}");
+    assert_eq!(w["pending"], 0, "{w}");
+    bob.expect_quiet(QUIET).await;
+
+    // New messages go on after the purged seqs.
+    alice.publish_ok("p4", "client:bob", json!(4)).await;
+    let m = bob.recv_msg().await;
+    assert_eq!(common::seq(&m), 4, "{m}");
+    let v = broker.admin_get("/v1/clients/bob").await.json();
+    assert_eq!(v["epoch"], new_epoch.as_str(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_endpoint_writes_a_new_data_directory_and_refuses_an_occupied_one() {
+    // Catches a backup that overwrites an existing directory or accepts a relative path.
+    let broker = Broker::start(Opts::new());
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:bob", "payload": 1}))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("copy");
+    let r = broker
+        .admin_post("/v1/backup", json!({"to": to.to_str().unwrap()}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert!(v["records"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["to"], to.to_str().unwrap(), "{v}");
+    assert!(to.join("db").is_file(), "no sled db in {}", to.display());
+    broker
+        .admin_post("/v1/backup", json!({"to": to.to_str().unwrap()}))
+        .await
+        .assert_error(409, "conflict");
+    broker
+        .admin_post("/v1/backup", json!({"to": "relative/dir"}))
+        .await
+        .assert_error(400, "bad_frame");
+    broker
+        .admin_post("/v1/backup", json!({"dir": "/tmp/x"}))
+        .await
+        .assert_error(400, "bad_frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_every_endpoint_but_healthz_needs_the_bearer_token() {
+    // Catches an endpoint left open, or a wrong token accepted.
+    let broker = Broker::start(Opts::new().set("admin", "token", "s3cret-token"));
+    let addr = broker.admin_addr();
+    let r = http(addr, "GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200, "healthz stays open for probes: {r:?}");
+    let publish = r#"{"to":"client:bob","payload":1}"#;
+    let backup = r#"{"to":"/nonexistent/outboxd-backup"}"#;
+    let endpoints: [(&str, &str, Option<&str>); 10] = [
+        ("GET", "/readyz", None),
+        ("GET", "/metrics", None),
+        ("GET", "/v1/clients", None),
+        ("GET", "/v1/clients/bob", None),
+        ("GET", "/v1/clients/bob/outbox", None),
+        ("GET", "/v1/topics", None),
+        ("GET", "/v1/stats", None),
+        ("POST", "/v1/publish", Some(publish)),
+        ("DELETE", "/v1/clients/bob/outbox", None),
+        ("POST", "/v1/backup", Some(backup)),
+    ];
+    for (method, path, body) in endpoints {
+        for token in [None, Some("wrong"), Some("s3cret-token-longer"), Some("")] {
+            let r = http(addr, method, path, token, body).await;
+            r.assert_error(401, "unauthorized");
+            assert!(
+                r.header("www-authenticate")
+                    .is_some_and(|h| h.starts_with("Bearer")),
+                "{method} {path}: {r:?}"
+            );
+        }
+    }
+    // Nothing got through.
+    let r = http(addr, "GET", "/v1/clients", Some("s3cret-token"), None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), json!([]));
+    let r = http(
+        addr,
+        "POST",
+        "/v1/publish",
+        Some("s3cret-token"),
+        Some(publish),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = http(addr, "GET", "/metrics", Some("s3cret-token"), None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let m = common::parse_metrics(&r.body);
+    assert_eq!(m["outboxd_admin_unauthorized_total"], 40.0);
+    assert_eq!(m["outboxd_published_total"], 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_beyond_loopback_without_a_token_refuses_to_start() {
+    // Catches a broker that exposes purge and publish to the network without authentication.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTBOXD_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("OUTBOXD_SERVER__ADMIN_LISTEN", "0.0.0.0:0");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("admin.token") && stderr.contains("server.admin_listen"),
+        "the refusal must name both keys: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("outboxd ready"),
+        "it must not have started"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing may be created before the refusal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_admin_listen_turns_the_admin_api_off() {
+    // Catches a broker that cannot run without an admin port (e.g. where 9090 is taken).
+    let broker = Broker::start(Opts::new().set("server", "admin_listen", ""));
+    assert!(broker.admin.is_none(), "no admin line expected");
+    let (mut bob, _) = broker.client("bob").await;
+    bob.send(json!({"type": "ping"})).await;
+    assert_eq!(bob.recv().await, json!({"type": "pong"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_admin_api_even_with_an_idle_keep_alive_connection() {
+    // Catches an HTTP connection that keeps the store (and so the process) alive after SIGTERM.
+    let mut broker = Broker::start(Opts::new());
+    let mut tcp = tokio::net::TcpStream::connect(broker.admin_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    // The connection stays open (keep-alive) while the broker is told to stop.
+    let t0 = Instant::now();
+    let status = broker.sigterm();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "shutdown waited {:?} on an idle HTTP connection",
+        t0.elapsed()
+    );
+}
