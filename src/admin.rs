@@ -44,7 +44,7 @@ use crate::ids::ClientId;
 use crate::metrics::{Metrics, ScrapeGauges};
 use crate::protocol::{self, ClientFrame, ErrorCode, Target};
 use crate::registry::Kick;
-use crate::report::ClientView;
+use crate::report::{ClientView, SortBy};
 use crate::server::Shared;
 use crate::store::{Inspector, PublishRequest, StoreError};
 
@@ -359,50 +359,15 @@ async fn metrics(State(st): State<AdminState>) -> Result<Response, AdminError> {
         .into_response())
 }
 
-/// How `GET /v1/clients` orders its list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SortBy {
-    Name,
-    Pending,
-    Bytes,
-    Age,
-}
-
-impl SortBy {
-    fn parse(s: Option<&str>) -> Result<SortBy, AdminError> {
-        match s {
-            None | Some("" | "name") => Ok(SortBy::Name),
-            Some("pending") => Ok(SortBy::Pending),
-            Some("bytes") => Ok(SortBy::Bytes),
-            Some("age") => Ok(SortBy::Age),
-            Some(other) => Err(AdminError::invalid(
+/// How `GET /v1/clients` orders its list (`?sort=`, default by name).
+fn sort_by(s: Option<&str>) -> Result<SortBy, AdminError> {
+    match s {
+        None | Some("") => Ok(SortBy::Name),
+        Some(name) => SortBy::parse(name).ok_or_else(|| {
+            AdminError::invalid(
                 ErrorCode::BadFrame,
-                format!("sort must be pending, bytes, age or name, got {other:?}"),
-            )),
-        }
-    }
-}
-
-/// Largest first for pending and bytes; oldest unacked message first for age (outboxes with
-/// nothing stored last); ties in name order.
-fn sort_clients(list: &mut [ClientView], by: SortBy) {
-    match by {
-        SortBy::Name => list.sort_by(|a, b| a.client_id.cmp(&b.client_id)),
-        SortBy::Pending => list.sort_by(|a, b| {
-            b.pending
-                .cmp(&a.pending)
-                .then_with(|| a.client_id.cmp(&b.client_id))
-        }),
-        SortBy::Bytes => list.sort_by(|a, b| {
-            b.bytes
-                .cmp(&a.bytes)
-                .then_with(|| a.client_id.cmp(&b.client_id))
-        }),
-        SortBy::Age => list.sort_by(|a, b| {
-            a.oldest_unacked_ts
-                .unwrap_or(u64::MAX)
-                .cmp(&b.oldest_unacked_ts.unwrap_or(u64::MAX))
-                .then_with(|| a.client_id.cmp(&b.client_id))
+                format!("sort must be pending, bytes, age or name, got {name:?}"),
+            )
         }),
     }
 }
@@ -425,11 +390,11 @@ async fn clients(
     q: Result<Query<ClientsQuery>, QueryRejection>,
 ) -> Result<Json<Vec<ClientView>>, AdminError> {
     let q = query(q)?;
-    let by = SortBy::parse(q.sort.as_deref())?;
+    let by = sort_by(q.sort.as_deref())?;
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
     let mut list = blocking(move || inspector.clients()).await?;
-    sort_clients(&mut list, by);
+    by.sort(&mut list);
     if let Some(n) = q.limit.filter(|n| *n > 0) {
         list.truncate(n);
     }
@@ -777,15 +742,15 @@ mod tests {
             view("b", 2, Some(20)),
             view("c", 5, Some(10)),
         ];
-        sort_clients(&mut list, SortBy::Age);
+        SortBy::Age.sort(&mut list);
         let names: Vec<_> = list.iter().map(|c| c.client_id.as_str()).collect();
         assert_eq!(names, ["c", "b", "a"]);
-        sort_clients(&mut list, SortBy::Pending);
+        SortBy::Pending.sort(&mut list);
         let names: Vec<_> = list.iter().map(|c| c.client_id.as_str()).collect();
         assert_eq!(names, ["c", "b", "a"]);
-        sort_clients(&mut list, SortBy::Name);
+        SortBy::Name.sort(&mut list);
         let names: Vec<_> = list.iter().map(|c| c.client_id.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
-        assert!(SortBy::parse(Some("size")).is_err());
+        assert!(sort_by(Some("size")).is_err());
     }
 }

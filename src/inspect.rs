@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError};
-use crate::report::{ClientView, OutboxPage, StatsView, TopicView};
+use crate::report::{ClientView, OutboxPage, SortBy, StatsView, TopicView};
 use crate::store::{Inspector, StoreError};
 
 #[derive(Debug, Error)]
@@ -82,9 +82,9 @@ pub struct InspectArgs {
 enum What {
     /// Every client with an outbox: pending messages and bytes, positions, oldest unacked age.
     Clients {
-        /// Order: most pending messages, most bytes, or oldest unacked message first.
-        #[arg(long, value_enum, default_value_t = SortBy::Pending)]
-        sort: SortBy,
+        /// Order: most pending messages, most bytes, oldest unacked message first, or by name.
+        #[arg(long, default_value = "pending", value_parser = SortBy::NAMES)]
+        sort: String,
         /// Show at most N clients (0: all).
         #[arg(long, value_name = "N", default_value_t = 0)]
         limit: usize,
@@ -104,23 +104,6 @@ enum What {
     Topics,
     /// Totals: clients, pending messages and bytes, disk use, oldest message, format version.
     Stats,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SortBy {
-    Pending,
-    Bytes,
-    Age,
-}
-
-impl SortBy {
-    fn as_str(self) -> &'static str {
-        match self {
-            SortBy::Pending => "pending",
-            SortBy::Bytes => "bytes",
-            SortBy::Age => "age",
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -214,7 +197,7 @@ impl Source {
                 a.get(&format!("/v1/clients?sort={}&limit={limit}", sort.as_str()))?
             }
         };
-        sort_clients(&mut clients, sort);
+        sort.sort(&mut clients);
         if limit > 0 {
             clients.truncate(limit);
         }
@@ -392,28 +375,6 @@ fn error_message(body: &str) -> String {
         .unwrap_or_else(|| body.trim().chars().take(300).collect())
 }
 
-fn sort_clients(clients: &mut [ClientView], sort: SortBy) {
-    match sort {
-        SortBy::Pending => clients.sort_by(|a, b| {
-            b.pending
-                .cmp(&a.pending)
-                .then_with(|| a.client_id.cmp(&b.client_id))
-        }),
-        SortBy::Bytes => clients.sort_by(|a, b| {
-            b.bytes
-                .cmp(&a.bytes)
-                .then_with(|| a.client_id.cmp(&b.client_id))
-        }),
-        // Oldest first; clients with nothing stored last.
-        SortBy::Age => clients.sort_by(|a, b| {
-            a.oldest_unacked_ts
-                .unwrap_or(u64::MAX)
-                .cmp(&b.oldest_unacked_ts.unwrap_or(u64::MAX))
-                .then_with(|| a.client_id.cmp(&b.client_id))
-        }),
-    }
-}
-
 fn run_inspect(args: InspectArgs) -> Result<(), ToolError> {
     let source = Source::open(&args.source)?;
     let stdout = std::io::stdout();
@@ -421,6 +382,7 @@ fn run_inspect(args: InspectArgs) -> Result<(), ToolError> {
     let now = now_ms();
     match args.what {
         What::Clients { sort, limit } => {
+            let sort = SortBy::parse(&sort).unwrap_or(SortBy::Pending);
             let clients = source.clients(sort, limit)?;
             if args.json {
                 writeln!(out, "{}", to_json(&clients))?;
@@ -754,45 +716,6 @@ fn print_stats(out: &mut impl Write, s: &StatsView, now: u64) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn client(id: &str, pending: u64, bytes: u64, oldest: Option<u64>) -> ClientView {
-        ClientView {
-            client_id: id.into(),
-            epoch: "e".into(),
-            pending,
-            bytes,
-            next_seq: pending + 1,
-            acked: 0,
-            oldest_unacked_ts: oldest,
-            last_seen: None,
-            connected: None,
-            subscriptions: vec![],
-        }
-    }
-
-    #[test]
-    fn clients_sort_by_pending_bytes_and_age() {
-        let mut c = vec![
-            client("a", 1, 300, Some(30)),
-            client("b", 5, 100, Some(20)),
-            client("c", 3, 200, None),
-        ];
-        sort_clients(&mut c, SortBy::Pending);
-        assert_eq!(
-            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
-            ["b", "c", "a"]
-        );
-        sort_clients(&mut c, SortBy::Bytes);
-        assert_eq!(
-            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
-            ["a", "c", "b"]
-        );
-        sort_clients(&mut c, SortBy::Age);
-        assert_eq!(
-            c.iter().map(|x| x.client_id.as_str()).collect::<Vec<_>>(),
-            ["b", "a", "c"]
-        );
-    }
 
     #[test]
     fn table_cuts_only_the_last_column_to_the_width() {

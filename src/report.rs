@@ -88,3 +88,60 @@ pub struct StatsView {
     /// What the data directory takes on disk.
     pub disk_bytes: u64,
 }
+
+/// How a list of clients is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortBy {
+    Name,
+    Pending,
+    Bytes,
+    Age,
+}
+
+impl SortBy {
+    /// The names accepted on the command line and in `?sort=`.
+    pub const NAMES: [&'static str; 4] = ["name", "pending", "bytes", "age"];
+
+    pub fn parse(s: &str) -> Option<SortBy> {
+        match s {
+            "name" => Some(SortBy::Name),
+            "pending" => Some(SortBy::Pending),
+            "bytes" => Some(SortBy::Bytes),
+            "age" => Some(SortBy::Age),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SortBy::Name => "name",
+            SortBy::Pending => "pending",
+            SortBy::Bytes => "bytes",
+            SortBy::Age => "age",
+        }
+    }
+
+    /// Largest first for pending and bytes; oldest unacked message first for age (outboxes
+    /// with nothing stored last); ties in name order.
+    pub fn sort(self, list: &mut [ClientView]) {
+        match self {
+            SortBy::Name => list.sort_by(|a, b| a.client_id.cmp(&b.client_id)),
+            SortBy::Pending => list.sort_by(|a, b| {
+                b.pending
+                    .cmp(&a.pending)
+                    .then_with(|| a.client_id.cmp(&b.client_id))
+            }),
+            SortBy::Bytes => list.sort_by(|a, b| {
+                b.bytes
+                    .cmp(&a.bytes)
+                    .then_with(|| a.client_id.cmp(&b.client_id))
+            }),
+            SortBy::Age => list.sort_by(|a, b| {
+                a.oldest_unacked_ts
+                    .unwrap_or(u64::MAX)
+                    .cmp(&b.oldest_unacked_ts.unwrap_or(u64::MAX))
+                    .then_with(|| a.client_id.cmp(&b.client_id))
+            }),
+        }
+    }
+}

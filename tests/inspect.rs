@@ -262,3 +262,68 @@ async fn restored_backup_delivers_what_was_pending() {
     let m = carol.recv_msg().await;
     assert_eq!(m["payload"], "after restore", "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_inspection_through_the_admin_api_matches_the_offline_view_and_sees_connections() {
+    // Catches an online view that differs from the stored state, or that misses who is
+    // connected; and an online backup that cannot be served.
+    let mut broker = Broker::start(Opts::new());
+    workload(&broker).await;
+    let (_bob, _) = broker.client("bob").await; // bob is connected while we look
+    let admin = format!("http://{}", broker.admin_addr());
+
+    let clients = json_of(&[
+        "inspect", "--admin", &admin, "--json", "clients", "--sort", "name",
+    ]);
+    let names: Vec<&str> = clients
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["client_id"].as_str())
+        .collect();
+    assert_eq!(names, ["alice", "bob", "carol"]);
+    assert_eq!(clients[1]["pending"], 5, "{clients}");
+    assert_eq!(clients[1]["connected"], true, "{clients}");
+    assert_eq!(clients[2]["connected"], false, "{clients}");
+
+    let dump = ok_stdout(&[
+        "inspect", "--admin", &admin, "--json", "outbox", "bob", "--limit", "0",
+    ]);
+    let seqs: Vec<u64> = dump
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("NDJSON")["seq"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(seqs, [3, 4, 5, 6, 7]);
+    let stats = json_of(&["inspect", "--admin", &admin, "--json", "stats"]);
+    assert_eq!(stats["pending_messages"], 7, "{stats}");
+
+    let missing = outboxd(&["inspect", "--admin", &admin, "outbox", "nobody"]);
+    assert_eq!(missing.status.code(), Some(3));
+    let down = outboxd(&["inspect", "--admin", "http://127.0.0.1:9", "stats"]);
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("is the broker running"));
+
+    // Online backup, then serve it.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let backup = scratch.path().join("online-backup");
+    let out = json_of(&[
+        "backup",
+        "--admin",
+        &admin,
+        "--to",
+        backup.to_str().expect("path"),
+        "--json",
+    ]);
+    assert!(out["records"].as_u64().unwrap_or(0) > 0, "{out}");
+    assert!(broker.sigterm().success());
+    std::fs::remove_dir_all(broker.data_dir()).expect("remove data dir");
+    std::fs::rename(&backup, broker.data_dir()).expect("move the backup in place");
+    broker.restart();
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 5, "{welcome}");
+    assert_eq!(bob.recv_msg().await["seq"], 3);
+}
