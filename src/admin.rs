@@ -447,9 +447,10 @@ async fn outbox(
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
     let name = id.as_str().to_owned();
-    let page = blocking(move || inspector.outbox(&name, from, limit))
+    let mut page = blocking(move || inspector.outbox(&name, from, limit))
         .await?
         .ok_or_else(|| AdminError::NoSuchClient(id.to_string()))?;
+    shared.store.fill_deliveries(&mut page);
     Ok(Json(page).into_response())
 }
 

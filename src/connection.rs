@@ -664,6 +664,7 @@ impl Conn {
         });
         self.out.text(frame)?;
         self.handle.mark_sent(seq);
+        self.handle.count_send(seq);
         let m = &self.shared.metrics;
         m.delivered.inc();
         if redelivered {
@@ -753,6 +754,7 @@ impl Conn {
             ),
             ClientFrame::Ack(ack) => {
                 self.window.ack(ack);
+                self.handle.forget_sends(ack);
                 self.shared
                     .store
                     .ack(&self.handle, ack)

@@ -327,3 +327,44 @@ async fn online_inspection_through_the_admin_api_matches_the_offline_view_and_se
     assert_eq!(welcome["pending"], 5, "{welcome}");
     assert_eq!(bob.recv_msg().await["seq"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_view_counts_how_often_each_message_was_sent() {
+    // Catches a delivery count that misses resends or survives the ack.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 0..3 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let deliveries = |page: &Value| -> Vec<u64> {
+        page["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["deliveries"].as_u64().expect("deliveries online"))
+            .collect()
+    };
+    let page = broker.admin_get("/v1/clients/bob/outbox").await.json();
+    assert_eq!(deliveries(&page), [0, 0, 0], "{page}");
+    let (mut bob, _) = broker.client("bob").await;
+    bob.recv_msgs(3).await;
+    bob.ack(1).await;
+    bob.sync().await;
+    let page = broker.admin_get("/v1/clients/bob/outbox").await.json();
+    assert_eq!(deliveries(&page), [1, 1], "{page}");
+    // A new connection gets seqs 2 and 3 again.
+    let (mut again, _) = broker.client("bob").await;
+    again.recv_msgs(2).await;
+    let page = broker.admin_get("/v1/clients/bob/outbox").await.json();
+    assert_eq!(deliveries(&page), [2, 2], "{page}");
+    let human = ok_stdout(&[
+        "inspect",
+        "--admin",
+        &format!("http://{}", broker.admin_addr()),
+        "outbox",
+        "bob",
+    ]);
+    assert!(human.contains("SENT"), "{human}");
+}

@@ -122,7 +122,14 @@ pub struct OutboxHandle {
     durable: watch::Sender<u64>,
     /// Highest seq possibly sent to the client (by any connection, or before a restart).
     sent: AtomicU64,
+    /// How often this process sent each unacked seq (for operators; bounded by what is in
+    /// flight, since acked seqs are forgotten).
+    sends: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
 }
+
+/// Every outbox's live handle by client id, shared by the writer (which creates them) and the
+/// admin side (which reads delivery counts).
+type Handles = Arc<std::sync::RwLock<HashMap<ClientId, Arc<OutboxHandle>>>>;
 
 impl OutboxHandle {
     pub fn client_id(&self) -> &ClientId {
@@ -142,6 +149,29 @@ impl OutboxHandle {
     /// True when `seq` may have been sent before.
     pub fn was_sent(&self, seq: u64) -> bool {
         seq <= self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Counts one send of `seq` by this process.
+    pub fn count_send(&self, seq: u64) {
+        let mut sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        *sends.entry(seq).or_insert(0) += 1;
+    }
+
+    /// Forgets the send counts of what `ack` acknowledges.
+    pub fn forget_sends(&self, ack: Ack) {
+        let mut sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        match ack {
+            Ack::Seq(s) => {
+                sends.remove(&s);
+            }
+            Ack::Upto(u) => *sends = sends.split_off(&u.saturating_add(1)),
+        }
+    }
+
+    /// How often this process has sent `seq` (0 when never, or not since it started).
+    pub fn sends_of(&self, seq: u64) -> u32 {
+        let sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        sends.get(&seq).copied().unwrap_or(0)
     }
 }
 
@@ -262,6 +292,7 @@ pub struct Store {
     outbox: sled::Tree,
     dir: PathBuf,
     latched: Arc<AtomicBool>,
+    handles: Handles,
 }
 
 /// The writer thread; join it after every [`Store`] clone is dropped to finish the last commit.
@@ -459,6 +490,7 @@ impl Store {
         // Our own handle on sled's log, for the fdatasync its flush does not do.
         let log = File::open(dir.join("db"))?;
         let latched = Arc::new(AtomicBool::new(false));
+        let handles = Handles::default();
         let state = WriterState::load(
             db.clone(),
             clients.clone(),
@@ -466,6 +498,7 @@ impl Store {
             log,
             opts,
             Arc::clone(&latched),
+            Arc::clone(&handles),
         )?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
@@ -479,6 +512,7 @@ impl Store {
                 outbox,
                 dir,
                 latched,
+                handles,
             },
             Writer {
                 thread: Some(thread),
@@ -497,6 +531,23 @@ impl Store {
     /// a broker started on `to` serves what was stored at that moment.
     pub async fn backup(&self, to: PathBuf) -> Result<BackupOutcome, StoreError> {
         self.call(|reply| Command::Backup { to, reply }).await
+    }
+
+    /// How often this process has sent each of `client`'s messages in `page` (see
+    /// [`OutboxHandle::sends_of`]); fills `deliveries`.
+    pub fn fill_deliveries(&self, page: &mut crate::report::OutboxPage) {
+        let Ok(id) = ClientId::new(&page.client_id) else {
+            return;
+        };
+        let handle = self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        for m in &mut page.messages {
+            m.deliveries = Some(handle.as_ref().map_or(0, |h| u64::from(h.sends_of(m.seq))));
+        }
     }
 
     /// A read-only view of the stored outboxes, as they are now.
@@ -719,6 +770,7 @@ struct WriterState {
     opts: StoreOptions,
     latched: Arc<AtomicBool>,
     latch_reason: Option<String>,
+    handles: Handles,
     clients: HashMap<ClientId, ClientState>,
     by_cid: HashMap<u64, ClientId>,
     subscribers: HashMap<Topic, BTreeSet<u64>>,
@@ -750,6 +802,7 @@ impl WriterState {
         log: File,
         opts: StoreOptions,
         latched: Arc<AtomicBool>,
+        handles: Handles,
     ) -> Result<Self, StoreError> {
         let mut metas: HashMap<u64, ClientMeta> = HashMap::new();
         for item in outbox.scan_prefix([keys::META]) {
@@ -781,6 +834,7 @@ impl WriterState {
             touched: Vec::new(),
             pending: Vec::new(),
             last_sweep: Instant::now(),
+            handles,
             tally: GroupTally::default(),
         };
         let mut orphans = Vec::new();
@@ -837,7 +891,12 @@ impl WriterState {
             name: name.clone(),
             durable,
             sent: AtomicU64::new(meta.next_seq.saturating_sub(1)),
+            sends: Default::default(),
         });
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), Arc::clone(&handle));
         self.by_cid.insert(cid, name.clone());
         self.clients.insert(name, ClientState { meta, handle });
     }
@@ -1415,6 +1474,7 @@ impl WriterState {
         let Some(c) = self.state_mut(cid) else {
             return Ok(None);
         };
+        c.handle.forget_sends(Ack::Upto(u64::MAX));
         c.meta.epoch = new_epoch(cid);
         c.meta.pending = 0;
         c.meta.bytes = 0;
