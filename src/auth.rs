@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// `[auth]` in config.toml.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// "none" (any client id is accepted as claimed) or "jwt".
@@ -31,6 +31,25 @@ pub struct AuthConfig {
     pub public_key_file: Option<PathBuf>,
     /// Slack for `exp` and `nbf` against clock skew.
     pub leeway_ms: u64,
+}
+
+// By hand, so the secret never reaches a log line.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field(
+                "hmac_secret",
+                &if self.hmac_secret.is_empty() {
+                    "<empty>"
+                } else {
+                    "<set>"
+                },
+            )
+            .field("public_key_file", &self.public_key_file)
+            .field("leeway_ms", &self.leeway_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -50,6 +69,16 @@ pub enum AuthConfigError {
     ShortSecret(usize),
     #[error("auth.public_key_file {path}: {reason}")]
     KeyFile { path: PathBuf, reason: String },
+}
+
+impl AuthConfigError {
+    /// The config key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            AuthConfigError::NoKey | AuthConfigError::ShortSecret(_) => "auth.hmac_secret",
+            AuthConfigError::KeyFile { .. } => "auth.public_key_file",
+        }
+    }
 }
 
 /// Why a token was refused. The text never contains the token.

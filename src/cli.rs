@@ -49,6 +49,11 @@ enum Command {
     Backup(crate::inspect::BackupArgs),
     /// Make a data directory from a backup (offline; the target must be new or empty).
     Restore(crate::inspect::RestoreArgs),
+    /// Mint a JWT for a client from the configured auth.hmac_secret (for development).
+    ///
+    /// Prints the token on stdout. Production tokens should come from your own identity
+    /// service, signed with the private key whose public half is auth.public_key_file.
+    Token(TokenArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -62,6 +67,98 @@ struct ServeArgs {
     /// Data directory, overriding storage.data_dir.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Allow auth.mode = "none" on an address beyond loopback, where anyone can claim any
+    /// client id and read its outbox. A warning is logged at every start.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The client id (the token's `sub`).
+    #[arg(long, value_name = "ID")]
+    client: String,
+    /// Lifetime: a number with s, m, h or d (e.g. 90s, 15m, 1h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    ttl: String,
+    /// Allow publishing only to these targets (client:ID, topic:NAME; a trailing * is a
+    /// prefix). Repeat for more; without it, every target is allowed.
+    #[arg(long = "pub", value_name = "PATTERN")]
+    publish: Vec<String>,
+    /// Allow subscribing only to these topics (a trailing * is a prefix). Repeat for more;
+    /// without it, every topic is allowed.
+    #[arg(long = "sub", value_name = "PATTERN")]
+    subscribe: Vec<String>,
+    /// Config file [default: ./config.toml, used only if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+/// `90s`, `15m`, `1h`, `7d` as seconds.
+fn parse_ttl(s: &str) -> Option<u64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|&v| v > 0)
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    let (path, required) = match args.config {
+        Some(p) => (p, true),
+        None => (PathBuf::from("config.toml"), false),
+    };
+    let cfg = match Config::load(&path, required, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outboxd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.auth.hmac_secret.is_empty() {
+        eprintln!(
+            "outboxd: `outboxd token` signs with auth.hmac_secret (HS256), which is not set; \
+             with auth.public_key_file, sign tokens with the matching private key instead"
+        );
+        return ExitCode::from(2);
+    }
+    if crate::ids::ClientId::new(&args.client).is_err() {
+        eprintln!("outboxd: {:?} is not a valid client id", args.client);
+        return ExitCode::from(2);
+    }
+    let Some(ttl) = parse_ttl(&args.ttl) else {
+        eprintln!(
+            "outboxd: --ttl {:?}: write a number with s, m, h or d, e.g. 1h",
+            args.ttl
+        );
+        return ExitCode::from(2);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = crate::auth::Claims {
+        sub: args.client,
+        exp: now + ttl,
+        nbf: None,
+        publish: (!args.publish.is_empty()).then_some(args.publish),
+        subscribe: (!args.subscribe.is_empty()).then_some(args.subscribe),
+    };
+    match crate::auth::mint_hs256(&cfg.auth.hmac_secret, &claims) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outboxd: cannot sign the token: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Runs the command line and returns the process exit code.
@@ -79,6 +176,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => crate::inspect::inspect(args),
         Command::Backup(args) => crate::inspect::backup(args),
         Command::Restore(args) => crate::inspect::restore(args),
+        Command::Token(args) => token(args),
     }
 }
 
@@ -113,6 +211,23 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = cfg.validate() {
         eprintln!("outboxd: {e}");
         return ExitCode::from(2);
+    }
+    if cfg.auth.mode == crate::auth::AuthMode::None {
+        let public = cfg.listen_addr().is_ok_and(|a| !a.ip().is_loopback());
+        if public && !args.insecure {
+            eprintln!(
+                "outboxd: server.listen ({}) is not a loopback address and auth.mode = \"none\": \
+                 anyone could claim any client id and read its outbox. Configure [auth] \
+                 (mode = \"jwt\"), listen on 127.0.0.1 behind a proxy that authenticates, or \
+                 pass --insecure to accept the risk",
+                cfg.server.listen
+            );
+            return ExitCode::from(2);
+        }
+        if public {
+            tracing::warn!(listen = %cfg.server.listen,
+                "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
+        }
     }
     let faults = Faults {
         fail_fsync_after: std::env::var("OUTBOXD_FAULT_FSYNC_FAIL_AFTER")

@@ -44,6 +44,7 @@ pub struct Config {
     pub delivery: Delivery,
     pub limits: Limits,
     pub admin: Admin,
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The admin HTTP API's settings (its address is `server.admin_listen`).
@@ -81,6 +82,12 @@ pub struct Server {
     pub hello_timeout_ms: u64,
     pub write_queue_frames: u32,
     pub max_bad_frames: u32,
+    /// Open connections from one IP address at most (0 = no per-address limit).
+    pub max_connections_per_ip: u32,
+    /// Origins a browser may connect from (exact `scheme://host[:port]`); empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Refuse upgrade requests without an Origin header (non-browser clients send none).
+    pub require_origin: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +121,12 @@ pub struct Limits {
     pub max_outbox_bytes: u64,
     pub message_ttl_ms: u64,
     pub dedup_window_ms: u64,
+    /// Sustained publishes per second one connection may send (0 = no limit)...
+    pub publish_rate_per_sec: u32,
+    /// ...and the burst above that rate it may send at once.
+    pub publish_burst: u32,
+    /// Durable subscriptions one client may hold (0 = no limit).
+    pub max_subscriptions: u32,
 }
 
 impl Default for Server {
@@ -126,6 +139,9 @@ impl Default for Server {
             hello_timeout_ms: 10_000,
             write_queue_frames: 256,
             max_bad_frames: 16,
+            max_connections_per_ip: 1000,
+            allowed_origins: Vec::new(),
+            require_origin: false,
         }
     }
 }
@@ -167,6 +183,9 @@ impl Default for Limits {
             max_outbox_bytes: 100 * 1024 * 1024,
             message_ttl_ms: 0,
             dedup_window_ms: 600_000,
+            publish_rate_per_sec: 5000,
+            publish_burst: 10_000,
+            max_subscriptions: 1000,
         }
     }
 }
@@ -189,6 +208,7 @@ impl Config {
             .filter(|(k, _)| k.starts_with("OUTBOXD_") && k["OUTBOXD_".len()..].contains("__"))
             .collect();
         let token = overrides.get("OUTBOXD_ADMIN__TOKEN").cloned();
+        let secret = overrides.get("OUTBOXD_AUTH__HMAC_SECRET").cloned();
         let mut cfg: Config = config::Config::builder()
             .add_source(config::File::from(path).required(required))
             .add_source(
@@ -196,6 +216,8 @@ impl Config {
                     .prefix_separator("_")
                     .separator("__")
                     .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("server.allowed_origins")
                     .source(Some(overrides)),
             )
             .build()?
@@ -203,6 +225,9 @@ impl Config {
         // Taken verbatim: `try_parsing` would turn a token like "0123" into the number 123.
         if let Some(token) = token {
             cfg.admin.token = token;
+        }
+        if let Some(secret) = secret {
+            cfg.auth.hmac_secret = secret;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -244,6 +269,23 @@ impl Config {
         }
         if s.max_bad_frames == 0 {
             return Err(invalid("server.max_bad_frames", "must be at least 1"));
+        }
+        for o in &s.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(invalid(
+                    "server.allowed_origins",
+                    format!("{o:?} is not an origin: write scheme://host[:port], e.g. \"https://app.example.com\""),
+                ));
+            }
+        }
+        if self.limits.publish_rate_per_sec > 0 && self.limits.publish_burst == 0 {
+            return Err(invalid(
+                "limits.publish_burst",
+                "must be at least 1 while limits.publish_rate_per_sec is set",
+            ));
+        }
+        if let Err(e) = crate::auth::Verifier::from_config(&self.auth) {
+            return Err(invalid(e.key(), e.to_string()));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));

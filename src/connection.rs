@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::Grants;
 use crate::ids::ClientId;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{
@@ -37,7 +38,7 @@ use crate::protocol::{
 };
 use crate::registry::{Kick, SessionGen, Ticket};
 use crate::server::Shared;
-use crate::session::{Beat, Liveness, Window};
+use crate::session::{Beat, Liveness, RateLimit, Window};
 use crate::store::{to_wire, OutboxHandle, PublishOutcome, PublishRequest, StoreError};
 
 type Ws = WebSocketStream<TcpStream>;
@@ -172,9 +173,19 @@ pub async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let has_permit = permit.is_some();
+    // Counted from accept, so sockets that trickle their headers count against the limit too.
+    let ip_slot = shared.per_ip.admit(peer.ip());
+    let ip_ok = ip_slot.is_some();
+    let allowed_origins: Vec<String> = cfg
+        .server
+        .allowed_origins
+        .iter()
+        .map(|o| o.to_ascii_lowercase())
+        .collect();
+    let require_origin = cfg.server.require_origin;
     let mut counted = Counted::new(
         Arc::clone(&shared.metrics),
-        if has_permit {
+        if has_permit && ip_ok {
             CloseReason::Handshake
         } else {
             CloseReason::OverLimit
@@ -192,6 +203,30 @@ pub async fn serve(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many connections (server.max_connections); retry later",
             ));
+        }
+        if !ip_ok {
+            return Err(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address (server.max_connections_per_ip)",
+            ));
+        }
+        match req.headers().get(header::ORIGIN).map(|v| v.to_str()) {
+            None if require_origin => {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "an Origin header is required (server.require_origin)",
+                ));
+            }
+            None => {}
+            Some(Ok(o))
+                if allowed_origins.is_empty()
+                    || allowed_origins.contains(&o.to_ascii_lowercase()) => {}
+            Some(_) => {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "this Origin is not allowed (server.allowed_origins)",
+                ));
+            }
         }
         let offered: Vec<String> = req
             .headers()
@@ -415,8 +450,10 @@ async fn run(
     let hello = first.and_then(
         |text| match protocol::parse_client_frame(&text, max_payload) {
             Ok(ClientFrame::Hello {
-                client_id, resume, ..
-            }) => Ok((client_id, resume)),
+                client_id,
+                resume,
+                token,
+            }) => Ok((client_id, resume, token)),
             Ok(_) => {
                 metrics.refused(ErrorCode::BadFrame);
                 let _ = out.text(encode_error(
@@ -443,7 +480,7 @@ async fn run(
             }
         },
     );
-    let (client, resume) = match hello {
+    let (client, resume, token) = match hello {
         Ok(h) => h,
         Err(end) => {
             debug!(%peer, reason = ?end, "connection ended before hello");
@@ -452,6 +489,21 @@ async fn run(
             }
             return end.reason();
         }
+    };
+    // Authentication comes before the store is touched: a refused client creates nothing,
+    // moves no position.
+    let grants = match &shared.auth {
+        None => Grants::all(),
+        Some(verifier) => match verifier.verify(token.as_deref(), client.as_str()) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(%peer, client = %client, reason = %e, "hello refused: authentication failed");
+                metrics.refused(ErrorCode::Unauthorized);
+                let _ = out.text(encode_error(None, ErrorCode::Unauthorized, &e.to_string()));
+                out.close(close::POLICY, "unauthorized");
+                return CloseReason::Policy;
+            }
+        },
     };
     let outcome = match shared.store.hello(client.clone(), resume).await {
         Ok(o) => o,
@@ -504,6 +556,13 @@ async fn run(
         out,
         bad_frames: 0,
         max_payload,
+        expires: expiry_instant(grants.expires_at_ms),
+        grants,
+        rate: RateLimit::new(
+            cfg.limits.publish_rate_per_sec,
+            cfg.limits.publish_burst,
+            Instant::now(),
+        ),
     };
     let end = match conn.out.text(protocol::encode_welcome(&welcome)) {
         Ok(()) => {
@@ -528,6 +587,21 @@ struct Conn {
     live: Liveness,
     bad_frames: u32,
     max_payload: usize,
+    /// What the client's token allows (everything in auth mode "none").
+    grants: Grants,
+    /// When the token expires and the session ends unless refreshed.
+    expires: Option<Instant>,
+    rate: Option<RateLimit>,
+}
+
+/// The instant a token that expires at Unix ms `at` runs out.
+fn expiry_instant(at: Option<u64>) -> Option<Instant> {
+    let at = at?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    Some(Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)))
 }
 
 impl Conn {
@@ -606,6 +680,7 @@ impl Conn {
 
     fn next_wake(&self) -> Instant {
         let beat = self.live.next_deadline();
+        let beat = self.expires.map_or(beat, |e| beat.min(e));
         match self
             .shared
             .cfg
@@ -675,6 +750,12 @@ impl Conn {
 
     fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
+        if self.expires.is_some_and(|e| now >= e) {
+            warn!("session ended: its token expired and no refresh came");
+            return Err(End::Policy(
+                "token expired: send a refresh frame with a new token before it runs out".into(),
+            ));
+        }
         match self.live.poll(now) {
             Beat::Dead => return Err(End::Dead),
             Beat::SendPing => self.out.text(protocol::PING.to_string())?,
@@ -763,6 +844,13 @@ impl Conn {
             }
             ClientFrame::Publish(p) => self.publish(p, replies).await,
             ClientFrame::Subscribe { reference, topic } => {
+                if !self.grants.may_subscribe(topic.as_str()) {
+                    let message = format!(
+                        "your token does not allow subscribing to {:?}",
+                        topic.as_str()
+                    );
+                    return self.refuse(reference.as_deref(), ErrorCode::Forbidden, &message);
+                }
                 self.subscription(reference, topic, true, replies);
                 Ok(())
             }
@@ -772,7 +860,48 @@ impl Conn {
             }
             ClientFrame::Ping => self.out.text(protocol::PONG.to_string()),
             ClientFrame::Pong => Ok(()),
+            ClientFrame::Refresh { reference, token } => self.refresh(reference, &token),
         }
+    }
+
+    /// A fresh token for this session: new grants and a new expiry, or `unauthorized` (the
+    /// session then still ends when the old token expires).
+    fn refresh(
+        &mut self,
+        reference: Option<Box<serde_json::value::RawValue>>,
+        token: &str,
+    ) -> Result<(), End> {
+        let Some(verifier) = &self.shared.auth else {
+            return self.out.text(protocol::encode_ok(reference.as_deref()));
+        };
+        match verifier.verify(Some(token), self.client.as_str()) {
+            Ok(grants) => {
+                self.expires = expiry_instant(grants.expires_at_ms);
+                self.grants = grants;
+                info!("token refreshed");
+                self.out.text(protocol::encode_ok(reference.as_deref()))
+            }
+            Err(e) => {
+                warn!(reason = %e, "token refresh refused");
+                self.shared.metrics.refused(ErrorCode::Unauthorized);
+                self.out.text(encode_error(
+                    reference.as_deref(),
+                    ErrorCode::Unauthorized,
+                    &e.to_string(),
+                ))
+            }
+        }
+    }
+
+    /// Refuses a frame with `code`; nothing is written.
+    fn refuse(
+        &mut self,
+        reference: Option<&serde_json::value::RawValue>,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), End> {
+        self.shared.metrics.refused(code);
+        self.out.text(encode_error(reference, code, message))
     }
 
     fn subscription(
@@ -789,7 +918,10 @@ impl Conn {
             match store.subscribe(client, topic, on).await {
                 Ok(()) => protocol::encode_ok(reference.as_deref()),
                 Err(e) => {
-                    metrics.refused(ErrorCode::Internal);
+                    metrics.refused(match e {
+                        StoreError::TooManySubscriptions { .. } => ErrorCode::Forbidden,
+                        _ => ErrorCode::Internal,
+                    });
                     store_error_frame(reference.as_deref(), &e)
                 }
             }
@@ -808,6 +940,21 @@ impl Conn {
             key,
             ttl_ms,
         } = p;
+        let target = to.wire();
+        if !self.grants.may_publish(&target) {
+            let message = format!("your token does not allow publishing to {target}");
+            return self.refuse(reference.as_deref(), ErrorCode::Forbidden, &message);
+        }
+        if let Some(rate) = &mut self.rate {
+            if !rate.try_take(Instant::now()) {
+                let l = &self.shared.cfg.limits;
+                let message = format!(
+                    "over {} publishes per second (burst {}) on this connection; nothing was written, retry later",
+                    l.publish_rate_per_sec, l.publish_burst
+                );
+                return self.refuse(reference.as_deref(), ErrorCode::RateLimited, &message);
+            }
+        }
         let direct = match &to {
             crate::protocol::Target::Client(c) => Some(c.clone()),
             crate::protocol::Target::Topic(_) => None,
@@ -940,10 +1087,15 @@ pub(crate) fn store_error_message(e: &StoreError) -> String {
                 .to_string()
         }
         StoreError::Closed => "the broker is shutting down; nothing was written".to_string(),
+        StoreError::TooManySubscriptions { .. } => e.to_string(),
         other => format!("store failure: {other}"),
     }
 }
 
 fn store_error_frame(reference: Option<&serde_json::value::RawValue>, e: &StoreError) -> String {
-    encode_error(reference, ErrorCode::Internal, &store_error_message(e))
+    let code = match e {
+        StoreError::TooManySubscriptions { .. } => ErrorCode::Forbidden,
+        _ => ErrorCode::Internal,
+    };
+    encode_error(reference, code, &store_error_message(e))
 }

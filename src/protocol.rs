@@ -120,6 +120,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// The target as written on the wire: `client:ID` or `topic:NAME`.
+    pub fn wire(&self) -> String {
+        match self {
+            Target::Client(c) => format!("client:{}", c.as_str()),
+            Target::Topic(t) => format!("topic:{}", t.as_str()),
+        }
+    }
+
     /// Parses `client:ID` or `topic:NAME`.
     pub fn parse(s: &str) -> Result<Target, (ErrorCode, String)> {
         if let Some(id) = s.strip_prefix("client:") {
@@ -176,6 +184,11 @@ pub enum ClientFrame {
     },
     Ping,
     Pong,
+    /// A fresh token for the running session (auth mode "jwt"), before the old one expires.
+    Refresh {
+        reference: Option<Box<RawValue>>,
+        token: String,
+    },
 }
 
 /// Keeps an explicit JSON `null` as a value (plain `Option` would turn it into "absent").
@@ -310,6 +323,10 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
                 ttl_ms: raw.ttl_ms,
             }))
         }
+        "refresh" => match raw.token {
+            Some(token) => Ok(ClientFrame::Refresh { reference, token }),
+            None => Err(bad("refresh needs `token`", reference)),
+        },
         kind @ ("subscribe" | "unsubscribe") => {
             let Some(topic) = raw.topic else {
                 return Err(bad(&format!("{kind} needs `topic`"), reference));

@@ -8,6 +8,7 @@
 //! purging its outbox; the connection learns why from its [`Ticket`].
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -122,6 +123,56 @@ impl Registry {
     }
 }
 
+/// Counts open connections per client address, for `server.max_connections_per_ip`.
+#[derive(Debug, Default)]
+pub struct PerIp {
+    limit: u32,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+/// One counted connection; uncounted when dropped.
+#[derive(Debug)]
+pub struct IpSlot {
+    ip: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl PerIp {
+    /// `limit` = 0: no per-address limit.
+    pub fn new(limit: u32) -> Self {
+        PerIp {
+            limit,
+            open: Arc::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`, or None when that address is at the limit.
+    pub fn admit(&self, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if self.limit > 0 && *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ip,
+            open: Arc::clone(&self.open),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +206,19 @@ mod tests {
         assert!(r.kick(&bob, Kick::Purged));
         assert!(t.token.is_cancelled());
         assert_eq!(t.why(), Kick::Purged);
+    }
+
+    #[test]
+    fn per_ip_limit_counts_open_connections_and_frees_on_drop() {
+        let p = PerIp::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let a = p.admit(ip).unwrap();
+        let _b = p.admit(ip).unwrap();
+        assert!(p.admit(ip).is_none());
+        assert!(p.admit(other).is_some());
+        drop(a);
+        assert!(p.admit(ip).is_some());
+        assert!(PerIp::new(0).admit(ip).is_some());
     }
 }

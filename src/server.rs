@@ -50,6 +50,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub metrics: Arc<Metrics>,
+    /// Token checks; None in auth mode "none".
+    pub auth: Option<crate::auth::Verifier>,
+    /// Open connections per client address (`server.max_connections_per_ip`).
+    pub per_ip: crate::registry::PerIp,
 }
 
 /// Test hooks that are not configuration.
@@ -89,7 +93,16 @@ pub async fn serve(
     ));
     info!(listen = %local, data_dir = %cfg.storage.data_dir.display(),
           durability = ?cfg.storage.durability, "outboxd serving");
+    let auth = crate::auth::Verifier::from_config(&cfg.auth).map_err(|e| {
+        ServeError::Config(ConfigError::Invalid {
+            key: e.key(),
+            reason: e.to_string(),
+        })
+    })?;
+    let per_ip = crate::registry::PerIp::new(cfg.server.max_connections_per_ip);
     let shared = Arc::new(Shared {
+        auth,
+        per_ip,
         cfg,
         store,
         registry: Registry::default(),

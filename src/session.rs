@@ -151,6 +151,40 @@ impl Liveness {
     }
 }
 
+/// A token bucket: `rate` publishes per second sustained, `burst` at once.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    /// None when `rate` is 0 (no limit).
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Option<Self> {
+        (rate > 0).then(|| RateLimit {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        })
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +267,23 @@ mod tests {
         assert_ne!(l.poll(t + ms(400)), Beat::Dead);
         assert_eq!(l.poll(t + ms(550)), Beat::Dead);
         assert!(l.next_deadline() <= t + ms(550));
+    }
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, 3, t0).unwrap();
+        assert!(r.try_take(t0) && r.try_take(t0) && r.try_take(t0));
+        assert!(!r.try_take(t0), "the burst is spent");
+        assert!(
+            !r.try_take(t0 + Duration::from_millis(50)),
+            "half a token is not one"
+        );
+        assert!(r.try_take(t0 + Duration::from_millis(100)));
+        // A long pause refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(60);
+        assert!(r.try_take(later) && r.try_take(later) && r.try_take(later));
+        assert!(!r.try_take(later));
+        assert!(RateLimit::new(0, 5, t0).is_none());
     }
 }

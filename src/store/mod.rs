@@ -72,6 +72,8 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
     #[error("the store is shut down")]
     Closed,
+    #[error("this client already holds limits.max_subscriptions = {limit} subscriptions; unsubscribe from one first")]
+    TooManySubscriptions { limit: u32 },
     #[error(
         "the data directory {path} is in use by a running outboxd; inspect it through that broker \
          (--admin URL), or stop the broker first"
@@ -88,6 +90,8 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
     pub max_outbox_messages: u64,
     pub max_outbox_bytes: u64,
+    /// Durable subscriptions one client may hold (0 = no limit).
+    pub max_subscriptions: u32,
     pub message_ttl_ms: u64,
     pub dedup_window_ms: u64,
     /// Test hook: the commit after this many successful ones fails its fsync.
@@ -105,6 +109,7 @@ impl StoreOptions {
             cache_capacity_bytes: cfg.storage.cache_capacity_bytes,
             max_outbox_messages: cfg.limits.max_outbox_messages,
             max_outbox_bytes: cfg.limits.max_outbox_bytes,
+            max_subscriptions: cfg.limits.max_subscriptions,
             message_ttl_ms: cfg.limits.message_ttl_ms,
             dedup_window_ms: cfg.limits.dedup_window_ms,
             fail_fsync_after: None,
@@ -1491,6 +1496,21 @@ impl WriterState {
         let cid = self.ensure_client(client)?;
         let key = keys::sub(topic.as_str(), cid);
         if on {
+            let limit = self.opts.max_subscriptions;
+            let already = self
+                .subscribers
+                .get(topic)
+                .is_some_and(|s| s.contains(&cid));
+            if limit > 0 && !already {
+                let held = self
+                    .subscribers
+                    .values()
+                    .filter(|s| s.contains(&cid))
+                    .count();
+                if held >= usize::try_from(limit).unwrap_or(usize::MAX) {
+                    return Err(StoreError::TooManySubscriptions { limit });
+                }
+            }
             self.outbox.insert(key, &[])?;
             self.subscribers
                 .entry(topic.clone())
