@@ -54,6 +54,18 @@ enum Command {
     /// Prints the token on stdout. Production tokens should come from your own identity
     /// service, signed with the private key whose public half is auth.public_key_file.
     Token(TokenArgs),
+    /// Publish messages; exit 0 only when the broker confirmed every one.
+    ///
+    /// Confirmed means durable in every recipient's outbox. Retries across reconnects with
+    /// the same idempotency key, so a message is written once. PAYLOAD that parses as JSON is
+    /// sent as that JSON value, any other text as a string; `-` reads stdin, one message per
+    /// line. See docs/clients.md.
+    Pub(crate::tools::PubArgs),
+    /// Print the messages of a client's outbox as they arrive, acking each after printing.
+    ///
+    /// Resumes across disconnects and broker restarts, and across runs (the position is kept
+    /// in a file), printing every message once and in order. See docs/clients.md.
+    Sub(crate::tools::SubArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -177,6 +189,8 @@ pub fn main() -> ExitCode {
         Command::Backup(args) => crate::inspect::backup(args),
         Command::Restore(args) => crate::inspect::restore(args),
         Command::Token(args) => token(args),
+        Command::Pub(args) => crate::tools::publish(args),
+        Command::Sub(args) => crate::tools::subscribe(args),
     }
 }
 

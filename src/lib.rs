@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -20,3 +21,4 @@ pub mod report;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tools;

@@ -1,0 +1,1286 @@
+//! The client side of the v1 protocol as a state machine: no sockets, no clocks, no files.
+//!
+//! [`Machine`] takes what happened (a frame arrived, the connection closed, the application
+//! acked or asked to publish) and queues what to do about it as [`Action`]s: frames to send,
+//! positions to save, messages and events to hand to the application, requests to complete.
+//! The driver (`driver.rs`) only executes them, so every rule below is unit-tested here.
+//!
+//! The rules that keep the promise "nothing lost, nothing handed twice":
+//! - Dedup: within one epoch, a message is handed to the application only if its seq is above
+//!   every seq handed before (`delivered`). A duplicate of a message the application already
+//!   acked is acked again (its ack was lost); a duplicate of one it still holds is dropped, and
+//!   the application's ack, when it comes, goes out on whatever connection is current.
+//! - Position: `acked` is the highest seq such that every message handed out at or below it is
+//!   acked. It is what `hello` resumes from and what is saved. A save comes before the `ack
+//!   upto` frames it covers, so a crash in between leaves a saved position the broker never
+//!   heard of (harmless: the next resume acks it) rather than the reverse.
+//! - Reset: a `welcome` with `resumed:false` means the broker does not know our position (first
+//!   connection, another epoch, or a position from the future): the dedup state starts over from
+//!   the broker's watermark, and a stale delivery's ack can no longer touch the new epoch.
+//! - Requests (publish, subscribe, unsubscribe) are kept until answered and sent again, with the
+//!   same frame (so the same idempotency key), on every new connection; never more than the
+//!   broker's `max_inflight` wait for an answer on one connection.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::error::{RequestError, StopReason};
+use super::payload::Payload;
+use super::position::{Epoch, Position};
+use crate::ids::{ClientId, Topic};
+use crate::protocol::close;
+
+/// A message the broker delivered, as handed to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The outbox incarnation the seq belongs to.
+    pub epoch: Epoch,
+    /// Position in this client's outbox; strictly increasing within an epoch.
+    pub seq: u64,
+    /// The message id, the same for every recipient of one publish.
+    pub id: String,
+    /// When the broker accepted the publish, in ms since the Unix epoch.
+    pub ts: u64,
+    /// The publisher's client id.
+    pub from: Option<String>,
+    /// The topic, for topic messages.
+    pub topic: Option<String>,
+    pub payload: Payload,
+    /// The broker says it may have sent this message before (to an earlier connection or an
+    /// earlier process of this client). The client has not handed it to the application before.
+    pub redelivered: bool,
+}
+
+/// Something the application should know that is not a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A session began (after the broker's `welcome`).
+    Connected {
+        epoch: Epoch,
+        /// The broker accepted the position the client resumed from.
+        resumed: bool,
+        /// Messages stored for this client and not yet acked.
+        pending: u64,
+    },
+    /// The session ended; the client reconnects with backoff.
+    Disconnected { reason: String },
+    /// A connection attempt failed; the next one follows after `retry_in`.
+    ConnectFailed { error: String, retry_in: Duration },
+    /// The broker removed `count` messages for this client before they were acked (a retention
+    /// rule such as a TTL): the application will never see them.
+    Missed { count: u64, epoch: Epoch },
+    /// The broker did not accept the client's position (its outbox was recreated, or the
+    /// position is ahead of anything it assigned). Dedup starts over in `epoch`; acks of
+    /// deliveries from before are ignored.
+    Reset {
+        previous: Position,
+        epoch: Epoch,
+        reason: String,
+    },
+    /// The position could not be saved. The client carries on (the broker still gets the acks),
+    /// but a restarted application may see some acked messages again.
+    PositionNotSaved { error: String },
+    /// The client stopped for good; the stream ends after this event.
+    Stopped { reason: StopReason },
+}
+
+/// The broker's confirmation of a publish: every recipient's outbox write is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The message id its recipients see.
+    pub id: String,
+    /// Outboxes written.
+    pub recipients: u64,
+    /// The key was seen before: nothing new was written (an earlier attempt got through).
+    pub duplicate: bool,
+    /// Topic subscribers the message could not be written for.
+    pub refused: Vec<RefusedRecipient>,
+    /// The idempotency key the publish went out with (given or generated).
+    pub key: String,
+}
+
+/// A subscriber a topic publish skipped, and why (e.g. `outbox_full`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RefusedRecipient {
+    pub client_id: String,
+    pub code: String,
+}
+
+/// A request waiting for the broker's answer.
+#[derive(Debug, Clone)]
+pub(crate) enum RequestKind {
+    Publish {
+        to: String,
+        payload: Payload,
+        key: String,
+        ttl_ms: Option<u64>,
+    },
+    Subscribe(Topic),
+    Unsubscribe(Topic),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Published(Published),
+    Done,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Send this text frame on the current connection.
+    Send(String),
+    /// Save this position; wait for it before the next action (which may be an ack it covers).
+    Save(Position),
+    /// Hand a message to the application; `generation` goes into its ack handle.
+    Deliver(Message, u64),
+    Event(Event),
+    /// Answer the request with this id.
+    Complete(u64, Result<Reply, RequestError>),
+}
+
+/// Why a connection must end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Drop it and connect again after a backoff.
+    Reconnect(String),
+    /// Stop the client.
+    Stop(StopReason),
+}
+
+#[derive(Debug)]
+enum Conn {
+    Down,
+    /// `hello` sent, resuming from this position (if any); waiting for `welcome`.
+    Hello(Option<Position>),
+    Up(Up),
+}
+
+#[derive(Debug)]
+struct Up {
+    heartbeat: Duration,
+    max_inflight: usize,
+    /// The position the welcome put in force.
+    base: u64,
+    /// Highest seq seen on this connection.
+    max_seen: Option<u64>,
+    /// Requests sent on this connection and not answered yet.
+    unanswered: usize,
+}
+
+#[derive(Debug)]
+struct Pending {
+    kind: RequestKind,
+    frame: String,
+    sent: bool,
+    /// The caller gave up; forget it once the broker answers (or the connection drops).
+    cancelled: bool,
+}
+
+/// Losses the application has been told of, so one removal is reported once even when the
+/// broker reports it again at the next `welcome` (it keeps a record until the client's
+/// position passes it).
+#[derive(Debug, Default)]
+struct LossBook {
+    /// Seqs known removed (from gaps), all above the acked position.
+    ranges: Vec<(u64, u64)>,
+    /// Losses a welcome reported after `base` whose seqs are not known yet: (base, count).
+    anonymous: Option<(u64, u64)>,
+}
+
+impl LossBook {
+    fn count_above(&self, base: u64) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|(_, hi)| *hi > base)
+            .map(|&(lo, hi)| hi - lo.max(base.saturating_add(1)) + 1)
+            .sum()
+    }
+
+    /// A welcome counted `missed` removals after `base`; returns how many are news.
+    fn welcome(&mut self, base: u64, missed: u64) -> u64 {
+        let located = self.count_above(base);
+        let told_anonymous = self
+            .anonymous
+            .filter(|(b, _)| *b == base)
+            .map_or(0, |(_, n)| n);
+        let anonymous = missed.saturating_sub(located);
+        self.anonymous = (anonymous > 0).then_some((base, anonymous));
+        missed.saturating_sub(located.saturating_add(told_anonymous))
+    }
+
+    /// Seqs `lo..=hi` never arrived; returns how many of them are news.
+    fn gap(&mut self, lo: u64, hi: u64) -> u64 {
+        let overlap: u64 = self
+            .ranges
+            .iter()
+            .filter(|(a, b)| *a <= hi && *b >= lo)
+            .map(|&(a, b)| b.min(hi) - a.max(lo) + 1)
+            .sum();
+        let fresh = (hi - lo + 1).saturating_sub(overlap);
+        self.ranges.push((lo, hi));
+        self.ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
+        for &(a, b) in &self.ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.ranges = merged;
+        // A welcome may already have counted these without knowing where they were.
+        let from_welcome = self.anonymous.map_or(0, |(_, n)| n).min(fresh);
+        if let Some((base, n)) = self.anonymous {
+            self.anonymous = (n > from_welcome).then_some((base, n - from_welcome));
+        }
+        fresh - from_welcome
+    }
+
+    /// The position moved to `acked`: removals at or below it are history.
+    fn prune(&mut self, acked: u64) {
+        self.ranges.retain(|(_, hi)| *hi > acked);
+        for r in &mut self.ranges {
+            r.0 = r.0.max(acked.saturating_add(1));
+        }
+        if self.anonymous.is_some_and(|(base, _)| base < acked) {
+            self.anonymous = None;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(rename = "ref")]
+    reference: Option<Value>,
+    client_id: Option<String>,
+    epoch: Option<String>,
+    resumed: Option<bool>,
+    reason: Option<String>,
+    last_seq: Option<u64>,
+    pending: Option<u64>,
+    missed: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    max_inflight: Option<u64>,
+    seq: Option<u64>,
+    id: Option<String>,
+    ts: Option<u64>,
+    from: Option<String>,
+    topic: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Box<RawValue>>,
+    payload_b64: Option<String>,
+    redelivered: Option<bool>,
+    recipients: Option<u64>,
+    duplicate: Option<bool>,
+    #[serde(default)]
+    refused: Vec<RefusedRecipient>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// Keeps a JSON `null` payload as a value (plain `Option` would read it as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+fn json_str(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+fn ack_seq_frame(seq: u64) -> String {
+    format!(r#"{{"type":"ack","seq":{seq}}}"#)
+}
+
+fn ack_upto_frame(upto: u64) -> String {
+    format!(r#"{{"type":"ack","upto":{upto}}}"#)
+}
+
+const PONG: &str = r#"{"type":"pong"}"#;
+
+fn request_frame(id: u64, kind: &RequestKind) -> String {
+    match kind {
+        RequestKind::Publish {
+            to,
+            payload,
+            key,
+            ttl_ms,
+        } => {
+            let ttl = ttl_ms
+                .map(|t| format!(r#","ttl_ms":{t}"#))
+                .unwrap_or_default();
+            format!(
+                r#"{{"type":"publish","ref":{id},"to":{},"key":{}{ttl},{}}}"#,
+                json_str(to),
+                json_str(key),
+                payload.frame_member()
+            )
+        }
+        RequestKind::Subscribe(t) => format!(
+            r#"{{"type":"subscribe","ref":{id},"topic":{}}}"#,
+            json_str(t.as_str())
+        ),
+        RequestKind::Unsubscribe(t) => format!(
+            r#"{{"type":"unsubscribe","ref":{id},"topic":{}}}"#,
+            json_str(t.as_str())
+        ),
+    }
+}
+
+/// The client's protocol state across connections. See the module docs for its rules.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    client_id: ClientId,
+    token: Option<String>,
+    epoch: Option<Epoch>,
+    /// Every seq handed out at or below this is acked: the position.
+    acked: u64,
+    /// Highest seq handed to the application in this epoch.
+    delivered: u64,
+    /// Handed to the application, not acked yet.
+    outstanding: BTreeSet<u64>,
+    /// Bumped at every reset, so acks of deliveries from before cannot touch what came after.
+    generation: u64,
+    /// The position changed since the last save.
+    save_due: bool,
+    /// An `ack upto` that goes out once the save covering it is done.
+    upto_after_save: Option<u64>,
+    losses: LossBook,
+    conn: Conn,
+    requests: BTreeMap<u64, Pending>,
+    /// Ids of requests that wait to be sent, in order.
+    unsent: BTreeSet<u64>,
+    out: VecDeque<Action>,
+}
+
+impl Machine {
+    /// A client starting from `position` (its saved position, if any).
+    pub fn new(client_id: ClientId, token: Option<String>, position: Option<Position>) -> Self {
+        let (epoch, acked) = match position {
+            Some(p) => (Some(p.epoch), p.last_seq),
+            None => (None, 0),
+        };
+        Self {
+            client_id,
+            token,
+            epoch,
+            acked,
+            delivered: acked,
+            outstanding: BTreeSet::new(),
+            generation: 0,
+            save_due: false,
+            upto_after_save: None,
+            losses: LossBook::default(),
+            conn: Conn::Down,
+            requests: BTreeMap::new(),
+            unsent: BTreeSet::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The position resumed from at the next `hello`.
+    pub fn position(&self) -> Option<Position> {
+        self.epoch.as_ref().map(|e| Position {
+            epoch: e.clone(),
+            last_seq: self.acked,
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.conn, Conn::Up(_))
+    }
+
+    /// The broker's ping interval on the current session.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        match &self.conn {
+            Conn::Up(up) => Some(up.heartbeat),
+            _ => None,
+        }
+    }
+
+    /// A new connection is open: the `hello` to send first.
+    pub fn hello(&mut self) -> String {
+        self.drop_sends();
+        let resume = self.position();
+        let mut frame = serde_json::json!({"type": "hello", "client_id": self.client_id.as_str()});
+        if let Some(token) = &self.token {
+            frame["token"] = Value::String(token.clone());
+        }
+        if let Some(p) = &resume {
+            frame["resume"] =
+                serde_json::json!({"epoch": p.epoch.as_str(), "last_seq": p.last_seq});
+        }
+        self.conn = Conn::Hello(resume);
+        frame.to_string()
+    }
+
+    /// A text frame from the broker.
+    pub fn on_text(&mut self, text: &str) -> Result<(), Ended> {
+        let f: Frame = serde_json::from_str(text).map_err(|e| {
+            Ended::Reconnect(format!("the broker sent a frame that is not valid: {e}"))
+        })?;
+        match f.kind.as_str() {
+            "welcome" => self.on_welcome(f),
+            "msg" => self.on_msg(f),
+            "ok" => {
+                self.on_answer(f, true);
+                Ok(())
+            }
+            "error" => self.on_error(f),
+            "ping" => {
+                if !matches!(self.conn, Conn::Down) {
+                    self.out.push_back(Action::Send(PONG.to_owned()));
+                }
+                Ok(())
+            }
+            "pong" => Ok(()),
+            other => {
+                // A newer broker may say more; nothing in v1 requires an answer to it.
+                tracing::debug!(frame_type = other, "ignoring a frame of unknown type");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_welcome(&mut self, f: Frame) -> Result<(), Ended> {
+        let Conn::Hello(claimed) = std::mem::replace(&mut self.conn, Conn::Down) else {
+            return Err(Ended::Reconnect("welcome out of turn".into()));
+        };
+        let (Some(epoch), Some(resumed), Some(last_seq), Some(heartbeat_ms)) =
+            (f.epoch, f.resumed, f.last_seq, f.heartbeat_ms)
+        else {
+            return Err(Ended::Reconnect(
+                "welcome without epoch, resumed, last_seq or heartbeat_ms".into(),
+            ));
+        };
+        if f.client_id.as_deref() != Some(self.client_id.as_str()) {
+            return Err(Ended::Reconnect(format!(
+                "welcome names client {:?}, not {:?}",
+                f.client_id,
+                self.client_id.as_str()
+            )));
+        }
+        let epoch = Epoch::new(epoch);
+        self.out.push_back(Action::Event(Event::Connected {
+            epoch: epoch.clone(),
+            resumed,
+            pending: f.pending.unwrap_or(0),
+        }));
+        let accepted = resumed && claimed.as_ref().is_some_and(|p| p.epoch == epoch);
+        if accepted {
+            // Same incarnation: the dedup state stands. Acks made while the hello was on its
+            // way are not in the resume: state them now.
+            if self.acked > last_seq {
+                self.out.push_back(Action::Send(ack_upto_frame(self.acked)));
+            }
+        } else {
+            if let Some(previous) = claimed {
+                self.out.push_back(Action::Event(Event::Reset {
+                    previous,
+                    epoch: epoch.clone(),
+                    reason: f.reason.unwrap_or_else(|| "not resumed".into()),
+                }));
+            }
+            self.epoch = Some(epoch.clone());
+            self.acked = last_seq;
+            self.delivered = last_seq;
+            self.outstanding.clear();
+            self.losses = LossBook::default();
+            self.upto_after_save = None;
+            self.generation = self.generation.wrapping_add(1);
+            self.save_due = true;
+        }
+        let news = self.losses.welcome(last_seq, f.missed.unwrap_or(0));
+        if news > 0 {
+            self.out
+                .push_back(Action::Event(Event::Missed { count: news, epoch }));
+        }
+        self.conn = Conn::Up(Up {
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            max_inflight: usize::try_from(f.max_inflight.unwrap_or(1))
+                .unwrap_or(usize::MAX)
+                .max(1),
+            base: last_seq,
+            max_seen: None,
+            unanswered: 0,
+        });
+        self.pump_requests();
+        Ok(())
+    }
+
+    fn on_msg(&mut self, f: Frame) -> Result<(), Ended> {
+        let (Conn::Up(up), Some(epoch)) = (&mut self.conn, &self.epoch) else {
+            return Err(Ended::Reconnect("msg before welcome".into()));
+        };
+        let Some(seq) = f.seq else {
+            return Err(Ended::Reconnect("msg without seq".into()));
+        };
+        let epoch = epoch.clone();
+        let previous = up.max_seen.unwrap_or(up.base);
+        up.max_seen = Some(previous.max(seq));
+        // Seqs are contiguous in an outbox: what is skipped above what we already have was
+        // removed by retention.
+        let lo = previous.max(self.delivered).saturating_add(1);
+        if seq > lo {
+            let news = self.losses.gap(lo, seq - 1);
+            if news > 0 {
+                self.out.push_back(Action::Event(Event::Missed {
+                    count: news,
+                    epoch: epoch.clone(),
+                }));
+            }
+        }
+        if seq <= self.delivered {
+            if !self.outstanding.contains(&seq) {
+                // Processed and acked before; that ack was lost on the way.
+                self.out.push_back(Action::Send(ack_seq_frame(seq)));
+            }
+            return Ok(());
+        }
+        let payload = Payload::from_frame(f.payload.as_deref(), f.payload_b64.as_deref())
+            .map_err(Ended::Reconnect)?;
+        self.delivered = seq;
+        self.outstanding.insert(seq);
+        self.out.push_back(Action::Deliver(
+            Message {
+                epoch,
+                seq,
+                id: f.id.unwrap_or_default(),
+                ts: f.ts.unwrap_or(0),
+                from: f.from,
+                topic: f.topic,
+                payload,
+                redelivered: f.redelivered.unwrap_or(false),
+            },
+            self.generation,
+        ));
+        Ok(())
+    }
+
+    fn on_answer(&mut self, f: Frame, ok: bool) {
+        let Some(id) = f.reference.as_ref().and_then(Value::as_u64) else {
+            return;
+        };
+        if !self.requests.get(&id).is_some_and(|p| p.sent) {
+            return;
+        }
+        let Some(p) = self.requests.remove(&id) else {
+            return;
+        };
+        if let Conn::Up(up) = &mut self.conn {
+            up.unanswered = up.unanswered.saturating_sub(1);
+        }
+        if !p.cancelled {
+            let result = if ok {
+                Ok(match p.kind {
+                    RequestKind::Publish { key, .. } => Reply::Published(Published {
+                        id: f.id.unwrap_or_default(),
+                        recipients: f.recipients.unwrap_or(0),
+                        duplicate: f.duplicate.unwrap_or(false),
+                        refused: f.refused,
+                        key,
+                    }),
+                    RequestKind::Subscribe(_) | RequestKind::Unsubscribe(_) => Reply::Done,
+                })
+            } else {
+                Err(RequestError::Refused {
+                    code: f.code.unwrap_or_else(|| "internal".into()),
+                    message: f.message.unwrap_or_default(),
+                })
+            };
+            self.out.push_back(Action::Complete(id, result));
+        }
+        self.pump_requests();
+    }
+
+    fn on_error(&mut self, f: Frame) -> Result<(), Ended> {
+        if matches!(self.conn, Conn::Hello(_)) {
+            let code = f.code.unwrap_or_else(|| "internal".into());
+            let message = f.message.unwrap_or_default();
+            return Err(match code.as_str() {
+                // Asking again with the same hello gets the same answer.
+                "bad_client_id" | "unauthorized" | "forbidden" | "bad_frame" => {
+                    Ended::Stop(StopReason::Refused { code, message })
+                }
+                _ => Ended::Reconnect(format!("hello refused: {code}: {message}")),
+            });
+        }
+        if f.reference.is_none() {
+            tracing::warn!(
+                code = f.code.as_deref().unwrap_or(""),
+                message = f.message.as_deref().unwrap_or(""),
+                "the broker refused a frame of this client"
+            );
+            return Ok(());
+        }
+        self.on_answer(f, false);
+        Ok(())
+    }
+
+    /// The broker closed the connection with `code`.
+    pub fn on_close(&mut self, code: Option<u16>, reason: &str) -> Ended {
+        if code == Some(close::TOO_BIG) {
+            // The broker does not say which frame was too big; the largest unanswered one is
+            // the suspect, and sending it again would only repeat the close.
+            let largest = self
+                .requests
+                .iter()
+                .filter(|(_, p)| p.sent)
+                .max_by_key(|(_, p)| p.frame.len())
+                .map(|(id, _)| *id);
+            if let Some(id) = largest {
+                if let Some(p) = self.requests.remove(&id) {
+                    if !p.cancelled {
+                        self.out.push_back(Action::Complete(
+                            id,
+                            Err(RequestError::Refused {
+                                code: "frame_too_large".into(),
+                                message: format!(
+                                    "the broker closed the connection with 1009 after a {}-byte frame",
+                                    p.frame.len()
+                                ),
+                            }),
+                        ));
+                    }
+                }
+            }
+        }
+        self.on_lost();
+        let reason = reason.to_owned();
+        match code {
+            Some(close::REPLACED) => Ended::Stop(StopReason::Replaced),
+            Some(c @ (close::PROTOCOL_ERROR | close::POLICY)) => {
+                Ended::Stop(StopReason::Terminated { code: c, reason })
+            }
+            Some(c) if reason.is_empty() => {
+                Ended::Reconnect(format!("the broker closed the connection with {c}"))
+            }
+            Some(c) => Ended::Reconnect(format!(
+                "the broker closed the connection with {c} ({reason})"
+            )),
+            None => Ended::Reconnect("the broker closed the connection".into()),
+        }
+    }
+
+    /// The connection is gone (closed, failed, or declared dead).
+    pub fn on_lost(&mut self) {
+        self.conn = Conn::Down;
+        self.upto_after_save = None;
+        self.drop_sends();
+        self.requests.retain(|_, p| !p.cancelled);
+        for p in self.requests.values_mut() {
+            p.sent = false;
+        }
+        self.unsent = self.requests.keys().copied().collect();
+    }
+
+    /// Frames queued for a connection that is gone must not reach the next one before its hello.
+    fn drop_sends(&mut self) {
+        self.out.retain(|a| !matches!(a, Action::Send(_)));
+    }
+
+    /// The client stops: every request fails with `reason`.
+    pub fn stop(&mut self, reason: &StopReason) {
+        self.on_lost();
+        for id in std::mem::take(&mut self.requests).into_keys() {
+            self.out.push_back(Action::Complete(
+                id,
+                Err(RequestError::Stopped(reason.clone())),
+            ));
+        }
+        self.unsent.clear();
+    }
+
+    /// The application acked the delivery `seq` of `epoch` (handed out in `generation`).
+    pub fn ack(&mut self, epoch: &Epoch, generation: u64, seq: u64) {
+        if self.epoch.as_ref() != Some(epoch) || generation != self.generation {
+            return; // a delivery from before a reset: its seq means nothing now
+        }
+        if !self.outstanding.remove(&seq) {
+            return; // acked twice
+        }
+        let mark = self
+            .outstanding
+            .first()
+            .map_or(self.delivered, |first| first.saturating_sub(1));
+        if mark > self.acked {
+            self.acked = mark;
+            self.save_due = true;
+            self.losses.prune(mark);
+            if self.is_up() {
+                self.upto_after_save = Some(mark);
+            }
+        }
+        if seq > self.acked && self.is_up() {
+            // Out of order: the position cannot cover it yet, the broker can delete it now.
+            self.out.push_back(Action::Send(ack_seq_frame(seq)));
+        }
+    }
+
+    /// The application wants `kind` done; `id` is unique and increasing.
+    pub fn request(&mut self, id: u64, kind: RequestKind) {
+        let frame = request_frame(id, &kind);
+        self.requests.insert(
+            id,
+            Pending {
+                kind,
+                frame,
+                sent: false,
+                cancelled: false,
+            },
+        );
+        self.unsent.insert(id);
+        self.pump_requests();
+    }
+
+    /// The application no longer waits for request `id`. One not sent yet is never sent; one
+    /// already sent is forgotten when answered (it may still take effect at the broker).
+    pub fn cancel(&mut self, id: u64) {
+        if self.unsent.remove(&id) {
+            self.requests.remove(&id);
+        } else if let Some(p) = self.requests.get_mut(&id) {
+            p.cancelled = true;
+        }
+    }
+
+    fn pump_requests(&mut self) {
+        let Conn::Up(up) = &mut self.conn else {
+            return;
+        };
+        while up.unanswered < up.max_inflight {
+            let Some(id) = self.unsent.pop_first() else {
+                break;
+            };
+            if let Some(p) = self.requests.get_mut(&id) {
+                p.sent = true;
+                up.unanswered += 1;
+                self.out.push_back(Action::Send(p.frame.clone()));
+            }
+        }
+    }
+
+    /// The next thing to do. A `Save` must finish before the driver asks again: the action
+    /// after it may be the ack it covers.
+    pub fn poll(&mut self) -> Option<Action> {
+        if self.save_due {
+            if let Some(position) = self.position() {
+                self.save_due = false;
+                if let Some(upto) = self.upto_after_save.take() {
+                    self.out.push_front(Action::Send(ack_upto_frame(upto)));
+                }
+                return Some(Action::Save(position));
+            }
+        }
+        self.out.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn machine(position: Option<(&str, u64)>) -> Machine {
+        Machine::new(
+            ClientId::new("bob").unwrap(),
+            None,
+            position.map(|(e, s)| Position {
+                epoch: Epoch::new(e),
+                last_seq: s,
+            }),
+        )
+    }
+
+    fn welcome(epoch: &str, resumed: bool, last_seq: u64) -> Value {
+        json!({"type":"welcome","client_id":"bob","epoch":epoch,"resumed":resumed,
+               "last_seq":last_seq,"next_seq":last_seq + 1,"pending":0,"missed":0,
+               "heartbeat_ms":1000,"max_inflight":2})
+    }
+
+    fn msg(seq: u64) -> String {
+        json!({"type":"msg","seq":seq,"id":format!("m{seq}"),"ts":1,"payload":seq}).to_string()
+    }
+
+    fn feed(m: &mut Machine, frame: &Value) {
+        m.on_text(&frame.to_string()).unwrap();
+    }
+
+    fn drain(m: &mut Machine) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll()).collect()
+    }
+
+    fn connect(m: &mut Machine, w: Value) -> Vec<Action> {
+        m.hello();
+        feed(m, &w);
+        drain(m)
+    }
+
+    fn sends(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(t) => Some(serde_json::from_str(t).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn delivered(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver(m, _) => Some(m.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(actions: &[Action]) -> Vec<Event> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn saves(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Save(p) => Some(p.last_seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn receive(m: &mut Machine, seqs: &[u64]) -> Vec<Action> {
+        for s in seqs {
+            m.on_text(&msg(*s)).unwrap();
+        }
+        drain(m)
+    }
+
+    fn ack(m: &mut Machine, seq: u64) -> Vec<Action> {
+        let e = m.epoch.clone().unwrap();
+        let g = m.generation;
+        m.ack(&e, g, seq);
+        drain(m)
+    }
+
+    #[test]
+    fn hello_resumes_from_the_saved_position_and_carries_the_token() {
+        let mut m = Machine::new(
+            ClientId::new("bob").unwrap(),
+            Some("t0k".into()),
+            Some(Position {
+                epoch: Epoch::new("E"),
+                last_seq: 41,
+            }),
+        );
+        let hello: Value = serde_json::from_str(&m.hello()).unwrap();
+        assert_eq!(
+            hello,
+            json!({"type":"hello","client_id":"bob","token":"t0k","resume":{"epoch":"E","last_seq":41}})
+        );
+        let mut fresh = machine(None);
+        let hello: Value = serde_json::from_str(&fresh.hello()).unwrap();
+        assert_eq!(hello, json!({"type":"hello","client_id":"bob"}));
+    }
+
+    #[test]
+    fn first_welcome_adopts_the_brokers_watermark_and_saves_the_epoch() {
+        let mut m = machine(None);
+        let a = connect(&mut m, welcome("E", false, 4));
+        assert_eq!(saves(&a), vec![4]);
+        assert!(matches!(
+            events(&a)[..],
+            [Event::Connected { resumed: false, .. }]
+        ));
+        assert_eq!(delivered(&receive(&mut m, &[5, 6])), vec![5, 6]);
+    }
+
+    #[test]
+    fn duplicate_of_a_held_message_is_dropped_and_of_an_acked_one_is_acked_again() {
+        let mut m = machine(Some(("E", 0)));
+        connect(&mut m, welcome("E", true, 0));
+        assert_eq!(delivered(&receive(&mut m, &[1, 2])), vec![1, 2]);
+        ack(&mut m, 1);
+        // Both come again (an ack-timeout resend, or a reconnect).
+        let a = receive(&mut m, &[1, 2]);
+        assert!(delivered(&a).is_empty(), "handed twice: {a:?}");
+        assert_eq!(sends(&a), vec![json!({"type":"ack","seq":1})]);
+    }
+
+    #[test]
+    fn reconnect_resumes_from_the_acked_prefix_and_hands_nothing_twice() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1, 2, 3]);
+        ack(&mut m, 1);
+        ack(&mut m, 3); // 2 is still being processed
+        m.on_lost();
+        let hello: Value = serde_json::from_str(&m.hello()).unwrap();
+        assert_eq!(hello["resume"], json!({"epoch":"E","last_seq":1}));
+        feed(&mut m, &welcome("E", true, 1));
+        drain(&mut m);
+        let a = receive(&mut m, &[2, 3, 4]);
+        assert_eq!(delivered(&a), vec![4]);
+        // 3 was acked on the old connection, which may not have got there.
+        assert_eq!(sends(&a), vec![json!({"type":"ack","seq":3})]);
+        // The late ack of 2 goes out on the new connection and covers 3.
+        let a = ack(&mut m, 2);
+        assert_eq!(saves(&a), vec![3]);
+        assert_eq!(sends(&a), vec![json!({"type":"ack","upto":3})]);
+    }
+
+    #[test]
+    fn an_ack_upto_goes_out_only_after_the_save_that_covers_it() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1, 2]);
+        let e = m.epoch.clone().unwrap();
+        m.ack(&e, m.generation, 1);
+        m.ack(&e, m.generation, 2);
+        match (m.poll(), m.poll(), m.poll()) {
+            (Some(Action::Save(p)), Some(Action::Send(s)), None) => {
+                assert_eq!(p.last_seq, 2, "one save covers both acks");
+                assert_eq!(s, r#"{"type":"ack","upto":2}"#);
+            }
+            other => panic!("expected save then ack, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_order_ack_is_sent_at_once_but_does_not_move_the_position() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1, 2]);
+        let a = ack(&mut m, 2);
+        assert!(saves(&a).is_empty());
+        assert_eq!(sends(&a), vec![json!({"type":"ack","seq":2})]);
+        assert_eq!(m.position().unwrap().last_seq, 0);
+        assert_eq!(saves(&ack(&mut m, 1)), vec![2]);
+    }
+
+    #[test]
+    fn not_resumed_welcome_resets_dedup_so_the_new_epochs_seq_1_is_delivered() {
+        let mut m = machine(Some(("OLD", 7)));
+        m.hello();
+        feed(
+            &mut m,
+            &json!({"type":"welcome","client_id":"bob","epoch":"NEW","resumed":false,
+                    "reason":"epoch_mismatch","last_seq":0,"next_seq":3,"pending":2,"missed":0,
+                    "heartbeat_ms":1000,"max_inflight":8}),
+        );
+        let a = drain(&mut m);
+        assert!(
+            events(&a).iter().any(|e| matches!(e, Event::Reset { previous, epoch, reason }
+                if previous.last_seq == 7 && epoch.as_str() == "NEW" && reason == "epoch_mismatch")),
+            "{a:?}"
+        );
+        assert_eq!(m.position().unwrap().epoch.as_str(), "NEW");
+        assert_eq!(delivered(&receive(&mut m, &[1, 2])), vec![1, 2]);
+    }
+
+    #[test]
+    fn ack_of_a_delivery_from_before_a_reset_is_ignored() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1]);
+        let (old_epoch, old_gen) = (m.epoch.clone().unwrap(), m.generation);
+        m.on_lost();
+        m.hello();
+        // Same epoch string, but the position was refused ("ahead"): a new generation.
+        feed(
+            &mut m,
+            &json!({"type":"welcome","client_id":"bob","epoch":"E","resumed":false,"reason":"ahead",
+                    "last_seq":0,"next_seq":1,"pending":0,"missed":0,"heartbeat_ms":1000,"max_inflight":8}),
+        );
+        drain(&mut m);
+        receive(&mut m, &[1]);
+        m.ack(&old_epoch, old_gen, 1);
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.outstanding.len(), 1, "the new seq 1 is still unacked");
+    }
+
+    #[test]
+    fn acks_made_while_the_hello_was_in_flight_are_stated_after_the_welcome() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1, 2]);
+        m.on_lost();
+        m.hello(); // resumes from 0
+        ack(&mut m, 1);
+        ack(&mut m, 2);
+        feed(&mut m, &welcome("E", true, 0));
+        let a = drain(&mut m);
+        assert!(sends(&a).contains(&json!({"type":"ack","upto":2})), "{a:?}");
+    }
+
+    fn publish(m: &mut Machine, id: u64, key: &str) {
+        m.request(
+            id,
+            RequestKind::Publish {
+                to: "client:alice".into(),
+                payload: Payload::from(json!({"n": id})),
+                key: key.into(),
+                ttl_ms: None,
+            },
+        );
+    }
+
+    #[test]
+    fn unanswered_publish_is_sent_again_with_the_same_key_after_a_reconnect() {
+        let mut m = machine(None);
+        publish(&mut m, 1, "k1");
+        assert!(
+            drain(&mut m).is_empty(),
+            "nothing is sent before the welcome"
+        );
+        let first = sends(&connect(&mut m, welcome("E", false, 0)));
+        assert_eq!(
+            first,
+            vec![
+                json!({"type":"publish","ref":1,"to":"client:alice","key":"k1","payload":{"n":1}})
+            ]
+        );
+        m.on_lost();
+        let again = sends(&connect(&mut m, welcome("E", true, 0)));
+        assert_eq!(again, first);
+        feed(
+            &mut m,
+            &json!({"type":"ok","ref":1,"id":"9","recipients":1,"duplicate":true}),
+        );
+        match &drain(&mut m)[..] {
+            [Action::Complete(1, Ok(Reply::Published(p)))] => {
+                assert!(p.duplicate);
+                assert_eq!(p.key, "k1");
+            }
+            other => panic!("{other:?}"),
+        }
+        m.on_lost();
+        assert!(sends(&connect(&mut m, welcome("E", true, 0))).is_empty());
+    }
+
+    #[test]
+    fn no_more_than_max_inflight_requests_wait_for_an_answer() {
+        let mut m = machine(None);
+        for id in 1..=5 {
+            publish(&mut m, id, &format!("k{id}"));
+        }
+        let refs = |a: &[Action]| {
+            sends(a)
+                .iter()
+                .map(|f| f["ref"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(refs(&connect(&mut m, welcome("E", false, 0))), vec![1, 2]);
+        feed(
+            &mut m,
+            &json!({"type":"ok","ref":2,"id":"a","recipients":1}),
+        );
+        assert_eq!(refs(&drain(&mut m)), vec![3]);
+        feed(
+            &mut m,
+            &json!({"type":"error","ref":1,"code":"outbox_full","message":"full"}),
+        );
+        let a = drain(&mut m);
+        assert!(a.iter().any(|x| matches!(x, Action::Complete(1, Err(RequestError::Refused { code, .. })) if code == "outbox_full")));
+        assert_eq!(refs(&a), vec![4]);
+    }
+
+    #[test]
+    fn cancelled_requests_are_never_sent_again() {
+        let mut m = machine(None);
+        publish(&mut m, 1, "k1");
+        publish(&mut m, 2, "k2");
+        m.cancel(1);
+        let a = connect(&mut m, welcome("E", false, 0));
+        assert_eq!(sends(&a).len(), 1);
+        m.cancel(2); // sent already: forgotten once answered or lost
+        m.on_lost();
+        assert!(sends(&connect(&mut m, welcome("E", true, 0))).is_empty());
+        assert!(m.requests.is_empty());
+    }
+
+    #[test]
+    fn sends_queued_for_a_lost_connection_never_reach_the_next_one() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        feed(&mut m, &json!({"type":"ping"}));
+        m.on_lost();
+        let hello = m.hello();
+        assert!(hello.contains("hello"));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn ping_is_answered_with_pong() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        feed(&mut m, &json!({"type":"ping"}));
+        assert_eq!(sends(&drain(&mut m)), vec![json!({"type":"pong"})]);
+    }
+
+    #[test]
+    fn close_codes_decide_between_reconnecting_and_stopping() {
+        let mut m = machine(None);
+        assert_eq!(
+            m.on_close(Some(4000), ""),
+            Ended::Stop(StopReason::Replaced)
+        );
+        assert!(matches!(
+            m.on_close(Some(1008), "no"),
+            Ended::Stop(StopReason::Terminated { code: 1008, .. })
+        ));
+        for code in [1000, 1001, 1011, 4001, 4002, 4008, 4029] {
+            assert!(
+                matches!(m.on_close(Some(code), ""), Ended::Reconnect(_)),
+                "{code}"
+            );
+        }
+        assert!(matches!(m.on_close(None, ""), Ended::Reconnect(_)));
+    }
+
+    #[test]
+    fn hello_refusal_for_a_bad_client_id_stops_and_internal_retries() {
+        let mut m = machine(None);
+        m.hello();
+        let e = m.on_text(r#"{"type":"error","code":"bad_client_id","message":"no"}"#);
+        assert!(
+            matches!(e, Err(Ended::Stop(StopReason::Refused { .. }))),
+            "{e:?}"
+        );
+        m.on_lost();
+        m.hello();
+        let e = m.on_text(r#"{"type":"error","code":"internal","message":"disk"}"#);
+        assert!(matches!(e, Err(Ended::Reconnect(_))), "{e:?}");
+    }
+
+    #[test]
+    fn close_1009_fails_the_largest_unanswered_request_and_retries_the_rest() {
+        let mut m = machine(None);
+        publish(&mut m, 1, "small");
+        m.request(
+            2,
+            RequestKind::Publish {
+                to: "client:alice".into(),
+                payload: Payload::from("x".repeat(500)),
+                key: "big".into(),
+                ttl_ms: None,
+            },
+        );
+        connect(&mut m, welcome("E", false, 0));
+        assert!(matches!(m.on_close(Some(1009), ""), Ended::Reconnect(_)));
+        let a = drain(&mut m);
+        assert!(
+            matches!(&a[..], [Action::Complete(2, Err(RequestError::Refused { code, .. }))] if code == "frame_too_large"),
+            "{a:?}"
+        );
+        let again = sends(&connect(&mut m, welcome("E", true, 0)));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0]["key"], "small");
+    }
+
+    #[test]
+    fn stop_fails_every_waiting_request() {
+        let mut m = machine(None);
+        publish(&mut m, 1, "k");
+        m.stop(&StopReason::Closed);
+        assert!(matches!(
+            &drain(&mut m)[..],
+            [Action::Complete(
+                1,
+                Err(RequestError::Stopped(StopReason::Closed))
+            )]
+        ));
+    }
+
+    fn missed_counts(a: &[Action]) -> Vec<u64> {
+        events(a)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Missed { count, .. } => Some(count),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn welcome_missed(epoch: &str, last_seq: u64, missed: u64) -> Value {
+        let mut w = welcome(epoch, true, last_seq);
+        w["missed"] = json!(missed);
+        w
+    }
+
+    #[test]
+    fn missed_from_a_welcome_is_reported_once_across_reconnects() {
+        let mut m = machine(Some(("E", 2)));
+        assert_eq!(
+            missed_counts(&connect(&mut m, welcome_missed("E", 2, 3))),
+            vec![3]
+        );
+        m.on_lost();
+        assert!(missed_counts(&connect(&mut m, welcome_missed("E", 2, 3))).is_empty());
+        m.on_lost();
+        // One more expired meanwhile.
+        assert_eq!(
+            missed_counts(&connect(&mut m, welcome_missed("E", 2, 4))),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn a_gap_in_seqs_is_reported_as_missed_and_not_again_by_the_next_welcome() {
+        let mut m = machine(Some(("E", 0)));
+        connect(&mut m, welcome("E", true, 0));
+        let a = receive(&mut m, &[1, 4]);
+        assert_eq!(delivered(&a), vec![1, 4]);
+        assert_eq!(missed_counts(&a), vec![2]);
+        m.on_lost();
+        // The broker still has tombstones for 2 and 3 (our position is 0).
+        assert!(missed_counts(&connect(&mut m, welcome_missed("E", 0, 2))).is_empty());
+        // Redeliveries of what we hold make no gap.
+        assert!(missed_counts(&receive(&mut m, &[1, 4])).is_empty());
+    }
+
+    #[test]
+    fn losses_a_welcome_reported_are_not_reported_again_when_the_gap_shows() {
+        let mut m = machine(Some(("E", 1)));
+        assert_eq!(
+            missed_counts(&connect(&mut m, welcome_missed("E", 1, 2))),
+            vec![2]
+        );
+        let a = receive(&mut m, &[4, 5]);
+        assert_eq!(delivered(&a), vec![4, 5]);
+        assert!(missed_counts(&a).is_empty(), "{a:?}");
+        // A later removal while connected is news.
+        assert_eq!(missed_counts(&receive(&mut m, &[7])), vec![1]);
+    }
+
+    #[test]
+    fn ack_timeout_resends_below_the_highest_seq_are_not_gaps() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        let a = receive(&mut m, &[1, 2, 3, 1, 2, 4]);
+        assert_eq!(delivered(&a), vec![1, 2, 3, 4]);
+        assert!(missed_counts(&a).is_empty());
+    }
+
+    #[test]
+    fn msg_before_welcome_and_garbage_end_the_connection() {
+        let mut m = machine(None);
+        m.hello();
+        assert!(matches!(m.on_text(&msg(1)), Err(Ended::Reconnect(_))));
+        assert!(matches!(m.on_text("nope"), Err(Ended::Reconnect(_))));
+        // Unknown frame types from a newer broker are ignored.
+        assert!(m.on_text(r#"{"type":"news"}"#).is_ok());
+    }
+}
