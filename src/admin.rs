@@ -197,9 +197,13 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AdminSt
 
 /// Serves the admin API on `listener` in a task under the broker's tracker, until the
 /// shutdown token is cancelled; requests in flight then get [`SHUTDOWN_GRACE`] to finish.
+/// With `tls.admin` it speaks HTTPS with the broker's certificate (reloaded with it); each
+/// TLS handshake runs in its connection's task and must finish within `server.hello_timeout_ms`.
 pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) {
     let app = router(shared);
     let shutdown = shared.shutdown.clone();
+    let tls = shared.tls.clone().filter(|_| shared.cfg.tls.admin);
+    let listener = crate::tls::Listener::new(listener, tls, shared.cfg.hello_timeout());
     shared.tracker.spawn(async move {
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -31,9 +31,11 @@ enum Command {
     /// Run the broker (the default when no command is given).
     ///
     /// Reads ./config.toml (or --config), then OUTBOXD_<SECTION>__<KEY> environment variables,
-    /// then the flags below. Prints `outboxd ready: ws://ADDR/ws` on stdout once clients can
-    /// connect; logs go to stderr (filter with RUST_LOG, e.g. RUST_LOG=outboxd=debug).
+    /// then the flags below. Prints `outboxd ready: ws://ADDR/ws` (`wss://` with TLS) on stdout
+    /// once clients can connect; logs go to stderr (filter with RUST_LOG, e.g.
+    /// RUST_LOG=outboxd=debug).
     /// SIGTERM or SIGINT: stop accepting, close clients with 1001, commit what is queued, exit 0.
+    /// SIGHUP: reload the TLS certificate and key (new connections get them).
     Serve(ServeArgs),
     /// Show what is stored: clients, one outbox, topics, totals.
     ///
@@ -264,9 +266,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let result = rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+        let scheme = if cfg.tls.enabled() { "wss" } else { "ws" };
         let r = server::serve(cfg, faults, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "outboxd ready: ws://{addr}/ws");
+            let _ = writeln!(out, "outboxd ready: {scheme}://{addr}/ws");
             let _ = out.flush();
         })
         .await;

@@ -45,6 +45,26 @@ pub struct Config {
     pub limits: Limits,
     pub admin: Admin,
     pub auth: crate::auth::AuthConfig,
+    pub tls: TlsSettings,
+}
+
+/// TLS for the listeners (see [`crate::tls`]); an empty `cert_file` means TLS is off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: PathBuf,
+    /// Whether the admin listener speaks TLS too (with the same certificate).
+    pub admin: bool,
+}
+
+impl TlsSettings {
+    /// True when the listeners speak TLS.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
 }
 
 /// The admin HTTP API's settings (its address is `server.admin_listen`).
@@ -284,6 +304,7 @@ impl Config {
                 "must be at least 1 while limits.publish_rate_per_sec is set",
             ));
         }
+        self.validate_tls()?;
         if let Err(e) = crate::auth::Verifier::from_config(&self.auth) {
             return Err(invalid(e.key(), e.to_string()));
         }
@@ -337,6 +358,35 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[tls]`: the certificate and the key come together. The files themselves are read at
+    /// start ([`crate::tls::Tls::load`]), where an unusable one also stops the broker.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        match (t.enabled(), t.key_file.as_os_str().is_empty()) {
+            (true, true) => Err(invalid(
+                "tls.key_file",
+                "must be set when tls.cert_file is set (the PEM private key of the certificate)",
+            )),
+            (false, false) => Err(invalid(
+                "tls.cert_file",
+                "must be set when tls.key_file is set (the PEM certificate chain, leaf first)",
+            )),
+            (false, true) if t.admin => Err(invalid(
+                "tls.admin",
+                "needs tls.cert_file and tls.key_file: the admin listener uses the same certificate",
+            )),
+            _ if t.admin && self.server.admin_listen.trim().is_empty() => Err(invalid(
+                "tls.admin",
+                "is set but the admin API is off (server.admin_listen is empty)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -472,6 +522,29 @@ mod tests {
         assert_eq!(c.server.admin_listen, d.server.admin_listen);
         assert_eq!(c.admin.token, d.admin.token);
         assert_eq!(c.server.listen, d.server.listen);
+    }
+
+    #[test]
+    fn tls_certificate_and_key_come_together() {
+        let c = load("", &[]).unwrap();
+        assert!(!c.tls.enabled());
+        let e = load("[tls]\ncert_file = \"cert.pem\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("tls.key_file"), "{e}");
+        let e = load("[tls]\nkey_file = \"key.pem\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("tls.cert_file"), "{e}");
+        let e = load("[tls]\nadmin = true\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("tls.admin"), "{e}");
+        let c = load(
+            "",
+            &[
+                ("OUTBOXD_TLS__CERT_FILE", "/etc/outboxd/cert.pem"),
+                ("OUTBOXD_TLS__KEY_FILE", "/etc/outboxd/key.pem"),
+                ("OUTBOXD_TLS__ADMIN", "true"),
+            ],
+        )
+        .unwrap();
+        assert!(c.tls.enabled() && c.tls.admin);
+        assert_eq!(c.tls.key_file, Path::new("/etc/outboxd/key.pem"));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::server::Shared;
 use crate::session::{Beat, Liveness, RateLimit, Window};
 use crate::store::{to_wire, OutboxHandle, PublishOutcome, PublishRequest, StoreError};
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<crate::tls::Stream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Why a connection ends, and what the peer is told.
@@ -259,9 +259,17 @@ pub async fn serve(
         .max_write_buffer_size(32 * 1024 + 2 * frame + 1024)
         .max_message_size(Some(frame))
         .max_frame_size(Some(frame));
+    // TLS (when on) under the same deadline as the upgrade and the hello.
+    let stream = match crate::tls::accept(shared.tls.as_ref(), tcp, deadline).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
     let ws = match tokio::time::timeout_at(
         deadline,
-        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(ws_cfg)),
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)),
     )
     .await
     {

@@ -21,4 +21,5 @@ pub mod report;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod tools;

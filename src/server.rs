@@ -6,7 +6,11 @@
 //! (with 1001) and only then let the store's writer make its final commit.
 //!
 //! On stdout the broker prints `outboxd admin: http://ADDR` (when the admin API is on) and then
-//! `outboxd ready: ws://ADDR/ws`: both lines are part of the operator contract.
+//! `outboxd ready: ws://ADDR/ws`: both lines are part of the operator contract. With TLS
+//! ([`crate::tls`]) they read `wss://ADDR/ws`, and `https://ADDR` when `tls.admin` is set.
+//!
+//! SIGHUP reloads the TLS certificate and key (a task here, tracked like the others); it never
+//! stops the broker.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -38,6 +42,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminStartError),
+    #[error("cannot install the SIGHUP handler (TLS reload): {0}")]
+    Signal(std::io::Error),
     #[error("internal task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -54,6 +60,8 @@ pub struct Shared {
     pub auth: Option<crate::auth::Verifier>,
     /// Open connections per client address (`server.max_connections_per_ip`).
     pub per_ip: crate::registry::PerIp,
+    /// The TLS config new connections get; None when TLS is off (`tls.cert_file` empty).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Test hooks that are not configuration.
@@ -73,6 +81,16 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let addr = cfg.listen_addr()?;
     let admin_addr = cfg.admin_addr()?;
+    // Before the store opens: an unusable certificate stops the broker with the key named.
+    let tls_settings = cfg.tls.clone();
+    let tls = tokio::task::spawn_blocking(move || crate::tls::Tls::load(&tls_settings))
+        .await?
+        .map_err(|e| {
+            ServeError::Config(ConfigError::Invalid {
+                key: e.key(),
+                reason: e.to_string(),
+            })
+        })?;
     let metrics = Arc::new(Metrics::default());
     let mut opts = StoreOptions::from_config(&cfg);
     opts.fail_fsync_after = faults.fail_fsync_after;
@@ -100,9 +118,14 @@ pub async fn serve(
         })
     })?;
     let per_ip = crate::registry::PerIp::new(cfg.server.max_connections_per_ip);
+    // Installed before the ready line, so a SIGHUP sent once the broker is ready never meets
+    // the default action (which would end the process).
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
     let shared = Arc::new(Shared {
         auth,
         per_ip,
+        tls,
         cfg,
         store,
         registry: Registry::default(),
@@ -110,6 +133,15 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         metrics,
     });
+    shared.tracker.spawn(crate::tls::reload_on_sighup(
+        hangup,
+        shared.tls.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(tls) = &shared.tls {
+        info!(cert_file = %tls.cert_file().display(), admin = shared.cfg.tls.admin,
+              "TLS on; SIGHUP reloads the certificate and key");
+    }
     match admin {
         Some((admin, bound)) => {
             crate::admin::spawn(admin, &shared);
@@ -117,7 +149,12 @@ pub async fn serve(
             // Part of the contract, like the ready line, and printed before it: a supervisor
             // (or the test harness) that waits for the ready line has both.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "outboxd admin: http://{bound}");
+            let scheme = if shared.cfg.tls.admin {
+                "https"
+            } else {
+                "http"
+            };
+            let _ = writeln!(out, "outboxd admin: {scheme}://{bound}");
             let _ = out.flush();
         }
         None => info!("admin API off (server.admin_listen is empty)"),

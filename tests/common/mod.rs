@@ -203,7 +203,11 @@ impl Broker {
                         break url.to_string();
                     }
                     // Printed before the ready line when the admin API is on.
-                    if let Some(a) = line.strip_prefix("outboxd admin: http://") {
+                    // `https://` when the admin listener speaks TLS (`tls.admin`).
+                    if let Some(a) = line
+                        .strip_prefix("outboxd admin: http://")
+                        .or_else(|| line.strip_prefix("outboxd admin: https://"))
+                    {
                         admin = Some(
                             a.parse::<SocketAddr>()
                                 .unwrap_or_else(|e| panic!("admin line address {a:?}: {e}")),
@@ -239,6 +243,7 @@ impl Broker {
 
         let hostport = url
             .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://")) // TLS on
             .and_then(|r| r.strip_suffix("/ws"))
             .unwrap_or_else(|| panic!("ready line has an unexpected url: {url:?}"));
         self.addr = hostport
@@ -390,6 +395,50 @@ impl Client {
         .unwrap_or_else(|_| panic!("WebSocket connect to {url} timed out"))
         .unwrap_or_else(|e| panic!("WebSocket connect to {url}: {e}"));
         Client { ws, closed: false }
+    }
+
+    /// Opens a WebSocket over TLS (`wss://`) with this rustls client config; panics if the
+    /// TLS handshake or the upgrade fails.
+    pub async fn connect_tls(url: &str, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Client {
+        Self::try_connect_tls(url, tls)
+            .await
+            .unwrap_or_else(|e| panic!("WebSocket connect to {url}: {e}"))
+    }
+
+    /// As [`Client::connect_tls`], returning the failure instead of panicking.
+    pub async fn try_connect_tls(
+        url: &str,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Result<Client, String> {
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let (ws, _resp) = tokio::time::timeout(
+            RECV_TIMEOUT,
+            tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                Some(cfg),
+                true,
+                Some(tokio_tungstenite::Connector::Rustls(tls)),
+            ),
+        )
+        .await
+        .map_err(|_| format!("WebSocket connect to {url} timed out"))?
+        .map_err(|e| e.to_string())?;
+        Ok(Client { ws, closed: false })
+    }
+
+    /// The DER of the certificate the broker presented; None on a plain connection.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Rustls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            _ => None,
+        }
     }
 
     pub async fn send(&mut self, frame: Value) {
@@ -918,7 +967,8 @@ pub async fn http(
     })
 }
 
-fn parse_http(raw: &[u8]) -> Option<HttpResponse> {
+/// Parses a raw HTTP/1.1 answer (for tests that bring their own transport, e.g. TLS).
+pub fn parse_http(raw: &[u8]) -> Option<HttpResponse> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..split]).ok()?;
     let mut rest = &raw[split + 4..];

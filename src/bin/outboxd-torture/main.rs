@@ -1,0 +1,663 @@
+//! `outboxd-torture`: runs the real broker under faults and checks that no confirmed message is
+//! lost, invented, reordered or handed to an application twice.
+//!
+//! For a duration and a seed it runs publishers (direct and topic publishes with idempotency
+//! keys, retried by the client library across reconnects) and consumers (resuming, acking, some
+//! acking late, some dying before they ack) through a fault proxy ([`proxy`]), while a fault
+//! schedule switches toxics on and off, SIGKILLs and restarts the broker (and sometimes stops
+//! it with SIGTERM). At the end it heals everything, drains every outbox and hands the record
+//! to the [`checker`]. A summary table goes to stdout, the same as JSON to `--report`; the exit
+//! status is 1 on any violation. The seed reproduces the schedule (timing on a shared machine
+//! does not repeat exactly, so the run is reproducible in its faults, not to the microsecond).
+
+mod checker;
+mod proxy;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use outboxd::client::{Client, FilePositionStore, Incoming, Payload, RequestError};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use checker::{Checker, Outcome, RecipientReport};
+use proxy::{DirectionToxics, Proxy, Toxics};
+
+/// Torture the broker: faults, kill -9, restarts; then check for lost messages.
+#[derive(Debug, Parser)]
+#[command(name = "outboxd-torture", version, about, long_about = None)]
+struct Args {
+    /// How long to run the fault phase, in seconds (then heal and drain).
+    #[arg(long, default_value_t = 120)]
+    duration: u64,
+    /// Seed for the fault schedule and the workload [default: random, printed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Publishing clients.
+    #[arg(long, default_value_t = 3)]
+    publishers: usize,
+    /// Consuming clients (each also subscribes to the shared topic).
+    #[arg(long, default_value_t = 3)]
+    consumers: usize,
+    /// Publishes per second per publisher.
+    #[arg(long, default_value_t = 50)]
+    rate: u64,
+    /// Broker kills (SIGKILL or SIGTERM, then restart) at least this many; the schedule is
+    /// spread over the duration.
+    #[arg(long, default_value_t = 20)]
+    kills: u64,
+    /// The broker binary [default: `outboxd` next to this program].
+    #[arg(long)]
+    broker: Option<PathBuf>,
+    /// Write the summary as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Keep the data directory and broker logs here instead of a temporary directory.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Extra environment for the broker, KEY=VALUE (repeatable), e.g.
+    /// OUTBOXD_STORAGE__DURABILITY=relaxed to watch the checker catch what that loses.
+    #[arg(long = "broker-env", value_name = "KEY=VALUE")]
+    broker_env: Vec<String>,
+}
+
+const TOPIC: &str = "torture";
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    println!("outboxd-torture: seed {seed} (rerun with --seed {seed})");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outboxd-torture: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args, seed)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("outboxd-torture: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The broker process, restarted on the same data directory.
+struct Broker {
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+    incarnation: u64,
+}
+
+impl Broker {
+    async fn start(&mut self) -> Result<SocketAddr, String> {
+        self.incarnation += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("broker log {}: {e}", self.log.display()))?;
+        let mut child = Command::new(&self.bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&self.data)
+            .env("OUTBOXD_SERVER__ADMIN_LISTEN", "")
+            .env("OUTBOXD_HEARTBEAT__INTERVAL_MS", "500")
+            .env("OUTBOXD_HEARTBEAT__TIMEOUT_MS", "2000")
+            .env("OUTBOXD_DELIVERY__ACK_TIMEOUT_MS", "3000")
+            .env("OUTBOXD_LIMITS__PUBLISH_RATE_PER_SEC", "0")
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        self.child = Some(child);
+        let stdout = tokio::process::ChildStdout::from_std(stdout).map_err(|e| e.to_string())?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("outboxd ready: ws://") {
+                    return rest.trim_end_matches("/ws").parse::<SocketAddr>().ok();
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("broker did not start; see {}", self.log.display()))?;
+        self.addr = Some(ready);
+        Ok(ready)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct FaultCounts {
+    kill9: u64,
+    sigterm: u64,
+    toxics: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    seed: u64,
+    duration_s: u64,
+    publishers: usize,
+    consumers: usize,
+    faults: FaultCounts,
+    publishes_confirmed: u64,
+    publishes_unconfirmed: u64,
+    drained: bool,
+    recipients: Vec<RecipientReport>,
+    violations: u64,
+}
+
+fn sibling_broker() -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let dir = me.parent()?;
+    let candidate = dir.join("outboxd");
+    candidate.exists().then_some(candidate)
+}
+
+async fn run(args: Args, seed: u64) -> Result<bool, String> {
+    let bin = args
+        .broker
+        .clone()
+        .or_else(sibling_broker)
+        .ok_or("cannot find the outboxd binary: pass --broker PATH")?;
+    let tmp;
+    let work: &Path = match &args.workdir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            d
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+            // Leak-free: `tmp` lives until the end of `run`.
+            tmp.path()
+        }
+    };
+    let env = args
+        .broker_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--broker-env {kv:?}: write KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut broker = Broker {
+        bin,
+        env,
+        data: work.join("data"),
+        log: work.join("broker.log"),
+        child: None,
+        addr: None,
+        incarnation: 0,
+    };
+    let upstream = broker.start().await?;
+    let proxy = Proxy::start(upstream).await.map_err(|e| e.to_string())?;
+    let url = format!("ws://{}/ws", proxy.addr);
+    println!(
+        "outboxd-torture: broker {} behind proxy {}, data {}, log {}",
+        upstream,
+        proxy.addr,
+        broker.data.display(),
+        broker.log.display()
+    );
+
+    let checker = Arc::new(Mutex::new(Checker::default()));
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let stop_consuming = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(1));
+    let consumers: Vec<String> = (0..args.consumers).map(|i| format!("cons-{i}")).collect();
+
+    // Consumers first, so their topic subscriptions exist before the first topic publish.
+    let mut consumer_tasks = Vec::new();
+    for (i, name) in consumers.iter().enumerate() {
+        let ready = Arc::new(tokio::sync::Notify::new());
+        consumer_tasks.push(tokio::spawn(consume(
+            url.clone(),
+            name.clone(),
+            work.join(format!("{name}.position")),
+            seed.wrapping_add(1000 + i as u64),
+            Arc::clone(&checker),
+            Arc::clone(&stop_consuming),
+            Arc::clone(&ready),
+        )));
+        ready.notified().await;
+    }
+    let mut publisher_tasks = Vec::new();
+    for i in 0..args.publishers {
+        publisher_tasks.push(tokio::spawn(publish(
+            url.clone(),
+            format!("pub-{i}"),
+            consumers.clone(),
+            args.rate,
+            seed.wrapping_add(i as u64),
+            Arc::clone(&counter),
+            Arc::clone(&checker),
+            Arc::clone(&stop_publishing),
+        )));
+    }
+
+    // The fault schedule.
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut faults = FaultCounts::default();
+    let started = Instant::now();
+    let total = Duration::from_secs(args.duration.max(1));
+    // Kill i happens somewhere in the middle of slot i of `kills` equal slots.
+    let kills = args.kills.max(1);
+    let kill_at = |i: u64, rng: &mut fastrand::Rng| {
+        started + total.mul_f64((i as f64 + 0.2 + rng.f64() * 0.6) / kills as f64)
+    };
+    let mut done_kills = 0u64;
+    let mut next_kill = kill_at(0, &mut rng);
+    while started.elapsed() < total {
+        let now = Instant::now();
+        if done_kills < kills && now >= next_kill {
+            let term = rng.u8(..).is_multiple_of(5);
+            if term {
+                broker.stop().await;
+                faults.sigterm += 1;
+            } else {
+                broker.kill9();
+                faults.kill9 += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.u64(50..800))).await;
+            let addr = broker.start().await?;
+            proxy.set_upstream(addr);
+            done_kills += 1;
+            next_kill = kill_at(done_kills, &mut rng);
+            continue;
+        }
+        let t = random_toxics(&mut rng);
+        faults.toxics += 1;
+        println!(
+            "[{:>6.1}s] toxics: {}",
+            started.elapsed().as_secs_f64(),
+            t.describe()
+        );
+        proxy.set(t);
+        tokio::time::sleep(
+            Duration::from_millis(rng.u64(300..2500)).min(
+                next_kill.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
+            ),
+        )
+        .await;
+        proxy.set(Toxics::default());
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..1000))).await;
+    }
+
+    // Heal, stop publishing, drain.
+    println!(
+        "outboxd-torture: fault phase over after {:?}; healing and draining",
+        started.elapsed()
+    );
+    proxy.set(Toxics::default());
+    if broker.child.is_none() {
+        let addr = broker.start().await?;
+        proxy.set_upstream(addr);
+    }
+    stop_publishing.store(true, Ordering::SeqCst);
+    for t in publisher_tasks {
+        let _ = t.await;
+    }
+    let drained = drain(&checker, Duration::from_secs(120)).await;
+    stop_consuming.store(true, Ordering::SeqCst);
+    for t in consumer_tasks {
+        let _ = t.await;
+    }
+    proxy.stop().await;
+    broker.stop().await;
+
+    let recipients = checker.lock().map(|c| c.report()).unwrap_or_default();
+    let violations: u64 = recipients.iter().map(|r| r.violations()).sum();
+    let summary = Summary {
+        seed,
+        duration_s: args.duration,
+        publishers: args.publishers,
+        consumers: args.consumers,
+        publishes_confirmed: recipients.iter().map(|r| r.published_confirmed).sum(),
+        publishes_unconfirmed: recipients.iter().map(|r| r.published_unconfirmed).sum(),
+        faults,
+        drained,
+        recipients,
+        violations,
+    };
+    print_summary(&summary);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("outboxd-torture: report written to {}", path.display());
+    }
+    let ok =
+        violations == 0 && drained && summary.faults.kill9 + summary.faults.sigterm >= args.kills;
+    println!(
+        "outboxd-torture: {}",
+        if ok { "PASS: no violations" } else { "FAIL" }
+    );
+    Ok(ok)
+}
+
+/// Waits until every confirmed message was handed to its application, or `limit` passes.
+async fn drain(checker: &Arc<Mutex<Checker>>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let outstanding: u64 = checker
+            .lock()
+            .map(|c| c.report().iter().map(|r| r.lost).sum())
+            .unwrap_or(u64::MAX);
+        if outstanding == 0 {
+            // Let unconfirmed-but-stored messages arrive too, so `recovered` is complete.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return true;
+        }
+        if Instant::now() >= deadline {
+            println!("outboxd-torture: {outstanding} confirmed messages still undelivered after {limit:?}");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn random_toxics(rng: &mut fastrand::Rng) -> Toxics {
+    let mut t = Toxics::default();
+    let dir = |rng: &mut fastrand::Rng| -> DirectionToxics {
+        let mut d = DirectionToxics::default();
+        match rng.u8(..) % 6 {
+            0 => {
+                d.latency = Duration::from_millis(rng.u64(5..200));
+                d.jitter = Duration::from_millis(rng.u64(0..100));
+            }
+            1 => d.bandwidth = rng.u64(2_000..200_000),
+            2 => {
+                d.slice = rng.usize(1..16);
+                d.slice_delay = Duration::from_micros(rng.u64(0..2000));
+            }
+            3 => d.blackhole = true,
+            4 => d.limit_data = rng.u64(1..20_000),
+            _ => {}
+        }
+        d
+    };
+    match rng.u8(..) % 8 {
+        0 => t.reset_peer = true,
+        1 => t.slow_close = Duration::from_millis(rng.u64(100..2000)),
+        2 | 3 => t.upstream = dir(rng),
+        4 | 5 => t.downstream = dir(rng),
+        _ => {
+            t.upstream = dir(rng);
+            t.downstream = dir(rng);
+        }
+    }
+    t
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    url: String,
+    name: String,
+    consumers: Vec<String>,
+    rate: u64,
+    seed: u64,
+    counter: Arc<AtomicU64>,
+    checker: Arc<Mutex<Checker>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let client = loop {
+        match Client::builder(url.clone(), name.clone())
+            .backoff(Duration::from_millis(50), Duration::from_secs(1))
+            .connect()
+            .await
+        {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let publisher = client.publisher();
+    // The client must keep running to retry; its deliveries (none expected) are drained.
+    let mut client = client;
+    let drain = tokio::spawn(async move { while client.next().await.is_some() {} });
+    let mut inflight = tokio::task::JoinSet::new();
+    let gap = Duration::from_micros(1_000_000 / rate.max(1));
+    while !stop.load(Ordering::SeqCst) {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let topic = rng.u8(..).is_multiple_of(4);
+        let to = if topic {
+            format!("topic:{TOPIC}")
+        } else {
+            format!("client:{}", consumers[rng.usize(..consumers.len())])
+        };
+        let recipients: Vec<String> = if topic {
+            consumers.clone()
+        } else {
+            vec![to.trim_start_matches("client:").to_string()]
+        };
+        let req = publisher
+            .publish(
+                to,
+                Payload::json(&serde_json::json!({ "n": n }))
+                    .unwrap_or_else(|_| Payload::binary(n.to_be_bytes().to_vec())),
+            )
+            .key(format!("{name}-{n}"))
+            .timeout(Duration::from_secs(60))
+            .start();
+        let checker = Arc::clone(&checker);
+        let name = name.clone();
+        inflight.spawn(async move {
+            let outcome = match req.await {
+                Ok(p) => {
+                    // Skipped topic subscribers (full outbox) got nothing: not confirmed.
+                    let refused: Vec<String> =
+                        p.refused.iter().map(|r| r.client_id.clone()).collect();
+                    (Outcome::Confirmed, refused)
+                }
+                Err(RequestError::Refused { .. }) | Err(_) => (Outcome::Unconfirmed, vec![]),
+            };
+            if let Ok(mut c) = checker.lock() {
+                for r in &recipients {
+                    let o = if outcome.1.contains(r) {
+                        Outcome::Unconfirmed
+                    } else {
+                        outcome.0
+                    };
+                    c.published(n, &name, r, o);
+                }
+            }
+        });
+        while inflight.len() > 64 {
+            let _ = inflight.join_next().await;
+        }
+        tokio::time::sleep(gap).await;
+    }
+    while inflight.join_next().await.is_some() {}
+    drop(publisher);
+    drain.abort();
+}
+
+async fn consume(
+    url: String,
+    name: String,
+    position: PathBuf,
+    seed: u64,
+    checker: Arc<Mutex<Checker>>,
+    stop: Arc<AtomicBool>,
+    ready: Arc<tokio::sync::Notify>,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut first = true;
+    // Each loop is one application process: it may die before acking, and the next one
+    // resumes from the position file.
+    while !stop.load(Ordering::SeqCst) {
+        let mut client = match Client::builder(url.clone(), name.clone())
+            .backoff(Duration::from_millis(50), Duration::from_secs(1))
+            .position_store(FilePositionStore::new(&position))
+            .connect()
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if first {
+            while client.subscribe(TOPIC).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ready.notify_one();
+            first = false;
+        }
+        // This process lives for a while, then "crashes" (sometimes with a delivery unacked).
+        let life = Instant::now() + Duration::from_millis(rng.u64(2_000..15_000));
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let next = tokio::time::timeout(Duration::from_millis(200), client.next()).await;
+            let item = match next {
+                Err(_) => {
+                    if Instant::now() > life {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(None) => break,
+                Ok(Some(item)) => item,
+            };
+            let Incoming::Delivery(d) = item else {
+                continue;
+            };
+            if Instant::now() > life && rng.bool() {
+                // Dies holding this delivery, unacked: it must come again to the next process.
+                break;
+            }
+            if rng.u8(..).is_multiple_of(20) {
+                // A slow handler: the broker may resend meanwhile (ack timeout).
+                tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
+            }
+            let n = d
+                .payload
+                .to_json::<serde_json::Value>()
+                .ok()
+                .and_then(|v| v.get("n").and_then(|n| n.as_u64()));
+            if let Ok(mut c) = checker.lock() {
+                if d.redelivered {
+                    c.wire_redelivery(&name);
+                }
+                match n {
+                    Some(n) => c.delivered(&name, d.epoch.as_str(), d.seq, n),
+                    // Not a message of this run: counted as unexpected.
+                    None => c.delivered(&name, d.epoch.as_str(), d.seq, u64::MAX),
+                }
+            }
+            let _ = d.ack();
+        }
+        client.close().await;
+    }
+}
+
+fn print_summary(s: &Summary) {
+    println!();
+    println!(
+        "faults: {} kill -9, {} SIGTERM, {} toxic periods; publishes confirmed {}, unconfirmed {} (per recipient)",
+        s.faults.kill9, s.faults.sigterm, s.faults.toxics, s.publishes_confirmed, s.publishes_unconfirmed
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>6} {:>11} {:>10} {:>10} {:>8} {:>9} {:>10}",
+        "recipient",
+        "confirmed",
+        "delivered",
+        "lost",
+        "lost-middle",
+        "unexpected",
+        "duplicates",
+        "reorders",
+        "recovered",
+        "redeliv."
+    );
+    for r in &s.recipients {
+        println!(
+            "{:<10} {:>9} {:>9} {:>6} {:>11} {:>10} {:>10} {:>8} {:>9} {:>10}",
+            r.recipient,
+            r.published_confirmed,
+            r.delivered,
+            r.lost,
+            r.lost_middle,
+            r.unexpected,
+            r.duplicates,
+            r.reorders,
+            r.recovered,
+            r.wire_redeliveries
+        );
+        if !r.lost_examples.is_empty() {
+            println!(
+                "           lost numbers (first ones): {:?}",
+                r.lost_examples
+            );
+        }
+    }
+    println!(
+        "violations: {}{}",
+        s.violations,
+        if s.drained {
+            ""
+        } else {
+            " (drain did not finish)"
+        }
+    );
+}
