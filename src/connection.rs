@@ -260,19 +260,26 @@ pub async fn serve(
         .max_message_size(Some(frame))
         .max_frame_size(Some(frame));
     // TLS (when on) under the same deadline as the upgrade and the hello.
-    let stream = match crate::tls::accept(shared.tls.as_ref(), tcp, deadline).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
+    // A shutdown does not wait for half-open handshakes.
+    let shutdown = shared.shutdown.clone();
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = crate::tls::accept(shared.tls.as_ref(), tcp, deadline) => match r {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        },
     };
-    let ws = match tokio::time::timeout_at(
-        deadline,
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)),
-    )
-    .await
-    {
+    let upgrade = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(
+            deadline,
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)),
+        ) => r,
+    };
+    let ws = match upgrade {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "WebSocket handshake refused or failed");
@@ -534,7 +541,7 @@ async fn run(
     let gen = ticket.gen;
     let span = tracing::info_span!("session", client = %client, gen = gen.0);
     info!(parent: &span, %peer, resumed = outcome.resumed, reason = outcome.reason.unwrap_or(""),
-          last_seq = outcome.last_seq, pending = outcome.pending, missed = outcome.missed,
+          last_seq = outcome.last_seq, next_seq = outcome.next_seq, pending = outcome.pending, missed = outcome.missed,
           replaced, "client connected");
     let welcome = Welcome {
         client_id: client.as_str().to_owned(),

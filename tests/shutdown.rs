@@ -61,3 +61,26 @@ async fn acks_before_a_graceful_shutdown_are_kept() {
     assert_eq!(bob.recv_msg().await["seq"], 3);
     bob.expect_quiet(QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_half_open_handshake() {
+    // Catches a shutdown that waits out server.hello_timeout_ms for sockets that never finish
+    // their upgrade.
+    use tokio::io::AsyncWriteExt;
+    let mut broker = Broker::start(Opts::new().set("server", "hello_timeout_ms", 30000));
+    let mut half = tokio::net::TcpStream::connect(broker.addr)
+        .await
+        .expect("connect");
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let (_ready, _) = broker.client("ready").await;
+    let started = std::time::Instant::now();
+    let status = broker.sigterm();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}

@@ -35,6 +35,8 @@ pub struct Checker {
     /// recipient -> (epoch, last seq) for the reorder check
     last_seq: HashMap<String, (String, u64)>,
     reorders: HashMap<String, u64>,
+    /// recipient -> seq gaps seen within one epoch: (last seq handed out, the next one).
+    gaps: HashMap<String, Vec<(u64, u64)>>,
     wire_redeliveries: HashMap<String, u64>,
 }
 
@@ -54,6 +56,9 @@ pub struct RecipientReport {
     pub wire_redeliveries: u64,
     /// A few lost numbers, for the investigation.
     pub lost_examples: Vec<u64>,
+    /// Seqs skipped within an epoch (last handed out, next handed out): where a loss happened
+    /// on the way to the application. Only the first few.
+    pub seq_gaps: Vec<(u64, u64)>,
 }
 
 impl RecipientReport {
@@ -88,6 +93,12 @@ impl Checker {
             if e == epoch && seq <= *s {
                 *self.reorders.entry(recipient.to_string()).or_insert(0) += 1;
             }
+            if e == epoch && seq > s + 1 {
+                self.gaps
+                    .entry(recipient.to_string())
+                    .or_default()
+                    .push((*s, seq));
+            }
         }
         self.last_seq
             .insert(recipient.to_string(), (epoch.to_string(), seq));
@@ -115,6 +126,11 @@ impl Checker {
                     recipient: r.to_string(),
                     reorders: self.reorders.get(r).copied().unwrap_or(0),
                     wire_redeliveries: self.wire_redeliveries.get(r).copied().unwrap_or(0),
+                    seq_gaps: self
+                        .gaps
+                        .get(r)
+                        .map(|g| g.iter().take(10).copied().collect())
+                        .unwrap_or_default(),
                     ..RecipientReport::default()
                 };
                 // Highest number delivered per publisher, for lost-middle.

@@ -64,6 +64,9 @@ struct Args {
     /// OUTBOXD_STORAGE__DURABILITY=relaxed to watch the checker catch what that loses.
     #[arg(long = "broker-env", value_name = "KEY=VALUE")]
     broker_env: Vec<String>,
+    /// Only kill and restart the broker; no network toxics (to narrow a failure down).
+    #[arg(long)]
+    no_toxics: bool,
 }
 
 const TOPIC: &str = "torture";
@@ -323,7 +326,11 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
             next_kill = kill_at(done_kills, &mut rng);
             continue;
         }
-        let t = random_toxics(&mut rng);
+        let t = if args.no_toxics {
+            Toxics::default()
+        } else {
+            random_toxics(&mut rng)
+        };
         faults.toxics += 1;
         println!(
             "[{:>6.1}s] toxics: {}",
@@ -579,8 +586,18 @@ async fn consume(
                 Ok(None) => break,
                 Ok(Some(item)) => item,
             };
-            let Incoming::Delivery(d) = item else {
-                continue;
+            let d = match item {
+                Incoming::Delivery(d) => d,
+                Incoming::Event(e) => {
+                    use outboxd::client::Event as E;
+                    if !matches!(
+                        e,
+                        E::Connected { .. } | E::Disconnected { .. } | E::ConnectFailed { .. }
+                    ) {
+                        println!("           {name}: {e:?}");
+                    }
+                    continue;
+                }
             };
             if Instant::now() > life && rng.bool() {
                 // Dies holding this delivery, unacked: it must come again to the next process.
@@ -649,6 +666,9 @@ fn print_summary(s: &Summary) {
                 "           lost numbers (first ones): {:?}",
                 r.lost_examples
             );
+        }
+        if !r.seq_gaps.is_empty() {
+            println!("           seqs skipped (last, next): {:?}", r.seq_gaps);
         }
     }
     println!(

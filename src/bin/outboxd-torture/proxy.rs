@@ -2,7 +2,7 @@
 //! broker, and the toxics in force change what the relay does to the bytes.
 //!
 //! Toxics (any combination, per direction where it makes sense): latency with jitter,
-//! bandwidth limit, slicer (tiny segments with pauses), blackhole (read and drop, so the peer
+//! bandwidth limit, slicer (tiny segments with pauses), blackhole (stop relaying, so the peer
 //! sees silence), limit_data (close after N bytes), reset_peer (close with RST at once) and
 //! slow_close (delay the close after either side ends). Toxics change while connections are
 //! open: each relay loop reads the current set before every chunk.
@@ -189,6 +189,15 @@ async fn pump(
     let mut buf = vec![0u8; 16 * 1024];
     let mut sent: u64 = 0;
     loop {
+        // A blackhole stops reading, like a network that drops every packet: TCP stalls, the
+        // peer hears nothing, and nothing already sent is lost unless the connection dies.
+        if !wait_open(&mut toxics, upstream, &done).await {
+            if toxics.borrow().reset_peer {
+                done.cancel();
+                return (from, to);
+            }
+            break;
+        }
         let n = tokio::select! {
             _ = done.cancelled() => break,
             _ = toxics.changed() => {
@@ -208,10 +217,15 @@ async fn pump(
             done.cancel();
             return (from, to);
         }
-        let d = if upstream { &t.upstream } else { &t.downstream };
-        if d.blackhole {
-            continue;
+        if !wait_open(&mut toxics, upstream, &done).await {
+            if toxics.borrow().reset_peer {
+                done.cancel();
+                return (from, to);
+            }
+            break;
         }
+        let t = toxics.borrow().clone();
+        let d = if upstream { &t.upstream } else { &t.downstream };
         if !d.latency.is_zero() || !d.jitter.is_zero() {
             let jitter = if d.jitter.is_zero() {
                 Duration::ZERO
@@ -255,6 +269,31 @@ async fn pump(
     (from, to)
 }
 
+/// Waits while this direction is blackholed. False when the relay must end instead (the other
+/// direction ended, or a reset toxic came on).
+async fn wait_open(
+    toxics: &mut watch::Receiver<Toxics>,
+    upstream: bool,
+    done: &CancellationToken,
+) -> bool {
+    loop {
+        {
+            let t = toxics.borrow();
+            if t.reset_peer {
+                return false;
+            }
+            let d = if upstream { &t.upstream } else { &t.downstream };
+            if !d.blackhole {
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = done.cancelled() => return false,
+            r = toxics.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
 /// Closes with RST: linger 0, then drop.
 fn reset(s: TcpStream) {
     let _ = s.set_zero_linger();
@@ -290,7 +329,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn relays_then_blackholes_then_relays_again() {
+    async fn blackhole_stalls_like_a_dead_network_and_loses_nothing() {
         let p = Proxy::start(echo().await).await.unwrap();
         let mut s = TcpStream::connect(p.addr).await.unwrap();
         assert_eq!(
@@ -302,17 +341,25 @@ mod tests {
         let mut t = Toxics::default();
         t.upstream.blackhole = true;
         p.set(t);
+        // Silence while it lasts...
         assert_eq!(
-            roundtrip(&mut s, b"lost", Duration::from_millis(300)).await,
+            roundtrip(&mut s, b"held", Duration::from_millis(300)).await,
             None
         );
+        // ...and afterwards the held bytes arrive first, in order, like TCP retransmits would.
         p.set(Toxics::default());
         assert_eq!(
             roundtrip(&mut s, b"back", Duration::from_secs(2))
                 .await
                 .as_deref(),
-            Some(&b"back"[..])
+            Some(&b"held"[..])
         );
+        let mut rest = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&rest, b"back");
         p.stop().await;
     }
 
