@@ -67,6 +67,13 @@ struct Args {
     /// Only kill and restart the broker; no network toxics (to narrow a failure down).
     #[arg(long)]
     no_toxics: bool,
+    /// Run the broker inside this network namespace (`ip netns exec NAME`), for real packet
+    /// loss; see tools/netns-loss.sh.
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
+    /// The broker's listen address (port 0: any); beyond loopback it runs with --insecure.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: String,
 }
 
 const TOPIC: &str = "torture";
@@ -99,6 +106,8 @@ fn main() -> ExitCode {
 struct Broker {
     bin: PathBuf,
     env: Vec<(String, String)>,
+    netns: Option<String>,
+    listen: String,
     data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -114,9 +123,24 @@ impl Broker {
             .append(true)
             .open(&self.log)
             .map_err(|e| format!("broker log {}: {e}", self.log.display()))?;
-        let mut child = Command::new(&self.bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&self.data)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.args(["serve", "--listen", &self.listen, "--data"])
+            .arg(&self.data);
+        if self
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback())
+        {
+            cmd.arg("--insecure");
+        }
+        let mut child = cmd
             .env("OUTBOXD_SERVER__ADMIN_LISTEN", "")
             .env("OUTBOXD_HEARTBEAT__INTERVAL_MS", "500")
             .env("OUTBOXD_HEARTBEAT__TIMEOUT_MS", "2000")
@@ -244,6 +268,8 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
     let mut broker = Broker {
         bin,
         env,
+        netns: args.netns.clone(),
+        listen: args.listen.clone(),
         data: work.join("data"),
         log: work.join("broker.log"),
         child: None,
