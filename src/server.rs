@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -46,6 +46,8 @@ pub enum ServeError {
     Signal(std::io::Error),
     #[error("internal task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("the store refused writes after a storage failure; fix the disk and restart")]
+    Latched,
 }
 
 /// What every connection shares.
@@ -191,7 +193,11 @@ pub async fn serve(
     shared.tracker.close();
     shared.tracker.wait().await;
     drop(shared);
-    tokio::task::spawn_blocking(move || writer.join()).await?;
+    let latched = tokio::task::spawn_blocking(move || writer.join()).await?;
+    if latched {
+        error!("shutdown complete, but the store was latched: writes were refused after a storage failure (see above); everything confirmed before it is on disk");
+        return Err(ServeError::Latched);
+    }
     info!("shutdown complete: every queued write committed");
     Ok(())
 }

@@ -84,3 +84,22 @@ async fn sigterm_does_not_wait_for_a_half_open_handshake() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_second_broker_on_a_held_data_dir_refuses_with_a_clear_message() {
+    // Catches a raw lock error, or two brokers writing one store.
+    let broker = Broker::start(Opts::new());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(broker.data_dir())
+        .env("OUTBOXD_SERVER__ADMIN_LISTEN", "")
+        .output()
+        .expect("run outboxd");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another process (a running outboxd?) holds it"),
+        "{err}"
+    );
+    assert!(!err.contains("WouldBlock"), "{err}");
+}

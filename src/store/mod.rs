@@ -289,12 +289,17 @@ pub struct OutboxTotals {
 }
 
 /// A cheap, cloneable handle to the store.
+///
+/// Its sled handles are never dropped (`ManuallyDrop`): dropping sled's last handle flushes,
+/// and after a disk failure that flush can wait forever, which would hang the shutdown of a
+/// latched broker. The writer makes the final flush itself; the handles live as long as the
+/// process anyway.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Command>,
-    db: sled::Db,
-    clients: sled::Tree,
-    outbox: sled::Tree,
+    db: std::mem::ManuallyDrop<sled::Db>,
+    clients: std::mem::ManuallyDrop<sled::Tree>,
+    outbox: std::mem::ManuallyDrop<sled::Tree>,
     dir: PathBuf,
     latched: Arc<AtomicBool>,
     handles: Handles,
@@ -302,16 +307,20 @@ pub struct Store {
 
 /// The writer thread; join it after every [`Store`] clone is dropped to finish the last commit.
 pub struct Writer {
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Writer {
     /// Waits until the writer has committed everything queued and stopped. Blocking.
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
+    /// Returns true when the store ended latched (writes were refused after a failure).
+    pub fn join(mut self) -> bool {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(latched)) => latched,
+            Some(Err(_)) => {
                 error!("the store writer thread panicked");
+                true
             }
+            None => false,
         }
     }
 }
@@ -480,7 +489,10 @@ impl Store {
             .open()
             .map_err(|e| {
                 let reason = match &e {
-                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    sled::Error::Io(io)
+                        if io.kind() == std::io::ErrorKind::WouldBlock
+                            || io.to_string().contains("could not acquire lock") =>
+                    {
                         "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string()
                     }
                     other => other.to_string(),
@@ -512,9 +524,9 @@ impl Store {
         Ok((
             Store {
                 tx,
-                db,
-                clients,
-                outbox,
+                db: std::mem::ManuallyDrop::new(db),
+                clients: std::mem::ManuallyDrop::new(clients),
+                outbox: std::mem::ManuallyDrop::new(outbox),
                 dir,
                 latched,
                 handles,
@@ -559,9 +571,9 @@ impl Store {
     pub fn inspector(&self) -> Inspector {
         Inspector::over(
             self.dir.clone(),
-            self.db.clone(),
-            self.clients.clone(),
-            self.outbox.clone(),
+            sled::Db::clone(&self.db),
+            sled::Tree::clone(&self.clients),
+            sled::Tree::clone(&self.outbox),
         )
     }
 
@@ -954,8 +966,9 @@ impl WriterState {
         }
     }
 
-    /// The writer loop: gather a group, apply it, commit it, answer it.
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// The writer loop: gather a group, apply it, commit it, answer it. Returns whether the
+    /// store ended latched.
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) -> bool {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -964,7 +977,7 @@ impl WriterState {
             Err(e) => {
                 error!(error = %e, "store writer cannot start its timer; the store is latched");
                 self.latched.store(true, Ordering::Release);
-                return;
+                return true;
             }
         };
         loop {
@@ -1013,7 +1026,12 @@ impl WriterState {
             self.commit(group);
         }
         self.commit(0);
-        if let Err(e) = self.db.flush() {
+        if let Some(reason) = &self.latch_reason {
+            // After a failed write sled's flush can wait forever (it waits for a write that
+            // never completes); nothing after the latch was confirmed, so there is nothing to
+            // make durable.
+            warn!(reason = %reason, "store latched: skipping the final flush");
+        } else if let Err(e) = self.db.flush() {
             error!(error = %e, "final flush failed");
         } else if let Err(e) = self.log.sync_data() {
             error!(error = %e, "final fsync failed");
@@ -1029,6 +1047,12 @@ impl WriterState {
             publishes_per_commit = format!("{per_commit:.1}"),
             "store closed"
         );
+        if self.latch_reason.is_some() {
+            // Dropping sled's handles flushes, which after a disk failure can wait forever.
+            std::mem::forget(self);
+            return true;
+        }
+        false
     }
 
     fn latch(&mut self, reason: &str) {
