@@ -5,8 +5,9 @@
 //! state machines in [`crate::session`]. A second task per connection owns the socket's write
 //! half and drains a bounded queue (`server.write_queue_frames`). Stored messages enter that
 //! queue only while it has room beyond a reserve kept for replies and control frames; the rest
-//! wait in the outbox until the writer has drained the queue. When a reply or a control frame
-//! finds the queue full, the peer is too slow and is closed with 4029; its messages stay stored.
+//! wait in the outbox until the writer has drained the queue. When a reply (to a publish, a
+//! subscribe, a ping, a bad frame) finds the queue full, the peer is too slow and is closed with
+//! 4029; its messages stay stored. A heartbeat ping that finds it full is skipped instead.
 //!
 //! Delivery order inside the loop: messages are read from the store only below the outbox's
 //! durable frontier (see [`crate::store`]), so nothing is sent before an fsync covers it.
@@ -773,6 +774,9 @@ impl Conn {
         }
         match self.live.poll(now) {
             Beat::Dead => return Err(End::Dead),
+            // A ping only asks for a sign of life; when the queue is full of messages the peer
+            // has not read yet, skip it (its acks count as signs of life) rather than close.
+            Beat::SendPing if self.out.tx.capacity() == 0 => {}
             Beat::SendPing => self.out.text(protocol::PING.to_string())?,
             Beat::Nothing => {}
         }

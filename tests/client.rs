@@ -786,3 +786,34 @@ async fn run_acks_a_delivery_only_after_the_handler_returns_ok() {
     );
     assert_eq!(peek.recv_msg().await["payload"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_publishes_go_out_before_anyone_awaits_them() {
+    // Catches a `start()` that only queues the publish at its first poll, which turns a
+    // pipeline awaited in order into one publish per round trip.
+    let broker = Broker::start(Opts::new());
+    let client = outboxd::client::Client::builder(broker.url.clone(), "alice")
+        .connect()
+        .await
+        .expect("connect");
+    let pending: Vec<_> = (0..200)
+        .map(|i| client.publish("client:bob", serde_json::json!(i)).start())
+        .collect();
+    // Nobody polls them; they must reach the broker anyway.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let bob = broker.admin_get("/v1/clients/bob").await;
+        if bob.status == 200 && bob.json()["pending"] == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "started publishes were not sent: {}",
+            bob.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for p in pending {
+        p.await.expect("confirmed");
+    }
+}

@@ -243,14 +243,17 @@ async fn consumer_that_stops_reading_is_closed_with_4029_and_keeps_its_messages(
     let (stuck, welcome) = broker.client("bob").await;
     assert_eq!(welcome["pending"], n, "{welcome}");
     let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
-    // Bob reads nothing; the broker's pings pile up in the queue's reserve until it is full.
+    // Bob reads nothing but keeps asking (app-level pings): the pongs pile up in the queue's
+    // reserve until it is full.
+    let mut stuck = stuck;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !broker.stderr().contains("code=4029") {
         assert!(
             std::time::Instant::now() < deadline,
             "a peer that reads nothing was never closed with 4029"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        stuck.send_text(r#"{"type":"ping"}"#).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(stuck);
 

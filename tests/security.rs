@@ -452,3 +452,51 @@ fn auth_none_beyond_loopback_needs_insecure() {
         "refused start created the data dir"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxd_token_mints_a_token_the_broker_accepts_with_its_claims() {
+    // Catches a development token command whose tokens the broker refuses or whose claims it
+    // ignores.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args([
+            "token",
+            "--client",
+            "alice",
+            "--ttl",
+            "10m",
+            "--pub",
+            "client:bob",
+        ])
+        .env("OUTBOXD_AUTH__MODE", "jwt")
+        .env("OUTBOXD_AUTH__HMAC_SECRET", SECRET)
+        .current_dir(dir.path())
+        .output()
+        .expect("run outboxd token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8(out.stdout).expect("utf-8");
+    let broker = Broker::start(jwt_opts());
+    let (mut alice, w) = hello_with(&broker, "alice", Some(minted.trim())).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(
+        alice.publish("a", "client:bob", json!(1)).await["type"],
+        "ok"
+    );
+    assert_error(
+        &alice.publish("b", "client:carol", json!(2)).await,
+        "forbidden",
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["token", "--client", "alice", "--ttl", "soon"])
+        .env("OUTBOXD_AUTH__HMAC_SECRET", SECRET)
+        .current_dir(dir.path())
+        .output()
+        .expect("run outboxd token");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--ttl"));
+}

@@ -448,10 +448,13 @@ impl PublishRequest {
     /// one after the other are sent, and written to each outbox, in that order, even when many
     /// are in flight: the way to pipeline in order. (`.await` on the request starts it too.)
     pub fn start(self) -> PendingPublish {
-        let checked = self.check();
+        // Queued here, not at the first poll: publishes started one after the other go out
+        // together even when their confirmations are awaited one at a time.
+        let submitted = self
+            .check()
+            .map(|(publisher, kind, timeout, key)| publisher.submit(kind, timeout, Some(key)));
         PendingPublish(Box::pin(async move {
-            let (publisher, kind, timeout, key) = checked?;
-            match publisher.submit(kind, timeout, Some(key)).await? {
+            match submitted?.await? {
                 Reply::Published(p) => Ok(p),
                 Reply::Done => Err(RequestError::Invalid(
                     "the broker answered a publish without an id".into(),

@@ -80,6 +80,13 @@ const TOPIC: &str = "torture";
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     println!("outboxd-torture: seed {seed} (rerun with --seed {seed})");
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -388,7 +395,7 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
     for t in publisher_tasks {
         let _ = t.await;
     }
-    let drained = drain(&checker, Duration::from_secs(120)).await;
+    let drained = drain(&checker, Duration::from_secs(240)).await;
     stop_consuming.store(true, Ordering::SeqCst);
     for t in consumer_tasks {
         let _ = t.await;
@@ -442,7 +449,7 @@ async fn drain(checker: &Arc<Mutex<Checker>>, limit: Duration) -> bool {
             println!("outboxd-torture: {outstanding} confirmed messages still undelivered after {limit:?}");
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -576,6 +583,7 @@ async fn consume(
     // Each loop is one application process: it may die before acking, and the next one
     // resumes from the position file.
     while !stop.load(Ordering::SeqCst) {
+        tracing::debug!(consumer = %name, "new process: connecting");
         let mut client = match Client::builder(url.clone(), name.clone())
             .backoff(Duration::from_millis(50), Duration::from_secs(1))
             .position_store(FilePositionStore::new(&position))
@@ -629,7 +637,7 @@ async fn consume(
                 // Dies holding this delivery, unacked: it must come again to the next process.
                 break;
             }
-            if rng.u8(..).is_multiple_of(20) {
+            if rng.u16(..).is_multiple_of(400) {
                 // A slow handler: the broker may resend meanwhile (ack timeout).
                 tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
             }
@@ -650,7 +658,9 @@ async fn consume(
             }
             let _ = d.ack();
         }
+        tracing::debug!(consumer = %name, "process ends; closing the client");
         client.close().await;
+        tracing::debug!(consumer = %name, "client closed");
     }
 }
 

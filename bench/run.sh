@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite: outboxd against Mosquitto and NATS JetStream, side by side.
+#
+#   bench/run.sh                 the full suite (about 15 to 20 minutes on 2 cores); writes
+#                                bench/results/latest.json, bench/results/latency.svg and
+#                                docs/benchmarks.md
+#   bench/run.sh --smoke         about 20 s plus the build: saturation 1 -> 1 at 256 B, once per
+#                                system, debug build; writes nothing in the tree; exits non-zero
+#                                unless every message arrived (the CI step)
+#   bench/run.sh ARGS...         extra arguments go to the driver, e.g.
+#                                --systems outboxd,nats --workloads saturation --reps 5
+#                                (target/release/outboxd-bench --help lists them)
+#
+# Installs the peers from Debian's packages (mosquitto, nats-server; linux-perf to count fsync
+# calls) when they are missing and this runs as root with apt-get. Each case starts its broker
+# itself, on 127.0.0.1 with a fresh temp data dir, and stops it afterwards.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+smoke=0
+args=()
+for a in "$@"; do
+    case "$a" in
+        --smoke) smoke=1 ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+target=${CARGO_TARGET_DIR:-target}
+
+missing=()
+command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+if (( ! smoke )) && ! command -v perf >/dev/null 2>&1; then
+    missing+=(linux-perf)
+fi
+systems=outboxd,mosquitto,nats
+if (( ${#missing[@]} )); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "bench: installing ${missing[*]} from Debian's packages"
+        apt-get update -qq
+        # The packages' service start fails harmlessly where there is no init system; the
+        # harness starts its own instances.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    elif (( smoke )); then
+        echo "bench: ${missing[*]} missing and cannot be installed (needs root and apt-get): smoke runs outboxd only"
+        systems=outboxd
+    else
+        echo "bench: ${missing[*]} missing; install them (apt-get install ${missing[*]}) or run as root" >&2
+        exit 1
+    fi
+fi
+
+# 10k idle connections: the broker and the load generator each hold one fd per connection.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+if (( smoke )); then
+    cargo build --locked --bin outboxd
+    cargo build --locked -p outboxd-bench
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    "$target/debug/outboxd-bench" --smoke \
+        --systems "$systems" \
+        --outboxd-bin "$target/debug/outboxd" \
+        --json "$out/smoke.json" \
+        --command "bench/run.sh --smoke" \
+        ${args[@]+"${args[@]}"}
+    exit 0
+fi
+
+cargo build --locked --release --bin outboxd
+cargo build --locked --release -p outboxd-bench
+mkdir -p bench/results
+exec "$target/release/outboxd-bench" \
+    --systems "$systems" \
+    --outboxd-bin "$target/release/outboxd" \
+    --json bench/results/latest.json \
+    --svg bench/results/latency.svg \
+    --markdown docs/benchmarks.md \
+    --analysis bench/analysis.md \
+    --command "bench/run.sh${*:+ $*}" \
+    ${args[@]+"${args[@]}"}

@@ -1,0 +1,422 @@
+//! Starting and stopping the three brokers on fresh data directories, and reading their
+//! processes' CPU, memory, disk writes and fsync calls.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    #[default]
+    Outboxd,
+    Mosquitto,
+    Nats,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Outboxd => "outboxd",
+            System::Mosquitto => "mosquitto",
+            System::Nats => "nats",
+        }
+    }
+
+    /// Whether the system fsyncs a message before it confirms it, as configured here.
+    pub fn fsync_before_confirm(self) -> &'static str {
+        match self {
+            System::Outboxd => "yes (durability = fsync: fdatasync before ok and before msg)",
+            System::Mosquitto => {
+                "no (in memory; persistence file written at shutdown/autosave only)"
+            }
+            System::Nats => "no (JetStream file store: write() per message, fsync on a timer)",
+        }
+    }
+}
+
+/// Settings that differ between workloads (outboxd env overrides; peers use one config).
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Heartbeat interval for the idle-connections case, in ms.
+    pub heartbeat_ms: Option<u64>,
+}
+
+pub struct Paths {
+    pub outboxd_bin: PathBuf,
+}
+
+/// One running broker.
+pub struct Broker {
+    child: Child,
+    pub pid: u32,
+    /// outboxd: `ws://HOST:PORT/ws`; mosquitto: `HOST:PORT`; nats: `nats://HOST:PORT`.
+    pub endpoint: String,
+    /// outboxd's admin API (`http://HOST:PORT`), for its commit counter.
+    pub admin: Option<String>,
+    /// From spawn to accepting clients.
+    pub ready_after: Duration,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16, child: &mut Child, within: Duration) -> Result<()> {
+    let until = Instant::now() + within;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the broker exited before listening: {status}");
+        }
+        if Instant::now() > until {
+            bail!("nothing listened on port {port} within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Broker {
+    /// Starts `system` on the data directory `dir` (created if missing; kept across a restart).
+    pub fn start(system: System, dir: &Path, paths: &Paths, tuning: &Tuning) -> Result<Broker> {
+        fs::create_dir_all(dir)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", system.name())))?;
+        let started = Instant::now();
+        match system {
+            System::Outboxd => {
+                let mut cmd = Command::new(&paths.outboxd_bin);
+                cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+                    .arg(dir.join("data"))
+                    // No config.toml there: the defaults, plus the overrides below.
+                    .current_dir(dir)
+                    .env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+                    .env("OUTBOXD_STORAGE__DURABILITY", "fsync")
+                    // Limits that would refuse benchmark traffic (see docs/benchmarks.md).
+                    .env("OUTBOXD_LIMITS__PUBLISH_RATE_PER_SEC", "0")
+                    .env("OUTBOXD_LIMITS__MAX_OUTBOX_MESSAGES", "0")
+                    .env("OUTBOXD_LIMITS__MAX_OUTBOX_BYTES", "0")
+                    .env("OUTBOXD_SERVER__MAX_CONNECTIONS_PER_IP", "0")
+                    .env("OUTBOXD_SERVER__MAX_CONNECTIONS", "60000")
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(log);
+                if let Some(hb) = tuning.heartbeat_ms {
+                    cmd.env("OUTBOXD_HEARTBEAT__INTERVAL_MS", hb.to_string())
+                        .env("OUTBOXD_HEARTBEAT__TIMEOUT_MS", (hb * 3).to_string());
+                }
+                let mut child = cmd
+                    .spawn()
+                    .with_context(|| format!("starting {}", paths.outboxd_bin.display()))?;
+                let pid = child.id();
+                let stdout = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| anyhow!("no stdout pipe"))?;
+                let (tx, rx) = std::sync::mpsc::channel();
+                // Reads the two address lines, then keeps draining stdout so the broker never
+                // blocks on a full pipe.
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stdout).lines() {
+                        let Ok(line) = line else { break };
+                        let _ = tx.send(line);
+                    }
+                });
+                let mut admin = None;
+                let until = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let line = match rx.recv_timeout(left) {
+                        Ok(l) => l,
+                        Err(_) => {
+                            let _ = child.kill();
+                            bail!("outboxd printed no ready line within 60 s");
+                        }
+                    };
+                    if let Some(a) = line.strip_prefix("outboxd admin: ") {
+                        admin = Some(a.trim().trim_end_matches('/').to_string());
+                    } else if let Some(ws) = line.strip_prefix("outboxd ready: ") {
+                        return Ok(Broker {
+                            child,
+                            pid,
+                            endpoint: ws.trim().to_string(),
+                            admin,
+                            ready_after: started.elapsed(),
+                        });
+                    }
+                }
+            }
+            System::Mosquitto => {
+                let port = free_port()?;
+                let persist = dir.join("mosquitto");
+                fs::create_dir_all(&persist)?;
+                let conf = dir.join("mosquitto.conf");
+                fs::write(
+                    &conf,
+                    format!(
+                        "# written by outboxd-bench\n\
+                         listener {port} 127.0.0.1\n\
+                         allow_anonymous true\n\
+                         # run as root so the data dir is writable (else persistence does nothing)\n\
+                         user root\n\
+                         persistence true\n\
+                         persistence_location {}/\n\
+                         # 0 = no limit: never drop QoS 1 messages for a slow or offline client\n\
+                         max_queued_messages 0\n\
+                         max_queued_bytes 0\n\
+                         # same in-flight window as outboxd's delivery.max_inflight\n\
+                         max_inflight_messages 1024\n\
+                         log_dest stderr\n\
+                         log_type error\n\
+                         log_type warning\n",
+                        persist.display()
+                    ),
+                )?;
+                let mut child = Command::new("mosquitto")
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .context("starting mosquitto (apt-get install mosquitto)")?;
+                wait_for_port(port, &mut child, Duration::from_secs(60))?;
+                Ok(Broker {
+                    pid: child.id(),
+                    child,
+                    endpoint: format!("127.0.0.1:{port}"),
+                    admin: None,
+                    ready_after: started.elapsed(),
+                })
+            }
+            System::Nats => {
+                let port = free_port()?;
+                let store = dir.join("jetstream");
+                let mut child = Command::new("nats-server")
+                    .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                    .arg(&store)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .context("starting nats-server (apt-get install nats-server)")?;
+                wait_for_port(port, &mut child, Duration::from_secs(120))?;
+                Ok(Broker {
+                    pid: child.id(),
+                    child,
+                    endpoint: format!("nats://127.0.0.1:{port}"),
+                    admin: None,
+                    ready_after: started.elapsed(),
+                })
+            }
+        }
+    }
+
+    /// Ends the broker: SIGTERM and a wait (graceful), or SIGKILL.
+    pub fn stop(mut self, kill: bool) -> Result<()> {
+        if kill {
+            self.child.kill()?;
+        } else {
+            signal(self.pid, "TERM");
+            let until = Instant::now() + Duration::from_secs(60);
+            while self.child.try_wait()?.is_none() {
+                if Instant::now() > until {
+                    self.child.kill()?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// outboxd's commit-group count (one fdatasync each in fsync mode), from its admin API's
+/// /metrics at `admin` (`http://HOST:PORT`).
+pub fn commit_groups_at(admin: &str) -> Option<u64> {
+    let body = http_get(&format!("{admin}/metrics")).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("outboxd_commit_groups_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A minimal HTTP/1.0 GET against the loopback admin API (avoids an HTTP client dependency).
+fn http_get(url: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not http: {url}"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// One reading of a process's counters from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcSample {
+    pub at: Option<Instant>,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+    pub write_bytes: u64,
+}
+
+pub fn sample(pid: u32) -> ProcSample {
+    let mut s = ProcSample {
+        at: Some(Instant::now()),
+        ..ProcSample::default()
+    };
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Fields after the command name (which may hold spaces) start at field 3.
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            s.cpu_ticks = utime + stime;
+        }
+    }
+    if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+        s.rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    }
+    if let Ok(io) = fs::read_to_string(format!("/proc/{pid}/io")) {
+        s.write_bytes = io
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+    }
+    s
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Counts a process's fsync and fdatasync calls with `perf stat` on the syscall tracepoints
+/// (counted in the kernel, so far cheaper than strace). `None` when perf cannot do it here.
+pub struct FsyncCounter {
+    child: Child,
+    out: PathBuf,
+}
+
+const FSYNC_EVENTS: &str = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync";
+
+pub fn perf_works() -> bool {
+    Command::new("perf")
+        .args(["stat", "-x", ",", "-e", FSYNC_EVENTS, "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl FsyncCounter {
+    pub fn start(pid: u32, out: PathBuf) -> Option<FsyncCounter> {
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                FSYNC_EVENTS,
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(FsyncCounter { child, out })
+    }
+
+    /// Stops counting; the number of fsync + fdatasync calls seen.
+    pub fn finish(mut self) -> Option<u64> {
+        signal(self.child.id(), "INT");
+        let _ = self.child.wait();
+        let text = fs::read_to_string(&self.out).ok()?;
+        let mut total = 0u64;
+        let mut seen = false;
+        for line in text.lines() {
+            let mut f = line.split(',');
+            if let (Some(count), Some(_), Some(event)) = (f.next(), f.next(), f.next()) {
+                if event.starts_with("syscalls:") {
+                    if let Ok(n) = count.trim().parse::<u64>() {
+                        total += n;
+                        seen = true;
+                    }
+                }
+            }
+        }
+        seen.then_some(total)
+    }
+}
+
+/// The version each system reports.
+pub fn version(system: System, paths: &Paths) -> String {
+    let out = match system {
+        System::Outboxd => Command::new(&paths.outboxd_bin).arg("--version").output(),
+        System::Mosquitto => Command::new("mosquitto").arg("-h").output(),
+        System::Nats => Command::new("nats-server").arg("--version").output(),
+    };
+    match out {
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("unknown").trim().to_string()
+        }
+        Err(e) => format!("not available ({e})"),
+    }
+}

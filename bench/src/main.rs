@@ -1,0 +1,424 @@
+//! outboxd-bench: one driver, three adapters (outboxd, Mosquitto, NATS JetStream), the
+//! workloads of issue 7, and the report. `bench/run.sh` installs the peers, builds, and runs
+//! this; see docs/benchmarks.md for the method and the latest figures.
+
+mod adapters;
+mod brokers;
+mod msg;
+mod report;
+mod stats;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+
+use brokers::{Paths, System};
+use workloads::{CaseSpec, Env, Workload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    Saturation,
+    Latency,
+    Fanout,
+    Idle,
+    Backlog,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outboxd-bench",
+    about = "Side-by-side benchmark: outboxd, Mosquitto, NATS JetStream"
+)]
+struct Args {
+    /// Systems to measure, in this order within each repetition.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "outboxd,mosquitto,nats"
+    )]
+    systems: Vec<System>,
+    /// Workloads to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "saturation,latency,fanout,idle,backlog"
+    )]
+    workloads: Vec<Which>,
+    /// A short check: saturation 1→1 at 256 B, one repetition, 1 s + 3 s; fails unless every
+    /// message arrived.
+    #[arg(long)]
+    smoke: bool,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
+    #[arg(long, default_value_t = 5.0)]
+    measure_s: f64,
+    /// Payload sizes for saturation, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,16384")]
+    sizes: Vec<usize>,
+    /// Offered rates for the latency workload, msg/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    rates: Vec<u64>,
+    /// Subscriber counts for fan-out.
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    fanout: Vec<usize>,
+    /// Connections for the idle workload.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    #[arg(long, default_value_t = 15.0)]
+    idle_hold_s: f64,
+    /// Messages for the backlog workload.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// How the broker is stopped in the backlog workload.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill")]
+    backlog_stop: Vec<Stop>,
+    #[arg(long, default_value = "target/release/outboxd")]
+    outboxd_bin: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where to write the markdown report.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Where to write the SVG plot.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Hand-written analysis appended to the markdown report, if the file exists.
+    #[arg(long)]
+    analysis: Option<PathBuf>,
+    /// Only re-render the markdown and SVG from a results file written earlier (for example
+    /// after editing bench/analysis.md); runs nothing.
+    #[arg(long)]
+    render: Option<PathBuf>,
+    /// The command line to print in the report.
+    #[arg(long, default_value = "bench/run.sh")]
+    command: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> report::Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_default();
+    let tmp = std::env::temp_dir();
+    let data_fs = first_line(
+        "df",
+        &["-T", "--output=fstype,source", &tmp.display().to_string()],
+    )
+    .lines()
+    .last()
+    .unwrap_or("")
+    .split_whitespace()
+    .collect::<Vec<_>>()
+    .join(" ");
+    report::Machine {
+        cpu_model,
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        mem_total,
+        kernel: first_line("uname", &["-sr"]),
+        os,
+        data_fs: format!("{} ({})", tmp.display(), data_fs),
+    }
+}
+
+fn write_views(args: &Args, rep: &report::Report, systems: &[System]) -> Result<()> {
+    if let Some(p) = &args.svg {
+        std::fs::write(p, report::svg(rep, systems))?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.markdown {
+        let analysis = args
+            .analysis
+            .as_ref()
+            .and_then(|a| std::fs::read_to_string(a).ok());
+        std::fs::write(p, report::markdown(rep, systems, analysis.as_deref()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn render(args: &Args, from: &std::path::Path) -> Result<bool> {
+    let rep: report::Report = serde_json::from_str(&std::fs::read_to_string(from)?)?;
+    let systems: Vec<System> = args
+        .systems
+        .iter()
+        .copied()
+        .filter(|s| rep.versions.contains_key(s.name()))
+        .collect();
+    write_views(args, &rep, &systems)?;
+    Ok(rep.all_ok)
+}
+
+async fn run(args: Args) -> Result<bool> {
+    if let Some(from) = &args.render {
+        return render(&args, from);
+    }
+    let env = Env {
+        paths: Paths {
+            // Absolute: each broker runs in its own temp dir.
+            outboxd_bin: std::fs::canonicalize(&args.outboxd_bin)
+                .unwrap_or_else(|_| args.outboxd_bin.clone()),
+        },
+        clk_tck: brokers::clock_ticks_per_sec(),
+        perf: brokers::perf_works(),
+    };
+    let (reps, warmup_s, measure_s) = if args.smoke {
+        (1, 1.0, 3.0)
+    } else {
+        (args.reps, args.warmup_s, args.measure_s)
+    };
+    let workloads: Vec<Which> = if args.smoke {
+        vec![Which::Saturation]
+    } else {
+        args.workloads.clone()
+    };
+    let sizes = if args.smoke {
+        vec![256]
+    } else {
+        args.sizes.clone()
+    };
+    let systems = args.systems.clone();
+    let mut cases = Vec::new();
+    let mut idle = Vec::new();
+    let mut backlog = Vec::new();
+
+    let mut specs = Vec::new();
+    for w in &workloads {
+        match w {
+            Which::Saturation => {
+                for size in &sizes {
+                    specs.push(CaseSpec {
+                        workload: Workload::Saturation,
+                        size: *size,
+                        rate: None,
+                        subscribers: 1,
+                        warmup_s,
+                        measure_s,
+                    });
+                }
+            }
+            Which::Latency => {
+                for rate in &args.rates {
+                    specs.push(CaseSpec {
+                        workload: Workload::Latency,
+                        size: 256,
+                        rate: Some(*rate),
+                        subscribers: 1,
+                        warmup_s,
+                        measure_s,
+                    });
+                }
+            }
+            Which::Fanout => {
+                for n in &args.fanout {
+                    specs.push(CaseSpec {
+                        workload: Workload::Fanout,
+                        size: 256,
+                        rate: None,
+                        subscribers: *n,
+                        warmup_s,
+                        measure_s,
+                    });
+                }
+            }
+            Which::Idle | Which::Backlog => {}
+        }
+    }
+    for spec in &specs {
+        for rep in 0..reps {
+            for sys in &systems {
+                let r = workloads::run_case(&env, *sys, spec, rep).await;
+                eprintln!(
+                    "{:>9} {:?} size={} rate={:?} subs={} rep={}: {:.0} delivered/s, p50 {} µs, p99 {} µs, cpu {:.0}%, fsyncs/s {:?}, published {}, lost {}, errors {}, dup {}{}",
+                    sys.name(),
+                    spec.workload,
+                    spec.size,
+                    spec.rate,
+                    spec.subscribers,
+                    rep,
+                    r.delivered_per_s,
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.broker.cpu_pct,
+                    r.broker.fsyncs_per_s.map(|v| v.round()),
+                    r.published,
+                    r.lost,
+                    r.errors,
+                    r.duplicates,
+                    r.failure.as_ref().map(|f| format!(", FAILED: {f}")).unwrap_or_default()
+                );
+                cases.push(r);
+            }
+        }
+    }
+    if workloads.contains(&Which::Idle) {
+        for sys in &systems {
+            let r = workloads::run_idle(
+                &env,
+                *sys,
+                args.idle_connections,
+                Duration::from_secs_f64(args.idle_hold_s),
+            )
+            .await;
+            eprintln!("{r:?}");
+            idle.push(r);
+        }
+    }
+    if workloads.contains(&Which::Backlog) {
+        for stop in &args.backlog_stop {
+            for sys in &systems {
+                let r = workloads::run_backlog(&env, *sys, args.backlog, 256, *stop == Stop::Kill)
+                    .await;
+                eprintln!("{r:?}");
+                backlog.push(r);
+            }
+        }
+    }
+
+    let mut not_measured = vec![
+        "50k idle connections: this sandbox caps open files at 20,000 per process (hard limit), and one source address gives about 28k loopback ports; 50k needs a higher limit and several 127.0.0.x source addresses, which the project client cannot bind".to_string(),
+        "1000 × 1000 point to point at 1 msg/s each".to_string(),
+        "the peers over their WebSocket listeners (MQTT over WebSocket, NATS WebSocket)".to_string(),
+        "fsync counts for power-loss safety are not a crash test: a SIGKILL keeps the page cache, so NATS keeps its data after one; only a power cut shows what the missing fsync costs".to_string(),
+    ];
+    if !workloads.contains(&Which::Idle) {
+        not_measured.push("idle connections (not in this run)".into());
+    }
+    if !workloads.contains(&Which::Backlog) {
+        not_measured.push("offline backlog and restart (not in this run)".into());
+    }
+    if !args.fanout.contains(&1000) || !workloads.contains(&Which::Fanout) {
+        not_measured.push("fan-out 1 → 1000 subscribers".into());
+    }
+
+    let summary = report::summarize(&cases);
+    let all_ok = cases.iter().all(|c| c.ok())
+        && idle.iter().all(|i| i.failure.is_none())
+        && backlog.iter().all(|b| {
+            b.failure.is_none()
+                && (b.lost == 0 || (b.restart == "SIGKILL" && b.system != System::Outboxd))
+        });
+    let mut versions = BTreeMap::new();
+    let mut fsync = BTreeMap::new();
+    for sys in &systems {
+        versions.insert(sys.name().to_string(), brokers::version(*sys, &env.paths));
+        fsync.insert(
+            sys.name().to_string(),
+            sys.fsync_before_confirm().to_string(),
+        );
+    }
+    versions.insert("rustc".into(), first_line("rustc", &["--version"]));
+    // The broker's source: the commit, and whether the tree had changes on top of it.
+    versions.insert(
+        "outboxd source".into(),
+        first_line("git", &["describe", "--always", "--dirty"]),
+    );
+    let rep = report::Report {
+        generated_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        command: args.command.clone(),
+        smoke: args.smoke,
+        machine: machine(),
+        versions,
+        fsync_before_confirm: fsync,
+        settings: report::Settings {
+            reps,
+            warmup_s,
+            measure_s,
+            publish_window: workloads::PUBLISH_WINDOW,
+            e2e_window: workloads::E2E_WINDOW,
+            delivery_window: adapters::DELIVERY_WINDOW,
+            fsync_counting: if env.perf {
+                "perf stat on the sys_enter_fsync and sys_enter_fdatasync tracepoints of the broker's pid".into()
+            } else {
+                "not counted: perf with syscall tracepoints is not available here".into()
+            },
+        },
+        summary,
+        idle,
+        backlog,
+        not_measured,
+        cases,
+        all_ok,
+    };
+    if let Some(p) = &args.json {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?)?;
+        eprintln!("wrote {}", p.display());
+    }
+    write_views(&args, &rep, &systems)?;
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outboxd-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => {
+            eprintln!("outboxd-bench: every run completed with zero lost messages");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            eprintln!("outboxd-bench: FAILED: some run lost messages, had errors or did not complete (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outboxd-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

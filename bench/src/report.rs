@@ -1,0 +1,957 @@
+//! Turns the runs into bench/results/latest.json, docs/benchmarks.md and an SVG plot.
+//!
+//! Every figure in the markdown comes from the JSON written next to it; medians over the
+//! repetitions, with the range (min–max) beside them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::brokers::System;
+use crate::workloads::{
+    BacklogResult, CaseResult, IdleResult, Workload, E2E_WINDOW, PUBLISH_WINDOW,
+};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub system: System,
+    pub workload: Workload,
+    pub size: usize,
+    pub rate: Option<u64>,
+    pub subscribers: usize,
+    pub reps: usize,
+    pub delivered_per_s: Option<Stat>,
+    pub confirmed_per_s: Option<Stat>,
+    pub p50_us: Option<Stat>,
+    pub p99_us: Option<Stat>,
+    pub p999_us: Option<Stat>,
+    pub cpu_pct: Option<Stat>,
+    pub rss_max_mib: Option<Stat>,
+    pub write_mib_per_s: Option<Stat>,
+    pub write_bytes_per_delivery: Option<Stat>,
+    pub fsyncs_per_s: Option<Stat>,
+    pub commit_groups_per_s: Option<Stat>,
+    /// Summed over the repetitions.
+    pub published: u64,
+    pub lost: u64,
+    pub errors: u64,
+    pub duplicates: u64,
+    pub failures: Vec<String>,
+}
+
+pub fn summarize(cases: &[CaseResult]) -> Vec<Summary> {
+    let mut groups: BTreeMap<(u8, usize, u64, usize, u8), Vec<&CaseResult>> = BTreeMap::new();
+    for c in cases {
+        let w = c.spec.workload as u8;
+        let key = (
+            w,
+            c.spec.size,
+            c.spec.rate.unwrap_or(0),
+            c.spec.subscribers,
+            c.system as u8,
+        );
+        groups.entry(key).or_default().push(c);
+    }
+    groups
+        .into_values()
+        .map(|g| {
+            let ok: Vec<&&CaseResult> = g.iter().filter(|c| c.failure.is_none()).collect();
+            let stat = |f: &dyn Fn(&CaseResult) -> f64| {
+                Stat::of(&ok.iter().map(|c| f(c)).collect::<Vec<_>>())
+            };
+            let opt = |f: &dyn Fn(&CaseResult) -> Option<f64>| {
+                Stat::of(&ok.iter().filter_map(|c| f(c)).collect::<Vec<_>>())
+            };
+            let first = g[0];
+            Summary {
+                system: first.system,
+                workload: first.spec.workload,
+                size: first.spec.size,
+                rate: first.spec.rate,
+                subscribers: first.spec.subscribers,
+                reps: g.len(),
+                delivered_per_s: stat(&|c| c.delivered_per_s),
+                confirmed_per_s: stat(&|c| c.confirmed_per_s),
+                p50_us: stat(&|c| c.latency.p50_us as f64),
+                p99_us: stat(&|c| c.latency.p99_us as f64),
+                p999_us: stat(&|c| c.latency.p999_us as f64),
+                cpu_pct: stat(&|c| c.broker.cpu_pct),
+                rss_max_mib: stat(&|c| c.broker.rss_max_mib),
+                write_mib_per_s: stat(&|c| c.broker.write_mib_per_s),
+                write_bytes_per_delivery: stat(&|c| c.broker.write_bytes_per_delivery),
+                fsyncs_per_s: opt(&|c| c.broker.fsyncs_per_s),
+                commit_groups_per_s: opt(&|c| c.broker.commit_groups_per_s),
+                published: g.iter().map(|c| c.published).sum(),
+                lost: g.iter().map(|c| c.lost).sum(),
+                errors: g.iter().map(|c| c.errors).sum(),
+                duplicates: g.iter().map(|c| c.duplicates).sum(),
+                failures: g.iter().filter_map(|c| c.failure.clone()).collect(),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub nproc: usize,
+    pub mem_total: String,
+    pub kernel: String,
+    pub os: String,
+    pub data_fs: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub reps: usize,
+    pub warmup_s: f64,
+    pub measure_s: f64,
+    pub publish_window: usize,
+    pub e2e_window: u64,
+    pub delivery_window: usize,
+    pub fsync_counting: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub generated_unix: u64,
+    pub command: String,
+    pub smoke: bool,
+    pub machine: Machine,
+    pub versions: BTreeMap<String, String>,
+    pub fsync_before_confirm: BTreeMap<String, String>,
+    pub settings: Settings,
+    pub summary: Vec<Summary>,
+    pub idle: Vec<IdleResult>,
+    pub backlog: Vec<BacklogResult>,
+    pub not_measured: Vec<String>,
+    pub cases: Vec<CaseResult>,
+    /// True when every case, idle and backlog run finished with zero lost and zero errors
+    /// (SIGKILL backlog runs of systems that do not persist before confirming excluded).
+    pub all_ok: bool,
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if x >= 1000.0 {
+        format!("{:.2}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn fmt_us(x: f64) -> String {
+    if x >= 1_000_000.0 {
+        format!("{:.2} s", x / 1e6)
+    } else if x >= 1000.0 {
+        format!("{:.2} ms", x / 1000.0)
+    } else {
+        format!("{x:.0} µs")
+    }
+}
+
+fn rate_cell(s: &Option<Stat>) -> String {
+    match s {
+        Some(s) => format!(
+            "**{}** ({}–{})",
+            fmt_rate(s.median),
+            fmt_rate(s.min),
+            fmt_rate(s.max)
+        ),
+        None => "failed".into(),
+    }
+}
+
+fn us_cell(s: &Option<Stat>) -> String {
+    match s {
+        Some(s) => format!("{} ({}–{})", fmt_us(s.median), fmt_us(s.min), fmt_us(s.max)),
+        None => "–".into(),
+    }
+}
+
+fn med(s: &Option<Stat>, digits: usize) -> String {
+    s.map(|s| format!("{:.*}", digits, s.median))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn loss_cell(s: &Summary) -> String {
+    let mut out = if s.lost == 0 && s.errors == 0 && s.failures.is_empty() {
+        "0 lost".to_string()
+    } else {
+        format!("**{} lost, {} errors**", s.lost, s.errors)
+    };
+    if !s.failures.is_empty() {
+        let _ = write!(out, " ({} failed: {})", s.failures.len(), s.failures[0]);
+    }
+    out
+}
+
+fn find(
+    summary: &[Summary],
+    system: System,
+    workload: Workload,
+    size: usize,
+    rate: Option<u64>,
+    subs: usize,
+) -> Option<&Summary> {
+    summary.iter().find(|s| {
+        s.system == system
+            && s.workload == workload
+            && s.size == size
+            && s.rate == rate
+            && s.subscribers == subs
+    })
+}
+
+/// Best peer's median for a metric, and which peer.
+fn best_peer(values: &[(System, f64)], higher_is_better: bool) -> Option<(System, f64)> {
+    values
+        .iter()
+        .filter(|(s, _)| *s != System::Outboxd)
+        .copied()
+        .reduce(|a, b| {
+            let better = if higher_is_better {
+                b.1 > a.1
+            } else {
+                b.1 < a.1
+            };
+            if better {
+                b
+            } else {
+                a
+            }
+        })
+}
+
+pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "# Benchmarks: outboxd, Mosquitto and NATS JetStream, side by side\n"
+    );
+    let _ = writeln!(
+        w,
+        "Generated by the harness (`bench/`, see [its README](../bench/README.md)); every figure \
+         below is in `bench/results/latest.json`. Do not edit the tables by hand: run the \
+         command again.\n"
+    );
+    let _ = writeln!(w, "```\n{}\n```\n", r.command);
+    let _ = writeln!(w, "## Machine and versions\n");
+    let m = &r.machine;
+    let _ = writeln!(
+        w,
+        "- CPU: {} × {} (`nproc` = {}); memory {}; {}; kernel {}; data dirs on {}",
+        m.nproc, m.cpu_model, m.nproc, m.mem_total, m.os, m.kernel, m.data_fs
+    );
+    let _ = writeln!(
+        w,
+        "- The machine is shared and noisy, and the brokers share its 2 cores with the load \
+         generator (one process, tokio, all clients). Compare systems within this run, by \
+         ratio; absolute numbers move from run to run."
+    );
+    for (k, v) in &r.versions {
+        let _ = writeln!(w, "- {k}: `{v}`");
+    }
+    let s = &r.settings;
+    let _ = writeln!(
+        w,
+        "- Each case: fresh broker on a fresh temp data dir, {} s warm-up, {} s measured, {} \
+         repetition(s), systems interleaved within each repetition. Tables give the median and \
+         (min–max).",
+        s.warmup_s, s.measure_s, s.reps
+    );
+    let _ = writeln!(w, "\n## Does it fsync before it confirms?\n");
+    let _ = writeln!(
+        w,
+        "| system | fsync before confirming a publish |\n| --- | --- |"
+    );
+    for sys in systems {
+        if let Some(v) = r.fsync_before_confirm.get(sys.name()) {
+            let _ = writeln!(w, "| {} | {} |", sys.name(), v);
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nfsyncs/s below count fsync + fdatasync calls by the broker process in the measured \
+         window ({}).",
+        s.fsync_counting
+    );
+
+    // Saturation.
+    let sat: Vec<&Summary> = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Saturation)
+        .collect();
+    if !sat.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n## Saturation, 1 publisher → 1 durable subscriber (delivered msg/s)\n"
+        );
+        let _ = writeln!(
+            w,
+            "Closed loop: at most {PUBLISH_WINDOW} publishes unconfirmed and {E2E_WINDOW} \
+             messages undelivered; the subscriber acks every message. Figure: messages \
+             delivered per second in the measured window.\n"
+        );
+        let mut sizes: Vec<usize> = sat.iter().map(|x| x.size).collect();
+        sizes.dedup();
+        let _ = write!(w, "| payload |");
+        for sys in systems {
+            let _ = write!(w, " {} |", sys.name());
+        }
+        let _ = writeln!(w, " outboxd / best peer | loss |");
+        let _ = write!(w, "| --- |");
+        for _ in systems {
+            let _ = write!(w, " --- |");
+        }
+        let _ = writeln!(w, " --- | --- |");
+        for size in &sizes {
+            let _ = write!(w, "| {} |", size_name(*size));
+            let mut meds = Vec::new();
+            let mut losses = Vec::new();
+            for sys in systems {
+                let x = find(&r.summary, *sys, Workload::Saturation, *size, None, 1);
+                let _ = write!(
+                    w,
+                    " {} |",
+                    x.map(|x| rate_cell(&x.delivered_per_s)).unwrap_or_default()
+                );
+                if let Some(x) = x {
+                    if let Some(d) = x.delivered_per_s {
+                        meds.push((*sys, d.median));
+                    }
+                    losses.push(format!("{}: {}", sys.name(), loss_cell(x)));
+                }
+            }
+            let ratio = match (
+                meds.iter().find(|(s, _)| *s == System::Outboxd),
+                best_peer(&meds, true),
+            ) {
+                (Some((_, o)), Some((p, b))) if b > 0.0 => format!("{:.2}× ({})", o / b, p.name()),
+                _ => "–".into(),
+            };
+            let _ = writeln!(w, " {ratio} | {} |", losses.join("; "));
+        }
+        let _ = writeln!(
+            w,
+            "\nBroker process during the measured window (medians):\n"
+        );
+        let _ = writeln!(
+            w,
+            "| payload | system | CPU % (of one core) | RSS max MiB | disk write MiB/s | bytes written / msg | fsyncs/s | outboxd commit groups/s | p50 | p99 |"
+        );
+        let _ = writeln!(
+            w,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for size in &sizes {
+            for sys in systems {
+                if let Some(x) = find(&r.summary, *sys, Workload::Saturation, *size, None, 1) {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        size_name(*size),
+                        sys.name(),
+                        med(&x.cpu_pct, 0),
+                        med(&x.rss_max_mib, 0),
+                        med(&x.write_mib_per_s, 1),
+                        med(&x.write_bytes_per_delivery, 0),
+                        med(&x.fsyncs_per_s, 0),
+                        med(&x.commit_groups_per_s, 0),
+                        x.p50_us.map(|s| fmt_us(s.median)).unwrap_or_default(),
+                        x.p99_us.map(|s| fmt_us(s.median)).unwrap_or_default(),
+                    );
+                }
+            }
+        }
+    }
+
+    // Latency.
+    let lat: Vec<&Summary> = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Latency)
+        .collect();
+    if !lat.is_empty() {
+        let size = lat[0].size;
+        let _ = writeln!(
+            w,
+            "\n## Latency at fixed rates, 1 → 1, {} (open loop, from the intended send time)\n",
+            size_name(size)
+        );
+        let _ = writeln!(
+            w,
+            "Message i is due at start + i/rate and carries that time; latency is delivery time \
+             minus it (HdrHistogram, µs), so a stall counts against the system instead of \
+             lowering the offered load. Only messages due in the measured window count.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| rate msg/s | system | delivered msg/s | p50 | p99 | p99.9 | CPU % | fsyncs/s | loss |"
+        );
+        let _ = writeln!(w, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut rates: Vec<u64> = lat.iter().filter_map(|x| x.rate).collect();
+        rates.sort();
+        rates.dedup();
+        for rate in &rates {
+            for sys in systems {
+                if let Some(x) = find(&r.summary, *sys, Workload::Latency, size, Some(*rate), 1) {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        rate,
+                        sys.name(),
+                        med(&x.delivered_per_s, 0),
+                        us_cell(&x.p50_us),
+                        us_cell(&x.p99_us),
+                        us_cell(&x.p999_us),
+                        med(&x.cpu_pct, 0),
+                        med(&x.fsyncs_per_s, 0),
+                        loss_cell(x)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            w,
+            "\n![throughput and p99 against offered rate](../bench/results/latency.svg)\n"
+        );
+    }
+
+    // Fan-out.
+    let fan: Vec<&Summary> = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Fanout)
+        .collect();
+    if !fan.is_empty() {
+        let size = fan[0].size;
+        let _ = writeln!(
+            w,
+            "\n## Fan-out, 1 publisher → N durable subscribers, {} (deliveries/s, all subscribers together)\n",
+            size_name(size)
+        );
+        let _ = writeln!(
+            w,
+            "outboxd: a topic publish (one copy per subscriber's outbox, written before the \
+             `ok`); Mosquitto: one QoS 1 topic, N persistent sessions; NATS: one stream, N \
+             durable pull consumers (interest retention). Closed loop as in saturation, gated \
+             by the slowest subscriber.\n"
+        );
+        let mut ns: Vec<usize> = fan.iter().map(|x| x.subscribers).collect();
+        ns.sort();
+        ns.dedup();
+        let _ = write!(w, "| subscribers |");
+        for sys in systems {
+            let _ = write!(w, " {} |", sys.name());
+        }
+        let _ = writeln!(w, " outboxd / best peer | p99 (outboxd) | loss |");
+        let _ = write!(w, "| --- |");
+        for _ in systems {
+            let _ = write!(w, " --- |");
+        }
+        let _ = writeln!(w, " --- | --- | --- |");
+        for n in &ns {
+            let _ = write!(w, "| {n} |");
+            let mut meds = Vec::new();
+            let mut losses = Vec::new();
+            let mut p99 = String::from("–");
+            for sys in systems {
+                let x = find(&r.summary, *sys, Workload::Fanout, size, None, *n);
+                let _ = write!(
+                    w,
+                    " {} |",
+                    x.map(|x| rate_cell(&x.delivered_per_s)).unwrap_or_default()
+                );
+                if let Some(x) = x {
+                    if let Some(d) = x.delivered_per_s {
+                        meds.push((*sys, d.median));
+                    }
+                    if *sys == System::Outboxd {
+                        p99 = x.p99_us.map(|s| fmt_us(s.median)).unwrap_or_default();
+                    }
+                    losses.push(format!("{}: {}", sys.name(), loss_cell(x)));
+                }
+            }
+            let ratio = match (
+                meds.iter().find(|(s, _)| *s == System::Outboxd),
+                best_peer(&meds, true),
+            ) {
+                (Some((_, o)), Some((p, b))) if b > 0.0 => format!("{:.2}× ({})", o / b, p.name()),
+                _ => "–".into(),
+            };
+            let _ = writeln!(w, " {ratio} | {p99} | {} |", losses.join("; "));
+        }
+    }
+
+    if !r.idle.is_empty() {
+        let _ = writeln!(w, "\n## Idle connections with heartbeats\n");
+        let _ = writeln!(
+            w,
+            "N clients connect (64 handshakes in flight; outboxd: upgrade + hello + welcome, \
+             which creates the client's outbox; MQTT: CONNECT/CONNACK; NATS: INFO/CONNECT), then \
+             stay idle with a 5 s heartbeat (outboxd ping, MQTT keepalive, NATS client ping) for \
+             the hold time. RSS per connection = (broker RSS after the hold − RSS before) / N.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| system | connections | connected | handshakes/s | RSS before → after MiB | RSS per connection | idle CPU % | dropped |"
+        );
+        let _ = writeln!(w, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for x in &r.idle {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {:.0} | {:.0} → {:.0} | {:.1} KiB | {:.1} | {}{} |",
+                x.system.name(),
+                x.connections,
+                x.connected,
+                x.handshakes_per_s,
+                x.rss_before_mib,
+                x.rss_after_mib,
+                x.rss_per_connection_kib,
+                x.idle_cpu_pct,
+                x.dropped,
+                x.failure
+                    .as_ref()
+                    .map(|f| format!(" ({f})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    if !r.backlog.is_empty() {
+        let _ = writeln!(w, "\n## Offline backlog, restart, drain\n");
+        let _ = writeln!(
+            w,
+            "A durable subscriber registers and disconnects; the publisher stores N messages for \
+             it (closed loop, all confirmed); the broker is stopped as shown and started again on \
+             the same data dir; the subscriber connects as soon as the broker accepts, and drains.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| system | messages | stop | publish msg/s | data dir MiB | ready after restart | first delivery after restart | drain msg/s | delivered | lost |"
+        );
+        let _ = writeln!(
+            w,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for x in &r.backlog {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {:.0} | {:.0} ms | {} | {} | {} | {}{} |",
+                x.system.name(),
+                x.messages,
+                x.restart,
+                fmt_rate(x.publish_per_s),
+                x.disk_mib,
+                x.ready_ms,
+                x.first_delivery_ms
+                    .map(|v| format!("{v:.0} ms"))
+                    .unwrap_or_else(|| "none".into()),
+                if x.delivered > 0 {
+                    fmt_rate(x.drain_per_s)
+                } else {
+                    "–".into()
+                },
+                x.delivered,
+                if x.lost > 0 {
+                    format!("**{}**", x.lost)
+                } else {
+                    "0".into()
+                },
+                x.failure
+                    .as_ref()
+                    .map(|f| format!(" ({f})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    let _ = writeln!(w, "\n## Targets (issue 7)\n");
+    let _ = writeln!(w, "| target | measured | met? |\n| --- | --- | --- |");
+    for line in targets(r) {
+        let _ = writeln!(w, "{line}");
+    }
+
+    if !r.not_measured.is_empty() {
+        let _ = writeln!(w, "\n## Not measured yet\n");
+        for n in &r.not_measured {
+            let _ = writeln!(w, "- {n}");
+        }
+    }
+
+    let _ = writeln!(w, "\n## Settings that differ from each system's defaults\n");
+    let _ = writeln!(
+        w,
+        "- outboxd: `durability = \"fsync\"` (the default); `limits.publish_rate_per_sec = 0` \
+         (the default 5000/s per connection would refuse benchmark traffic), \
+         `limits.max_outbox_messages = 0` and `max_outbox_bytes = 0` (no outbox cap), \
+         `server.max_connections_per_ip = 0`, `server.max_connections = 60000`; heartbeat 5 s in \
+         the idle case only. Client: the project's `outboxd::client` (idempotency key on every \
+         publish, as it always sends one)."
+    );
+    let _ = writeln!(
+        w,
+        "- Mosquitto: `persistence true` in the temp dir (run with `user root` so it can write \
+         there), `max_queued_messages 0`, `max_queued_bytes 0` (never drop), \
+         `max_inflight_messages {}` (outboxd's window; the default is 20). Client: rumqttc, MQTT \
+         3.1.1, QoS 1, `clean_session = false` for subscribers, manual acks, inflight {}.",
+        crate::adapters::DELIVERY_WINDOW,
+        crate::adapters::DELIVERY_WINDOW
+    );
+    let _ = writeln!(
+        w,
+        "- NATS: `nats-server -js -sd DIR`; stream `BENCH` (file storage, 1 replica, interest \
+         retention so acked messages are removed, like an outbox); durable pull consumers with \
+         explicit acks and `max_ack_pending {}`. Client: async-nats, publish acks awaited in \
+         order.",
+        crate::adapters::DELIVERY_WINDOW
+    );
+
+    if let Some(a) = analysis {
+        let _ = writeln!(w, "\n{}", a.trim_end());
+    }
+    o
+}
+
+fn targets(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    let sat = |sys| find(&r.summary, sys, Workload::Saturation, 256, None, 1);
+    let peers: Vec<(System, f64)> = [System::Mosquitto, System::Nats]
+        .into_iter()
+        .filter_map(|s| {
+            sat(s)
+                .and_then(|x| x.delivered_per_s)
+                .map(|d| (s, d.median))
+        })
+        .collect();
+    match (
+        sat(System::Outboxd).and_then(|x| x.delivered_per_s),
+        best_peer(&peers, true),
+    ) {
+        (Some(o), Some((p, b))) => out.push(format!(
+            "| saturation 1→1, 256 B: ≥ 2× the best peer | outboxd {} vs {} {} = {:.2}× | {} |",
+            fmt_rate(o.median),
+            p.name(),
+            fmt_rate(b),
+            o.median / b,
+            if o.median >= 2.0 * b { "yes" } else { "**no**" }
+        )),
+        _ => out.push("| saturation 1→1, 256 B: ≥ 2× the best peer | not measured | – |".into()),
+    }
+    let lat5 = r.summary.iter().find(|x| {
+        x.system == System::Outboxd && x.workload == Workload::Latency && x.rate == Some(5000)
+    });
+    match lat5.and_then(|x| x.p99_us) {
+        Some(p) => out.push(format!(
+            "| latency at 5k msg/s: p99 ≤ 2 ms | p99 {} (range {}–{}) | {} |",
+            fmt_us(p.median),
+            fmt_us(p.min),
+            fmt_us(p.max),
+            if p.median <= 2000.0 { "yes" } else { "**no**" }
+        )),
+        None => out.push("| latency at 5k msg/s: p99 ≤ 2 ms | not measured | – |".into()),
+    }
+    match r.idle.iter().find(|x| x.system == System::Outboxd) {
+        Some(i) => {
+            out.push(format!(
+                "| idle: ≤ 8 KiB RSS per connection at 50k | {:.1} KiB at {} connections (50k not measured) | {} |",
+                i.rss_per_connection_kib,
+                i.connected,
+                if i.rss_per_connection_kib <= 8.0 { "yes at this N" } else { "**no**" }
+            ));
+            out.push(format!(
+                "| idle: ≥ 3,000 handshakes/s | {:.0}/s | {} |",
+                i.handshakes_per_s,
+                if i.handshakes_per_s >= 3000.0 {
+                    "yes"
+                } else {
+                    "**no**"
+                }
+            ));
+        }
+        None => out.push("| idle connections | not measured | – |".into()),
+    }
+    match r.backlog.iter().find(|x| x.system == System::Outboxd) {
+        Some(b) => {
+            let serve = b.first_delivery_ms.unwrap_or(f64::INFINITY);
+            out.push(format!(
+                "| {} stored: serving within 1 s of a restart ({}) | first delivery {:.0} ms after spawn (ready {:.0} ms) | {} |",
+                b.messages,
+                b.restart,
+                serve,
+                b.ready_ms,
+                if serve <= 1000.0 { "yes" } else { "**no**" }
+            ));
+            out.push(format!(
+                "| {} stored: drained at ≥ 100k msg/s | {} msg/s | {} |",
+                b.messages,
+                fmt_rate(b.drain_per_s),
+                if b.drain_per_s >= 100_000.0 {
+                    "yes"
+                } else {
+                    "**no**"
+                }
+            ));
+        }
+        None => {
+            out.push("| 1M stored: serve within 1 s, drain ≥ 100k/s | not measured | – |".into())
+        }
+    }
+    let fan_max = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Fanout)
+        .map(|x| x.subscribers)
+        .max();
+    match fan_max {
+        Some(n) => {
+            let vals: Vec<(System, f64)> = [System::Outboxd, System::Mosquitto, System::Nats]
+                .into_iter()
+                .filter_map(|s| {
+                    r.summary
+                        .iter()
+                        .find(|x| {
+                            x.system == s && x.workload == Workload::Fanout && x.subscribers == n
+                        })
+                        .and_then(|x| x.delivered_per_s)
+                        .map(|d| (s, d.median))
+                })
+                .collect();
+            let o = vals
+                .iter()
+                .find(|(s, _)| *s == System::Outboxd)
+                .map(|v| v.1);
+            match (o, best_peer(&vals, true)) {
+                (Some(o), Some((p, b))) => out.push(format!(
+                    "| fan-out 1→1000: deliveries/s ≥ best peer | at 1→{n} (largest measured): outboxd {} vs {} {} = {:.2}× | {} |",
+                    fmt_rate(o),
+                    p.name(),
+                    fmt_rate(b),
+                    o / b,
+                    if o >= b { if n >= 1000 { "yes" } else { "yes at this N" } } else { "**no**" }
+                )),
+                _ => out.push("| fan-out 1→1000 | not measured | – |".into()),
+            }
+        }
+        None => out.push("| fan-out 1→1000 | not measured | – |".into()),
+    }
+    out
+}
+
+/// Two panels: delivered msg/s against offered rate, and p99 (log scale) against offered rate,
+/// one line per system; saturation (256 B) drawn as a dashed line in the first panel.
+pub fn svg(r: &Report, systems: &[System]) -> String {
+    let colors = |s: System| match s {
+        System::Outboxd => "#d62728",
+        System::Mosquitto => "#1f77b4",
+        System::Nats => "#2ca02c",
+    };
+    let lat: Vec<&Summary> = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Latency)
+        .collect();
+    let mut rates: Vec<u64> = lat.iter().filter_map(|x| x.rate).collect();
+    rates.sort();
+    rates.dedup();
+    let (pw, ph, ml, mt, mb) = (360.0, 260.0, 70.0, 40.0, 50.0);
+    let width = 2.0 * (ml + pw) + 40.0;
+    let height = mt + ph + mb + 30.0;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    if rates.is_empty() {
+        let _ = writeln!(o, r#"<text x="20" y="40">no latency runs</text></svg>"#);
+        return o;
+    }
+    let xmax = *rates.last().unwrap_or(&1) as f64 * 1.1;
+    let sat_max = systems
+        .iter()
+        .filter_map(|s| find(&r.summary, *s, Workload::Saturation, 256, None, 1))
+        .filter_map(|x| x.delivered_per_s.map(|d| d.median))
+        .fold(0.0_f64, f64::max);
+    let ymax1 = (xmax).max(sat_max * 1.1);
+    let p99s: Vec<f64> = lat
+        .iter()
+        .filter_map(|x| x.p99_us.map(|p| p.median))
+        .collect();
+    let lo = p99s.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+    let hi = p99s.iter().copied().fold(1.0_f64, f64::max);
+    let (l0, l1) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    for panel in 0..2 {
+        let x0 = ml + panel as f64 * (ml + pw + 40.0);
+        let title = if panel == 0 {
+            "delivered msg/s vs offered rate (256 B, 1→1)"
+        } else {
+            "p99 latency vs offered rate (log scale)"
+        };
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="20" text-anchor="middle" font-weight="bold">{title}</text>"#,
+            x0 + pw / 2.0
+        );
+        let _ = writeln!(
+            o,
+            r#"<rect x="{x0}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
+        );
+        for rate in &rates {
+            let x = x0 + *rate as f64 / xmax * pw;
+            let _ = writeln!(
+                o,
+                r#"<line x1="{x}" y1="{}" x2="{x}" y2="{}" stroke="black"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"#,
+                mt + ph,
+                mt + ph + 5.0,
+                mt + ph + 18.0,
+                fmt_rate(*rate as f64)
+            );
+        }
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{}" text-anchor="middle">offered msg/s</text>"#,
+            x0 + pw / 2.0,
+            mt + ph + 36.0
+        );
+        let ys: Vec<(f64, String)> = if panel == 0 {
+            (0..=4)
+                .map(|i| {
+                    let v = ymax1 * i as f64 / 4.0;
+                    (mt + ph - v / ymax1 * ph, fmt_rate(v))
+                })
+                .collect()
+        } else {
+            (l0 as i32..=l1 as i32)
+                .map(|e| {
+                    let v = 10f64.powi(e);
+                    (mt + ph - (v.log10() - l0) / (l1 - l0) * ph, fmt_us(v))
+                })
+                .collect()
+        };
+        for (y, label) in ys {
+            let _ = writeln!(
+                o,
+                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+                x0 + pw,
+                x0 - 6.0,
+                y + 4.0
+            );
+        }
+        for (i, sys) in systems.iter().enumerate() {
+            let pts: Vec<(f64, f64)> = rates
+                .iter()
+                .filter_map(|rate| {
+                    let x = find(
+                        &r.summary,
+                        *sys,
+                        Workload::Latency,
+                        lat[0].size,
+                        Some(*rate),
+                        1,
+                    )?;
+                    let v = if panel == 0 {
+                        x.delivered_per_s?.median
+                    } else {
+                        x.p99_us?.median
+                    };
+                    let px = x0 + *rate as f64 / xmax * pw;
+                    let py = if panel == 0 {
+                        mt + ph - v / ymax1 * ph
+                    } else {
+                        mt + ph - (v.max(1.0).log10() - l0) / (l1 - l0) * ph
+                    };
+                    Some((px, py))
+                })
+                .collect();
+            let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+            let c = colors(*sys);
+            let _ = writeln!(
+                o,
+                r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"/>"#,
+                path.join(" ")
+            );
+            for (x, y) in &pts {
+                let _ = writeln!(o, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{c}"/>"#);
+            }
+            if panel == 0 {
+                if let Some(d) = find(&r.summary, *sys, Workload::Saturation, 256, None, 1)
+                    .and_then(|x| x.delivered_per_s)
+                {
+                    let y = mt + ph - d.median / ymax1 * ph;
+                    let _ = writeln!(
+                        o,
+                        r#"<line x1="{x0}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{c}" stroke-dasharray="5,4"/>"#,
+                        x0 + pw
+                    );
+                }
+            }
+            let ly = height - 12.0;
+            let lx = 20.0 + i as f64 * 200.0;
+            let _ = writeln!(
+                o,
+                r#"<rect x="{lx}" y="{}" width="14" height="4" fill="{c}"/><text x="{}" y="{ly}">{} ({})</text>"#,
+                ly - 6.0,
+                lx + 20.0,
+                sys.name(),
+                if *sys == System::Outboxd {
+                    "fsync"
+                } else {
+                    "no fsync"
+                }
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        r##"<text x="{}" y="{}" text-anchor="end" fill="#555">dashed: saturation throughput, 256 B</text>"##,
+        width - 10.0,
+        height - 12.0
+    );
+    let _ = writeln!(o, "</svg>");
+    o
+}

@@ -1,0 +1,763 @@
+//! The workloads. Each case starts its broker on a fresh temp data dir, connects durable
+//! subscribers and one publisher, runs, waits for every confirmed message to be delivered, and
+//! checks per seq that none was lost.
+//!
+//! - Closed loop (saturation, fan-out): the publisher keeps at most `PUBLISH_WINDOW` publishes
+//!   unconfirmed and at most `E2E_WINDOW` messages undelivered to the slowest subscriber, so the
+//!   figure is delivered messages per second, not a growing backlog.
+//! - Open loop (latency): message i is due at `start + i / rate`; its body carries that
+//!   intended time and latency is measured from it, so a stalled publisher or broker shows up
+//!   in the latency instead of silently lowering the offered rate (no coordinated omission).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::adapters::{self, Publisher, Route, Subscriber};
+use crate::brokers::{self, Broker, FsyncCounter, Paths, System, Tuning};
+use crate::msg;
+use crate::stats::{new_histogram, Gate, PubStats, SubStats};
+
+/// Unconfirmed publishes a closed-loop publisher may have (outboxd's client pipelines freely;
+/// this keeps all three clients alike).
+pub const PUBLISH_WINDOW: usize = 1024;
+/// Published-but-undelivered messages (to the slowest subscriber) a closed-loop publisher may have.
+pub const E2E_WINDOW: u64 = 10_000;
+/// How long to wait for stragglers after the publisher stops, without progress.
+const DRAIN_STALL: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Saturation,
+    Latency,
+    Fanout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseSpec {
+    pub workload: Workload,
+    pub size: usize,
+    /// Offered rate for open-loop cases; `None`: as fast as the window allows.
+    pub rate: Option<u64>,
+    pub subscribers: usize,
+    pub warmup_s: f64,
+    pub measure_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// The broker process over the measured window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BrokerUse {
+    /// Percent of one core (200 = both cores of this machine).
+    pub cpu_pct: f64,
+    pub rss_max_mib: f64,
+    pub write_mib_per_s: f64,
+    /// Bytes the broker wrote to disk (/proc/PID/io write_bytes) per delivered message.
+    pub write_bytes_per_delivery: f64,
+    /// fsync + fdatasync calls per second (perf stat on the syscall tracepoints), if counted.
+    pub fsyncs_per_s: Option<f64>,
+    /// outboxd only: commit groups per second (each one fdatasync), from its /metrics.
+    pub commit_groups_per_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub system: System,
+    #[serde(flatten)]
+    pub spec: CaseSpec,
+    pub rep: usize,
+    /// Deliveries per second to all subscribers together, in the measured window.
+    pub delivered_per_s: f64,
+    /// Confirmed publishes per second in the measured window.
+    pub confirmed_per_s: f64,
+    pub published: u64,
+    pub confirmed: u64,
+    pub errors: u64,
+    /// Distinct messages delivered, summed over subscribers (should be published x subscribers).
+    pub delivered: u64,
+    pub duplicates: u64,
+    /// Confirmed messages some subscriber never got (summed over subscribers).
+    pub lost: u64,
+    pub latency: Latency,
+    pub broker: BrokerUse,
+    pub failure: Option<String>,
+}
+
+impl CaseResult {
+    pub fn ok(&self) -> bool {
+        self.failure.is_none() && self.lost == 0 && self.errors == 0
+    }
+}
+
+pub struct Env {
+    pub paths: Paths,
+    pub clk_tck: u64,
+    pub perf: bool,
+}
+
+fn latency_of(subs: &[Arc<SubStats>]) -> Latency {
+    let mut h = new_histogram();
+    for s in subs {
+        let _ = h.add(s.histogram());
+    }
+    Latency {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.5),
+        p90_us: h.value_at_quantile(0.9),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
+}
+
+async fn sleep_until_ns(t: u64) {
+    let now = msg::now_ns();
+    if t > now {
+        tokio::time::sleep(Duration::from_nanos(t - now)).await;
+    }
+}
+
+/// Connects `n` subscribers, a few at a time.
+async fn connect_subscribers(
+    system: System,
+    endpoint: &str,
+    stats: &[Arc<SubStats>],
+    route: Route,
+) -> Result<Vec<Subscriber>> {
+    let mut subs = Vec::with_capacity(stats.len());
+    for chunk in stats.chunks(16).enumerate() {
+        let (c, group) = chunk;
+        let mut joins = Vec::new();
+        for (i, s) in group.iter().enumerate() {
+            let name = format!("sub-{}", c * 16 + i);
+            let endpoint = endpoint.to_string();
+            let s = Arc::clone(s);
+            joins.push(tokio::spawn(async move {
+                adapters::subscriber(system, &endpoint, &name, route, s).await
+            }));
+        }
+        for j in joins {
+            subs.push(j.await??);
+        }
+    }
+    Ok(subs)
+}
+
+/// Waits until every confirmed message reached every subscriber, or progress stops.
+async fn drain(pubs: &PubStats, gate: &Gate, sent: u64) {
+    let mut last = (u64::MAX, u64::MAX);
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let answered = pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed);
+        let slowest = gate.slowest();
+        if answered >= sent && slowest >= sent {
+            return;
+        }
+        if (answered, slowest) != last {
+            last = (answered, slowest);
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > DRAIN_STALL {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Window {
+    delivered: u64,
+    confirmed: u64,
+    proc_: brokers::ProcSample,
+    commits: Option<u64>,
+}
+
+pub async fn run_case(env: &Env, system: System, spec: &CaseSpec, rep: usize) -> CaseResult {
+    let mut result = CaseResult {
+        system,
+        spec: spec.clone(),
+        rep,
+        delivered_per_s: 0.0,
+        confirmed_per_s: 0.0,
+        published: 0,
+        confirmed: 0,
+        errors: 0,
+        delivered: 0,
+        duplicates: 0,
+        lost: 0,
+        latency: Latency::default(),
+        broker: BrokerUse::default(),
+        failure: None,
+    };
+    if let Err(e) = case_body(env, system, spec, &mut result).await {
+        result.failure = Some(format!("{e:#}"));
+    }
+    result
+}
+
+async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResult) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("outboxd-bench-")
+        .tempdir()?;
+    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
+    adapters::setup(system, &broker.endpoint).await?;
+
+    let notify = Arc::new(Notify::new());
+    let stats: Vec<Arc<SubStats>> = (0..spec.subscribers)
+        .map(|_| SubStats::new(Arc::clone(&notify)))
+        .collect();
+    let route = if spec.subscribers == 1 {
+        Route::One
+    } else {
+        Route::All
+    };
+    let subs = connect_subscribers(system, &broker.endpoint, &stats, route).await?;
+    let window = if spec.rate.is_some() {
+        // Open loop never waits for confirmations.
+        1 << 30
+    } else {
+        PUBLISH_WINDOW
+    };
+    let pubs = PubStats::new(window);
+    let publisher = Publisher::connect(
+        system,
+        &broker.endpoint,
+        "bench-pub",
+        route,
+        Arc::clone(&pubs),
+    )
+    .await?;
+    let gate = Gate {
+        subs: stats.clone(),
+        notify,
+    };
+
+    let t0 = msg::now_ns();
+    let warm_end = t0 + (spec.warmup_s * 1e9) as u64;
+    let end = warm_end + (spec.measure_s * 1e9) as u64;
+    for s in &stats {
+        s.record_from_ns.store(warm_end, Ordering::Relaxed);
+        s.record_until_ns.store(end, Ordering::Relaxed);
+    }
+
+    // The measuring task: snapshots at the window's edges, RSS peak in between.
+    let measure = {
+        let stats = stats.clone();
+        let pubs = Arc::clone(&pubs);
+        let pid = broker.pid;
+        let admin = broker.admin.clone();
+        let perf = env.perf;
+        let fsync_out = dir.path().join("perf-fsync.csv");
+        tokio::spawn(async move {
+            let snap = |stats: &[Arc<SubStats>]| Window {
+                delivered: stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum(),
+                confirmed: pubs.confirmed.load(Ordering::Relaxed),
+                proc_: brokers::sample(pid),
+                commits: admin.as_ref().and_then(|a| commit_groups(a)),
+            };
+            sleep_until_ns(warm_end).await;
+            let counter = if perf {
+                FsyncCounter::start(pid, fsync_out)
+            } else {
+                None
+            };
+            let a = snap(&stats);
+            let mut rss_max = a.proc_.rss_kib;
+            while msg::now_ns() + 200_000_000 < end {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                rss_max = rss_max.max(brokers::sample(pid).rss_kib);
+            }
+            sleep_until_ns(end).await;
+            let b = snap(&stats);
+            let fsyncs = counter.and_then(|c| c.finish());
+            let rss_max = rss_max.max(b.proc_.rss_kib);
+            (a, b, rss_max, fsyncs)
+        })
+    };
+
+    let sent = send_loop(&publisher, &pubs, &gate, spec, t0, end).await;
+    r.published = sent;
+    let (a, b, rss_max, fsyncs) = measure.await?;
+
+    drain(&pubs, &gate, sent).await;
+    r.confirmed = pubs.confirmed.load(Ordering::Relaxed);
+    r.errors = pubs.errors.load(Ordering::Relaxed);
+    r.delivered = stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum();
+    r.duplicates = stats
+        .iter()
+        .map(|s| s.duplicates.load(Ordering::Relaxed))
+        .sum();
+    r.lost = stats.iter().map(|s| s.missing_below(sent)).sum();
+    let foreign: u64 = stats
+        .iter()
+        .map(|s| s.foreign.load(Ordering::Relaxed))
+        .sum();
+    r.latency = latency_of(&stats);
+
+    let secs = a
+        .proc_
+        .at
+        .zip(b.proc_.at)
+        .map(|(x, y)| y.duration_since(x).as_secs_f64())
+        .unwrap_or(spec.measure_s)
+        .max(1e-3);
+    r.delivered_per_s = (b.delivered - a.delivered) as f64 / secs;
+    r.confirmed_per_s = (b.confirmed - a.confirmed) as f64 / secs;
+    let delivered_in_window = (b.delivered - a.delivered).max(1) as f64;
+    let written = b.proc_.write_bytes.saturating_sub(a.proc_.write_bytes) as f64;
+    r.broker = BrokerUse {
+        cpu_pct: 100.0 * b.proc_.cpu_ticks.saturating_sub(a.proc_.cpu_ticks) as f64
+            / env.clk_tck as f64
+            / secs,
+        rss_max_mib: rss_max as f64 / 1024.0,
+        write_mib_per_s: written / secs / (1024.0 * 1024.0),
+        write_bytes_per_delivery: written / delivered_in_window,
+        fsyncs_per_s: fsyncs.map(|n| n as f64 / secs),
+        commit_groups_per_s: a
+            .commits
+            .zip(b.commits)
+            .map(|(x, y)| y.saturating_sub(x) as f64 / secs),
+    };
+
+    if let Some(e) = pubs.last_error() {
+        r.failure = Some(format!("publish error: {e}"));
+    }
+    if foreign > 0 {
+        r.failure = Some(format!("{foreign} deliveries the bench did not send"));
+    }
+    drop(publisher);
+    drop(subs);
+    broker.stop(true)?;
+    Ok(())
+}
+
+fn commit_groups(admin: &str) -> Option<u64> {
+    // Blocking HTTP on loopback, a few hundred microseconds: acceptable at the window's edges.
+    tokio::task::block_in_place(|| brokers::commit_groups_at(admin))
+}
+
+/// Publishes until `end`; returns how many messages were handed to the client.
+async fn send_loop(
+    publisher: &Publisher,
+    pubs: &PubStats,
+    gate: &Gate,
+    spec: &CaseSpec,
+    t0: u64,
+    end: u64,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_nanos(end - msg::now_ns());
+    let mut seq = 0u64;
+    match spec.rate {
+        None => loop {
+            if msg::now_ns() >= end {
+                break;
+            }
+            if seq.saturating_sub(gate.slowest()) >= E2E_WINDOW {
+                tokio::select! {
+                    _ = gate.wait_below(seq, E2E_WINDOW) => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let permit = match pubs.window.try_acquire() {
+                Ok(p) => p,
+                Err(_) => tokio::select! {
+                    p = pubs.window.acquire() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                },
+            };
+            permit.forget();
+            if let Err(e) = publisher
+                .send(msg::make(spec.size, msg::now_ns(), seq))
+                .await
+            {
+                pubs.fail(e.to_string());
+                break;
+            }
+            seq += 1;
+            pubs.sent.store(seq, Ordering::Relaxed);
+        },
+        Some(rate) => {
+            let interval = 1e9 / rate as f64;
+            loop {
+                let now = msg::now_ns();
+                if now >= end {
+                    break;
+                }
+                let due = ((now - t0) as f64 / interval) as u64 + 1;
+                while seq < due {
+                    let intended = t0 + (seq as f64 * interval) as u64;
+                    if let Err(e) = publisher.send(msg::make(spec.size, intended, seq)).await {
+                        pubs.fail(e.to_string());
+                        return seq;
+                    }
+                    seq += 1;
+                }
+                pubs.sent.store(seq, Ordering::Relaxed);
+                sleep_until_ns(t0 + (seq as f64 * interval) as u64).await;
+            }
+        }
+    }
+    seq
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle connections
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdleResult {
+    pub system: System,
+    pub connections: usize,
+    pub heartbeat_ms: u64,
+    pub hold_s: f64,
+    pub connected: usize,
+    pub handshakes_per_s: f64,
+    pub rss_before_mib: f64,
+    pub rss_after_mib: f64,
+    pub rss_per_connection_kib: f64,
+    /// Broker CPU while idle (heartbeats only), percent of one core.
+    pub idle_cpu_pct: f64,
+    /// Connections that dropped during the hold (should be 0).
+    pub dropped: usize,
+    pub failure: Option<String>,
+}
+
+pub async fn run_idle(env: &Env, system: System, n: usize, hold: Duration) -> IdleResult {
+    let heartbeat_ms = 5_000;
+    let mut r = IdleResult {
+        system,
+        connections: n,
+        heartbeat_ms,
+        hold_s: hold.as_secs_f64(),
+        ..IdleResult::default()
+    };
+    if let Err(e) = idle_body(env, system, n, hold, heartbeat_ms, &mut r).await {
+        r.failure = Some(format!("{e:#}"));
+    }
+    r
+}
+
+async fn idle_body(
+    env: &Env,
+    system: System,
+    n: usize,
+    hold: Duration,
+    heartbeat_ms: u64,
+    r: &mut IdleResult,
+) -> Result<()> {
+    use std::sync::atomic::AtomicUsize;
+    let dir = tempfile::Builder::new()
+        .prefix("outboxd-bench-")
+        .tempdir()?;
+    let tuning = Tuning {
+        heartbeat_ms: Some(heartbeat_ms),
+    };
+    let broker = Broker::start(system, dir.path(), &env.paths, &tuning)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = brokers::sample(broker.pid);
+    let hb = Duration::from_millis(heartbeat_ms);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(64));
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let endpoint = broker.endpoint.clone();
+        let connected = Arc::clone(&connected);
+        let dropped = Arc::clone(&dropped);
+        let permits = Arc::clone(&permits);
+        tasks.push(tokio::spawn(async move {
+            let name = format!("idle-{i}");
+            let Ok(permit) = permits.acquire_owned().await else {
+                return;
+            };
+            idle_client(system, &endpoint, &name, hb, permit, &connected, &dropped).await;
+        }));
+    }
+    // Wait for every handshake (or a minute without progress).
+    let mut last = 0;
+    let mut since = tokio::time::Instant::now();
+    while connected.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let c = connected.load(Ordering::Relaxed);
+        if c != last {
+            last = c;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    r.connected = connected.load(Ordering::Relaxed);
+    r.handshakes_per_s = r.connected as f64 / took;
+    let mid = brokers::sample(broker.pid);
+    tokio::time::sleep(hold).await;
+    let after = brokers::sample(broker.pid);
+    r.rss_before_mib = before.rss_kib as f64 / 1024.0;
+    r.rss_after_mib = after.rss_kib as f64 / 1024.0;
+    r.rss_per_connection_kib =
+        after.rss_kib.saturating_sub(before.rss_kib) as f64 / r.connected.max(1) as f64;
+    r.idle_cpu_pct = 100.0 * after.cpu_ticks.saturating_sub(mid.cpu_ticks) as f64
+        / env.clk_tck as f64
+        / hold.as_secs_f64();
+    r.dropped = dropped.load(Ordering::Relaxed);
+    if r.connected < n {
+        r.failure = Some(format!("only {} of {n} connections were made", r.connected));
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    broker.stop(true)?;
+    Ok(())
+}
+
+/// One idle client: connects (holding `permit` for the handshake only), then keeps the
+/// connection alive with heartbeats until aborted.
+async fn idle_client(
+    system: System,
+    endpoint: &str,
+    name: &str,
+    hb: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    connected: &std::sync::atomic::AtomicUsize,
+    dropped: &std::sync::atomic::AtomicUsize,
+) {
+    use outboxd::client::{Event as OEvent, Incoming};
+    match system {
+        System::Outboxd => {
+            let Ok(mut client) = Client::builder(endpoint, name)
+                .connect_timeout(Some(Duration::from_secs(60)))
+                .connect()
+                .await
+            else {
+                return;
+            };
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            while let Some(item) = client.next().await {
+                if let Incoming::Event(OEvent::Disconnected { .. }) = item {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        System::Mosquitto => {
+            let Ok(mut opts) = mqtt_opts(endpoint, name) else {
+                return;
+            };
+            opts.set_keep_alive(hb);
+            let (_client, mut ev) = rumqttc::AsyncClient::new(opts, 8);
+            let mut permit = Some(permit);
+            let mut up = false;
+            loop {
+                match ev.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if !up {
+                            up = true;
+                            connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        permit.take();
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if up {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        System::Nats => {
+            let Ok(client) = async_nats::ConnectOptions::new()
+                .ping_interval(hb)
+                .connect(endpoint)
+                .await
+            else {
+                return;
+            };
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            loop {
+                tokio::time::sleep(hb).await;
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn mqtt_opts(endpoint: &str, name: &str) -> Result<rumqttc::MqttOptions> {
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("bad endpoint"))?;
+    Ok(rumqttc::MqttOptions::new(name, host, port.parse()?))
+}
+
+use outboxd::client::Client;
+
+// ---------------------------------------------------------------------------------------------
+// Offline backlog, restart, drain
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BacklogResult {
+    pub system: System,
+    pub messages: u64,
+    pub size: usize,
+    /// How the broker was stopped between publishing and draining.
+    pub restart: String,
+    pub publish_per_s: f64,
+    pub disk_mib: f64,
+    /// From spawning the restarted broker to it accepting connections.
+    pub ready_ms: f64,
+    /// From spawning the restarted broker to the first delivery (subscriber connecting as soon
+    /// as the broker accepts).
+    pub first_delivery_ms: Option<f64>,
+    pub drain_s: f64,
+    pub drain_per_s: f64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub rss_after_restart_mib: f64,
+    pub failure: Option<String>,
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+pub async fn run_backlog(
+    env: &Env,
+    system: System,
+    n: u64,
+    size: usize,
+    kill: bool,
+) -> BacklogResult {
+    let mut r = BacklogResult {
+        system,
+        messages: n,
+        size,
+        restart: if kill { "SIGKILL" } else { "SIGTERM" }.into(),
+        ..BacklogResult::default()
+    };
+    if let Err(e) = backlog_body(env, system, n, size, kill, &mut r).await {
+        r.failure = Some(format!("{e:#}"));
+    }
+    r
+}
+
+async fn backlog_body(
+    env: &Env,
+    system: System,
+    n: u64,
+    size: usize,
+    kill: bool,
+    r: &mut BacklogResult,
+) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("outboxd-bench-")
+        .tempdir()?;
+    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
+    adapters::setup(system, &broker.endpoint).await?;
+    adapters::register_offline(system, &broker.endpoint, "sub-0", Route::One).await?;
+
+    let pubs = PubStats::new(PUBLISH_WINDOW);
+    let publisher = Publisher::connect(
+        system,
+        &broker.endpoint,
+        "bench-pub",
+        Route::One,
+        Arc::clone(&pubs),
+    )
+    .await?;
+    let t = msg::now_ns();
+    for seq in 0..n {
+        pubs.window.acquire().await?.forget();
+        publisher.send(msg::make(size, msg::now_ns(), seq)).await?;
+    }
+    // Every publish confirmed (or failed).
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+    while pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed) < n {
+        if tokio::time::Instant::now() > until {
+            return Err(anyhow!("publishes not confirmed within 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    r.publish_per_s = n as f64 / ((msg::now_ns() - t) as f64 / 1e9);
+    if let Some(e) = pubs.last_error() {
+        return Err(anyhow!("publish error: {e}"));
+    }
+    drop(publisher);
+    r.disk_mib = dir_size(dir.path()) as f64 / (1024.0 * 1024.0);
+    broker.stop(kill)?;
+
+    let t0 = msg::now_ns();
+    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
+    r.ready_ms = broker.ready_after.as_secs_f64() * 1e3;
+    let notify = Arc::new(Notify::new());
+    let stats = SubStats::new(notify);
+    let sub = adapters::subscriber(
+        system,
+        &broker.endpoint,
+        "sub-0",
+        Route::One,
+        Arc::clone(&stats),
+    )
+    .await?;
+    // Drain until all arrived or nothing new for a while.
+    let mut last = 0;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let got = stats.unique.load(Ordering::Relaxed);
+        if got >= n {
+            break;
+        }
+        if got != last {
+            last = got;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.rss_after_restart_mib = brokers::sample(broker.pid).rss_kib as f64 / 1024.0;
+    r.delivered = stats.unique.load(Ordering::Relaxed);
+    r.lost = stats.missing_below(n);
+    let first = stats.first_ns.load(Ordering::Relaxed);
+    let lastd = stats.last_ns.load(Ordering::Relaxed);
+    if first > 0 {
+        r.first_delivery_ms = Some((first - t0) as f64 / 1e6);
+        r.drain_s = (lastd.saturating_sub(first)) as f64 / 1e9;
+        r.drain_per_s = r.delivered as f64 / r.drain_s.max(1e-3);
+    }
+    drop(sub);
+    broker.stop(true)?;
+    Ok(())
+}
