@@ -245,13 +245,20 @@ fn serve(args: ServeArgs) -> ExitCode {
                 "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
         }
     }
+    let fault = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
     let faults = Faults {
-        fail_fsync_after: std::env::var("OUTBOXD_FAULT_FSYNC_FAIL_AFTER")
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        fail_fsync_after: fault("OUTBOXD_FAULT_FSYNC_FAIL_AFTER"),
+        fail_flush_after: fault("OUTBOXD_FAULT_FLUSH_FAIL_AFTER"),
+        fail_write_after: fault("OUTBOXD_FAULT_WRITE_FAIL_AFTER"),
     };
-    if faults.fail_fsync_after.is_some() {
-        tracing::warn!("fault injection is on (OUTBOXD_FAULT_FSYNC_FAIL_AFTER): for tests only");
+    if faults.fail_fsync_after.is_some()
+        || faults.fail_flush_after.is_some()
+        || faults.fail_write_after.is_some()
+    {
+        tracing::warn!(
+            ?faults,
+            "fault injection is on (OUTBOXD_FAULT_*): for tests only"
+        );
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -70,6 +70,8 @@ pub struct Shared {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Faults {
     pub fail_fsync_after: Option<u64>,
+    pub fail_flush_after: Option<u64>,
+    pub fail_write_after: Option<u64>,
 }
 
 /// Opens the store, listens, and serves until `shutdown` is cancelled; then closes every
@@ -96,6 +98,8 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let mut opts = StoreOptions::from_config(&cfg);
     opts.fail_fsync_after = faults.fail_fsync_after;
+    opts.fail_flush_after = faults.fail_flush_after;
+    opts.fail_write_after = faults.fail_write_after;
     opts.metrics = Arc::clone(&metrics);
     let (store, writer) = tokio::task::spawn_blocking(move || Store::open(opts)).await??;
     let listener = TcpListener::bind(addr)

@@ -189,7 +189,27 @@ async fn sigkill_during_pipelined_publishes_loses_no_confirmed_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_latches_the_store_and_every_confirmed_message_survives() {
     // Catches a broker that confirms writes after a failed fsync (fsyncgate) or loses earlier ones.
-    let faulty = Opts::new().env(FAULT, 2);
+    injected_failure_latches_and_keeps_what_was_confirmed(FAULT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flush_latches_the_store_and_every_confirmed_message_survives() {
+    // Catches a failed flush that is ignored, or answered by confirming anyway.
+    injected_failure_latches_and_keeps_what_was_confirmed("OUTBOXD_FAULT_FLUSH_FAIL_AFTER").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_latches_the_store_and_every_confirmed_message_survives() {
+    // Catches a failed write that only fails its own publish while later ones are confirmed
+    // on a store in an unknown state.
+    injected_failure_latches_and_keeps_what_was_confirmed("OUTBOXD_FAULT_WRITE_FAIL_AFTER").await;
+}
+
+/// With the test hook `fault` set to fail after 2 successes: publishes are confirmed until the
+/// failure, refused (`internal`) from then on, and after a restart without the hook every
+/// confirmed one is delivered, in order.
+async fn injected_failure_latches_and_keeps_what_was_confirmed(fault: &str) {
+    let faulty = Opts::new().env(fault, 2);
     let mut broker = Broker::start(faulty.clone());
     let (mut alice, _) = broker.client("alice").await;
     let mut answers = Vec::new();
@@ -203,7 +223,7 @@ async fn failed_fsync_latches_the_store_and_every_confirmed_message_survives() {
     let first_error = answers
         .iter()
         .position(|a| a["type"] == "error")
-        .unwrap_or_else(|| panic!("no publish failed with the fsync fault on: {answers:?}"));
+        .unwrap_or_else(|| panic!("no publish failed with {fault} on: {answers:?}"));
     assert!(
         first_error <= 2,
         "more than 2 commits succeeded: {answers:?}"
@@ -222,7 +242,11 @@ async fn failed_fsync_latches_the_store_and_every_confirmed_message_survives() {
     );
 
     broker.kill9();
-    broker.restart_with(faulty.without_env(FAULT));
+    assert!(
+        broker.stderr().contains("STORE LATCHED"),
+        "the latch is logged"
+    );
+    broker.restart_with(faulty.without_env(fault));
     let (mut bob, welcome) = broker.client("bob").await;
     let pending = welcome["pending"].as_u64().expect("pending");
     let got = drain(&mut bob, pending).await;

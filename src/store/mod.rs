@@ -96,6 +96,10 @@ pub struct StoreOptions {
     pub dedup_window_ms: u64,
     /// Test hook: the commit after this many successful ones fails its fsync.
     pub fail_fsync_after: Option<u64>,
+    /// Test hook: the commit after this many successful ones fails its flush.
+    pub fail_flush_after: Option<u64>,
+    /// Test hook: the publish after this many fails its write to the tree.
+    pub fail_write_after: Option<u64>,
     /// Where the writer counts commits, acks and errors (shared with the rest of the broker).
     pub metrics: Arc<Metrics>,
 }
@@ -113,6 +117,8 @@ impl StoreOptions {
             message_ttl_ms: cfg.limits.message_ttl_ms,
             dedup_window_ms: cfg.limits.dedup_window_ms,
             fail_fsync_after: None,
+            fail_flush_after: None,
+            fail_write_after: None,
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -1115,6 +1121,13 @@ impl WriterState {
 
     fn sync(&mut self) -> Result<(), String> {
         let started = Instant::now();
+        if self
+            .opts
+            .fail_flush_after
+            .is_some_and(|n| self.commits >= n)
+        {
+            return Err("flush failed: injected fault (OUTBOXD_FAULT_FLUSH_FAIL_AFTER)".into());
+        }
         self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
         if let Some(n) = self.opts.fail_fsync_after {
             if self.commits >= n {
@@ -1280,6 +1293,16 @@ impl WriterState {
 
     fn publish(&mut self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
         self.check_writable()?;
+        // `published` already counts this publish.
+        if self
+            .opts
+            .fail_write_after
+            .is_some_and(|n| self.published > n)
+        {
+            return Err(StoreError::Io(std::io::Error::other(
+                "write failed: injected fault (OUTBOXD_FAULT_WRITE_FAIL_AFTER)",
+            )));
+        }
         let now = now_ms();
         let dedup_body = req
             .key
