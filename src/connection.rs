@@ -186,10 +186,10 @@ pub async fn serve(
     let require_origin = cfg.server.require_origin;
     let mut counted = Counted::new(
         Arc::clone(&shared.metrics),
-        if has_permit && ip_ok {
-            CloseReason::Handshake
-        } else {
-            CloseReason::OverLimit
+        match (has_permit, ip_ok) {
+            (true, true) => CloseReason::Handshake,
+            (false, _) => CloseReason::OverLimit,
+            (true, false) => CloseReason::OverIpLimit,
         },
     );
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {

@@ -113,6 +113,8 @@ impl Histogram {
 pub enum CloseReason {
     /// Refused before the upgrade: `server.max_connections` reached (HTTP 503).
     OverLimit,
+    /// Refused before the upgrade: `server.max_connections_per_ip` reached (HTTP 429).
+    OverIpLimit,
     /// The WebSocket upgrade failed or was refused (wrong path, subprotocol, timeout, garbage).
     Handshake,
     /// Broker shutdown (1001).
@@ -140,8 +142,9 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::OverLimit,
+        CloseReason::OverIpLimit,
         CloseReason::Handshake,
         CloseReason::Shutdown,
         CloseReason::Replaced,
@@ -159,6 +162,7 @@ impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::OverLimit => "over_limit",
+            CloseReason::OverIpLimit => "over_ip_limit",
             CloseReason::Handshake => "handshake",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Replaced => "replaced",

@@ -298,7 +298,7 @@ async fn per_address_cap_refuses_the_excess_while_others_connect_and_lose_nothin
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
     let metrics = broker.admin_get("/metrics").await.body;
     assert!(
-        metrics.contains("outboxd_connections_closed_total{reason=\"over_limit\"}"),
+        metrics.contains("outboxd_connections_closed_total{reason=\"over_ip_limit\"} 1"),
         "{metrics}"
     );
 }
