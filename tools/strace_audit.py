@@ -108,9 +108,29 @@ def ws_frames(buf, masked):
         buf = buf[i + n :]
 
 
+def stream_json(st, data):
+    """Appends `data` to one direction of a connection and yields the JSON text frames it
+    completes (after the HTTP upgrade; masked or not)."""
+    buf = st["buf"] + data
+    if not st["upgraded"]:
+        k = buf.find(b"\r\n\r\n")
+        if k < 0:
+            st["buf"] = buf
+            return
+        buf, st["upgraded"] = buf[k + 4 :], True
+    frames, st["buf"] = ws_frames(buf, True)
+    for op, payload in frames:
+        if op != 1:
+            continue
+        try:
+            yield json.loads(payload)
+        except ValueError:
+            continue
+
+
 def check(path, expect_violations):
     sockets = set()
-    inbuf, outbuf, upgraded = {}, {}, {}
+    streams = {}  # (fd, "in" | "out") -> {"buf", "upgraded"}
     publish_read = {}  # (fd, ref) -> time ; payload -> time
     payload_read = {}
     oks, msgs = [], []  # (time, key)
@@ -120,52 +140,21 @@ def check(path, expect_violations):
         fd = int(fd_m.group(1)) if fd_m else None
         if name == "accept4" and ret >= 0:
             sockets.add(ret)
-            inbuf[ret], outbuf[ret], upgraded[ret] = b"", b"", [False, False]
+            streams[(ret, "in")] = {"buf": b"", "upgraded": False}
+            streams[(ret, "out")] = {"buf": b"", "upgraded": False}
         elif name == "close" and fd in sockets:
             sockets.discard(fd)
         elif name == "fdatasync" and ret == 0:
             syncs.append((start, end))
         elif name in ("read", "recvfrom") and fd in sockets and ret > 0:
-            h = HEX.search(text)
-            if not h:
-                continue
-            data = unhex(h.group(1))[:ret]
-            buf = inbuf[fd] + data
-            if not upgraded[fd][0]:
-                k = buf.find(b"\r\n\r\n")
-                if k < 0:
-                    inbuf[fd] = buf
-                    continue
-                buf, upgraded[fd][0] = buf[k + 4 :], True
-            frames, inbuf[fd] = ws_frames(buf, True)
-            for op, payload in frames:
-                if op != 1:
-                    continue
-                try:
-                    v = json.loads(payload)
-                except ValueError:
-                    continue
+            data = b"".join(unhex(h) for h in HEX.findall(text))[:ret]
+            for v in stream_json(streams[(fd, "in")], data):
                 if v.get("type") == "publish":
                     publish_read[(fd, json.dumps(v.get("ref")))] = end
                     payload_read[json.dumps(v.get("payload"), sort_keys=True)] = end
         elif name in ("write", "sendto", "writev", "sendmsg") and fd in sockets and ret > 0:
-            chunks = [unhex(h) for h in HEX.findall(text)]
-            data = b"".join(chunks)[:ret]
-            buf = outbuf[fd] + data
-            if not upgraded[fd][1]:
-                k = buf.find(b"\r\n\r\n")
-                if k < 0:
-                    outbuf[fd] = buf
-                    continue
-                buf, upgraded[fd][1] = buf[k + 4 :], True
-            frames, outbuf[fd] = ws_frames(buf, False)
-            for op, payload in frames:
-                if op != 1:
-                    continue
-                try:
-                    v = json.loads(payload)
-                except ValueError:
-                    continue
+            data = b"".join(unhex(h) for h in HEX.findall(text))[:ret]
+            for v in stream_json(streams[(fd, "out")], data):
                 if v.get("type") == "ok" and "id" in v:
                     oks.append((start, (fd, json.dumps(v.get("ref")))))
                 elif v.get("type") == "msg":
