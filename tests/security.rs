@@ -201,7 +201,7 @@ async fn session_ends_at_token_expiry_unless_refreshed() {
     let answered = refreshed.stay_responsive(Duration::from_secs(2)).await;
     assert!(answered > 0);
     let ok = refreshed
-        .publish("p", "client:bob", json!("still here"))
+        .publish("p", "client:carol", json!("still here"))
         .await;
     assert_eq!(ok["type"], "ok", "{ok}");
 }
