@@ -166,6 +166,7 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
+    ip_slot: Option<crate::registry::IpSlot>,
     shared: Arc<Shared>,
 ) {
     let cfg = &shared.cfg;
@@ -174,8 +175,8 @@ pub async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let has_permit = permit.is_some();
-    // Counted from accept, so sockets that trickle their headers count against the limit too.
-    let ip_slot = shared.per_ip.admit(peer.ip());
+    // Counted from accept, so sockets that trickle their headers count against the limit too;
+    // the slot is held until this function returns.
     let ip_ok = ip_slot.is_some();
     let allowed_origins: Vec<String> = cfg
         .server

@@ -178,7 +178,18 @@ pub async fn serve(
                     if permit.is_none() {
                         warn!(%peer, "connection refused: server.max_connections reached");
                     }
-                    shared.tracker.spawn(crate::connection::serve(tcp, peer, permit, Arc::clone(&shared)));
+                    // Counted here, in accept order, so the cap holds however the tasks run.
+                    let ip_slot = shared.per_ip.admit(peer.ip());
+                    if ip_slot.is_none() {
+                        warn!(%peer, "connection refused: server.max_connections_per_ip reached");
+                    }
+                    shared.tracker.spawn(crate::connection::serve(
+                        tcp,
+                        peer,
+                        permit,
+                        ip_slot,
+                        Arc::clone(&shared),
+                    ));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
