@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{Ack, Payload, Resume, Target};
 
 mod backup;
+mod group;
 mod inspect;
 pub use inspect::Inspector;
 
@@ -747,6 +748,14 @@ struct ClientState {
     handle: Arc<OutboxHandle>,
 }
 
+impl ClientState {
+    /// `next_seq` as of the last commit: everything below it is durable and may have been sent;
+    /// nothing at or above it has been.
+    fn durable_next(&self) -> u64 {
+        *self.handle.durable.borrow()
+    }
+}
+
 /// Replies held back until the commit that covers them.
 enum Pending {
     Hello(Reply<HelloOutcome>, Result<HelloOutcome, StoreError>),
@@ -807,6 +816,8 @@ struct WriterState {
     last_sweep: Instant,
     /// Publishes applied since the last commit, counted in the metrics only once it succeeds.
     tally: GroupTally,
+    /// The group's writes, applied as one batch at its commit.
+    group: group::Group,
 }
 
 /// What the group being committed confirms, for the metrics.
@@ -859,6 +870,7 @@ impl WriterState {
             last_sweep: Instant::now(),
             handles,
             tally: GroupTally::default(),
+            group: group::Group::default(),
         };
         let mut orphans = Vec::new();
         for item in st.clients_tree.iter() {
@@ -1012,7 +1024,10 @@ impl WriterState {
                 if !delay.is_zero() && group < MAX_GROUP {
                     let deadline = tokio::time::Instant::now() + delay;
                     while group < MAX_GROUP {
-                        match rt.block_on(tokio::time::timeout_at(deadline, rx.recv())) {
+                        // The timer must be made inside the runtime, or tokio panics.
+                        match rt
+                            .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+                        {
                             Ok(Some(cmd)) => {
                                 self.apply(cmd);
                                 group += 1;
@@ -1079,12 +1094,21 @@ impl WriterState {
             return;
         }
         let tally = std::mem::take(&mut self.tally);
-        let result = match (self.opts.durability, &self.latch_reason) {
-            (_, Some(r)) => Err(r.clone()),
-            (Durability::Relaxed, None) => Ok(()),
-            (Durability::Fsync, None) => self.sync().inspect_err(|_| {
-                self.opts.metrics.store_errors.inc();
-            }),
+        let result = match &self.latch_reason {
+            Some(r) => {
+                self.group.discard();
+                Err(r.clone())
+            }
+            None => self
+                .apply_group()
+                .map_err(|e| format!("writing the commit group failed: {e}"))
+                .and_then(|()| match self.opts.durability {
+                    Durability::Relaxed => Ok(()),
+                    Durability::Fsync => self.sync(),
+                })
+                .inspect_err(|_| {
+                    self.opts.metrics.store_errors.inc();
+                }),
         };
         match result {
             Ok(()) => {
@@ -1117,6 +1141,20 @@ impl WriterState {
                 }
             }
         }
+    }
+
+    /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
+    /// meta of every client it changed.
+    fn apply_group(&mut self) -> Result<(), StoreError> {
+        let Some((mut batch, dirty)) = self.group.take() else {
+            return Ok(());
+        };
+        for cid in dirty {
+            let meta = encode(self.meta_of(cid)?)?;
+            batch.insert(&keys::meta(cid), meta);
+        }
+        self.outbox.apply_batch(batch)?;
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), String> {
@@ -1207,7 +1245,13 @@ impl WriterState {
             }
             Command::Backup { to, reply } => {
                 // Between two writes: the copy is one consistent moment.
-                let r = backup::copy_trees(&self.clients_tree, &self.outbox, &to);
+                let r = match self.apply_group() {
+                    Ok(()) => backup::copy_trees(&self.clients_tree, &self.outbox, &to),
+                    Err(e) => {
+                        self.maybe_latch(&e);
+                        Err(e)
+                    }
+                };
                 if let Err(e) = &r {
                     warn!(to = %to.display(), error = %e, "backup failed");
                     self.count_error(e);
@@ -1250,21 +1294,20 @@ impl WriterState {
         resume: Option<Resume>,
     ) -> Result<HelloOutcome, StoreError> {
         let cid = self.ensure_client(client)?;
-        let (epoch, next_seq, acked) = {
-            let m = self.meta_of(cid)?;
-            (m.epoch.clone(), m.next_seq, m.acked)
+        let (epoch, durable_next, acked) = {
+            let c = self.state_mut(cid).ok_or(StoreError::Closed)?;
+            (c.meta.epoch.clone(), c.durable_next(), c.meta.acked)
         };
         let (resumed, reason, last_seq) = match resume {
             Some(r) if r.epoch != epoch => (false, Some("epoch_mismatch"), acked),
-            Some(r) if r.last_seq >= next_seq => (false, Some("ahead"), acked),
+            // Nothing at or past the durable frontier has been sent to anyone.
+            Some(r) if r.last_seq >= durable_next => (false, Some("ahead"), acked),
             Some(r) => {
                 if self.latch_reason.is_none() {
                     if r.last_seq > acked {
                         self.ack(cid, Ack::Upto(r.last_seq))?;
                     } else {
-                        let mut batch = sled::Batch::default();
-                        self.drop_tombstones(&mut batch, cid, r.last_seq)?;
-                        self.outbox.apply_batch(batch)?;
+                        self.drop_tombstones(cid, r.last_seq)?;
                     }
                 }
                 (true, None, r.last_seq)
@@ -1276,7 +1319,7 @@ impl WriterState {
             if let Some(c) = self.state_mut(cid) {
                 c.meta.last_seen = now_ms();
             }
-            self.write_meta(cid)?;
+            self.group.touch_meta(cid);
         }
         let c = self.state_mut(cid).ok_or(StoreError::Closed)?;
         Ok(HelloOutcome {
@@ -1310,8 +1353,14 @@ impl WriterState {
             .map(|k| keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k));
         if let Some(body) = &dedup_body {
             let k = keys::dedup(body);
-            if let Some(v) = self.outbox.get(&k)? {
-                let entry: DedupEntry = decode(&k, &v)?;
+            let found = match self.group.dedup(&k) {
+                Some(e) => Some(e.clone()),
+                None => match self.outbox.get(&k)? {
+                    Some(v) => Some(decode::<DedupEntry>(&k, &v)?),
+                    None => None,
+                },
+            };
+            if let Some(entry) = found {
                 if entry.ts.saturating_add(self.opts.dedup_window_ms) > now {
                     return Ok(PublishOutcome {
                         id: format!("{:x}", entry.id),
@@ -1350,12 +1399,10 @@ impl WriterState {
             },
             expires_at,
         };
-        let value = encode(&record)?;
+        let value = sled::IVec::from(encode(&record)?);
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
-        let mut batch = sled::Batch::default();
         let mut written = 0u64;
         let mut full = Vec::new();
-        let mut metas = Vec::new();
         for cid in recipients {
             let Some(c) = self.state_mut(cid) else {
                 continue;
@@ -1371,16 +1418,14 @@ impl WriterState {
             m.next_seq += 1;
             m.pending += 1;
             m.bytes += size;
-            batch.insert(&keys::seq_key(keys::MSG, cid, seq), value.clone());
+            self.group
+                .insert(keys::seq_key(keys::MSG, cid, seq), value.clone());
             if expires_at > 0 {
-                batch.insert(&keys::expiry(expires_at, cid, seq), &[]);
+                self.group.insert(keys::expiry(expires_at, cid, seq), &[]);
             }
-            metas.push((cid, encode(&*m)?));
-            written += 1;
-        }
-        for (cid, meta) in metas {
-            batch.insert(&keys::meta(cid), meta);
+            self.group.touch_meta(cid);
             self.touched.push(cid);
+            written += 1;
         }
         if written > 0 || matches!(req.to, Target::Topic(_)) {
             if let Some(body) = &dedup_body {
@@ -1389,12 +1434,13 @@ impl WriterState {
                     ts: now,
                     recipients: written,
                 };
-                batch.insert(keys::dedup(body), encode(&entry)?);
-                batch.insert(keys::dedup_expiry(now, body), &[]);
+                let value = encode(&entry)?;
+                self.group.store_dedup(keys::dedup(body), entry, value);
+                self.group.insert(keys::dedup_expiry(now, body), &[]);
             }
         }
-        // One batch: the messages, their metas and the dedup key land all-or-nothing.
-        self.outbox.apply_batch(batch)?;
+        // The messages, their metas and the dedup key land in the group's one batch, so they
+        // are durable all-or-nothing.
         Ok(PublishOutcome {
             id: format!("{id:x}"),
             recipients: written,
@@ -1403,37 +1449,36 @@ impl WriterState {
         })
     }
 
-    /// Adds to `batch` the removal of the tombstones at or below `upto`.
-    fn drop_tombstones(
-        &self,
-        batch: &mut sled::Batch,
-        cid: u64,
-        upto: u64,
-    ) -> Result<(), StoreError> {
+    /// Adds to the group the removal of the tombstones at or below `upto`.
+    fn drop_tombstones(&mut self, cid: u64, upto: u64) -> Result<(), StoreError> {
         let range = keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, upto);
-        for item in self.outbox.range(range).keys() {
-            batch.remove(item?);
+        let found: Vec<sled::IVec> = self.outbox.range(range).keys().collect::<Result<_, _>>()?;
+        for k in found {
+            self.group.remove(k);
         }
         Ok(())
     }
 
     /// Deletes acked messages and advances the acked watermark. Tombstones of expired messages
     /// are dropped only up to a cumulative position the client stated (`upto`).
+    ///
+    /// Only messages below the durable frontier can have been sent, so an ack reaches no
+    /// further; that also keeps it off the group's own publishes, which the tree does not
+    /// show yet. Messages an earlier ack in this group deleted are skipped the same way.
     fn ack(&mut self, cid: u64, ack: Ack) -> Result<(), StoreError> {
-        let (acked, next_seq) = match self.state_mut(cid) {
-            Some(c) => (c.meta.acked, c.meta.next_seq),
+        let (acked, durable_next) = match self.state_mut(cid) {
+            Some(c) => (c.meta.acked, c.durable_next()),
             None => return Ok(()),
         };
-        let last_assigned = next_seq.saturating_sub(1);
+        let last_sent = durable_next.saturating_sub(1);
         let (lo, hi) = match ack {
-            Ack::Seq(s) if s > acked && s <= last_assigned => (s, s),
-            Ack::Upto(u) if u > acked => (acked + 1, u.min(last_assigned)),
+            Ack::Seq(s) if s > acked && s <= last_sent => (s, s),
+            Ack::Upto(u) if u > acked => (acked + 1, u.min(last_sent)),
             _ => return Ok(()),
         };
         if lo > hi {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
         let mut freed = 0u64;
         let mut freed_bytes = 0u64;
         // Publish times of the deleted messages, for the publish-to-ack histogram.
@@ -1442,18 +1487,22 @@ impl WriterState {
         let to = keys::seq_key(keys::MSG, cid, hi);
         for item in self.outbox.range(from..=to) {
             let (k, v) = item?;
+            let Some(seq) = keys::seq_of(&k) else {
+                continue;
+            };
+            if self.group.is_removed(cid, seq) {
+                continue;
+            }
             let m: StoredMessage = decode(&k, &v)?;
             if m.expires_at > 0 {
-                if let Some(seq) = keys::seq_of(&k) {
-                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
-                }
+                self.group.remove(keys::expiry(m.expires_at, cid, seq));
             }
             freed_bytes += payload_len(&m.payload);
             freed += 1;
             published_at.push(m.ts);
-            batch.remove(k);
+            self.group.remove_message(k, cid, seq);
         }
-        // The new watermark: just below the first message still stored once this batch lands.
+        // The new watermark: just below the first message still stored once the group lands.
         let base = if matches!(ack, Ack::Upto(_)) {
             hi
         } else {
@@ -1464,25 +1513,27 @@ impl WriterState {
             .outbox
             .range(
                 keys::seq_key(keys::MSG, cid, base.saturating_add(1))
-                    ..keys::seq_key(keys::MSG, cid, next_seq),
+                    ..keys::seq_key(keys::MSG, cid, durable_next),
             )
             .keys()
         {
-            let s = keys::seq_of(&k?);
-            if matches!(ack, Ack::Seq(x) if Some(x) == s) {
+            let Some(s) = keys::seq_of(&k?) else {
+                continue;
+            };
+            if self.group.is_removed(cid, s) {
                 continue;
             }
-            first_left = s;
+            first_left = Some(s);
             break;
         }
         let watermark = first_left
-            .map_or(last_assigned, |s| s.saturating_sub(1))
+            .map_or(last_sent, |s| s.saturating_sub(1))
             .max(acked);
         // Only a position the client stated (`upto`) says it has moved past a removed message;
         // a watermark that jumps over one after per-seq acks must keep it, or `missed` would
         // never report it.
         if let Ack::Upto(u) = ack {
-            self.drop_tombstones(&mut batch, cid, u.min(last_assigned))?;
+            self.drop_tombstones(cid, u.min(last_sent))?;
         }
         let Some(c) = self.state_mut(cid) else {
             return Ok(());
@@ -1490,9 +1541,7 @@ impl WriterState {
         c.meta.pending = c.meta.pending.saturating_sub(freed);
         c.meta.bytes = c.meta.bytes.saturating_sub(freed_bytes);
         c.meta.acked = watermark;
-        let meta = encode(&c.meta)?;
-        batch.insert(&keys::meta(cid), meta);
-        self.outbox.apply_batch(batch)?;
+        self.group.touch_meta(cid);
         let m = &self.opts.metrics;
         m.acked.add(freed);
         let now = now_ms();
@@ -1508,6 +1557,8 @@ impl WriterState {
         let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
             return Ok(None);
         };
+        // The scan below must see every message, including this group's.
+        self.apply_group()?;
         let mut batch = sled::Batch::default();
         let mut removed = 0u64;
         for item in self.outbox.scan_prefix(keys::seq_prefix(keys::MSG, cid)) {
@@ -1578,63 +1629,40 @@ impl WriterState {
     }
 
     /// Retention: expire messages past their TTL (leaving a tombstone so the client is told)
-    /// and forget idempotency keys older than the dedup window.
+    /// and forget idempotency keys older than the dedup window. Its writes join the group.
     fn sweep(&mut self) -> Result<(), StoreError> {
         if self.latch_reason.is_some() {
             return Ok(());
         }
         let now = now_ms();
-        let mut due = Vec::new();
-        for item in self
-            .outbox
-            .range([keys::EXPIRY].as_slice()..keys::expiry(now, 0, 0).as_slice())
-        {
-            let (k, _) = item?;
-            if let Some(e) = keys::parse_expiry(&k) {
-                due.push(e);
-            }
-            if due.len() >= 10_000 {
-                break;
-            }
-        }
-        for (at, cid, seq) in due {
-            let mut batch = sled::Batch::default();
-            batch.remove(&keys::expiry(at, cid, seq));
-            let mk = keys::seq_key(keys::MSG, cid, seq);
-            let mut removed = false;
-            if let Some(v) = self.outbox.get(mk)? {
-                removed = true;
-                let m: StoredMessage = decode(&mk, &v)?;
-                batch.remove(&mk);
-                batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
-                if let Some(c) = self.state_mut(cid) {
-                    c.meta.pending = c.meta.pending.saturating_sub(1);
-                    c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
-                    batch.insert(&keys::meta(cid), encode(&c.meta)?);
-                }
-                info!(
-                    cid,
-                    seq, "message expired unacked (TTL); the client will see it in `missed`"
-                );
-            }
-            self.outbox.apply_batch(batch)?;
-            if removed {
-                self.opts.metrics.expired.inc();
-            }
-        }
         let horizon = now.saturating_sub(self.opts.dedup_window_ms);
-        let mut stale = Vec::new();
-        let mut lo = vec![keys::DEDUP_EXPIRY];
-        lo.extend_from_slice(&0u64.to_be_bytes());
-        let hi = keys::dedup_expiry(horizon, &[]);
-        for item in self.outbox.range(lo..hi) {
-            let (k, _) = item?;
-            stale.push(k);
-            if stale.len() >= 10_000 {
-                break;
-            }
+        if self.due_expiries(now)?.is_empty() && self.stale_dedups(horizon)?.is_empty() {
+            return Ok(());
         }
-        for k in stale {
+        // The scans must not see what this group's acks already deleted.
+        self.apply_group()?;
+        for (at, cid, seq) in self.due_expiries(now)? {
+            self.group.remove(keys::expiry(at, cid, seq));
+            let mk = keys::seq_key(keys::MSG, cid, seq);
+            let Some(v) = self.outbox.get(mk)? else {
+                continue;
+            };
+            let m: StoredMessage = decode(&mk, &v)?;
+            self.group.remove_message(mk, cid, seq);
+            self.group
+                .insert(keys::seq_key(keys::MISSED, cid, seq), &[][..]);
+            if let Some(c) = self.state_mut(cid) {
+                c.meta.pending = c.meta.pending.saturating_sub(1);
+                c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
+                self.group.touch_meta(cid);
+            }
+            self.opts.metrics.expired.inc();
+            info!(
+                cid,
+                seq, "message expired unacked (TTL); the client will see it in `missed`"
+            );
+        }
+        for k in self.stale_dedups(horizon)? {
             let (Some(ts), Some(body)) = (
                 k.get(1..9)
                     .and_then(|b| b.try_into().ok())
@@ -1644,17 +1672,48 @@ impl WriterState {
                 continue;
             };
             let dk = keys::dedup(body);
-            let mut batch = sled::Batch::default();
-            batch.remove(k.as_ref());
             if let Some(v) = self.outbox.get(&dk)? {
                 let e: DedupEntry = decode(&dk, &v)?;
                 if e.ts == ts {
-                    batch.remove(dk);
+                    self.group.remove(dk);
                 }
             }
-            self.outbox.apply_batch(batch)?;
+            self.group.remove(k);
         }
         Ok(())
+    }
+
+    /// Expiry entries due at `now`, oldest first (at most 10 000 per sweep).
+    fn due_expiries(&self, now: u64) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let mut due = Vec::new();
+        for item in self
+            .outbox
+            .range([keys::EXPIRY].as_slice()..keys::expiry(now, 0, 0).as_slice())
+            .keys()
+        {
+            if let Some(e) = keys::parse_expiry(&item?) {
+                due.push(e);
+            }
+            if due.len() >= 10_000 {
+                break;
+            }
+        }
+        Ok(due)
+    }
+
+    /// Dedup expiry entries older than `horizon` (at most 10 000 per sweep).
+    fn stale_dedups(&self, horizon: u64) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut lo = vec![keys::DEDUP_EXPIRY];
+        lo.extend_from_slice(&0u64.to_be_bytes());
+        let hi = keys::dedup_expiry(horizon, &[]);
+        let mut stale = Vec::new();
+        for item in self.outbox.range(lo..hi).keys() {
+            stale.push(item?);
+            if stale.len() >= 10_000 {
+                break;
+            }
+        }
+        Ok(stale)
     }
 }
 

@@ -1,0 +1,100 @@
+//! Writes that share one commit group. The store gathers a group's publishes and acks into one
+//! batch that reaches the tree only at the commit, so reads made while the group is open must
+//! see what the group already did. A long `group_commit_max_delay_us` holds the group open
+//! while a test lines commands up in it.
+
+mod common;
+
+use common::{seq, seqs, Broker, Opts, QUIET};
+use serde_json::{json, Value};
+
+/// Holds each group open this long after its first command.
+const GROUP_US: u64 = 300_000;
+
+fn broker() -> Broker {
+    Broker::start(Opts::new().set("storage", "group_commit_max_delay_us", GROUP_US))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_published_twice_in_one_group_is_stored_once() {
+    // Catches a dedup lookup that only reads the tree, where the first publish is not yet.
+    let broker = broker();
+    let (mut alice, _) = broker.client("alice").await;
+    let frame = |r: &str| json!({"type": "publish", "ref": r, "to": "client:bob", "payload": "once", "key": "k-1"});
+    alice.send(frame("a1")).await;
+    alice.send(frame("a2")).await;
+    let first = alice.recv_skip_pings().await;
+    let second = alice.recv_skip_pings().await;
+    assert_eq!(first["ref"], "a1", "{first}");
+    assert_eq!(second["ref"], "a2", "{second}");
+    assert!(first.get("duplicate").is_none(), "{first}");
+    assert_eq!(second["duplicate"], true, "{second}");
+    assert_eq!(
+        first["id"], second["id"],
+        "a duplicate names the first publish's id"
+    );
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    let m = bob.recv_msg().await;
+    assert_eq!(m["payload"], "once");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_sharing_a_group_with_a_new_publish_leaves_that_publish_pending() {
+    // Catches an ack that moves the watermark past a message its own group is still writing.
+    let broker = broker();
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("a1", "client:bob", json!("m1")).await;
+    let (mut bob, _) = broker.client("bob").await;
+    let m1 = bob.recv_msg().await;
+    assert_eq!(seq(&m1), 1);
+
+    // The publish opens a group; the ack joins it.
+    alice
+        .send(json!({"type": "publish", "ref": "a2", "to": "client:bob", "payload": "m2"}))
+        .await;
+    bob.ack_upto(1).await;
+    let ok = alice.recv_skip_pings().await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    bob.close().await;
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "m2 is still owed: {welcome}");
+    let m2 = bob.recv_msg().await;
+    assert_eq!((seq(&m2), m2["payload"].clone()), (2, json!("m2")));
+    // A watermark already past m2 would make this ack a no-op, and m2 would come back forever.
+    bob.ack(2).await;
+    bob.sync().await;
+    bob.close().await;
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 0, "m2 was acked: {welcome}");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_in_one_group_free_each_message_once() {
+    // Catches a message deleted by one ack of a group and counted again by the next.
+    let broker = broker();
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=4 {
+        alice
+            .publish_ok(&format!("a{i}"), "client:bob", json!(format!("m{i}")))
+            .await;
+    }
+    let (mut bob, _) = broker.client("bob").await;
+    let got: Vec<Value> = bob.recv_msgs(4).await;
+    assert_eq!(seqs(&got), vec![1, 2, 3, 4]);
+    // The first ack opens a group (held open GROUP_US); the second joins it. m4 stays unacked.
+    bob.ack(2).await;
+    bob.ack_upto(3).await;
+    bob.sync().await;
+    bob.close().await;
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "only m4 is left: {welcome}");
+    let m4 = bob.recv_msg().await;
+    assert_eq!((seq(&m4), m4["payload"].clone()), (4, json!("m4")));
+    bob.expect_quiet(QUIET).await;
+}
