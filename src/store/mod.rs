@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{Ack, Payload, Resume, Target};
 
 mod backup;
+mod blobs;
 mod group;
 mod inspect;
 pub use inspect::Inspector;
@@ -818,6 +819,8 @@ struct WriterState {
     tally: GroupTally,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
+    /// sled's blob files, which the commit must fsync besides the log.
+    blobs: blobs::BlobSync,
 }
 
 /// What the group being committed confirms, for the metrics.
@@ -851,6 +854,7 @@ impl WriterState {
                 })?;
             metas.insert(cid, decode(&k, &v)?);
         }
+        let opts_dir = opts.data_dir.clone();
         let mut st = WriterState {
             db,
             clients_tree,
@@ -871,6 +875,7 @@ impl WriterState {
             handles,
             tally: GroupTally::default(),
             group: group::Group::default(),
+            blobs: blobs::BlobSync::new(&opts_dir),
         };
         let mut orphans = Vec::new();
         for item in st.clients_tree.iter() {
@@ -1044,9 +1049,9 @@ impl WriterState {
                     self.latch(&format!("retention sweep failed: {e}"));
                 }
             }
-            self.commit(group);
+            self.commit();
         }
-        self.commit(0);
+        self.commit();
         if let Some(reason) = &self.latch_reason {
             // After a failed write sled's flush can wait forever (it waits for a write that
             // never completes); nothing after the latch was confirmed, so there is nothing to
@@ -1054,7 +1059,7 @@ impl WriterState {
             warn!(reason = %reason, "store latched: skipping the final flush");
         } else if let Err(e) = self.db.flush() {
             error!(error = %e, "final flush failed");
-        } else if let Err(e) = self.log.sync_data() {
+        } else if let Err(e) = self.blobs.sync_new().and_then(|_| self.log.sync_data()) {
             error!(error = %e, "final fsync failed");
         }
         let per_commit = if self.commits > 0 {
@@ -1089,8 +1094,17 @@ impl WriterState {
     }
 
     /// Makes everything applied so far durable, then answers and wakes sessions.
-    fn commit(&mut self, group: usize) {
-        if self.pending.is_empty() && self.touched.is_empty() && group == 0 {
+    fn commit(&mut self) {
+        if self.pending.is_empty() && self.touched.is_empty() {
+            // Nobody waits on this group: acks and retention only. Their writes go to the tree
+            // now and reach the disk with the next commit or sled's background flush; a crash
+            // before that means a redelivery, which the contract allows.
+            if self.latch_reason.is_some() {
+                self.group.discard();
+            } else if let Err(e) = self.apply_group() {
+                self.opts.metrics.store_errors.inc();
+                self.latch(&format!("writing acks failed: {e}"));
+            }
             return;
         }
         let tally = std::mem::take(&mut self.tally);
@@ -1172,6 +1186,9 @@ impl WriterState {
                 return Err("fsync failed: injected fault (OUTBOXD_FAULT_FSYNC_FAIL_AFTER)".into());
             }
         }
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
         self.log
             .sync_data()
             .map_err(|e| format!("fsync of the store log failed: {e}"))?;
