@@ -255,8 +255,10 @@ pub async fn serve(
         Ok(resp)
     };
     let frame = usize::try_from(cfg.server.max_frame_bytes).unwrap_or(usize::MAX);
+    // tungstenite zero-fills the whole read buffer on its first read, so its size is resident
+    // memory for every idle connection; a bigger frame grows the buffer as it needs.
     let ws_cfg = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(32 * 1024)
         .max_write_buffer_size(32 * 1024 + 2 * frame + 1024)
         .max_message_size(Some(frame))

@@ -98,3 +98,29 @@ async fn acks_in_one_group_free_each_message_once() {
     assert_eq!((seq(&m4), m4["payload"].clone()), (4, json!("m4")));
     bob.expect_quiet(QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cumulative_acks_in_one_group_settle_at_the_highest() {
+    // Catches cumulative acks merged by arrival order instead of by position.
+    let broker = broker();
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=5 {
+        alice
+            .publish_ok(&format!("a{i}"), "client:bob", json!(format!("m{i}")))
+            .await;
+    }
+    let (mut bob, _) = broker.client("bob").await;
+    assert_eq!(seqs(&bob.recv_msgs(5).await), vec![1, 2, 3, 4, 5]);
+    // One group: the first ack opens it, the others join it, the highest is not the last.
+    bob.ack_upto(2).await;
+    bob.ack_upto(4).await;
+    bob.ack_upto(3).await;
+    bob.sync().await;
+    bob.close().await;
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "only m5 is left: {welcome}");
+    let m5 = bob.recv_msg().await;
+    assert_eq!((seq(&m5), m5["payload"].clone()), (5, json!("m5")));
+    bob.expect_quiet(QUIET).await;
+}

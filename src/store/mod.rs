@@ -821,6 +821,9 @@ struct WriterState {
     group: group::Group,
     /// sled's blob files, which the commit must fsync besides the log.
     blobs: blobs::BlobSync,
+    /// Cumulative acks not yet applied, by client: a reader acks every message with an `upto`,
+    /// and the highest one in a group does the work of them all.
+    uptos: HashMap<u64, u64>,
 }
 
 /// What the group being committed confirms, for the metrics.
@@ -876,6 +879,7 @@ impl WriterState {
             tally: GroupTally::default(),
             group: group::Group::default(),
             blobs: blobs::BlobSync::new(&opts_dir),
+            uptos: HashMap::new(),
         };
         let mut orphans = Vec::new();
         for item in st.clients_tree.iter() {
@@ -1042,6 +1046,7 @@ impl WriterState {
                     }
                 }
             }
+            self.settle_acks();
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
                 self.last_sweep = Instant::now();
                 if let Err(e) = self.sweep() {
@@ -1051,6 +1056,7 @@ impl WriterState {
             }
             self.commit();
         }
+        self.settle_acks();
         self.commit();
         if let Some(reason) = &self.latch_reason {
             // After a failed write sled's flush can wait forever (it waits for a write that
@@ -1199,7 +1205,43 @@ impl WriterState {
         Ok(())
     }
 
+    /// Applies the cumulative acks gathered for `cid`.
+    fn settle_acks_of(&mut self, cid: u64) {
+        if let Some(u) = self.uptos.remove(&cid) {
+            self.ack_or_latch(cid, Ack::Upto(u));
+        }
+    }
+
+    /// Applies every cumulative ack gathered so far.
+    fn settle_acks(&mut self) {
+        let uptos: Vec<(u64, u64)> = self.uptos.drain().collect();
+        for (cid, u) in uptos {
+            self.ack_or_latch(cid, Ack::Upto(u));
+        }
+    }
+
+    fn ack_or_latch(&mut self, cid: u64, ack: Ack) {
+        if self.latch_reason.is_some() {
+            return;
+        }
+        if let Err(e) = self.ack(cid, ack) {
+            error!(cid, error = %e, "ack failed in the store");
+            self.maybe_latch(&e);
+        }
+    }
+
     fn apply(&mut self, cmd: Command) {
+        // What a hello, a quota check or a scan of the tree reads, acks must have settled first.
+        match &cmd {
+            // A publish settles its recipients' acks before its quota check (`publish`).
+            Command::Ack { .. } | Command::Publish { .. } => {}
+            Command::Hello { client, .. } => {
+                if let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) {
+                    self.settle_acks_of(cid);
+                }
+            }
+            _ => self.settle_acks(),
+        }
         match cmd {
             Command::Hello {
                 client,
@@ -1233,9 +1275,15 @@ impl WriterState {
                 if self.latch_reason.is_some() {
                     return;
                 }
-                if let Err(e) = self.ack(cid, ack) {
-                    error!(cid, error = %e, "ack failed in the store");
-                    self.maybe_latch(&e);
+                match ack {
+                    Ack::Upto(u) => {
+                        let at = self.uptos.entry(cid).or_insert(u);
+                        *at = (*at).max(u);
+                    }
+                    Ack::Seq(_) => {
+                        self.settle_acks_of(cid);
+                        self.ack_or_latch(cid, ack);
+                    }
                 }
             }
             Command::Subscribe {
@@ -1418,6 +1466,11 @@ impl WriterState {
         };
         let value = sled::IVec::from(encode(&record)?);
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
+        if max_msgs > 0 || max_bytes > 0 {
+            for cid in &recipients {
+                self.settle_acks_of(*cid);
+            }
+        }
         let mut written = 0u64;
         let mut full = Vec::new();
         for cid in recipients {
