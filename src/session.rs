@@ -5,7 +5,7 @@
 //! when a silent peer is dead. The connection task only executes their decisions, so every
 //! rule here is unit-tested without sockets or sleeping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::protocol::Ack;
@@ -16,6 +16,9 @@ pub struct Window {
     max: usize,
     /// Unacked sent seqs and when each was last sent.
     inflight: BTreeMap<u64, Instant>,
+    /// The same, ordered by send time: the next resend is its first entry, found without a
+    /// scan of the window on every turn of the session loop.
+    by_time: BTreeSet<(Instant, u64)>,
     /// Highest seq considered for sending (sent, or found already gone).
     cursor: u64,
 }
@@ -26,6 +29,7 @@ impl Window {
         Self {
             max,
             inflight: BTreeMap::new(),
+            by_time: BTreeSet::new(),
             cursor: start_after,
         }
     }
@@ -46,7 +50,10 @@ impl Window {
 
     /// Records a first send of `seq`.
     pub fn sent(&mut self, seq: u64, now: Instant) {
-        self.inflight.insert(seq, now);
+        if let Some(old) = self.inflight.insert(seq, now) {
+            self.by_time.remove(&(old, seq));
+        }
+        self.by_time.insert((now, seq));
         self.cursor = self.cursor.max(seq);
     }
 
@@ -59,44 +66,55 @@ impl Window {
     /// A cumulative ack also moves the cursor, so nothing at or below it is sent again.
     pub fn ack(&mut self, ack: Ack) -> usize {
         match ack {
-            Ack::Seq(s) => usize::from(self.inflight.remove(&s).is_some()),
+            Ack::Seq(s) => usize::from(self.forget_one(s)),
             Ack::Upto(u) => {
                 let keep = self.inflight.split_off(&u.saturating_add(1));
-                let released = self.inflight.len();
-                self.inflight = keep;
+                let released = std::mem::replace(&mut self.inflight, keep);
+                for (seq, at) in &released {
+                    self.by_time.remove(&(*at, *seq));
+                }
                 self.cursor = self.cursor.max(u);
-                released
+                released.len()
             }
         }
     }
 
     /// Seqs unacked for at least `timeout`, oldest send first.
     pub fn due(&self, now: Instant, timeout: Duration) -> Vec<u64> {
-        let mut due: Vec<(Instant, u64)> = self
-            .inflight
+        self.by_time
             .iter()
-            .filter(|(_, at)| now.saturating_duration_since(**at) >= timeout)
-            .map(|(s, at)| (*at, *s))
-            .collect();
-        due.sort();
-        due.into_iter().map(|(_, s)| s).collect()
+            .take_while(|(at, _)| now.saturating_duration_since(*at) >= timeout)
+            .map(|(_, s)| *s)
+            .collect()
     }
 
     /// Records a resend of `seq`.
     pub fn resent(&mut self, seq: u64, now: Instant) {
         if let Some(at) = self.inflight.get_mut(&seq) {
+            self.by_time.remove(&(*at, seq));
             *at = now;
+            self.by_time.insert((now, seq));
         }
     }
 
     /// Drops `seq` from the window: it is gone from the store (acked elsewhere, expired).
     pub fn forget(&mut self, seq: u64) {
-        self.inflight.remove(&seq);
+        self.forget_one(seq);
+    }
+
+    fn forget_one(&mut self, seq: u64) -> bool {
+        match self.inflight.remove(&seq) {
+            Some(at) => {
+                self.by_time.remove(&(at, seq));
+                true
+            }
+            None => false,
+        }
     }
 
     /// When the oldest in-flight message becomes due, if any.
     pub fn next_due(&self, timeout: Duration) -> Option<Instant> {
-        self.inflight.values().min().map(|at| *at + timeout)
+        self.by_time.first().map(|(at, _)| *at + timeout)
     }
 }
 
@@ -246,6 +264,23 @@ mod tests {
         w.forget(1);
         w.forget(2);
         assert_eq!(w.next_due(ms(100)), None);
+    }
+
+    #[test]
+    fn acks_take_messages_out_of_the_resend_order() {
+        let t = Instant::now();
+        let mut w = Window::new(10, 0);
+        for s in 1..=4 {
+            w.sent(s, t + ms(s));
+        }
+        w.resent(1, t + ms(10));
+        assert_eq!(w.ack(Ack::Upto(2)), 2);
+        assert_eq!(w.next_due(ms(100)), Some(t + ms(103)));
+        assert_eq!(w.ack(Ack::Seq(3)), 1);
+        assert_eq!(w.due(t + ms(200), ms(100)), vec![4]);
+        assert_eq!(w.ack(Ack::Seq(4)), 1);
+        assert_eq!(w.next_due(ms(100)), None);
+        assert!(w.due(t + ms(500), ms(100)).is_empty());
     }
 
     #[test]
