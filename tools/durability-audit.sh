@@ -4,12 +4,55 @@
 # "fsync": zero violations). Then runs the same load with durability = "relaxed" and requires
 # the audit to find violations there, which shows the audit can see them.
 #
-# Usage: tools/durability-audit.sh [MESSAGES]   (default 2000; needs strace, python3)
-# Builds the broker (cargo build --release) unless OUTBOXD_BIN names a binary.
+# With big payloads sled writes blob files (blobs/<lsn>); the audit then also proves each blob
+# file and the blobs directory were fsynced before any frame that went out after a log sync
+# that could hold a pointer to the blob, and fails if no blob file appeared at all.
+#
+# Usage: tools/durability-audit.sh [--payload-bytes BYTES] [--ack-delay-ms MS] [MESSAGES]
+#   MESSAGES       publishes per pass (default 2000)
+#   BYTES          pad each payload to this many bytes of JSON (default: a few bytes, no
+#                  padding); 16384 with 300 messages makes blob files. Also read from
+#                  OUTBOXD_AUDIT_PAYLOAD_BYTES.
+#   MS             the subscriber acks each message this late (default 0, or 5 with BYTES), so
+#                  a backlog builds up: full tree leaves, hence blob files that outlive sled's
+#                  own periodic log fsync. Also read from OUTBOXD_AUDIT_ACK_DELAY_MS.
+# Needs strace and python3. Builds the broker (cargo build --release) unless OUTBOXD_BIN names
+# a binary.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-n=${1:-2000}
+usage() {
+    echo "usage: tools/durability-audit.sh [--payload-bytes BYTES] [--ack-delay-ms MS] [MESSAGES]" >&2
+    exit 2
+}
+n=2000
+payload=${OUTBOXD_AUDIT_PAYLOAD_BYTES:-}
+ack_delay=${OUTBOXD_AUDIT_ACK_DELAY_MS:-}
+while (($#)); do
+    case $1 in
+        --payload-bytes) (($# >= 2)) || usage; payload=$2; shift 2 ;;
+        --payload-bytes=*) payload=${1#*=}; shift ;;
+        --ack-delay-ms) (($# >= 2)) || usage; ack_delay=$2; shift 2 ;;
+        --ack-delay-ms=*) ack_delay=${1#*=}; shift ;;
+        -h | --help) usage ;;
+        -*) usage ;;
+        *) n=$1; shift ;;
+    esac
+done
+[[ $n =~ ^[0-9]+$ ]] || usage
+load_args=()
+check_args=()
+if [[ -n $payload ]]; then
+    [[ $payload =~ ^[0-9]+$ ]] || usage
+    load_args=(--payload-bytes "$payload")
+    # Big payloads are there to make blob files: a run without any would prove nothing.
+    check_args=(--expect-blobs)
+    ack_delay=${ack_delay:-5}
+fi
+if [[ -n $ack_delay ]]; then
+    [[ $ack_delay =~ ^[0-9]+([.][0-9]+)?$ ]] || usage
+    load_args+=(--ack-delay-ms "$ack_delay")
+fi
 if ! command -v strace >/dev/null; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         apt-get update -qq && apt-get install -y -qq strace >/dev/null
@@ -26,12 +69,18 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# Socket reads and writes (the frames), syncs, and what the audit needs to know which file
+# each fd names: opens, dups and closes, unlinks, writes to files, and thread creation (threads
+# share one fd table). `?` skips calls this architecture does not have.
+traced=read,recvfrom,write,writev,sendto,sendmsg,pwrite64,pwritev,fsync,fdatasync,accept4,close
+traced+=,openat,?open,?creat,dup,?dup2,dup3,fcntl,?unlink,unlinkat,clone,clone3,?fork,?vfork
+
 run() { # mode -> exit status of the check
     local mode=$1 dir=$work/$1
     mkdir -p "$dir"
     OUTBOXD_STORAGE__DURABILITY=$mode OUTBOXD_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
         strace -f -ttt -T -xx -s 1000000 -o "$dir/trace" \
-        -e trace=read,recvfrom,write,writev,sendto,sendmsg,fdatasync,accept4,close \
+        -e trace="$traced" \
         "$bin" serve --listen 127.0.0.1:0 --data "$dir/data" >"$dir/out" 2>"$dir/err" &
     local pid=$!
     local addr=""
@@ -48,7 +97,11 @@ run() { # mode -> exit status of the check
     fi
     local broker
     broker=$(pgrep -P "$pid" | head -n1)
-    python3 tools/strace_audit.py load "$addr" "$n" || { kill -KILL "$broker" 2>/dev/null; return 1; }
+    python3 tools/strace_audit.py load "$addr" "$n" "${load_args[@]}" || {
+        kill -KILL "$broker" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        return 1
+    }
     # Stop the broker itself (strace exits with it), so its last writes are in the trace.
     kill -TERM "$broker"
     local rc=0
@@ -58,12 +111,18 @@ run() { # mode -> exit status of the check
     fi
     echo "durability = \"$mode\":"
     if [[ $mode == fsync ]]; then
-        python3 tools/strace_audit.py check "$dir/trace"
+        python3 tools/strace_audit.py check "$dir/trace" "${check_args[@]}"
     else
-        python3 tools/strace_audit.py check "$dir/trace" --expect-violations
+        python3 tools/strace_audit.py check "$dir/trace" --expect-violations "${check_args[@]}"
     fi
 }
 
-run fsync
-run relaxed
+# Both passes run even when the first fails, so one run shows both results.
+status=0
+run fsync || status=1
+run relaxed || status=1
+if ((status != 0)); then
+    echo "durability-audit: FAILED" >&2
+    exit 1
+fi
 echo "durability-audit: passed"

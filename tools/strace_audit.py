@@ -1,27 +1,42 @@
 #!/usr/bin/env python3
 """Durability-ordering audit: proves from the broker's own system calls that every `ok` and every
-`msg` frame it wrote to a socket came after an fdatasync that covers the publish.
+`msg` frame it wrote to a socket came after an fdatasync that covers the publish, and after an
+fsync of every blob file sled had written that the log could already point at.
 
 Usage:
-  strace_audit.py load URL_HOSTPORT N         drive a publish load (publisher + acking subscriber)
-  strace_audit.py check TRACE [--expect-violations]
+  strace_audit.py load HOSTPORT N [--payload-bytes B] [--ack-delay-ms MS]
+      drive a publish load (publisher + acking subscriber); B pads each payload to B bytes of
+      JSON (unique per message: it carries its number); MS delays each ack so a backlog builds
+  strace_audit.py check TRACE [--expect-violations] [--expect-blobs]
 
-`check` reads an `strace -f -ttt -T -xx -s 1000000` trace of `outboxd serve` and:
-  1. reassembles the WebSocket frames each connection sent (unmasking them) and notes when each
+`check` reads an `strace -f -ttt -T -xx -s 1000000` trace of `outboxd serve` (it needs the
+socket calls, fsync and fdatasync, and the calls that say which file an fd names: open/openat,
+dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
+  1. keeps one fd table per process (threads share their creator's) so it knows which fd is a
+     client connection, sled's log (`db`), the `blobs` directory or a blob file in it;
+  2. reassembles the WebSocket frames each connection sent (unmasking them) and notes when each
      `publish` was read (end of the read call);
-  2. reassembles the frames the broker wrote and notes when each `ok` and `msg` frame's write
+  3. reassembles the frames the broker wrote and notes when each `ok` and `msg` frame's write
      began;
-  3. for each `ok` (matched to its publish by `ref`) and each `msg` (matched by its unique
-     payload), requires an fdatasync that began after the publish was read and ended before the
-     frame's write began.
+  4. for each `ok` (matched to its publish by `ref`) and each `msg` (matched by its unique
+     payload), requires an fdatasync of the log that began after the publish was read and
+     ended before the frame's write began;
+  5. for each blob file written (last write ended at t_w), takes F, the first sync of the log
+     (the broker's fdatasync or sled's own fsync) that began after t_w, and requires every
+     `ok` and `msg` frame whose write began after F ended (and before sled unlinked the file)
+     to begin after an fsync of that file that began after t_w, and after an fsync of the
+     blobs directory that began after the file was created.
 Exit status 0 when every frame is covered (and at least one of each kind was checked), 1 on any
-violation. With --expect-violations (a durability = "relaxed" run) the exit status is 0 only if
-violations were found: proof that the audit can see them.
+violation. With --expect-blobs (a load with big payloads) a trace without any blob file written
+fails too. With --expect-violations (a durability = "relaxed" run) the exit status is 0 only if
+violations were found (blob violations as well, with --expect-blobs): proof that the audit can
+see them.
 
 Only the Python standard library is used.
 """
-
+import argparse
 import base64
+import bisect
 import json
 import os
 import re
@@ -29,6 +44,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(.*)$")
 CALL = re.compile(r"^(\w+)\((.*)$")
@@ -41,37 +57,42 @@ def unhex(s):
     return bytes.fromhex(s.replace("\\x", ""))
 
 
-def parse_trace(path):
-    """Yields (pid, name, start, end, args_text, ret) for every finished call."""
+def parse_lines(lines):
+    """Yields (tid, name, start, end, args_text, ret) for every finished call in `lines`."""
     pending = {}
+    for raw in lines:
+        m = LINE.match(raw.rstrip("\n"))
+        if not m:
+            continue
+        tid, ts, rest = int(m.group(1)), float(m.group(2)), m.group(3)
+        if rest.startswith("<..."):
+            r = RESUMED.match(rest)
+            if not r or tid not in pending:
+                continue
+            name, start, head = pending.pop(tid)
+            text = head + r.group(2)
+        elif rest.endswith("<unfinished ...>"):
+            c = CALL.match(rest)
+            if c:
+                pending[tid] = (c.group(1), ts, c.group(2)[: -len("<unfinished ...>")])
+            continue
+        else:
+            c = CALL.match(rest)
+            if not c:
+                continue
+            name, start, text = c.group(1), ts, c.group(2)
+        res = RESULT.search(text)
+        if not res:
+            continue
+        ret = int(res.group(1))
+        end = start + float(res.group(2))
+        yield tid, name, start, end, text, ret
+
+
+def parse_trace(path, keep=None):
+    """parse_lines over the trace file; `keep(line)` can skip lines cheaply before parsing."""
     with open(path, "r", errors="replace") as f:
-        for raw in f:
-            m = LINE.match(raw.rstrip("\n"))
-            if not m:
-                continue
-            pid, ts, rest = m.group(1), float(m.group(2)), m.group(3)
-            if rest.startswith("<..."):
-                r = RESUMED.match(rest)
-                if not r or pid not in pending:
-                    continue
-                name, start, head = pending.pop(pid)
-                text = head + r.group(2)
-            elif rest.endswith("<unfinished ...>"):
-                c = CALL.match(rest)
-                if c:
-                    pending[pid] = (c.group(1), ts, c.group(2)[: -len("<unfinished ...>")])
-                continue
-            else:
-                c = CALL.match(rest)
-                if not c:
-                    continue
-                name, start, text = c.group(1), ts, c.group(2)
-            res = RESULT.search(text)
-            if not res:
-                continue
-            ret = int(res.group(1))
-            end = start + float(res.group(2))
-            yield pid, name, start, end, text, ret
+        yield from parse_lines(f if keep is None else (line for line in f if keep(line)))
 
 
 def ws_frames(buf, masked):
@@ -128,38 +149,184 @@ def stream_json(st, data):
             continue
 
 
-def check(path, expect_violations):
-    sockets = set()
-    streams = {}  # (fd, "in" | "out") -> {"buf", "upgraded"}
-    publish_read = {}  # (fd, ref) -> time ; payload -> time
-    payload_read = {}
-    oks, msgs = [], []  # (time, key)
-    syncs = []
-    for pid, name, start, end, text, ret in parse_trace(path):
+OPENS = ("open", "openat", "openat2", "creat")
+DUPS = ("dup", "dup2", "dup3")
+CLONES = ("clone", "clone3", "fork", "vfork")
+READS = ("read", "recvfrom")
+WRITES = ("write", "writev", "sendto", "sendmsg", "pwrite64", "pwritev", "pwritev2")
+SYNCS = ("fsync", "fdatasync")
+DIRFD = re.compile(r"\s*(\d+|AT_FDCWD)")
+
+
+class Conn:
+    """An accepted socket: both directions of its byte stream, and a number of its own (fd
+    numbers are reused, so they cannot tell connections apart)."""
+
+    def __init__(self, number):
+        self.number = number
+        self.streams = {d: {"buf": b"", "upgraded": False} for d in ("in", "out")}
+
+
+class Blob:
+    """One life of one blob file, from the open that created it to its unlink."""
+
+    def __init__(self, path, created):
+        self.path = path
+        self.created = created  # end of the creating open; None if it existed before the trace
+        self.written = None  # end of the last write to it
+        self.writer = None  # the thread that wrote it
+        self.syncs = []  # (start, end) of each fsync or fdatasync on it
+        self.removed = None  # start of the unlink
+
+
+class OpenFile:
+    """What an fd names: sled's log (`db`), the blobs directory, a blob file, or another file."""
+
+    def __init__(self, path, kind, blob=None):
+        self.path, self.kind, self.blob = path, kind, blob
+
+
+def file_kind(path):
+    parent, base = os.path.split(os.path.normpath(path))
+    if base == "blobs":
+        return "blobdir"
+    if os.path.basename(parent) == "blobs":
+        return "blob"
+    if base == "db":
+        return "log"
+    return "other"
+
+
+class FdTables:
+    """Open fds per process. strace -f names every thread by its own id; a thread (clone with
+    CLONE_FILES) shares its creator's table, a forked process starts from a copy of it."""
+
+    def __init__(self, path):
+        self.parent = {}  # tid -> (creator tid, shares the fd table)
+        for tid, name, _, _, text, ret in parse_trace(path, lambda l: "clone" in l or "fork" in l):
+            if name in CLONES and ret > 0:
+                self.parent[ret] = (tid, name in ("clone", "clone3") and "CLONE_FILES" in text)
+        self.tables = {}
+
+    def of(self, tid):
+        chain = []
+        while tid not in self.tables and tid in self.parent and tid not in chain:
+            chain.append(tid)
+            tid = self.parent[tid][0]
+        table = self.tables.setdefault(tid, {})
+        for t in reversed(chain):
+            table = table if self.parent[t][1] else dict(table)
+            self.tables[t] = table
+        return table
+
+
+def call_path(text, fds):
+    """The path argument of an open or unlink call, joined to its dirfd's path when relative.
+    (Relative to the working directory it stays relative: the audit passes absolute paths.)"""
+    strings = HEX.findall(text)
+    if not strings:
+        return None
+    path = os.fsdecode(unhex(strings[0]))
+    m = DIRFD.match(text)
+    if not path.startswith("/") and m and m.group(1).isdigit():
+        base = fds.get(int(m.group(1)))
+        if isinstance(base, OpenFile):
+            path = os.path.join(base.path, path)
+    return os.path.normpath(path)
+
+
+def short(payload_key):
+    return payload_key if len(payload_key) <= 40 else payload_key[:32] + "...}"
+
+
+def first_at_or_after(starts, t):
+    i = bisect.bisect_left(starts, t)
+    return i if i < len(starts) else None
+
+
+def check(path, expect_violations, expect_blobs):
+    tables = FdTables(path)
+    conns = 0
+    publish_read = {}  # (connection, ref) -> time the publish was read
+    payload_read = {}  # payload -> time
+    oks, msgs = [], []  # (time the frame's write began, key)
+    log_syncs = []  # (start, end, call) of each fsync/fdatasync of sled's log
+    log_opened = False
+    dir_syncs = {}  # blobs directory -> [(start, end)]
+    blobs, live = [], {}  # every blob life; path -> its current life
+    for tid, name, start, end, text, ret in parse_trace(path):
+        fds = tables.of(tid)
         fd_m = re.match(r"\s*(\d+)", text)
         fd = int(fd_m.group(1)) if fd_m else None
         if name == "accept4" and ret >= 0:
-            sockets.add(ret)
-            streams[(ret, "in")] = {"buf": b"", "upgraded": False}
-            streams[(ret, "out")] = {"buf": b"", "upgraded": False}
-        elif name == "close" and fd in sockets:
-            sockets.discard(fd)
-        elif name == "fdatasync" and ret == 0:
-            syncs.append((start, end))
-        elif name in ("read", "recvfrom") and fd in sockets and ret > 0:
+            conns += 1
+            fds[ret] = Conn(conns)
+        elif name in OPENS and ret >= 0:
+            p = call_path(text, fds)
+            if p is None:
+                continue
+            kind = file_kind(p)
+            blob = None
+            if kind == "blob":
+                blob = live.get(p)
+                if blob is None or blob.removed is not None:
+                    creating = name == "creat" or "O_CREAT" in text
+                    blob = Blob(p, end if creating else None)
+                    blobs.append(blob)
+                    live[p] = blob
+            elif kind == "log":
+                log_opened = True
+            fds[ret] = OpenFile(p, kind, blob)
+        elif (name in DUPS or (name == "fcntl" and "F_DUPFD" in text)) and ret >= 0:
+            if fd in fds:
+                fds[ret] = fds[fd]
+        elif name == "close":
+            # Linux frees the fd even when close reports an error.
+            fds.pop(fd, None)
+        elif name in ("unlink", "unlinkat") and ret == 0:
+            p = call_path(text, fds)
+            blob = live.get(p) if p else None
+            if blob is not None and blob.removed is None:
+                blob.removed = start
+        elif name in SYNCS and ret == 0:
+            f = fds.get(fd)
+            if not isinstance(f, OpenFile):
+                continue
+            if f.kind == "log":
+                log_syncs.append((start, end, name))
+            elif f.kind == "blob" and f.blob is not None:
+                f.blob.syncs.append((start, end))
+            elif f.kind == "blobdir":
+                dir_syncs.setdefault(os.path.normpath(f.path), []).append((start, end))
+        elif name in READS and ret > 0:
+            conn = fds.get(fd)
+            if not isinstance(conn, Conn):
+                continue
             data = b"".join(unhex(h) for h in HEX.findall(text))[:ret]
-            for v in stream_json(streams[(fd, "in")], data):
+            for v in stream_json(conn.streams["in"], data):
                 if v.get("type") == "publish":
-                    publish_read[(fd, json.dumps(v.get("ref")))] = end
+                    publish_read[(conn.number, json.dumps(v.get("ref")))] = end
                     payload_read[json.dumps(v.get("payload"), sort_keys=True)] = end
-        elif name in ("write", "sendto", "writev", "sendmsg") and fd in sockets and ret > 0:
+        elif name in WRITES and ret > 0:
+            target = fds.get(fd)
+            if isinstance(target, OpenFile):
+                if target.blob is not None:
+                    b = target.blob
+                    b.written = end if b.written is None else max(b.written, end)
+                    b.writer = tid
+                continue
+            if not isinstance(target, Conn):
+                continue
             data = b"".join(unhex(h) for h in HEX.findall(text))[:ret]
-            for v in stream_json(streams[(fd, "out")], data):
+            for v in stream_json(target.streams["out"], data):
                 if v.get("type") == "ok" and "id" in v:
-                    oks.append((start, (fd, json.dumps(v.get("ref")))))
+                    oks.append((start, (target.number, json.dumps(v.get("ref")))))
                 elif v.get("type") == "msg":
                     msgs.append((start, json.dumps(v.get("payload"), sort_keys=True)))
-    syncs.sort()
+
+    # Rule 1: every ok and msg frame follows an fdatasync of the log that began after its
+    # publish was read.
+    syncs = sorted((s, e) for s, e, call in log_syncs if call == "fdatasync")
 
     def covered(t_read, t_write):
         return any(s >= t_read and e <= t_write for s, e in syncs)
@@ -181,20 +348,104 @@ def check(path, expect_violations):
             violations.append(("msg", key, t_read, t_write))
     print(
         f"audit: {checked['ok']} ok frames and {checked['msg']} msg frames checked against "
-        f"{len(syncs)} fdatasync calls; {len(violations)} violation(s)"
+        f"{len(syncs)} fdatasync calls of the log; {len(violations)} violation(s)"
     )
-    for v in violations[:10]:
-        print(f"  violation: {v[0]} {v[1]} read at {v[2]:.6f}, written at {v[3]:.6f} with no fdatasync between")
+    for kind, key, t_read, t_write in violations[:10]:
+        what = f"ok ref {key[1]} on connection {key[0]}" if kind == "ok" else f"msg {short(key)}"
+        print(f"  violation: {what} read at {t_read:.6f}, written at {t_write:.6f} with no fdatasync between")
+
+    # Rule 2: a blob file and the directory entry naming it are synced before any frame that
+    # went out after a sync of the log that could hold the blob's pointer.
+    blob_result = check_blobs(blobs, log_syncs, dir_syncs, oks, msgs)
+
+    failed = []
+    if not log_opened:
+        failed.append("the trace shows no open of sled's log (db): was openat traced?")
+    if expect_blobs and blob_result["written"] == 0:
+        failed.append("audit saw no blob files; payload too small?")
     if expect_violations:
         if not violations:
-            print("audit: FAILED: expected violations (relaxed mode) but found none: the audit is blind")
+            failed.append("expected violations (relaxed mode) but found none: the audit is blind")
+        if expect_blobs and blob_result["written"] and not blob_result["violations"]:
+            failed.append("expected blob violations (relaxed mode) but found none: the blob audit is blind")
+        for f in failed:
+            print(f"audit: FAILED: {f}")
+        if failed:
             return 1
         print("audit: violations found as expected for durability = \"relaxed\"")
         return 0
     if checked["ok"] == 0 or checked["msg"] == 0:
-        print("audit: FAILED: nothing was checked (the trace holds no publishes or frames)")
-        return 1
-    return 1 if violations else 0
+        failed.append("nothing was checked (the trace holds no publishes or frames)")
+    for f in failed:
+        print(f"audit: FAILED: {f}")
+    return 1 if failed or violations or blob_result["violations"] else 0
+
+
+def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):
+    """For each blob file written (its last write ended at t_w), F is the first sync of the log
+    that began after t_w: an fdatasync by the broker or an fsync by sled's own flusher, either
+    of which can put the record pointing at the blob on disk. Every ok or msg frame whose write
+    began after F ended (and before sled unlinked the blob, if it did) must come after an fsync
+    of the blob file that began after t_w, and after an fsync of the blobs directory that began
+    after the file was created, both ended before the frame's write began. Prints the counts;
+    returns them."""
+    log_syncs = sorted(log_syncs)
+    starts = [s for s, _, _ in log_syncs]
+    frames = sorted([(t, "ok", key) for t, key in oks] + [(t, "msg", key) for t, key in msgs])
+    times = [t for t, _, _ in frames]
+    written = [b for b in blobs if b.written is not None]
+    never_logged = removed_early = 0
+    bad = {}  # frame index -> [(blob, log sync call, its end, why)]
+    constrained = bytearray(len(frames))
+    inf = float("inf")
+    for b in written:
+        i = first_at_or_after(starts, b.written)
+        if i is None:
+            never_logged += 1
+            continue
+        f_start, f_end, f_call = log_syncs[i]
+        if b.removed is not None and b.removed < f_start:
+            # Unlinked by sled (a cancelled reservation, or garbage) before any log sync
+            # could put a pointer to it on disk.
+            removed_early += 1
+            continue
+        file_synced = min((e for s, e in b.syncs if s >= b.written), default=inf)
+        if b.created is None:
+            dir_synced = -inf
+        else:
+            dir_list = dir_syncs.get(os.path.dirname(b.path), [])
+            dir_synced = min((e for s, e in dir_list if s >= b.created), default=inf)
+        lo = bisect.bisect_right(times, f_end)
+        # Once the file is unlinked nothing can sync it any more; later frames are not held
+        # to it.
+        until = len(frames) if b.removed is None else bisect.bisect_left(times, b.removed)
+        constrained[lo:until] = b"\x01" * max(0, until - lo)
+        hi = min(until, bisect.bisect_right(times, max(file_synced, dir_synced)))
+        for k in range(lo, hi):
+            if times[k] <= file_synced:
+                why = "before the file's fsync" + ("" if file_synced < inf else " (never synced)")
+            else:
+                why = "before the blobs directory's fsync" + ("" if dir_synced < inf else " (never synced)")
+            bad.setdefault(k, []).append((b, f_call, f_end, why))
+    checked = len(written) - never_logged - removed_early
+    blobs_hit = {id(b) for v in bad.values() for b, _, _, _ in v}
+    print(
+        f"blob audit: {len(written)} blob files written, {checked} checked "
+        f"({removed_early} removed before a log sync, {never_logged} with no log sync after them); "
+        f"{sum(constrained)} frames held to a blob file; "
+        f"{len(bad)} violation(s) involving {len(blobs_hit)} blob file(s)"
+    )
+    for k in sorted(bad)[:10]:
+        t, kind, key = frames[k]
+        b, f_call, f_end, why = bad[k][0]
+        what = f"ok ref {key[1]} on connection {key[0]}" if kind == "ok" else f"msg {short(key)}"
+        more = f" (and {len(bad[k]) - 1} more blob files)" if len(bad[k]) > 1 else ""
+        print(
+            f"  violation: {what} written at {t:.6f}, after the log {f_call} ending {f_end:.6f} "
+            f"that follows blobs/{os.path.basename(b.path)} (written by thread {b.writer} until "
+            f"{b.written:.6f}), {why}{more}"
+        )
+    return {"written": len(written), "checked": checked, "violations": len(bad)}
 
 
 class Ws:
@@ -222,8 +473,10 @@ class Ws:
         n = len(data)
         if n < 126:
             hdr = bytes([0x81, 0x80 | n])
-        else:
+        elif n < 65536:
             hdr = bytes([0x81, 0x80 | 126]) + struct.pack(">H", n)
+        else:
+            hdr = bytes([0x81, 0x80 | 127]) + struct.pack(">Q", n)
         self.s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
     def recv(self):
@@ -245,7 +498,17 @@ class Ws:
             self.buf += chunk
 
 
-def load(hostport, n):
+def make_payload(i, size):
+    """The payload of publish number `i`: {"n": i}, padded to `size` bytes of JSON when a size
+    is given. `n` keeps every payload unique, which is how `check` matches `msg` frames."""
+    p = {"n": i}
+    if size:
+        bare = len(json.dumps({"n": i, "pad": ""}))
+        p["pad"] = "x" * max(0, size - bare)
+    return p
+
+
+def load(hostport, n, payload_bytes=None, ack_delay_ms=0.0):
     sub = Ws(hostport)
     sub.send({"type": "hello", "client_id": "audit-sub"})
     assert sub.recv()["type"] == "welcome"
@@ -256,6 +519,8 @@ def load(hostport, n):
             v = sub.recv()
             if v.get("type") == "msg":
                 got.append(v["payload"]["n"])
+                if ack_delay_ms:
+                    time.sleep(ack_delay_ms / 1000)
                 sub.send({"type": "ack", "seq": v["seq"]})
             elif v.get("type") == "ping":
                 sub.send({"type": "pong"})
@@ -270,7 +535,8 @@ def load(hostport, n):
     for start in range(0, n, batch):
         k = min(batch, n - start)
         for i in range(start, start + k):
-            pub.send({"type": "publish", "ref": i, "to": "client:audit-sub", "payload": {"n": i}})
+            payload = make_payload(i, payload_bytes)
+            pub.send({"type": "publish", "ref": i, "to": "client:audit-sub", "payload": payload})
         while k:
             v = pub.recv()
             if v.get("type") == "ok":
@@ -279,16 +545,40 @@ def load(hostport, n):
             elif v.get("type") == "error":
                 raise SystemExit(f"publish refused: {v}")
     t.join(timeout=60)
-    print(f"load: {oks} publishes confirmed, {len(got)} delivered")
+    size = f" of {payload_bytes} bytes" if payload_bytes else ""
+    print(f"load: {oks} publishes{size} confirmed, {len(got)} delivered")
     if oks != n or len(got) != n:
         raise SystemExit("load: not everything was confirmed and delivered")
 
 
+def main(argv):
+    ap = argparse.ArgumentParser(
+        description="Durability-ordering audit (see the module docstring).", add_help=True
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lp = sub.add_parser("load", help="drive a publish load (publisher + acking subscriber)")
+    lp.add_argument("hostport")
+    lp.add_argument("n", type=int)
+    lp.add_argument("--payload-bytes", type=int, default=None,
+                    help="pad each payload to this many bytes of JSON (default: {\"n\": i} only)")
+    lp.add_argument("--ack-delay-ms", type=float, default=0.0,
+                    help="the subscriber waits this long before each ack, so a backlog builds up")
+    cp = sub.add_parser("check", help="check an strace trace of `outboxd serve`")
+    cp.add_argument("trace")
+    cp.add_argument("--expect-violations", action="store_true",
+                    help="a durability = \"relaxed\" run: pass only if violations are found")
+    cp.add_argument("--expect-blobs", action="store_true",
+                    help="the load used big payloads: fail if no blob file was written")
+    a = ap.parse_args(argv)
+    if a.cmd == "load":
+        if a.payload_bytes is not None and a.payload_bytes < 0:
+            ap.error("--payload-bytes must not be negative")
+        load(a.hostport, a.n, a.payload_bytes, a.ack_delay_ms)
+        return 0
+    if not os.path.isfile(a.trace):
+        ap.error(f"no trace file {a.trace}")
+    return check(a.trace, a.expect_violations, a.expect_blobs)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "load":
-        load(sys.argv[2], int(sys.argv[3]))
-    elif len(sys.argv) >= 3 and sys.argv[1] == "check":
-        sys.exit(check(sys.argv[2], "--expect-violations" in sys.argv))
-    else:
-        print(__doc__)
-        sys.exit(2)
+    sys.exit(main(sys.argv[1:]))
