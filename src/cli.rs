@@ -250,10 +250,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         fail_fsync_after: fault("OUTBOXD_FAULT_FSYNC_FAIL_AFTER"),
         fail_flush_after: fault("OUTBOXD_FAULT_FLUSH_FAIL_AFTER"),
         fail_write_after: fault("OUTBOXD_FAULT_WRITE_FAIL_AFTER"),
+        segment_bytes: std::env::var("OUTBOXD_FAULT_SEGMENT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok()),
     };
     if faults.fail_fsync_after.is_some()
         || faults.fail_flush_after.is_some()
         || faults.fail_write_after.is_some()
+        || faults.segment_bytes.is_some()
     {
         tracing::warn!(
             ?faults,

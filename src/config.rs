@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-/// The largest payload a broker may accept. Larger values would make sled store them as
-/// separate blob files that its flush does not sync, so they could not be as durable as the rest.
+/// The largest payload a broker may accept. The store sizes sled's segments so that a tree leaf
+/// of sixteen such messages stays a record in sled's log; anything bigger would be written to
+/// a separate blob file, which sled never syncs (`store::SEGMENT_BYTES`).
 pub const PAYLOAD_CEILING: u64 = 65_536;
 
 #[derive(Debug, Error)]

@@ -7,7 +7,7 @@ Usage:
   strace_audit.py load HOSTPORT N [--payload-bytes B] [--ack-delay-ms MS]
       drive a publish load (publisher + acking subscriber); B pads each payload to B bytes of
       JSON (unique per message: it carries its number); MS delays each ack so a backlog builds
-  strace_audit.py check TRACE [--expect-violations] [--expect-blobs]
+  strace_audit.py check TRACE [--expect-violations] [--expect-blobs | --expect-no-blobs]
 
 `check` reads an `strace -f -ttt -T -xx -s 1000000` trace of `outboxd serve` (it needs the
 socket calls, fsync and fdatasync, and the calls that say which file an fd names: open/openat,
@@ -28,7 +28,8 @@ dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
      blobs directory that began after the file was created.
 Exit status 0 when every frame is covered (and at least one of each kind was checked), 1 on any
 violation. With --expect-blobs (a load with big payloads) a trace without any blob file written
-fails too. With --expect-violations (a durability = "relaxed" run) the exit status is 0 only if
+fails too; with --expect-no-blobs a trace with any blob file fails (the broker's own data dir
+layout keeps every record out of blob files). With --expect-violations (a durability = "relaxed" run) the exit status is 0 only if
 violations were found (blob violations as well, with --expect-blobs): proof that the audit can
 see them.
 
@@ -244,7 +245,7 @@ def first_at_or_after(starts, t):
     return i if i < len(starts) else None
 
 
-def check(path, expect_violations, expect_blobs):
+def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     tables = FdTables(path)
     conns = 0
     publish_read = {}  # (connection, ref) -> time the publish was read
@@ -363,6 +364,9 @@ def check(path, expect_violations, expect_blobs):
         failed.append("the trace shows no open of sled's log (db): was openat traced?")
     if expect_blobs and blob_result["written"] == 0:
         failed.append("audit saw no blob files; payload too small?")
+    if expect_no_blobs and blob_result["written"]:
+        failed.append(f"the broker wrote {blob_result['written']} blob files; its sled segments "
+                      "should keep every record out of them")
     if expect_violations:
         if not violations:
             failed.append("expected violations (relaxed mode) but found none: the audit is blind")
@@ -567,8 +571,11 @@ def main(argv):
     cp.add_argument("trace")
     cp.add_argument("--expect-violations", action="store_true",
                     help="a durability = \"relaxed\" run: pass only if violations are found")
-    cp.add_argument("--expect-blobs", action="store_true",
-                    help="the load used big payloads: fail if no blob file was written")
+    blobs = cp.add_mutually_exclusive_group()
+    blobs.add_argument("--expect-blobs", action="store_true",
+                       help="the load used big payloads: fail if no blob file was written")
+    blobs.add_argument("--expect-no-blobs", action="store_true",
+                       help="fail if any blob file was written")
     a = ap.parse_args(argv)
     if a.cmd == "load":
         if a.payload_bytes is not None and a.payload_bytes < 0:
@@ -577,7 +584,7 @@ def main(argv):
         return 0
     if not os.path.isfile(a.trace):
         ap.error(f"no trace file {a.trace}")
-    return check(a.trace, a.expect_violations, a.expect_blobs)
+    return check(a.trace, a.expect_violations, a.expect_blobs, a.expect_no_blobs)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ pub(super) fn copy_trees(
         Err(e) => return Err(e.into()),
     }
     let started = Instant::now();
-    let db = sled::Config::new()
-        .path(to)
+    let db = super::sled_config(to)
         .open()
         .map_err(|e| refuse(&e.to_string()))?;
     let mut out = BackupOutcome {

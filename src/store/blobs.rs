@@ -1,14 +1,19 @@
 //! Makes sled's blob files durable, which sled itself never does.
 //!
-//! sled writes any log record over a quarter of its segment (128 KiB) to its own file under
-//! `<data_dir>/blobs` and leaves only a pointer in the log. That happens to messages near the
-//! payload cap, and also to consolidated tree nodes: a leaf holds up to 16 values, so a leaf of
-//! 16 KiB messages is already a blob. sled writes blob files without fsync, so a commit that
-//! synced only the log could confirm a message whose bytes were still in the page cache.
-//! Before every commit's log fdatasync the writer calls [`BlobSync::sync_new`], which fsyncs
-//! each blob file it has not synced before, then the directory that names them.
+//! sled writes any log record over a quarter of its segment to its own file under
+//! `<data_dir>/blobs` and leaves only a pointer in the log. Data dirs created by this broker use
+//! segments large enough that no record gets there ([`super::SEGMENT_BYTES`]); data dirs from
+//! before used sled's 512 KiB default, where a consolidated leaf of 16 KiB messages is already a
+//! blob, written by whichever thread touched the leaf and never fsynced.
+//!
+//! For those, every commit calls [`BlobSync::sync_new`] before the log's fdatasync and again
+//! after it, before any reply: sled writes a blob whole before the log names it, so the second
+//! pass finds every blob the synced log can point at. A file is synced again when its size
+//! changed (it may have been listed before it was written). What this cannot close is sled's
+//! own periodic log fsync making a pointer durable before the blob is; that window is why new
+//! data dirs avoid blobs altogether.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
@@ -16,15 +21,16 @@ use std::path::PathBuf;
 
 pub(super) struct BlobSync {
     dir: PathBuf,
-    /// Blob files already synced (sled removes old ones; names no longer listed are dropped).
-    synced: HashSet<OsString>,
+    /// Blob files already synced, with their size then (sled removes old ones; names no longer
+    /// listed are dropped).
+    synced: HashMap<OsString, u64>,
 }
 
 impl BlobSync {
     pub(super) fn new(data_dir: &std::path::Path) -> Self {
         BlobSync {
             dir: data_dir.join("blobs"),
-            synced: HashSet::new(),
+            synced: HashMap::new(),
         }
     }
 
@@ -36,22 +42,26 @@ impl BlobSync {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e),
         };
-        let mut listed = HashSet::with_capacity(self.synced.len());
+        let mut listed = HashMap::with_capacity(self.synced.len());
         let mut synced = 0;
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            if !self.synced.contains(&name) {
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                // Garbage-collected by sled since the listing: nothing refers to it any more.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if self.synced.get(&name) != Some(&len) {
                 match File::open(entry.path()) {
                     Ok(f) => f.sync_data()?,
-                    // Garbage-collected by sled between the listing and the open: nothing
-                    // refers to it any more.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
                 synced += 1;
             }
-            listed.insert(name);
+            listed.insert(name, len);
         }
         if synced > 0 {
             File::open(&self.dir)?.sync_all()?;
@@ -84,5 +94,17 @@ mod tests {
         std::fs::write(dir.path().join("blobs/300"), b"z").unwrap();
         assert_eq!(b.sync_new().unwrap(), 1);
         assert_eq!(b.synced.len(), 2, "removed files are forgotten");
+    }
+
+    #[test]
+    fn a_blob_written_after_it_was_synced_is_synced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        let mut b = BlobSync::new(dir.path());
+        std::fs::write(dir.path().join("blobs/100"), b"").unwrap();
+        assert_eq!(b.sync_new().unwrap(), 1);
+        std::fs::write(dir.path().join("blobs/100"), b"the node").unwrap();
+        assert_eq!(b.sync_new().unwrap(), 1);
+        assert_eq!(b.sync_new().unwrap(), 0);
     }
 }

@@ -74,8 +74,7 @@ impl Inspector {
             "data dir copied for inspection"
         );
         remove_stale_snapshots(copy.path())?;
-        let db = sled::Config::new()
-            .path(copy.path())
+        let db = super::sled_config(copy.path())
             .open()
             .map_err(|e| StoreError::Open {
                 path: data_dir.to_path_buf(),

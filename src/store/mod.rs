@@ -55,6 +55,14 @@ pub use inspect::Inspector;
 const QUEUE_DEPTH: usize = 8192;
 /// The most commands applied before one commit.
 const MAX_GROUP: usize = 4096;
+/// sled's segment size for a new data dir. sled writes any log record over a quarter of a
+/// segment to a separate blob file that it never fsyncs; with its default 512 KiB segments a
+/// consolidated leaf (up to 16 values) of 16 KiB messages is already one. A quarter of 8 MiB
+/// holds a leaf of sixteen messages at the payload cap with room to spare, so no record the
+/// broker writes becomes a blob. An existing data dir keeps the size it was created with
+/// (sled refuses to open it with another); see [`sled_config`].
+pub const SEGMENT_BYTES: usize = 8 << 20;
+
 /// How often retention (TTL and dedup expiry) runs when the writer is idle.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
@@ -102,6 +110,8 @@ pub struct StoreOptions {
     pub fail_flush_after: Option<u64>,
     /// Test hook: the publish after this many fails its write to the tree.
     pub fail_write_after: Option<u64>,
+    /// sled segment size for a new data dir ([`SEGMENT_BYTES`] unless a test says otherwise).
+    pub segment_bytes: usize,
     /// Where the writer counts commits, acks and errors (shared with the rest of the broker).
     pub metrics: Arc<Metrics>,
 }
@@ -121,6 +131,7 @@ impl StoreOptions {
             fail_fsync_after: None,
             fail_flush_after: None,
             fail_write_after: None,
+            segment_bytes: SEGMENT_BYTES,
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -460,6 +471,23 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 
 /// Removes `snap.*.generating` files a crash during a snapshot left behind: sled refuses to
 /// open with them present although the data is intact.
+/// The segment size recorded in an existing sled data dir (its `conf` file: text lines such as
+/// `segment_size: 524288`, then a checksum); None for a new one.
+pub(crate) fn existing_segment_bytes(dir: &Path) -> Option<usize> {
+    let raw = std::fs::read(dir.join("conf")).ok()?;
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// sled's config for a data dir: its own segment size if it exists, else [`SEGMENT_BYTES`].
+pub(crate) fn sled_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .segment_size(existing_segment_bytes(dir).unwrap_or(SEGMENT_BYTES))
+}
+
 fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -490,8 +518,20 @@ impl Store {
             reason: e.to_string(),
         })?;
         remove_stale_snapshots(&dir)?;
+        let segment = existing_segment_bytes(&dir).unwrap_or(opts.segment_bytes);
+        if segment * 4 < SEGMENT_BYTES {
+            warn!(
+                dir = %dir.display(),
+                segment_bytes = segment,
+                "this data dir was created with small sled segments: a leaf of large messages is \
+                 stored as a blob file, which the commit fsyncs but sled's own flush does not. \
+                 To move it to the current layout, stop the broker, `outboxd backup --to NEW` \
+                 and `outboxd restore` from NEW into an empty data dir"
+            );
+        }
         let db = sled::Config::new()
             .path(&dir)
+            .segment_size(segment)
             .cache_capacity(opts.cache_capacity_bytes)
             .flush_every_ms(Some(500))
             .open()
@@ -1198,6 +1238,10 @@ impl WriterState {
         self.log
             .sync_data()
             .map_err(|e| format!("fsync of the store log failed: {e}"))?;
+        // Blobs another thread wrote while the log was syncing (see store::blobs).
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
         self.commits += 1;
         let took = started.elapsed();
         self.opts.metrics.commit_seconds.observe_duration(took);
