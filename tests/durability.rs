@@ -267,3 +267,38 @@ async fn injected_failure_latches_and_keeps_what_was_confirmed(fault: &str) {
         .await;
     assert_eq!(bob.recv_msg().await["payload"], "again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_with_small_sled_segments_still_opens_and_serves_with_a_warning() {
+    // Catches a broker that forces its own segment size on an older data dir (sled refuses to
+    // open it) or loses what it held.
+    let mut broker = Broker::start(Opts::new().env("OUTBOXD_FAULT_SEGMENT_BYTES", 524_288));
+    let conf = String::from_utf8_lossy(&std::fs::read(broker.data_dir().join("conf")).unwrap())
+        .into_owned();
+    assert!(conf.contains("segment_size: 524288"), "{conf}");
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("a1", "client:bob", json!("kept")).await;
+    drop(alice);
+
+    broker.restart_with(Opts::new());
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    assert_eq!(bob.recv_msg().await["payload"], "kept");
+    let log = broker.stderr();
+    assert!(
+        log.contains("created with small sled segments"),
+        "the operator is told: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_data_dir_gets_segments_too_big_for_blob_files() {
+    // Catches a data dir created with sled's default segments, where leaves of big messages
+    // become blob files sled never fsyncs.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("a1", "client:bob", json!("x")).await;
+    let conf = String::from_utf8_lossy(&std::fs::read(broker.data_dir().join("conf")).unwrap())
+        .into_owned();
+    assert!(conf.contains("segment_size: 8388608"), "{conf}");
+}
