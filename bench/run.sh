@@ -5,11 +5,13 @@
 #                                bench/results/latest.json, bench/results/latency.svg and
 #                                docs/benchmarks.md
 #   bench/run.sh --smoke         about 20 s plus the build: saturation 1 -> 1 at 256 B, once per
-#                                system, debug build; writes nothing in the tree; exits non-zero
-#                                unless every message arrived (the CI step)
+#                                system (outboxd, mosquitto, nats over TCP), debug build; writes
+#                                nothing in the tree; exits non-zero unless every message arrived
+#                                (the CI step)
 #   bench/run.sh ARGS...         extra arguments go to the driver, e.g.
 #                                --systems outboxd,nats --workloads saturation --reps 5
-#                                (target/release/outboxd-bench --help lists them)
+#                                (target/release/outboxd-bench --help lists them); --systems
+#                                replaces the default list below
 #
 # Installs the peers from Debian's packages (mosquitto, nats-server; linux-perf to count fsync
 # calls) when they are missing and this runs as root with apt-get. Each case starts its broker
@@ -19,10 +21,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 smoke=0
+own_systems=0
 args=()
 for a in "$@"; do
     case "$a" in
         --smoke) smoke=1 ;;
+        --systems | --systems=*) own_systems=1; args+=("$a") ;;
         *) args+=("$a") ;;
     esac
 done
@@ -35,7 +39,12 @@ command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 if (( ! smoke )) && ! command -v perf >/dev/null 2>&1; then
     missing+=(linux-perf)
 fi
-systems=outboxd,mosquitto,nats
+# The peers over TCP, then over their WebSocket listeners; the smoke run keeps to TCP.
+if (( smoke )); then
+    systems=outboxd,mosquitto,nats
+else
+    systems=outboxd,mosquitto,nats,mosquitto-ws,nats-ws
+fi
 if (( ${#missing[@]} )); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "bench: installing ${missing[*]} from Debian's packages"
@@ -55,13 +64,19 @@ fi
 # 10k idle connections: the broker and the load generator each hold one fd per connection.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# The driver appends repeated --systems lists, so the default goes only when none was given.
+system_args=()
+if (( ! own_systems )); then
+    system_args=(--systems "$systems")
+fi
+
 if (( smoke )); then
     cargo build --locked --bin outboxd
     cargo build --locked -p outboxd-bench
     out=$(mktemp -d)
     trap 'rm -rf "$out"' EXIT
     "$target/debug/outboxd-bench" --smoke \
-        --systems "$systems" \
+        ${system_args[@]+"${system_args[@]}"} \
         --outboxd-bin "$target/debug/outboxd" \
         --json "$out/smoke.json" \
         --command "bench/run.sh --smoke" \
@@ -73,7 +88,7 @@ cargo build --locked --release --bin outboxd
 cargo build --locked --release -p outboxd-bench
 mkdir -p bench/results
 exec "$target/release/outboxd-bench" \
-    --systems "$systems" \
+    ${system_args[@]+"${system_args[@]}"} \
     --outboxd-bin "$target/release/outboxd" \
     --json bench/results/latest.json \
     --svg bench/results/latency.svg \

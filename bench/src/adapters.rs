@@ -1,7 +1,9 @@
 //! One publisher and one durable, acking subscriber per system, behind the same calls:
 //! - outboxd: the project's own Rust client (`outboxd::client`) over WebSocket;
-//! - Mosquitto: rumqttc, MQTT 3.1.1, QoS 1, `clean_session = false`, manual acks;
-//! - NATS JetStream: async-nats, an R1 file stream, durable pull consumers, explicit acks.
+//! - Mosquitto: rumqttc, MQTT 3.1.1, QoS 1, `clean_session = false`, manual acks; over TCP, or
+//!   over WebSocket (`mosquitto-ws`, rumqttc's `websocket` transport);
+//! - NATS JetStream: async-nats, an R1 file stream, durable pull consumers, explicit acks; over
+//!   TCP, or over WebSocket (`nats-ws`, a `ws://` URL).
 //!
 //! A subscriber hands every delivery to its [`SubStats`] and then acks it. A publisher returns
 //! from [`Publisher::send`] once the message is handed to its client library; the broker's
@@ -14,11 +16,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use outboxd::client::{Client, Incoming, Payload};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::brokers::System;
+use crate::brokers::{Protocol, System};
 use crate::stats::{PubStats, SubStats};
 
 /// Same window everywhere: outboxd's default `delivery.max_inflight`.
@@ -29,25 +31,71 @@ const MQTT_TOPIC: &str = "bench/t";
 const OUTBOXD_TOPIC: &str = "bench/t";
 const MAX_PACKET: usize = 1 << 20;
 
-/// Where one case's messages go.
+/// Where one publisher's messages go.
 #[derive(Debug, Clone, Copy)]
 pub enum Route {
-    /// To one subscriber (outboxd: a direct publish to `client:sub-0`).
+    /// To one subscriber, `sub-0` (outboxd: a direct publish to `client:sub-0`).
     One,
     /// To every subscriber (outboxd: a topic publish, fan-out on write).
     All,
+    /// Pair `i`: to subscriber `sub-i` only (outboxd: a direct publish to `client:sub-i`;
+    /// MQTT: topic `bench/t/i`; NATS: subject `bench.t.i`, the consumer filtered on it).
+    Pair(usize),
 }
 
-fn mqtt_addr(endpoint: &str) -> Result<(String, u16)> {
+impl Route {
+    fn outboxd_target(self) -> String {
+        match self {
+            Route::One => "client:sub-0".into(),
+            Route::Pair(i) => format!("client:sub-{i}"),
+            Route::All => format!("topic:{OUTBOXD_TOPIC}"),
+        }
+    }
+
+    fn mqtt_topic(self) -> String {
+        match self {
+            Route::Pair(i) => format!("{MQTT_TOPIC}/{i}"),
+            Route::One | Route::All => MQTT_TOPIC.into(),
+        }
+    }
+
+    fn nats_subject(self) -> String {
+        match self {
+            Route::Pair(i) => format!("{NATS_SUBJECT}.{i}"),
+            Route::One | Route::All => NATS_SUBJECT.into(),
+        }
+    }
+
+    /// The subject a NATS consumer is filtered on; `None`: the whole stream.
+    fn nats_filter(self) -> Option<String> {
+        match self {
+            Route::Pair(_) => Some(self.nats_subject()),
+            Route::One | Route::All => None,
+        }
+    }
+}
+
+/// Where and how an MQTT client connects, and nothing else: `HOST:PORT` is MQTT over TCP,
+/// `ws://HOST:PORT/PATH` MQTT over WebSocket.
+///
+/// Errors when the endpoint is neither.
+pub fn mqtt_connect_options(endpoint: &str, name: &str) -> Result<MqttOptions> {
+    if endpoint.starts_with("ws://") {
+        // For WebSocket, rumqttc takes the host and port from the URL and ignores the port
+        // argument.
+        let mut o = MqttOptions::new(name, endpoint, 0);
+        o.set_transport(Transport::Ws);
+        return Ok(o);
+    }
     let (host, port) = endpoint
         .rsplit_once(':')
         .ok_or_else(|| anyhow!("bad MQTT endpoint {endpoint}"))?;
-    Ok((host.to_string(), port.parse()?))
+    Ok(MqttOptions::new(name, host, port.parse()?))
 }
 
 /// Creates what a system needs before anyone subscribes (NATS: the stream).
 pub async fn setup(system: System, endpoint: &str) -> Result<()> {
-    if system == System::Nats {
+    if system.protocol() == Protocol::Nats {
         let client = async_nats::connect(endpoint).await?;
         let js = jetstream::new(client);
         js.get_or_create_stream(stream::Config {
@@ -90,8 +138,7 @@ fn mqtt_options(
     clean: bool,
     keep_alive: Duration,
 ) -> Result<MqttOptions> {
-    let (host, port) = mqtt_addr(endpoint)?;
-    let mut o = MqttOptions::new(name, host, port);
+    let mut o = mqtt_connect_options(endpoint, name)?;
     o.set_clean_session(clean)
         .set_keep_alive(keep_alive)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
@@ -103,6 +150,7 @@ fn mqtt_options(
 async fn nats_consumer(
     endpoint: &str,
     name: &str,
+    route: Route,
 ) -> Result<(async_nats::Client, consumer::PullConsumer)> {
     let client = async_nats::connect(endpoint).await?;
     let js = jetstream::new(client.clone());
@@ -117,6 +165,7 @@ async fn nats_consumer(
                 durable_name: Some(name.to_string()),
                 ack_policy: consumer::AckPolicy::Explicit,
                 deliver_policy: consumer::DeliverPolicy::All,
+                filter_subject: route.nats_filter().unwrap_or_default(),
                 max_ack_pending: i64::try_from(DELIVERY_WINDOW).unwrap_or(1000),
                 ..Default::default()
             },
@@ -134,20 +183,22 @@ pub async fn register_offline(
     name: &str,
     route: Route,
 ) -> Result<()> {
-    match system {
-        System::Outboxd => {
+    match system.protocol() {
+        Protocol::Outboxd => {
             let client = outboxd_client(endpoint, name).connect().await?;
             if let Route::All = route {
                 client.subscribe(OUTBOXD_TOPIC).await?;
             }
             client.close().await;
         }
-        System::Mosquitto => {
+        Protocol::Mqtt => {
             let (client, mut events) = AsyncClient::new(
                 mqtt_options(endpoint, name, false, Duration::from_secs(60))?,
                 64,
             );
-            client.subscribe(MQTT_TOPIC, QoS::AtLeastOnce).await?;
+            client
+                .subscribe(route.mqtt_topic(), QoS::AtLeastOnce)
+                .await?;
             loop {
                 match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
                     Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
@@ -163,8 +214,8 @@ pub async fn register_offline(
             })
             .await;
         }
-        System::Nats => {
-            let (client, _consumer) = nats_consumer(endpoint, name).await?;
+        Protocol::Nats => {
+            let (client, _consumer) = nats_consumer(endpoint, name, route).await?;
             client.flush().await?;
         }
     }
@@ -179,8 +230,8 @@ pub async fn subscriber(
     route: Route,
     stats: Arc<SubStats>,
 ) -> Result<Subscriber> {
-    match system {
-        System::Outboxd => {
+    match system.protocol() {
+        Protocol::Outboxd => {
             let mut client = outboxd_client(endpoint, name).connect().await?;
             if let Route::All = route {
                 client.subscribe(OUTBOXD_TOPIC).await?;
@@ -195,11 +246,13 @@ pub async fn subscriber(
             });
             Ok(Subscriber { task, _mqtt: None })
         }
-        System::Mosquitto => {
+        Protocol::Mqtt => {
             let mut opts = mqtt_options(endpoint, name, false, Duration::from_secs(60))?;
             opts.set_manual_acks(true);
             let (client, mut events) = AsyncClient::new(opts, 16 * 1024);
-            client.subscribe(MQTT_TOPIC, QoS::AtLeastOnce).await?;
+            client
+                .subscribe(route.mqtt_topic(), QoS::AtLeastOnce)
+                .await?;
             let (ready_tx, ready) = oneshot::channel::<()>();
             let acker = client.clone();
             let task = tokio::spawn(async move {
@@ -234,8 +287,8 @@ pub async fn subscriber(
                 _mqtt: Some(client),
             })
         }
-        System::Nats => {
-            let (_client, consumer) = nats_consumer(endpoint, name).await?;
+        Protocol::Nats => {
+            let (_client, consumer) = nats_consumer(endpoint, name, route).await?;
             let mut messages = consumer
                 .messages()
                 .await
@@ -270,10 +323,12 @@ pub enum Publisher {
     },
     Mqtt {
         client: AsyncClient,
+        topic: String,
         events: JoinHandle<()>,
     },
     Nats {
         js: jetstream::Context,
+        subject: String,
         pending: mpsc::UnboundedSender<jetstream::context::PublishAckFuture>,
         collector: JoinHandle<()>,
     },
@@ -287,13 +342,10 @@ impl Publisher {
         route: Route,
         stats: Arc<PubStats>,
     ) -> Result<Publisher> {
-        match system {
-            System::Outboxd => {
+        match system.protocol() {
+            Protocol::Outboxd => {
                 let client = outboxd_client(endpoint, name).connect().await?;
-                let target = match route {
-                    Route::One => "client:sub-0".to_string(),
-                    Route::All => format!("topic:{OUTBOXD_TOPIC}"),
-                };
+                let target = route.outboxd_target();
                 let (pending, mut rx) = mpsc::unbounded_channel::<Confirmation>();
                 // Confirmations come back in publish order, so awaiting them in order is exact.
                 let collector = tokio::spawn(async move {
@@ -312,7 +364,7 @@ impl Publisher {
                     collector,
                 })
             }
-            System::Mosquitto => {
+            Protocol::Mqtt => {
                 let (client, mut ev) = AsyncClient::new(
                     mqtt_options(endpoint, name, true, Duration::from_secs(60))?,
                     16 * 1024,
@@ -340,9 +392,13 @@ impl Publisher {
                     .await
                     .context("mqtt: no ConnAck within 30 s")?
                     .map_err(|_| anyhow!("mqtt publisher ended before its ConnAck"))?;
-                Ok(Publisher::Mqtt { client, events })
+                Ok(Publisher::Mqtt {
+                    client,
+                    topic: route.mqtt_topic(),
+                    events,
+                })
             }
-            System::Nats => {
+            Protocol::Nats => {
                 let client = async_nats::connect(endpoint).await?;
                 let js = jetstream::new(client);
                 let (pending, mut rx) =
@@ -357,6 +413,7 @@ impl Publisher {
                 });
                 Ok(Publisher::Nats {
                     js,
+                    subject: route.nats_subject(),
                     pending,
                     collector,
                 })
@@ -392,14 +449,19 @@ impl Publisher {
                     .send(answer)
                     .map_err(|_| anyhow!("the confirmation collector stopped"))?;
             }
-            Publisher::Mqtt { client, .. } => {
+            Publisher::Mqtt { client, topic, .. } => {
                 client
-                    .publish(MQTT_TOPIC, QoS::AtLeastOnce, false, body)
+                    .publish(topic.as_str(), QoS::AtLeastOnce, false, body)
                     .await?;
             }
-            Publisher::Nats { js, pending, .. } => {
+            Publisher::Nats {
+                js,
+                subject,
+                pending,
+                ..
+            } => {
                 let ack = js
-                    .publish(NATS_SUBJECT, body.into())
+                    .publish(subject.clone(), body.into())
                     .await
                     .map_err(|e| anyhow!("nats publish: {e}"))?;
                 pending

@@ -1,5 +1,6 @@
-//! Starting and stopping the three brokers on fresh data directories, and reading their
-//! processes' CPU, memory, disk writes and fsync calls.
+//! Starting and stopping the three brokers on fresh data directories (the peers with or
+//! without their WebSocket listener), and reading their processes' CPU, memory, disk writes
+//! and fsync calls.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -18,6 +19,21 @@ pub enum System {
     Outboxd,
     Mosquitto,
     Nats,
+    /// Mosquitto through its WebSocket listener (MQTT over WebSocket, rumqttc's `websocket`
+    /// transport).
+    #[serde(rename = "mosquitto-ws")]
+    MosquittoWs,
+    /// nats-server through its WebSocket listener (async-nats over `ws://`).
+    #[serde(rename = "nats-ws")]
+    NatsWs,
+}
+
+/// The protocol a system speaks, whatever its transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Outboxd,
+    Mqtt,
+    Nats,
 }
 
 impl System {
@@ -26,18 +42,41 @@ impl System {
             System::Outboxd => "outboxd",
             System::Mosquitto => "mosquitto",
             System::Nats => "nats",
+            System::MosquittoWs => "mosquitto-ws",
+            System::NatsWs => "nats-ws",
         }
+    }
+
+    pub fn protocol(self) -> Protocol {
+        match self {
+            System::Outboxd => Protocol::Outboxd,
+            System::Mosquitto | System::MosquittoWs => Protocol::Mqtt,
+            System::Nats | System::NatsWs => Protocol::Nats,
+        }
+    }
+
+    /// A peer reached through its WebSocket listener instead of its native TCP protocol
+    /// (outboxd speaks only WebSocket, so it is not one).
+    pub fn is_peer_over_websocket(self) -> bool {
+        matches!(self, System::MosquittoWs | System::NatsWs)
     }
 
     /// Whether the system fsyncs a message before it confirms it, as configured here.
     pub fn fsync_before_confirm(self) -> &'static str {
         match self {
             System::Outboxd => "yes (durability = fsync: fdatasync before ok and before msg)",
-            System::Mosquitto => {
+            System::Mosquitto | System::MosquittoWs => {
                 "no (in memory; persistence file written at shutdown/autosave only)"
             }
-            System::Nats => "no (JetStream file store: write() per message, fsync on a timer)",
+            System::Nats | System::NatsWs => {
+                "no (JetStream file store: write() per message, fsync on a timer)"
+            }
         }
+    }
+
+    /// The yes/no of [`System::fsync_before_confirm`], for table cells.
+    pub fn fsyncs_before_confirm(self) -> bool {
+        self == System::Outboxd
     }
 }
 
@@ -56,7 +95,8 @@ pub struct Paths {
 pub struct Broker {
     child: Child,
     pub pid: u32,
-    /// outboxd: `ws://HOST:PORT/ws`; mosquitto: `HOST:PORT`; nats: `nats://HOST:PORT`.
+    /// outboxd: `ws://HOST:PORT/ws`; mosquitto: `HOST:PORT`; mosquitto-ws:
+    /// `ws://HOST:PORT/mqtt`; nats: `nats://HOST:PORT`; nats-ws: `ws://HOST:PORT`.
     pub endpoint: String,
     /// outboxd's admin API (`http://HOST:PORT`), for its commit counter.
     pub admin: Option<String>,
@@ -158,10 +198,26 @@ impl Broker {
                     }
                 }
             }
-            System::Mosquitto => {
+            System::Mosquitto | System::MosquittoWs => {
                 let port = free_port()?;
                 let persist = dir.join("mosquitto");
                 fs::create_dir_all(&persist)?;
+                // Mosquitto 2.0.11 refuses to start with WebSocket listeners only ("Unable to
+                // start any listening sockets"), so the WebSocket listener comes on top of the
+                // plain one; the clients use only the one `endpoint` names.
+                let ws_port = match system {
+                    System::MosquittoWs => Some(free_port()?),
+                    _ => None,
+                };
+                let ws_listener = ws_port
+                    .map(|p| {
+                        format!(
+                            "# MQTT over WebSocket (libwebsockets, built into Debian's package)\n\
+                             listener {p} 127.0.0.1\n\
+                             protocol websockets\n"
+                        )
+                    })
+                    .unwrap_or_default();
                 let conf = dir.join("mosquitto.conf");
                 fs::write(
                     &conf,
@@ -180,7 +236,8 @@ impl Broker {
                          max_inflight_messages 1024\n\
                          log_dest stderr\n\
                          log_type error\n\
-                         log_type warning\n",
+                         log_type warning\n\
+                         {ws_listener}",
                         persist.display()
                     ),
                 )?;
@@ -193,30 +250,64 @@ impl Broker {
                     .spawn()
                     .context("starting mosquitto (apt-get install mosquitto)")?;
                 wait_for_port(port, &mut child, Duration::from_secs(60))?;
+                let endpoint = match ws_port {
+                    Some(p) => {
+                        wait_for_port(p, &mut child, Duration::from_secs(60))?;
+                        // rumqttc sends `Sec-WebSocket-Protocol: mqtt`; the path is not checked.
+                        format!("ws://127.0.0.1:{p}/mqtt")
+                    }
+                    None => format!("127.0.0.1:{port}"),
+                };
                 Ok(Broker {
                     pid: child.id(),
                     child,
-                    endpoint: format!("127.0.0.1:{port}"),
+                    endpoint,
                     admin: None,
                     ready_after: started.elapsed(),
                 })
             }
-            System::Nats => {
+            System::Nats | System::NatsWs => {
                 let port = free_port()?;
                 let store = dir.join("jetstream");
-                let mut child = Command::new("nats-server")
-                    .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                    .arg(&store)
+                let mut cmd = Command::new("nats-server");
+                cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                    .arg(&store);
+                // The WebSocket listener exists only in the config file; the flags above
+                // still apply on top of it.
+                let ws_port = match system {
+                    System::NatsWs => {
+                        let p = free_port()?;
+                        let conf = dir.join("nats.conf");
+                        fs::write(
+                            &conf,
+                            format!(
+                                "# written by outboxd-bench\n\
+                                 websocket {{\n  host: 127.0.0.1\n  port: {p}\n  no_tls: true\n}}\n"
+                            ),
+                        )?;
+                        cmd.arg("-c").arg(&conf);
+                        Some(p)
+                    }
+                    _ => None,
+                };
+                let mut child = cmd
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()
                     .context("starting nats-server (apt-get install nats-server)")?;
                 wait_for_port(port, &mut child, Duration::from_secs(120))?;
+                let endpoint = match ws_port {
+                    Some(p) => {
+                        wait_for_port(p, &mut child, Duration::from_secs(120))?;
+                        format!("ws://127.0.0.1:{p}")
+                    }
+                    None => format!("nats://127.0.0.1:{port}"),
+                };
                 Ok(Broker {
                     pid: child.id(),
                     child,
-                    endpoint: format!("nats://127.0.0.1:{port}"),
+                    endpoint,
                     admin: None,
                     ready_after: started.elapsed(),
                 })
@@ -405,8 +496,8 @@ impl FsyncCounter {
 pub fn version(system: System, paths: &Paths) -> String {
     let out = match system {
         System::Outboxd => Command::new(&paths.outboxd_bin).arg("--version").output(),
-        System::Mosquitto => Command::new("mosquitto").arg("-h").output(),
-        System::Nats => Command::new("nats-server").arg("--version").output(),
+        System::Mosquitto | System::MosquittoWs => Command::new("mosquitto").arg("-h").output(),
+        System::Nats | System::NatsWs => Command::new("nats-server").arg("--version").output(),
     };
     match out {
         Ok(o) => {

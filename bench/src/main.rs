@@ -1,6 +1,7 @@
-//! outboxd-bench: one driver, three adapters (outboxd, Mosquitto, NATS JetStream), the
-//! workloads of issue 7, and the report. `bench/run.sh` installs the peers, builds, and runs
-//! this; see docs/benchmarks.md for the method and the latest figures.
+//! outboxd-bench: one driver, three adapters (outboxd, Mosquitto, NATS JetStream; the peers
+//! over TCP or over their WebSocket listeners), the workloads of issue 7, and the report.
+//! `bench/run.sh` installs the peers, builds, and runs this; see docs/benchmarks.md for the
+//! method and the latest figures.
 
 mod adapters;
 mod brokers;
@@ -25,6 +26,8 @@ enum Which {
     Saturation,
     Latency,
     Fanout,
+    /// N publisher → subscriber pairs at 1 msg/s each.
+    Pairs,
     Idle,
     Backlog,
 }
@@ -40,7 +43,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "outboxd,mosquitto,nats"
+        default_value = "outboxd,mosquitto,nats,mosquitto-ws,nats-ws"
     )]
     systems: Vec<System>,
     /// Workloads to run.
@@ -48,9 +51,18 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "saturation,latency,fanout,idle,backlog"
+        default_value = "saturation,latency,fanout,pairs,idle,backlog"
     )]
     workloads: Vec<Which>,
+    /// The workloads (of those run) the peers' WebSocket variants, mosquitto-ws and nats-ws,
+    /// take part in; they skip the others.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "saturation,latency"
+    )]
+    ws_workloads: Vec<Which>,
     /// A short check: saturation 1→1 at 256 B, one repetition, 1 s + 3 s; fails unless every
     /// message arrived.
     #[arg(long)]
@@ -70,6 +82,10 @@ struct Args {
     /// Subscriber counts for fan-out.
     #[arg(long, value_delimiter = ',', default_value = "10,100")]
     fanout: Vec<usize>,
+    /// Pair counts for the pairs workload: N publishers, each sending 1 msg/s to its own
+    /// durable subscriber (2 N client connections).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    pairs: Vec<usize>,
     /// Connections for the idle workload.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -219,6 +235,9 @@ async fn run(args: Args) -> Result<bool> {
         args.sizes.clone()
     };
     let systems = args.systems.clone();
+    // Whether `sys` takes part in workload `w`.
+    let takes_part =
+        |sys: System, w: Which| !sys.is_peer_over_websocket() || args.ws_workloads.contains(&w);
     let mut cases = Vec::new();
     let mut idle = Vec::new();
     let mut backlog = Vec::new();
@@ -228,49 +247,73 @@ async fn run(args: Args) -> Result<bool> {
         match w {
             Which::Saturation => {
                 for size in &sizes {
-                    specs.push(CaseSpec {
-                        workload: Workload::Saturation,
-                        size: *size,
-                        rate: None,
-                        subscribers: 1,
-                        warmup_s,
-                        measure_s,
-                    });
+                    specs.push((
+                        *w,
+                        CaseSpec {
+                            workload: Workload::Saturation,
+                            size: *size,
+                            rate: None,
+                            subscribers: 1,
+                            warmup_s,
+                            measure_s,
+                        },
+                    ));
                 }
             }
             Which::Latency => {
                 for rate in &args.rates {
-                    specs.push(CaseSpec {
-                        workload: Workload::Latency,
-                        size: 256,
-                        rate: Some(*rate),
-                        subscribers: 1,
-                        warmup_s,
-                        measure_s,
-                    });
+                    specs.push((
+                        *w,
+                        CaseSpec {
+                            workload: Workload::Latency,
+                            size: 256,
+                            rate: Some(*rate),
+                            subscribers: 1,
+                            warmup_s,
+                            measure_s,
+                        },
+                    ));
                 }
             }
             Which::Fanout => {
                 for n in &args.fanout {
-                    specs.push(CaseSpec {
-                        workload: Workload::Fanout,
-                        size: 256,
-                        rate: None,
-                        subscribers: *n,
-                        warmup_s,
-                        measure_s,
-                    });
+                    specs.push((
+                        *w,
+                        CaseSpec {
+                            workload: Workload::Fanout,
+                            size: 256,
+                            rate: None,
+                            subscribers: *n,
+                            warmup_s,
+                            measure_s,
+                        },
+                    ));
+                }
+            }
+            Which::Pairs => {
+                for n in &args.pairs {
+                    specs.push((
+                        *w,
+                        CaseSpec {
+                            workload: Workload::Pairs,
+                            size: 256,
+                            rate: Some(workloads::pairs_offered_rate(*n)),
+                            subscribers: *n,
+                            warmup_s,
+                            measure_s,
+                        },
+                    ));
                 }
             }
             Which::Idle | Which::Backlog => {}
         }
     }
-    for spec in &specs {
+    for (which, spec) in &specs {
         for rep in 0..reps {
-            for sys in &systems {
+            for sys in systems.iter().filter(|s| takes_part(**s, *which)) {
                 let r = workloads::run_case(&env, *sys, spec, rep).await;
                 eprintln!(
-                    "{:>9} {:?} size={} rate={:?} subs={} rep={}: {:.0} delivered/s, p50 {} µs, p99 {} µs, cpu {:.0}%, fsyncs/s {:?}, published {}, lost {}, errors {}, dup {}{}",
+                    "{:>12} {:?} size={} rate={:?} subs={} rep={}: {:.0} delivered/s, p50 {} µs, p99 {} µs, p99.9 {} µs, cpu {:.0}%, rss {:.0} MiB, fsyncs/s {:?}, published {}, lost {}, errors {}, dup {}{}{}",
                     sys.name(),
                     spec.workload,
                     spec.size,
@@ -280,12 +323,17 @@ async fn run(args: Args) -> Result<bool> {
                     r.delivered_per_s,
                     r.latency.p50_us,
                     r.latency.p99_us,
+                    r.latency.p999_us,
                     r.broker.cpu_pct,
+                    r.broker.rss_max_mib,
                     r.broker.fsyncs_per_s.map(|v| v.round()),
                     r.published,
                     r.lost,
                     r.errors,
                     r.duplicates,
+                    r.connections
+                        .map(|c| format!(", connections {c}"))
+                        .unwrap_or_default(),
                     r.failure.as_ref().map(|f| format!(", FAILED: {f}")).unwrap_or_default()
                 );
                 cases.push(r);
@@ -293,7 +341,7 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     if workloads.contains(&Which::Idle) {
-        for sys in &systems {
+        for sys in systems.iter().filter(|s| takes_part(**s, Which::Idle)) {
             let r = workloads::run_idle(
                 &env,
                 *sys,
@@ -307,7 +355,7 @@ async fn run(args: Args) -> Result<bool> {
     }
     if workloads.contains(&Which::Backlog) {
         for stop in &args.backlog_stop {
-            for sys in &systems {
+            for sys in systems.iter().filter(|s| takes_part(**s, Which::Backlog)) {
                 let r = workloads::run_backlog(&env, *sys, args.backlog, 256, *stop == Stop::Kill)
                     .await;
                 eprintln!("{r:?}");
@@ -318,8 +366,6 @@ async fn run(args: Args) -> Result<bool> {
 
     let mut not_measured = vec![
         "50k idle connections: this sandbox caps open files at 20,000 per process (hard limit), and one source address gives about 28k loopback ports; 50k needs a higher limit and several 127.0.0.x source addresses, which the project client cannot bind".to_string(),
-        "1000 × 1000 point to point at 1 msg/s each".to_string(),
-        "the peers over their WebSocket listeners (MQTT over WebSocket, NATS WebSocket)".to_string(),
         "fsync counts for power-loss safety are not a crash test: a SIGKILL keeps the page cache, so NATS keeps its data after one; only a power cut shows what the missing fsync costs".to_string(),
     ];
     if !workloads.contains(&Which::Idle) {
@@ -330,6 +376,44 @@ async fn run(args: Args) -> Result<bool> {
     }
     if !args.fanout.contains(&1000) || !workloads.contains(&Which::Fanout) {
         not_measured.push("fan-out 1 → 1000 subscribers".into());
+    }
+    if !workloads.contains(&Which::Pairs) {
+        not_measured.push("1000 × 1000 point to point at 1 msg/s each (not in this run)".into());
+    } else if !args.pairs.contains(&1000) {
+        not_measured.push(format!(
+            "1000 × 1000 point to point at 1 msg/s each (this run: {} pairs)",
+            args.pairs
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (sys, what) in [
+        (System::MosquittoWs, "MQTT over WebSocket (mosquitto-ws)"),
+        (System::NatsWs, "NATS over WebSocket (nats-ws)"),
+    ] {
+        if !systems.contains(&sys) {
+            not_measured.push(format!("{what}: not in this run"));
+            continue;
+        }
+        let skipped: Vec<String> = workloads
+            .iter()
+            .filter(|w| !args.ws_workloads.contains(w))
+            .map(|w| format!("{w:?}").to_lowercase())
+            .collect();
+        if !skipped.is_empty() {
+            not_measured.push(format!(
+                "{what} in {} (only in {})",
+                skipped.join(", "),
+                args.ws_workloads
+                    .iter()
+                    .filter(|w| workloads.contains(w))
+                    .map(|w| format!("{w:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
 
     let summary = report::summarize(&cases);

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::brokers::System;
 use crate::workloads::{
-    BacklogResult, CaseResult, IdleResult, Workload, E2E_WINDOW, PUBLISH_WINDOW,
+    pairs_offered_rate, BacklogResult, CaseResult, IdleResult, Workload, E2E_WINDOW, PAIR_PERIOD,
+    PUBLISH_WINDOW,
 };
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -60,6 +61,12 @@ pub struct Summary {
     pub write_bytes_per_delivery: Option<Stat>,
     pub fsyncs_per_s: Option<Stat>,
     pub commit_groups_per_s: Option<Stat>,
+    /// Pairs workload: the fewest client connections established in any repetition.
+    #[serde(default)]
+    pub connections: Option<usize>,
+    /// Latencies recorded, summed over the repetitions.
+    #[serde(default)]
+    pub latency_samples: u64,
     /// Summed over the repetitions.
     pub published: u64,
     pub lost: u64,
@@ -110,6 +117,8 @@ pub fn summarize(cases: &[CaseResult]) -> Vec<Summary> {
                 write_bytes_per_delivery: stat(&|c| c.broker.write_bytes_per_delivery),
                 fsyncs_per_s: opt(&|c| c.broker.fsyncs_per_s),
                 commit_groups_per_s: opt(&|c| c.broker.commit_groups_per_s),
+                connections: g.iter().filter_map(|c| c.connections).min(),
+                latency_samples: g.iter().map(|c| c.latency.count).sum(),
                 published: g.iter().map(|c| c.published).sum(),
                 lost: g.iter().map(|c| c.lost).sum(),
                 errors: g.iter().map(|c| c.errors).sum(),
@@ -524,6 +533,76 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
         }
     }
 
+    // Many point-to-point pairs.
+    let pairs: Vec<&Summary> = r
+        .summary
+        .iter()
+        .filter(|x| x.workload == Workload::Pairs)
+        .collect();
+    if !pairs.is_empty() {
+        let size = pairs[0].size;
+        let period_s = PAIR_PERIOD.as_secs_f64();
+        let _ = writeln!(
+            w,
+            "\n## Many point-to-point pairs, N × N at {} msg/s each, {} (open loop, from the intended send time)\n",
+            1.0 / period_s,
+            size_name(size)
+        );
+        let _ = writeln!(
+            w,
+            "N publishers, each on its own connection, each sending only to its own durable \
+             subscriber on its own connection (outboxd: a direct publish to `client:sub-i`; \
+             Mosquitto: topic `bench/t/i`, QoS 1, `clean_session = false`; NATS: subject \
+             `bench.t.i` on the one stream, a durable pull consumer per subscriber filtered on \
+             it). Each publisher sends one message every {period_s} s; the N schedules are \
+             spread evenly over the period, so N msg/s are offered in total. Latency is from \
+             the intended send time, as in the latency table; loss is checked per pair. \
+             Connections: publishers + subscribers established, of 2 N.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| pairs | system | fsync before confirm | connections | delivered msg/s | p50 | p99 | p99.9 | latencies recorded | CPU % | RSS max MiB | fsyncs/s | loss |"
+        );
+        let _ = writeln!(
+            w,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        let mut ns: Vec<usize> = pairs.iter().map(|x| x.subscribers).collect();
+        ns.sort();
+        ns.dedup();
+        for n in &ns {
+            for sys in systems {
+                let rate = Some(pairs_offered_rate(*n));
+                if let Some(x) = find(&r.summary, *sys, Workload::Pairs, size, rate, *n) {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {} | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        n,
+                        sys.name(),
+                        if sys.fsyncs_before_confirm() {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        x.connections
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "–".into()),
+                        2 * n,
+                        med(&x.delivered_per_s, 0),
+                        us_cell(&x.p50_us),
+                        us_cell(&x.p99_us),
+                        us_cell(&x.p999_us),
+                        x.latency_samples,
+                        med(&x.cpu_pct, 0),
+                        med(&x.rss_max_mib, 0),
+                        med(&x.fsyncs_per_s, 0),
+                        loss_cell(x)
+                    );
+                }
+            }
+        }
+    }
+
     if !r.idle.is_empty() {
         let _ = writeln!(w, "\n## Idle connections with heartbeats\n");
         let _ = writeln!(
@@ -647,6 +726,28 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
          order.",
         crate::adapters::DELIVERY_WINDOW
     );
+    if systems.contains(&System::MosquittoWs) {
+        let _ = writeln!(
+            w,
+            "- mosquitto-ws: the Mosquitto settings above plus a second listener, \
+             `listener PORT 127.0.0.1` with `protocol websockets` (libwebsockets, as built into \
+             Debian's package; 2.0.11 does not start with WebSocket listeners only, so the plain \
+             listener stays, unused). Client: rumqttc with its `websocket` transport \
+             (async-tungstenite), otherwise as above; rumqttc leaves `TCP_NODELAY` off by \
+             default, over TCP as over WebSocket."
+        );
+    }
+    if systems.contains(&System::NatsWs) {
+        let _ = writeln!(
+            w,
+            "- nats-ws: the NATS settings above plus `websocket {{ host: 127.0.0.1, port: PORT, \
+             no_tls: true }}` in a config file. Client: async-nats with a `ws://` URL (its \
+             `websockets` feature, tokio-websockets), otherwise as above. async-nats sets \
+             `TCP_NODELAY` on its TCP sockets but not on its WebSocket one (tokio-websockets \
+             opens that socket), so there its small writes wait under Nagle's algorithm; \
+             the figures are async-nats as it ships, not the server's WebSocket listener alone."
+        );
+    }
 
     if let Some(a) = analysis {
         let _ = writeln!(w, "\n{}", a.trim_end());
@@ -654,10 +755,18 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
     o
 }
 
+/// Every system outboxd is compared with, over either transport.
+const PEERS: [System; 4] = [
+    System::Mosquitto,
+    System::Nats,
+    System::MosquittoWs,
+    System::NatsWs,
+];
+
 fn targets(r: &Report) -> Vec<String> {
     let mut out = Vec::new();
     let sat = |sys| find(&r.summary, sys, Workload::Saturation, 256, None, 1);
-    let peers: Vec<(System, f64)> = [System::Mosquitto, System::Nats]
+    let peers: Vec<(System, f64)> = PEERS
         .into_iter()
         .filter_map(|s| {
             sat(s)
@@ -746,8 +855,8 @@ fn targets(r: &Report) -> Vec<String> {
         .max();
     match fan_max {
         Some(n) => {
-            let vals: Vec<(System, f64)> = [System::Outboxd, System::Mosquitto, System::Nats]
-                .into_iter()
+            let vals: Vec<(System, f64)> = std::iter::once(System::Outboxd)
+                .chain(PEERS)
                 .filter_map(|s| {
                     r.summary
                         .iter()
@@ -786,6 +895,8 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
         System::Outboxd => "#d62728",
         System::Mosquitto => "#1f77b4",
         System::Nats => "#2ca02c",
+        System::MosquittoWs => "#9ecae1",
+        System::NatsWs => "#98df8a",
     };
     let lat: Vec<&Summary> = r
         .summary
@@ -797,7 +908,8 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
     rates.dedup();
     let (pw, ph, ml, mt, mb) = (360.0, 260.0, 70.0, 40.0, 50.0);
     let width = 2.0 * (ml + pw) + 40.0;
-    let height = mt + ph + mb + 30.0;
+    // Two lines below the panels: the legend, then the note on the dashed lines.
+    let height = mt + ph + mb + 48.0;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -930,15 +1042,15 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
                     );
                 }
             }
-            let ly = height - 12.0;
-            let lx = 20.0 + i as f64 * 200.0;
+            let ly = height - 30.0;
+            let lx = 20.0 + i as f64 * 170.0;
             let _ = writeln!(
                 o,
                 r#"<rect x="{lx}" y="{}" width="14" height="4" fill="{c}"/><text x="{}" y="{ly}">{} ({})</text>"#,
                 ly - 6.0,
                 lx + 20.0,
                 sys.name(),
-                if *sys == System::Outboxd {
+                if sys.fsyncs_before_confirm() {
                     "fsync"
                 } else {
                     "no fsync"
@@ -950,7 +1062,7 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
         o,
         r##"<text x="{}" y="{}" text-anchor="end" fill="#555">dashed: saturation throughput, 256 B</text>"##,
         width - 10.0,
-        height - 12.0
+        height - 8.0
     );
     let _ = writeln!(o, "</svg>");
     o

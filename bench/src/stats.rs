@@ -36,12 +36,20 @@ pub struct SubStats {
     pub last_ns: AtomicU64,
     // std mutexes: held for a few instructions, never across an await.
     seen: Mutex<Vec<u64>>,
-    hist: Mutex<Histogram<u64>>,
+    /// This subscriber's own, or one shared by many (see [`SubStats::sharing`]).
+    hist: Arc<Mutex<Histogram<u64>>>,
     notify: Arc<Notify>,
 }
 
 impl SubStats {
     pub fn new(notify: Arc<Notify>) -> Arc<SubStats> {
+        SubStats::sharing(notify, Arc::new(Mutex::new(new_histogram())))
+    }
+
+    /// A subscriber that records its latencies into `hist`, which other subscribers may share:
+    /// a histogram is about 170 KiB, too much to keep one per subscriber when there are
+    /// thousands of them each receiving a message a second.
+    pub fn sharing(notify: Arc<Notify>, hist: Arc<Mutex<Histogram<u64>>>) -> Arc<SubStats> {
         Arc::new(SubStats {
             received: AtomicU64::new(0),
             unique: AtomicU64::new(0),
@@ -52,7 +60,7 @@ impl SubStats {
             first_ns: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
             seen: Mutex::new(Vec::new()),
-            hist: Mutex::new(new_histogram()),
+            hist,
             notify,
         })
     }
@@ -111,6 +119,8 @@ impl SubStats {
             .count() as u64
     }
 
+    /// A copy of the latencies recorded so far (shared ones included, see
+    /// [`SubStats::sharing`]).
     pub fn histogram(&self) -> Histogram<u64> {
         self.hist
             .lock()

@@ -8,18 +8,24 @@
 //! - Open loop (latency): message i is due at `start + i / rate`; its body carries that
 //!   intended time and latency is measured from it, so a stalled publisher or broker shows up
 //!   in the latency instead of silently lowering the offered rate (no coordinated omission).
+//! - Open loop, many pairs (pairs): N publishers, each with its own durable subscriber, each
+//!   sending one message per `PAIR_PERIOD`, their schedules spread evenly over the period, so
+//!   the broker sees N connections' worth of small, steady traffic at N msg/s in total.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::adapters::{self, Publisher, Route, Subscriber};
-use crate::brokers::{self, Broker, FsyncCounter, Paths, System, Tuning};
+use crate::brokers::{self, Broker, FsyncCounter, Paths, Protocol, System, Tuning};
 use crate::msg;
 use crate::stats::{new_histogram, Gate, PubStats, SubStats};
 
@@ -30,6 +36,15 @@ pub const PUBLISH_WINDOW: usize = 1024;
 pub const E2E_WINDOW: u64 = 10_000;
 /// How long to wait for stragglers after the publisher stops, without progress.
 const DRAIN_STALL: Duration = Duration::from_secs(15);
+/// In the pairs workload, each publisher sends one message per period.
+pub const PAIR_PERIOD: Duration = Duration::from_secs(1);
+/// The pairs workload's offered load, msg/s, for `pairs` pairs.
+pub fn pairs_offered_rate(pairs: usize) -> u64 {
+    (pairs as f64 / PAIR_PERIOD.as_secs_f64()).round() as u64
+}
+
+/// Connections being set up at once in the pairs workload.
+const CONNECT_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +52,8 @@ pub enum Workload {
     Saturation,
     Latency,
     Fanout,
+    /// N publisher → subscriber pairs, one message per pair per [`PAIR_PERIOD`], open loop.
+    Pairs,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +112,9 @@ pub struct CaseResult {
     pub lost: u64,
     pub latency: Latency,
     pub broker: BrokerUse,
+    /// Pairs workload: client connections (publishers and subscribers) that were established.
+    #[serde(default)]
+    pub connections: Option<usize>,
     pub failure: Option<String>,
 }
 
@@ -115,6 +135,10 @@ fn latency_of(subs: &[Arc<SubStats>]) -> Latency {
     for s in subs {
         let _ = h.add(s.histogram());
     }
+    latency_from(&h)
+}
+
+fn latency_from(h: &Histogram<u64>) -> Latency {
     Latency {
         count: h.len(),
         p50_us: h.value_at_quantile(0.5),
@@ -200,12 +224,112 @@ pub async fn run_case(env: &Env, system: System, spec: &CaseSpec, rep: usize) ->
         lost: 0,
         latency: Latency::default(),
         broker: BrokerUse::default(),
+        connections: None,
         failure: None,
     };
-    if let Err(e) = case_body(env, system, spec, &mut result).await {
+    let body = match spec.workload {
+        Workload::Pairs => pairs_body(env, system, spec, &mut result).await,
+        Workload::Saturation | Workload::Latency | Workload::Fanout => {
+            case_body(env, system, spec, &mut result).await
+        }
+    };
+    if let Err(e) = body {
         result.failure = Some(format!("{e:#}"));
     }
     result
+}
+
+/// The broker and the deliveries at the two edges of the measured window, and in between.
+struct Measured {
+    a: Window,
+    b: Window,
+    rss_max_kib: u64,
+    fsyncs: Option<u64>,
+}
+
+impl Measured {
+    /// The window's length as the samples saw it (`fallback_s` if they have no time).
+    fn secs(&self, fallback_s: f64) -> f64 {
+        self.a
+            .proc_
+            .at
+            .zip(self.b.proc_.at)
+            .map(|(x, y)| y.duration_since(x).as_secs_f64())
+            .unwrap_or(fallback_s)
+            .max(1e-3)
+    }
+
+    /// Fills in the per-second figures of `r` and its broker's use.
+    fn fill(&self, env: &Env, r: &mut CaseResult) {
+        let (a, b) = (&self.a, &self.b);
+        let secs = self.secs(r.spec.measure_s);
+        r.delivered_per_s = (b.delivered - a.delivered) as f64 / secs;
+        r.confirmed_per_s = (b.confirmed - a.confirmed) as f64 / secs;
+        let delivered_in_window = (b.delivered - a.delivered).max(1) as f64;
+        let written = b.proc_.write_bytes.saturating_sub(a.proc_.write_bytes) as f64;
+        r.broker = BrokerUse {
+            cpu_pct: 100.0 * b.proc_.cpu_ticks.saturating_sub(a.proc_.cpu_ticks) as f64
+                / env.clk_tck as f64
+                / secs,
+            rss_max_mib: self.rss_max_kib as f64 / 1024.0,
+            write_mib_per_s: written / secs / (1024.0 * 1024.0),
+            write_bytes_per_delivery: written / delivered_in_window,
+            fsyncs_per_s: self.fsyncs.map(|n| n as f64 / secs),
+            commit_groups_per_s: a
+                .commits
+                .zip(b.commits)
+                .map(|(x, y)| y.saturating_sub(x) as f64 / secs),
+        };
+    }
+}
+
+/// Starts the measuring task: snapshots at the window's edges (`warm_end`, `end`), the
+/// broker's RSS peak in between, its fsync calls if perf can count them.
+fn measure(
+    env: &Env,
+    broker: &Broker,
+    dir: &Path,
+    stats: &[Arc<SubStats>],
+    pubs: &Arc<PubStats>,
+    warm_end: u64,
+    end: u64,
+) -> tokio::task::JoinHandle<Measured> {
+    let stats = stats.to_vec();
+    let pubs = Arc::clone(pubs);
+    let pid = broker.pid;
+    let admin = broker.admin.clone();
+    let perf = env.perf;
+    let fsync_out = dir.join("perf-fsync.csv");
+    tokio::spawn(async move {
+        let snap = |stats: &[Arc<SubStats>]| Window {
+            delivered: stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum(),
+            confirmed: pubs.confirmed.load(Ordering::Relaxed),
+            proc_: brokers::sample(pid),
+            commits: admin.as_ref().and_then(|a| commit_groups(a)),
+        };
+        sleep_until_ns(warm_end).await;
+        let counter = if perf {
+            FsyncCounter::start(pid, fsync_out)
+        } else {
+            None
+        };
+        let a = snap(&stats);
+        let mut rss_max = a.proc_.rss_kib;
+        while msg::now_ns() + 200_000_000 < end {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            rss_max = rss_max.max(brokers::sample(pid).rss_kib);
+        }
+        sleep_until_ns(end).await;
+        let b = snap(&stats);
+        let fsyncs = counter.and_then(|c| c.finish());
+        let rss_max_kib = rss_max.max(b.proc_.rss_kib);
+        Measured {
+            a,
+            b,
+            rss_max_kib,
+            fsyncs,
+        }
+    })
 }
 
 async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResult) -> Result<()> {
@@ -253,44 +377,11 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
         s.record_until_ns.store(end, Ordering::Relaxed);
     }
 
-    // The measuring task: snapshots at the window's edges, RSS peak in between.
-    let measure = {
-        let stats = stats.clone();
-        let pubs = Arc::clone(&pubs);
-        let pid = broker.pid;
-        let admin = broker.admin.clone();
-        let perf = env.perf;
-        let fsync_out = dir.path().join("perf-fsync.csv");
-        tokio::spawn(async move {
-            let snap = |stats: &[Arc<SubStats>]| Window {
-                delivered: stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum(),
-                confirmed: pubs.confirmed.load(Ordering::Relaxed),
-                proc_: brokers::sample(pid),
-                commits: admin.as_ref().and_then(|a| commit_groups(a)),
-            };
-            sleep_until_ns(warm_end).await;
-            let counter = if perf {
-                FsyncCounter::start(pid, fsync_out)
-            } else {
-                None
-            };
-            let a = snap(&stats);
-            let mut rss_max = a.proc_.rss_kib;
-            while msg::now_ns() + 200_000_000 < end {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                rss_max = rss_max.max(brokers::sample(pid).rss_kib);
-            }
-            sleep_until_ns(end).await;
-            let b = snap(&stats);
-            let fsyncs = counter.and_then(|c| c.finish());
-            let rss_max = rss_max.max(b.proc_.rss_kib);
-            (a, b, rss_max, fsyncs)
-        })
-    };
+    let measuring = measure(env, &broker, dir.path(), &stats, &pubs, warm_end, end);
 
     let sent = send_loop(&publisher, &pubs, &gate, spec, t0, end).await;
     r.published = sent;
-    let (a, b, rss_max, fsyncs) = measure.await?;
+    let measured = measuring.await?;
 
     drain(&pubs, &gate, sent).await;
     r.confirmed = pubs.confirmed.load(Ordering::Relaxed);
@@ -306,31 +397,7 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
         .map(|s| s.foreign.load(Ordering::Relaxed))
         .sum();
     r.latency = latency_of(&stats);
-
-    let secs = a
-        .proc_
-        .at
-        .zip(b.proc_.at)
-        .map(|(x, y)| y.duration_since(x).as_secs_f64())
-        .unwrap_or(spec.measure_s)
-        .max(1e-3);
-    r.delivered_per_s = (b.delivered - a.delivered) as f64 / secs;
-    r.confirmed_per_s = (b.confirmed - a.confirmed) as f64 / secs;
-    let delivered_in_window = (b.delivered - a.delivered).max(1) as f64;
-    let written = b.proc_.write_bytes.saturating_sub(a.proc_.write_bytes) as f64;
-    r.broker = BrokerUse {
-        cpu_pct: 100.0 * b.proc_.cpu_ticks.saturating_sub(a.proc_.cpu_ticks) as f64
-            / env.clk_tck as f64
-            / secs,
-        rss_max_mib: rss_max as f64 / 1024.0,
-        write_mib_per_s: written / secs / (1024.0 * 1024.0),
-        write_bytes_per_delivery: written / delivered_in_window,
-        fsyncs_per_s: fsyncs.map(|n| n as f64 / secs),
-        commit_groups_per_s: a
-            .commits
-            .zip(b.commits)
-            .map(|(x, y)| y.saturating_sub(x) as f64 / secs),
-    };
+    measured.fill(env, r);
 
     if let Some(e) = pubs.last_error() {
         r.failure = Some(format!("publish error: {e}"));
@@ -414,6 +481,186 @@ async fn send_loop(
         }
     }
     seq
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many point-to-point pairs
+
+/// Runs `connect(i)` for every `i` in `0..n`, [`CONNECT_CONCURRENCY`] at a time. Returns what
+/// connected, in index order (`None` where it failed), and the first failure.
+async fn connect_many<T, F, Fut>(n: usize, connect: F) -> (Vec<Option<T>>, Option<anyhow::Error>)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let results: Vec<Result<T>> = futures_util::stream::iter(0..n)
+        .map(connect)
+        .buffered(CONNECT_CONCURRENCY)
+        .collect()
+        .await;
+    let mut first = None;
+    let mut out = Vec::with_capacity(n);
+    for r in results {
+        match r {
+            Ok(t) => out.push(Some(t)),
+            Err(e) => {
+                first.get_or_insert(e);
+                out.push(None);
+            }
+        }
+    }
+    (out, first)
+}
+
+/// Waits until every publish is answered and every subscriber has every message its
+/// publisher sent (`sent[i]` for pair `i`), or progress stops.
+async fn drain_pairs(pubs: &PubStats, stats: &[Arc<SubStats>], sent: &[u64]) {
+    let total: u64 = sent.iter().sum();
+    let mut last = (u64::MAX, u64::MAX);
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let answered = pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed);
+        let delivered: u64 = stats.iter().map(|s| s.unique.load(Ordering::Acquire)).sum();
+        let complete = stats
+            .iter()
+            .zip(sent)
+            .all(|(s, k)| s.unique.load(Ordering::Acquire) >= *k);
+        if answered >= total && complete {
+            return;
+        }
+        if (answered, delivered) != last {
+            last = (answered, delivered);
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > DRAIN_STALL {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `spec.subscribers` pairs: publisher `pub-i` sends only to its durable subscriber `sub-i`,
+/// one message per [`PAIR_PERIOD`], open loop; pair i's schedule is offset by i/N of the
+/// period, so the offered load is N evenly spaced messages per period. Each message carries
+/// its intended send time (no coordinated omission) and its pair's seq; loss is checked per
+/// pair.
+async fn pairs_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResult) -> Result<()> {
+    let n = spec.subscribers;
+    let dir = tempfile::Builder::new()
+        .prefix("outboxd-bench-")
+        .tempdir()?;
+    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
+    adapters::setup(system, &broker.endpoint).await?;
+
+    let notify = Arc::new(Notify::new());
+    let hist = Arc::new(Mutex::new(new_histogram()));
+    let stats: Vec<Arc<SubStats>> = (0..n)
+        .map(|_| SubStats::sharing(Arc::clone(&notify), Arc::clone(&hist)))
+        .collect();
+    // Open loop never waits for confirmations.
+    let pubs = PubStats::new(1 << 30);
+    let endpoint = broker.endpoint.as_str();
+    // Subscribers first, so each durable subscription exists before its publisher sends.
+    let (subs, sub_failure) = connect_many(n, |i| {
+        let s = Arc::clone(&stats[i]);
+        async move {
+            adapters::subscriber(system, endpoint, &format!("sub-{i}"), Route::Pair(i), s).await
+        }
+    })
+    .await;
+    let (publishers, pub_failure) =
+        connect_many(n, |i| {
+            let p = Arc::clone(&pubs);
+            async move {
+                Publisher::connect(system, endpoint, &format!("pub-{i}"), Route::Pair(i), p).await
+            }
+        })
+        .await;
+    let established = subs.iter().flatten().count() + publishers.iter().flatten().count();
+    r.connections = Some(established);
+    if let Some(e) = sub_failure.or(pub_failure) {
+        bail!(
+            "{established} of {} connections established; the first failure: {e:#}",
+            2 * n
+        );
+    }
+
+    let period_ns = u64::try_from(PAIR_PERIOD.as_nanos()).unwrap_or(u64::MAX);
+    let pairs = u64::try_from(n.max(1))?;
+    // A little lead, so the first messages are not late before their tasks even start.
+    let t0 = msg::now_ns() + 20_000_000;
+    let warm_end = t0 + (spec.warmup_s * 1e9) as u64;
+    let end = warm_end + (spec.measure_s * 1e9) as u64;
+    for s in &stats {
+        s.record_from_ns.store(warm_end, Ordering::Relaxed);
+        s.record_until_ns.store(end, Ordering::Relaxed);
+    }
+    let measuring = measure(env, &broker, dir.path(), &stats, &pubs, warm_end, end);
+
+    // One task per publisher, as each pair is its own application: a stalled publisher delays
+    // only its own messages (and their latency shows it).
+    let mut senders = Vec::with_capacity(n);
+    for (i, publisher) in (0u64..).zip(publishers.into_iter().flatten()) {
+        let pubs = Arc::clone(&pubs);
+        let offset = period_ns / pairs * i;
+        let size = spec.size;
+        senders.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            loop {
+                let intended = t0 + offset + seq * period_ns;
+                if intended >= end {
+                    break;
+                }
+                sleep_until_ns(intended).await;
+                if let Err(e) = publisher.send(msg::make(size, intended, seq)).await {
+                    pubs.fail(e.to_string());
+                    break;
+                }
+                seq += 1;
+                pubs.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            (publisher, seq)
+        }));
+    }
+    let mut sent = Vec::with_capacity(n);
+    let mut publishers = Vec::with_capacity(n);
+    for t in senders {
+        let (p, k) = t.await?;
+        publishers.push(p);
+        sent.push(k);
+    }
+    r.published = sent.iter().sum();
+    let measured = measuring.await?;
+
+    drain_pairs(&pubs, &stats, &sent).await;
+    r.confirmed = pubs.confirmed.load(Ordering::Relaxed);
+    r.errors = pubs.errors.load(Ordering::Relaxed);
+    r.delivered = stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum();
+    r.duplicates = stats
+        .iter()
+        .map(|s| s.duplicates.load(Ordering::Relaxed))
+        .sum();
+    r.lost = stats
+        .iter()
+        .zip(&sent)
+        .map(|(s, k)| s.missing_below(*k))
+        .sum();
+    let foreign: u64 = stats
+        .iter()
+        .map(|s| s.foreign.load(Ordering::Relaxed))
+        .sum();
+    r.latency = hist.lock().map(|h| latency_from(&h)).unwrap_or_default();
+    measured.fill(env, r);
+
+    if let Some(e) = pubs.last_error() {
+        r.failure = Some(format!("publish error: {e}"));
+    }
+    if foreign > 0 {
+        r.failure = Some(format!("{foreign} deliveries the bench did not send"));
+    }
+    drop(publishers);
+    drop(subs);
+    broker.stop(true)?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,8 +788,8 @@ async fn idle_client(
     dropped: &std::sync::atomic::AtomicUsize,
 ) {
     use outboxd::client::{Event as OEvent, Incoming};
-    match system {
-        System::Outboxd => {
+    match system.protocol() {
+        Protocol::Outboxd => {
             let Ok(mut client) = Client::builder(endpoint, name)
                 .connect_timeout(Some(Duration::from_secs(60)))
                 .connect()
@@ -558,8 +805,8 @@ async fn idle_client(
                 }
             }
         }
-        System::Mosquitto => {
-            let Ok(mut opts) = mqtt_opts(endpoint, name) else {
+        Protocol::Mqtt => {
+            let Ok(mut opts) = adapters::mqtt_connect_options(endpoint, name) else {
                 return;
             };
             opts.set_keep_alive(hb);
@@ -585,7 +832,7 @@ async fn idle_client(
                 }
             }
         }
-        System::Nats => {
+        Protocol::Nats => {
             let Ok(client) = async_nats::ConnectOptions::new()
                 .ping_interval(hb)
                 .connect(endpoint)
@@ -603,13 +850,6 @@ async fn idle_client(
             }
         }
     }
-}
-
-fn mqtt_opts(endpoint: &str, name: &str) -> Result<rumqttc::MqttOptions> {
-    let (host, port) = endpoint
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("bad endpoint"))?;
-    Ok(rumqttc::MqttOptions::new(name, host, port.parse()?))
 }
 
 use outboxd::client::Client;
