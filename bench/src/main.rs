@@ -126,6 +126,9 @@ enum Stop {
     Term,
 }
 
+/// The largest payload the peers' WebSocket variants are measured with.
+const WS_MAX_SIZE: usize = 1024;
+
 fn first_line(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -310,7 +313,11 @@ async fn run(args: Args) -> Result<bool> {
     }
     for (which, spec) in &specs {
         for rep in 0..reps {
-            for sys in systems.iter().filter(|s| takes_part(**s, *which)) {
+            // rumqttc's WebSocket subscriber stalls on 16 KiB messages (its pings go
+            // unanswered and it reconnects in a loop), so the WebSocket variants stop at 1 KiB.
+            for sys in systems.iter().filter(|s| {
+                takes_part(**s, *which) && !(s.is_peer_over_websocket() && spec.size > WS_MAX_SIZE)
+            }) {
                 let r = workloads::run_case(&env, *sys, spec, rep).await;
                 eprintln!(
                     "{:>12} {:?} size={} rate={:?} subs={} rep={}: {:.0} delivered/s, p50 {} µs, p99 {} µs, p99.9 {} µs, cpu {:.0}%, rss {:.0} MiB, fsyncs/s {:?}, published {}, lost {}, errors {}, dup {}{}{}",
@@ -402,6 +409,11 @@ async fn run(args: Args) -> Result<bool> {
             .filter(|w| !args.ws_workloads.contains(w))
             .map(|w| format!("{w:?}").to_lowercase())
             .collect();
+        if sizes.iter().any(|s| *s > WS_MAX_SIZE) && workloads.contains(&Which::Saturation) {
+            not_measured.push(format!(
+                "{what} with payloads over {WS_MAX_SIZE} B (rumqttc's WebSocket subscriber stalled on 16 KiB messages: unanswered pings, reconnecting in a loop)"
+            ));
+        }
         if !skipped.is_empty() {
             not_measured.push(format!(
                 "{what} in {} (only in {})",
