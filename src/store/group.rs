@@ -15,6 +15,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::codec::DedupEntry;
 
+/// The most writes one group gathers before it is committed (a publish is never split: the
+/// group closes after the command that crosses it).
+pub(super) const MAX_WRITES: usize = 50_000;
+
 #[derive(Default)]
 pub(super) struct Group {
     batch: sled::Batch,
@@ -43,6 +47,12 @@ impl Group {
     pub(super) fn remove_message(&mut self, key: impl AsRef<[u8]>, cid: u64, seq: u64) {
         self.remove(key);
         self.removed.insert((cid, seq));
+    }
+
+    /// Writes gathered so far: the writer closes a group at [`MAX_WRITES`], so a fan-out to
+    /// many subscribers does not pile a million writes into one batch.
+    pub(super) fn writes(&self) -> usize {
+        self.writes
     }
 
     pub(super) fn is_removed(&self, cid: u64, seq: u64) -> bool {

@@ -1060,7 +1060,7 @@ impl WriterState {
             }
             if group > 0 {
                 // Whatever queued while the last commit ran joins this one.
-                while group < MAX_GROUP {
+                while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
                     match rx.try_recv() {
                         Ok(cmd) => {
                             self.apply(cmd);
@@ -1072,7 +1072,7 @@ impl WriterState {
                 let delay = self.opts.group_commit_max_delay;
                 if !delay.is_zero() && group < MAX_GROUP {
                     let deadline = tokio::time::Instant::now() + delay;
-                    while group < MAX_GROUP {
+                    while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
                         // The timer must be made inside the runtime, or tokio panics.
                         match rt
                             .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
