@@ -124,3 +124,40 @@ async fn cumulative_acks_in_one_group_settle_at_the_highest() {
     assert_eq!((seq(&m5), m5["payload"].clone()), (5, json!("m5")));
     bob.expect_quiet(QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_burst_is_committed_in_groups_of_bounded_size() {
+    // Catches a group that gathers every queued fan-out write into one batch: a publisher
+    // pipelining to 1000 subscribers once piled a million writes (2.7 GiB) into one commit.
+    const SUBSCRIBERS: usize = 100;
+    const PUBLISHES: usize = 1000;
+    // Subscriptions first, one commit each without the group delay; they are durable.
+    let mut broker = Broker::start(Opts::new());
+    for i in 0..SUBSCRIBERS {
+        let (mut s, _) = broker.client(&format!("sub-{i}")).await;
+        let ok = s.subscribe("s1", "news").await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+    }
+    broker.restart_with(Opts::new().set("storage", "group_commit_max_delay_us", GROUP_US));
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 0..PUBLISHES {
+        alice
+            .send(json!({"type": "publish", "ref": format!("p{i}"), "to": "topic:news", "payload": i}))
+            .await;
+    }
+    for _ in 0..PUBLISHES {
+        let ok = alice.recv_skip_pings().await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        assert_eq!(ok["recipients"], SUBSCRIBERS, "{ok}");
+    }
+    // 100 writes a publish and 50 000 a group: no group holds more than 500 publishes. Without
+    // the bound the 300 ms group window takes all 1000 at once.
+    let m = broker.metrics().await;
+    let groups = m["outboxd_commit_group_publishes_count"];
+    let within_512 = m["outboxd_commit_group_publishes_bucket{le=\"512\"}"];
+    assert!(groups >= 2.0, "{groups} commit groups");
+    assert_eq!(
+        within_512, groups,
+        "a group held more than 512 publishes: {m:?}"
+    );
+}
