@@ -130,6 +130,30 @@ pub struct Env {
     pub perf: bool,
 }
 
+/// Errors, deliveries and duplicates of a case, from its publishers and subscribers.
+fn tally(r: &mut CaseResult, pubs: &PubStats, stats: &[Arc<SubStats>]) {
+    r.errors = pubs.errors.load(Ordering::Relaxed);
+    r.delivered = stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum();
+    r.duplicates = stats
+        .iter()
+        .map(|s| s.duplicates.load(Ordering::Relaxed))
+        .sum();
+}
+
+/// Marks a case failed on a publish error or a delivery the bench did not send.
+fn note_failures(r: &mut CaseResult, pubs: &PubStats, stats: &[Arc<SubStats>]) {
+    if let Some(e) = pubs.last_error() {
+        r.failure = Some(format!("publish error: {e}"));
+    }
+    let foreign: u64 = stats
+        .iter()
+        .map(|s| s.foreign.load(Ordering::Relaxed))
+        .sum();
+    if foreign > 0 {
+        r.failure = Some(format!("{foreign} deliveries the bench did not send"));
+    }
+}
+
 fn latency_of(subs: &[Arc<SubStats>]) -> Latency {
     let mut h = new_histogram();
     for s in subs {
@@ -385,26 +409,12 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
 
     drain(&pubs, &gate, sent).await;
     r.confirmed = pubs.confirmed.load(Ordering::Relaxed);
-    r.errors = pubs.errors.load(Ordering::Relaxed);
-    r.delivered = stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum();
-    r.duplicates = stats
-        .iter()
-        .map(|s| s.duplicates.load(Ordering::Relaxed))
-        .sum();
+    tally(r, &pubs, &stats);
     r.lost = stats.iter().map(|s| s.missing_below(sent)).sum();
-    let foreign: u64 = stats
-        .iter()
-        .map(|s| s.foreign.load(Ordering::Relaxed))
-        .sum();
     r.latency = latency_of(&stats);
     measured.fill(env, r);
 
-    if let Some(e) = pubs.last_error() {
-        r.failure = Some(format!("publish error: {e}"));
-    }
-    if foreign > 0 {
-        r.failure = Some(format!("{foreign} deliveries the bench did not send"));
-    }
+    note_failures(r, &pubs, &stats);
     drop(publisher);
     drop(subs);
     broker.stop(true)?;
@@ -633,30 +643,16 @@ async fn pairs_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResu
 
     drain_pairs(&pubs, &stats, &sent).await;
     r.confirmed = pubs.confirmed.load(Ordering::Relaxed);
-    r.errors = pubs.errors.load(Ordering::Relaxed);
-    r.delivered = stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum();
-    r.duplicates = stats
-        .iter()
-        .map(|s| s.duplicates.load(Ordering::Relaxed))
-        .sum();
+    tally(r, &pubs, &stats);
     r.lost = stats
         .iter()
         .zip(&sent)
         .map(|(s, k)| s.missing_below(*k))
         .sum();
-    let foreign: u64 = stats
-        .iter()
-        .map(|s| s.foreign.load(Ordering::Relaxed))
-        .sum();
     r.latency = hist.lock().map(|h| latency_from(&h)).unwrap_or_default();
     measured.fill(env, r);
 
-    if let Some(e) = pubs.last_error() {
-        r.failure = Some(format!("publish error: {e}"));
-    }
-    if foreign > 0 {
-        r.failure = Some(format!("{foreign} deliveries the bench did not send"));
-    }
+    note_failures(r, &pubs, &stats);
     drop(publishers);
     drop(subs);
     broker.stop(true)?;
