@@ -208,16 +208,26 @@ async fn connect_subscribers(
 
 /// Waits until every confirmed message reached every subscriber, or progress stops.
 async fn drain(pubs: &PubStats, gate: &Gate, sent: u64) {
+    wait_for_drain(|| {
+        let answered = pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed);
+        let slowest = gate.slowest();
+        (answered >= sent && slowest >= sent, (answered, slowest))
+    })
+    .await;
+}
+
+/// Polls `check` (done, progress) until it says done or its progress stops changing for
+/// `DRAIN_STALL`.
+async fn wait_for_drain(mut check: impl FnMut() -> (bool, (u64, u64))) {
     let mut last = (u64::MAX, u64::MAX);
     let mut since = tokio::time::Instant::now();
     loop {
-        let answered = pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed);
-        let slowest = gate.slowest();
-        if answered >= sent && slowest >= sent {
+        let (done, progress) = check();
+        if done {
             return;
         }
-        if (answered, slowest) != last {
-            last = (answered, slowest);
+        if progress != last {
+            last = progress;
             since = tokio::time::Instant::now();
         } else if since.elapsed() > DRAIN_STALL {
             return;
@@ -526,26 +536,16 @@ where
 /// publisher sent (`sent[i]` for pair `i`), or progress stops.
 async fn drain_pairs(pubs: &PubStats, stats: &[Arc<SubStats>], sent: &[u64]) {
     let total: u64 = sent.iter().sum();
-    let mut last = (u64::MAX, u64::MAX);
-    let mut since = tokio::time::Instant::now();
-    loop {
+    wait_for_drain(|| {
         let answered = pubs.confirmed.load(Ordering::Relaxed) + pubs.errors.load(Ordering::Relaxed);
         let delivered: u64 = stats.iter().map(|s| s.unique.load(Ordering::Acquire)).sum();
         let complete = stats
             .iter()
             .zip(sent)
             .all(|(s, k)| s.unique.load(Ordering::Acquire) >= *k);
-        if answered >= total && complete {
-            return;
-        }
-        if (answered, delivered) != last {
-            last = (answered, delivered);
-            since = tokio::time::Instant::now();
-        } else if since.elapsed() > DRAIN_STALL {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (answered >= total && complete, (answered, delivered))
+    })
+    .await;
 }
 
 /// `spec.subscribers` pairs: publisher `pub-i` sends only to its durable subscriber `sub-i`,
