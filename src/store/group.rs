@@ -8,7 +8,7 @@
 //!
 //! Until it is applied, the tree does not show the group's writes, so the writer looks here
 //! first for what its own reads depend on: idempotency keys stored earlier in the group and
-//! messages an earlier ack in the group deleted. Commands whose reads this overlay does not
+//! messages and tombstones an earlier ack in the group deleted. Commands whose reads this overlay does not
 //! cover (retention, purge, backup) apply the group first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -24,8 +24,9 @@ pub(super) struct Group {
     batch: sled::Batch,
     /// Writes in `batch`; zero means there is nothing to apply.
     writes: usize,
-    /// `(cid, seq)` of messages deleted in this group (still in the tree until it is applied).
-    removed: HashSet<(u64, u64)>,
+    /// Keys of messages and tombstones deleted in this group (still in the tree until it is
+    /// applied).
+    removed: HashSet<Vec<u8>>,
     /// Idempotency keys stored in this group, by their `K` key.
     dedup: HashMap<Vec<u8>, DedupEntry>,
     /// Clients whose `ClientMeta` changed: written once per group, at apply time.
@@ -43,10 +44,11 @@ impl Group {
         self.writes += 1;
     }
 
-    /// Deletes a stored message; later reads in this group must skip it.
-    pub(super) fn remove_message(&mut self, key: impl AsRef<[u8]>, cid: u64, seq: u64) {
+    /// Deletes a stored message or tombstone; later reads in this group must skip it.
+    pub(super) fn remove_seq(&mut self, key: impl AsRef<[u8]>) {
+        let key = key.as_ref();
         self.remove(key);
-        self.removed.insert((cid, seq));
+        self.removed.insert(key.to_vec());
     }
 
     /// Writes gathered so far: the writer closes a group at [`MAX_WRITES`], so a fan-out to
@@ -55,8 +57,8 @@ impl Group {
         self.writes
     }
 
-    pub(super) fn is_removed(&self, cid: u64, seq: u64) -> bool {
-        self.removed.contains(&(cid, seq))
+    pub(super) fn is_removed(&self, key: &[u8]) -> bool {
+        self.removed.contains(key)
     }
 
     pub(super) fn store_dedup(&mut self, key: Vec<u8>, entry: DedupEntry, value: Vec<u8>) {
@@ -105,7 +107,7 @@ mod tests {
     #[test]
     fn taking_the_group_clears_its_overlay() {
         let mut g = Group::default();
-        g.remove_message(b"O1", 1, 7);
+        g.remove_seq(b"O1");
         g.store_dedup(
             b"K1".to_vec(),
             DedupEntry {
@@ -116,11 +118,11 @@ mod tests {
             vec![0],
         );
         g.touch_meta(3);
-        assert!(g.is_removed(1, 7));
+        assert!(g.is_removed(b"O1"));
         assert!(g.dedup(b"K1").is_some());
         let (_, dirty) = g.take().expect("writes were gathered");
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![3]);
-        assert!(!g.is_removed(1, 7));
+        assert!(!g.is_removed(b"O1"));
         assert!(g.dedup(b"K1").is_none());
         assert!(g.take().is_none());
     }
