@@ -103,6 +103,14 @@ async fn values(
     out
 }
 
+/// Sessions the client has opened, by its `Connected` events.
+fn connects(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Connected { .. }))
+        .count()
+}
+
 /// Asserts that no further message arrives within `wait` (events are collected).
 async fn no_more_messages(
     rx: &mut mpsc::UnboundedReceiver<Seen>,
@@ -249,19 +257,29 @@ async fn connections_cut_mid_stream_lose_nothing_and_hand_nothing_twice() {
 
     let mut events = Vec::new();
     let mut got = Vec::new();
-    for _ in 0..4 {
+    for cut in 1..=4 {
         got.extend(values(&mut rx, 50, Duration::from_secs(20), &mut events).await);
+        // Messages of the last connection may still be queued to the application while the
+        // clients reconnect: a cut then would hit no connection. Cut only once bob's session
+        // is up and alice has connected again too.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while connects(&events) < cut || relay.connections() < 2 * cut as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reconnect before cut {cut}: {} connections, events {events:?}",
+                relay.connections()
+            );
+            match tokio::time::timeout(ms(50), rx.recv()).await {
+                Ok(Some(Seen::Msg { value, .. })) => got.push(value),
+                Ok(Some(Seen::Ev(e))) => events.push(e),
+                Ok(None) => panic!("the client stopped; events {events:?}"),
+                Err(_) => {}
+            }
+        }
         relay.cut_all();
     }
-    got.extend(
-        values(
-            &mut rx,
-            (N - 200) as usize,
-            Duration::from_secs(30),
-            &mut events,
-        )
-        .await,
-    );
+    let left = (N as usize).saturating_sub(got.len());
+    got.extend(values(&mut rx, left, Duration::from_secs(30), &mut events).await);
     publishing.await.expect("publisher");
     no_more_messages(&mut rx, QUIET, &mut events).await;
 
@@ -816,4 +834,82 @@ async fn started_publishes_go_out_before_anyone_awaits_them() {
     for p in pending {
         p.await.expect("confirmed");
     }
+}
+
+/// A [`MemoryPositionStore`] that counts its saves.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemoryPositionStore,
+    saves: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingStore {
+    fn saves(&self) -> u64 {
+        self.saves.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl PositionStore for CountingStore {
+    fn load(
+        &self,
+        client: &ClientId,
+    ) -> Result<Option<outboxd::client::Position>, outboxd::client::PositionError> {
+        self.inner.load(client)
+    }
+
+    fn save(
+        &self,
+        client: &ClientId,
+        position: &outboxd::client::Position,
+    ) -> Result<(), outboxd::client::PositionError> {
+        self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.save(client, position)
+    }
+}
+
+// One thread: the application's acks below all queue before the client's task runs again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_of_acks_costs_one_position_save() {
+    // Catches a client that saves its position (a blocking call, often an fsync) and sends an
+    // `ack upto` frame once per acked message instead of once per burst of acks.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    const N: u64 = 200;
+    for i in 1..=N {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let store = CountingStore::default();
+    let mut bob = builder(&broker.url, "bob")
+        .position_store(store.clone())
+        .connect()
+        .await
+        .expect("bob");
+    let mut held = Vec::new();
+    while (held.len() as u64) < N {
+        match tokio::time::timeout(Duration::from_secs(10), bob.next()).await {
+            Ok(Some(Incoming::Delivery(d))) => held.push(d),
+            Ok(Some(Incoming::Event(_))) => {}
+            other => panic!("after {} deliveries: {other:?}", held.len()),
+        }
+    }
+    let before = store.saves();
+    for d in &held {
+        d.ack().expect("ack");
+    }
+    bob.close().await;
+    let saved = store
+        .load(&ClientId::new("bob").expect("id"))
+        .expect("load")
+        .map(|p| p.last_seq);
+    assert_eq!(saved, Some(N), "the position covers every ack");
+    let saves = store.saves() - before;
+    assert!(
+        (1..=2).contains(&saves),
+        "{N} acks in one burst took {saves} saves"
+    );
+    // The broker got the acks: nothing is owed any more.
+    let (_, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 0, "{welcome}");
 }

@@ -39,6 +39,9 @@ use crate::protocol::SUBPROTOCOL;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Commands applied together before the driver acts on them (see `Driver::commands_ready`).
+const COMMAND_BURST: usize = 1024;
+
 /// What the application's handles ask of the driver.
 pub(crate) enum Command {
     Ack {
@@ -170,7 +173,7 @@ impl Driver {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return None,
                 cmd = self.commands.recv() => {
-                    if let Some(reason) = self.command(cmd) {
+                    if let Some(reason) = self.commands_ready(cmd) {
                         return Some(reason);
                     }
                     // No connection: only saves and answers can happen.
@@ -208,7 +211,7 @@ impl Driver {
                     Ok(Ok((ws, _response))) => break ws,
                 },
                 cmd = self.commands.recv() => {
-                    if let Some(reason) = self.command(cmd) {
+                    if let Some(reason) = self.commands_ready(cmd) {
                         return Ended::Stop(reason);
                     }
                     let _ = self.execute(None, None).await;
@@ -240,7 +243,7 @@ impl Driver {
             tokio::select! {
                 // Cancel-safe: an mpsc receive, a stream's next item, a timer.
                 cmd = self.commands.recv() => {
-                    if let Some(reason) = self.command(cmd) {
+                    if let Some(reason) = self.commands_ready(cmd) {
                         // Closing: the position is saved and the acks go out before the close.
                         let _ = self.execute(Some(&writes), Some(deadline)).await;
                         close_gracefully(&writes, &mut stream).await;
@@ -315,6 +318,23 @@ impl Driver {
             return Ended::Reconnect(format!("the upgrade was refused: {text}"));
         }
         Ended::Reconnect(format!("cannot connect to {}: {e}", self.settings.url))
+    }
+
+    /// Applies `first` and whatever other commands are already queued (up to a bound), so a
+    /// burst of acks costs one position save and one `ack upto` frame, not one per message.
+    fn commands_ready(&mut self, first: Option<Command>) -> Option<StopReason> {
+        if let Some(reason) = self.command(first) {
+            return Some(reason);
+        }
+        for _ in 0..COMMAND_BURST {
+            let Ok(cmd) = self.commands.try_recv() else {
+                break;
+            };
+            if let Some(reason) = self.command(Some(cmd)) {
+                return Some(reason);
+            }
+        }
+        None
     }
 
     /// Applies one command; `Some` when the client must stop.
