@@ -161,3 +161,28 @@ async fn a_fan_out_burst_is_committed_in_groups_of_bounded_size() {
         "a group held more than 512 publishes: {m:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_acks_reach_the_disk_without_further_traffic() {
+    // Catches acks held back to share a batch and never applied when nothing else comes: they
+    // must reach the tree within the hold (10 ms) and the disk with sled's background flush
+    // (500 ms), so a crash a while after the last ack brings nothing back.
+    let mut broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("a{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let (mut bob, _) = broker.client("bob").await;
+    assert_eq!(seqs(&bob.recv_msgs(3).await), vec![1, 2, 3]);
+    bob.ack_upto(3).await;
+    assert!(bob.sync().await.is_empty());
+    // Nothing else reaches the broker from here on.
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    broker.kill9();
+    broker.restart();
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 0, "the acks were lost: {welcome}");
+    bob.expect_quiet(QUIET).await;
+}
