@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -41,6 +41,7 @@ use crate::registry::{Kick, SessionGen, Ticket};
 use crate::server::Shared;
 use crate::session::{Beat, Liveness, RateLimit, Window};
 use crate::store::{to_wire, OutboxHandle, PublishOutcome, PublishRequest, StoreError};
+use crate::write_queue::{self, TrySendError};
 
 type Ws = WebSocketStream<crate::tls::Stream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
@@ -296,17 +297,11 @@ pub async fn serve(
     };
     let (sink, stream) = ws.split();
     let queue = usize::try_from(cfg.server.write_queue_frames).unwrap_or(256);
-    let (tx, rx) = mpsc::channel(queue);
-    let (kill_tx, kill_rx) = oneshot::channel();
-    let drained = Arc::new(Notify::new());
-    let writer = shared
-        .tracker
-        .spawn(write_loop(sink, rx, kill_rx, Arc::clone(&drained)));
+    let (tx, rx) = write_queue::channel(queue);
+    let writer = shared.tracker.spawn(write_loop(sink, rx));
     let out = Outgoing {
         tx,
-        kill: Some(kill_tx),
         reserve: (queue / 4).clamp(1, 64),
-        drained,
     };
     counted.reason = run(stream, out, deadline, peer, &shared, permit).await;
     // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
@@ -320,12 +315,11 @@ pub async fn serve(
 
 /// The queue to the write half.
 struct Outgoing {
-    tx: mpsc::Sender<Message>,
-    kill: Option<oneshot::Sender<CloseFrame>>,
+    /// Bounded by `server.write_queue_frames`; the writer signals its `drained` handle each
+    /// time it has written a batch.
+    tx: write_queue::Sender<Message>,
     /// Slots kept free of stored messages, for replies and control frames.
     reserve: usize,
-    /// Signalled by the writer each time it has written a batch.
-    drained: Arc<Notify>,
 }
 
 impl Outgoing {
@@ -337,24 +331,20 @@ impl Outgoing {
     fn text(&self, s: String) -> Result<(), End> {
         match self.tx.try_send(Message::text(s)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(End::TooSlow),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
+            Err(TrySendError::Full(_)) => Err(End::TooSlow),
+            Err(TrySendError::Closed(_)) => Err(End::Gone),
         }
     }
 
     /// Sends the close frame after everything queued, or at once when the queue is full.
-    fn close(mut self, code: u16, reason: &str) {
-        let frame = close_frame(code, reason);
+    fn close(self, code: u16, reason: &str) {
+        let frame = Message::Close(Some(close_frame(code, reason)));
         if code == close::TOO_SLOW {
-            if let Some(k) = self.kill.take() {
-                let _ = k.send(frame);
-            }
+            self.tx.kill(frame);
             return;
         }
-        if let Err(e) = self.tx.try_send(Message::Close(Some(frame))) {
-            if let (Message::Close(Some(frame)), Some(k)) = (e.into_inner(), self.kill.take()) {
-                let _ = k.send(frame);
-            }
+        if let Err(e) = self.tx.try_send(frame) {
+            self.tx.kill(e.into_inner());
         }
     }
 }
@@ -363,34 +353,21 @@ enum WriteStep {
     More,
     Done,
     Failed,
-    Kill(CloseFrame),
+    Kill(Message),
 }
 
-async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Message>,
-    mut kill: oneshot::Receiver<CloseFrame>,
-    drained: Arc<Notify>,
-) {
-    let mut kill_open = true;
+async fn write_loop(mut sink: SplitSink<Ws, Message>, rx: write_queue::Receiver<Message>) {
     loop {
         let step = tokio::select! {
             biased;
-            k = &mut kill, if kill_open => match k {
-                Ok(frame) => WriteStep::Kill(frame),
-                Err(_) => { kill_open = false; continue; }
-            },
-            step = write_some(&mut sink, &mut rx) => step,
+            frame = rx.killed() => WriteStep::Kill(frame),
+            step = write_some(&mut sink, &rx) => step,
         };
         match step {
-            WriteStep::More => drained.notify_one(),
+            WriteStep::More => rx.batch_written(),
             WriteStep::Done | WriteStep::Failed => break,
             WriteStep::Kill(frame) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    sink.send(Message::Close(Some(frame))),
-                )
-                .await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), sink.send(frame)).await;
                 break;
             }
         }
@@ -401,7 +378,7 @@ async fn write_loop(
 /// closed and empty; `More` otherwise.
 async fn write_some(
     sink: &mut SplitSink<Ws, Message>,
-    rx: &mut mpsc::Receiver<Message>,
+    rx: &write_queue::Receiver<Message>,
 ) -> WriteStep {
     let Some(first) = rx.recv().await else {
         let _ = sink.close().await;
@@ -418,8 +395,8 @@ async fn write_some(
             return WriteStep::Done;
         }
         match rx.try_recv() {
-            Ok(next) => msg = next,
-            Err(_) => break,
+            Some(next) => msg = next,
+            None => break,
         }
     }
     if sink.flush().await.is_err() {
@@ -629,7 +606,7 @@ impl Conn {
         let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
         let shutdown = self.shared.shutdown.clone();
-        let drained = Arc::clone(&self.out.drained);
+        let drained = self.out.tx.drained();
         let end = loop {
             let queue_bound = match self.fill() {
                 Ok(b) => b,

@@ -23,3 +23,4 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod tools;
+pub mod write_queue;
