@@ -46,6 +46,35 @@ use crate::write_queue::{self, TrySendError};
 type Ws = WebSocketStream<crate::tls::Stream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
 
+/// Replies to publishes and subscribes, in request order. Made on the first request: an empty
+/// `FuturesOrdered` already allocates, and most connections only receive.
+#[derive(Default)]
+struct Replies(Option<FuturesOrdered<Reply>>);
+
+impl Replies {
+    fn push_back(&mut self, reply: Reply) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(reply);
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next reply in request order; `None` when none is pending. Cancel-safe.
+    async fn next(&mut self) -> Option<String> {
+        match &mut self.0 {
+            Some(pending) => pending.next().await,
+            None => None,
+        }
+    }
+}
+
 /// Why a connection ends, and what the peer is told.
 #[derive(Debug)]
 enum End {
@@ -603,7 +632,7 @@ fn expiry_instant(at: Option<u64>) -> Option<Instant> {
 impl Conn {
     async fn session(&mut self, stream: &mut SplitStream<Ws>, ticket: &Ticket) -> End {
         let mut durable = self.handle.watch_durable();
-        let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
+        let mut replies = Replies::default();
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
         let shutdown = self.shared.shutdown.clone();
         let drained = self.out.tx.drained();
@@ -797,7 +826,7 @@ impl Conn {
     async fn on_message(
         &mut self,
         msg: Option<Result<Message, WsError>>,
-        replies: &mut FuturesOrdered<Reply>,
+        replies: &mut Replies,
     ) -> Result<(), End> {
         let text = match msg {
             None => return Err(End::Gone),
@@ -908,7 +937,7 @@ impl Conn {
         reference: Option<Box<serde_json::value::RawValue>>,
         topic: crate::ids::Topic,
         on: bool,
-        replies: &mut FuturesOrdered<Reply>,
+        replies: &mut Replies,
     ) {
         let store = self.shared.store.clone();
         let metrics = Arc::clone(&self.shared.metrics);
@@ -927,11 +956,7 @@ impl Conn {
         }));
     }
 
-    async fn publish(
-        &mut self,
-        p: Publish,
-        replies: &mut FuturesOrdered<Reply>,
-    ) -> Result<(), End> {
+    async fn publish(&mut self, p: Publish, replies: &mut Replies) -> Result<(), End> {
         let Publish {
             reference,
             to,
