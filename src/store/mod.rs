@@ -3,8 +3,7 @@
 //! All writes go through one writer thread ([`writer`](self::Writer)) that applies commands in
 //! arrival order, then makes a whole group of them durable with a single commit: sled's
 //! `flush()` followed by our own `fdatasync` of sled's log file (sled's flush alone issues
-//! `sync_file_range`, which is not a durability barrier), run by a sync thread
-//! ([`syncer`]) while the writer gathers the next group. Only after that commit are replies
+//! `sync_file_range`, which is not a durability barrier). Only after that commit are replies
 //! sent and the new messages made visible to sessions. That ordering is the broker's promise:
 //!
 //! > a publish is confirmed, and a message is sent, only after an fsync covers its write.
@@ -38,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage, StoredPayload};
 use crate::config::{Config, Durability};
@@ -50,7 +49,6 @@ mod backup;
 mod blobs;
 mod group;
 mod inspect;
-mod syncer;
 pub use inspect::Inspector;
 
 /// How many commands the writer queue holds before senders wait.
@@ -847,6 +845,7 @@ struct WriterState {
     db: sled::Db,
     clients_tree: sled::Tree,
     outbox: sled::Tree,
+    log: File,
     opts: StoreOptions,
     latched: Arc<AtomicBool>,
     latch_reason: Option<String>,
@@ -855,7 +854,8 @@ struct WriterState {
     by_cid: HashMap<u64, ClientId>,
     subscribers: HashMap<Topic, BTreeSet<u64>>,
     next_cid: u64,
-    /// Publishes applied (for the shutdown report).
+    /// Successful fsync commits, and the publishes they covered (for the shutdown report).
+    commits: u64,
     published: u64,
     /// Clients whose durable frontier must advance at the next commit.
     touched: Vec<u64>,
@@ -867,25 +867,11 @@ struct WriterState {
     tally: GroupTally,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
-    /// The sync thread's state until `run` starts it.
-    syncer: Option<syncer::Syncer>,
-    /// Where applied groups go to be synced; set while `run` runs.
-    jobs: Option<std::sync::mpsc::Sender<syncer::Job>>,
-    /// A group is with the sync thread: the next one gathers but is not applied.
-    in_flight: bool,
-    /// When the group being gathered got its first command that waits for a reply
-    /// (`storage.group_commit_max_delay_us` counts from there).
-    group_opened: Option<Instant>,
+    /// sled's blob files, which the commit must fsync besides the log.
+    blobs: blobs::BlobSync,
     /// Cumulative acks not yet applied, by client: a reader acks every message with an `upto`,
     /// and the highest one in a group does the work of them all.
     uptos: HashMap<u64, u64>,
-}
-
-/// What woke the writer.
-enum Event {
-    Synced(Option<Result<(), String>>),
-    Command(Option<Command>),
-    Tick,
 }
 
 /// What the group being committed confirms, for the metrics.
@@ -919,21 +905,12 @@ impl WriterState {
                 })?;
             metas.insert(cid, decode(&k, &v)?);
         }
-        let syncer = syncer::Syncer {
-            db: db.clone(),
-            log,
-            blobs: blobs::BlobSync::new(&opts.data_dir),
-            durability: opts.durability,
-            fail_flush_after: opts.fail_flush_after,
-            fail_fsync_after: opts.fail_fsync_after,
-            metrics: Arc::clone(&opts.metrics),
-            latched: Arc::clone(&latched),
-            commits: 0,
-        };
+        let opts_dir = opts.data_dir.clone();
         let mut st = WriterState {
             db,
             clients_tree,
             outbox,
+            log,
             opts,
             latched,
             latch_reason: None,
@@ -941,6 +918,7 @@ impl WriterState {
             by_cid: HashMap::new(),
             subscribers: HashMap::new(),
             next_cid: 1,
+            commits: 0,
             published: 0,
             touched: Vec::new(),
             pending: Vec::new(),
@@ -949,10 +927,7 @@ impl WriterState {
             handles,
             tally: GroupTally::default(),
             group: group::Group::default(),
-            syncer: Some(syncer),
-            jobs: None,
-            in_flight: false,
-            group_opened: None,
+            blobs: blobs::BlobSync::new(&opts_dir),
             uptos: HashMap::new(),
         };
         let mut orphans = Vec::new();
@@ -1067,8 +1042,8 @@ impl WriterState {
         }
     }
 
-    /// The writer loop: gather a group, apply it, hand it to the sync thread, gather the next
-    /// one while that one is synced. Returns whether the store ended latched.
+    /// The writer loop: gather a group, apply it, commit it, answer it. Returns whether the
+    /// store ended latched.
     fn run(mut self, mut rx: mpsc::Receiver<Command>) -> bool {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -1081,70 +1056,51 @@ impl WriterState {
                 return true;
             }
         };
-        let Some(syncer) = self.syncer.take() else {
-            self.latched.store(true, Ordering::Release);
-            return true;
-        };
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let sync_thread = match std::thread::Builder::new()
-            .name("outboxd-sync".into())
-            .spawn(move || syncer.run(jobs_rx, done_tx))
-        {
-            Ok(t) => t,
-            Err(e) => {
-                error!(error = %e, "store cannot start its sync thread; the store is latched");
-                self.latched.store(true, Ordering::Release);
-                return true;
-            }
-        };
-        self.jobs = Some(jobs_tx);
-        let delay = self.opts.group_commit_max_delay;
         loop {
-            // Commands wait in the queue while the group is full and its predecessor syncs.
-            let full = self.pending.len() >= MAX_GROUP || self.group.writes() >= group::MAX_WRITES;
-            let mut wait = SWEEP_EVERY;
-            if self.pending.is_empty() && self.touched.is_empty() && self.group.writes() > 0 {
-                wait = wait.min(ACK_APPLY_EVERY.saturating_sub(self.applied_at.elapsed()));
-            }
-            if let (Some(opened), false) = (self.group_opened, self.in_flight) {
-                wait = wait.min(delay.saturating_sub(opened.elapsed()));
-            }
-            let in_flight = self.in_flight;
-            // The timers must be made inside the runtime, or tokio panics.
-            let event = rt.block_on(async {
-                tokio::select! {
-                    biased;
-                    d = done_rx.recv(), if in_flight => Event::Synced(d),
-                    c = rx.recv(), if !full => Event::Command(c),
-                    () = tokio::time::sleep(wait) => Event::Tick,
+            let wait = if self.group.writes() > 0 {
+                ACK_APPLY_EVERY
+                    .saturating_sub(self.applied_at.elapsed())
+                    .min(SWEEP_EVERY)
+            } else {
+                SWEEP_EVERY
+            };
+            let first = rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+            let mut group = 0usize;
+            match first {
+                Ok(Some(cmd)) => {
+                    self.apply(cmd);
+                    group += 1;
                 }
-            });
-            match event {
-                Event::Synced(d) => {
-                    self.in_flight = false;
-                    match d {
-                        Some(Ok(())) => {}
-                        Some(Err(reason)) => self.latch(&reason),
-                        None => self.latch("the store's sync thread stopped"),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            if group > 0 {
+                // Whatever queued while the last commit ran joins this one.
+                while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
+                    match rx.try_recv() {
+                        Ok(cmd) => {
+                            self.apply(cmd);
+                            group += 1;
+                        }
+                        Err(_) => break,
                     }
                 }
-                Event::Command(Some(cmd)) => {
-                    self.apply(cmd);
-                    // Whatever else is queued joins this group.
-                    while self.pending.len() < MAX_GROUP && self.group.writes() < group::MAX_WRITES
-                    {
-                        match rx.try_recv() {
-                            Ok(cmd) => self.apply(cmd),
-                            Err(_) => break,
+                let delay = self.opts.group_commit_max_delay;
+                if !delay.is_zero() && group < MAX_GROUP {
+                    let deadline = tokio::time::Instant::now() + delay;
+                    while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
+                        // The timer must be made inside the runtime, or tokio panics.
+                        match rt
+                            .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+                        {
+                            Ok(Some(cmd)) => {
+                                self.apply(cmd);
+                                group += 1;
+                            }
+                            _ => break,
                         }
                     }
                 }
-                Event::Command(None) => break,
-                Event::Tick => {}
-            }
-            if self.group_opened.is_none() && !self.pending.is_empty() {
-                self.group_opened = Some(Instant::now());
             }
             self.settle_acks();
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
@@ -1154,68 +1110,42 @@ impl WriterState {
                     self.latch(&format!("retention sweep failed: {e}"));
                 }
             }
-            let held = self.group_opened.is_some_and(|o| o.elapsed() < delay)
-                && self.pending.len() < MAX_GROUP
-                && self.group.writes() < group::MAX_WRITES;
-            if !held {
-                self.commit();
-            }
+            self.commit();
         }
-        // Shutdown: answer everything gathered, then apply the held acks.
         self.settle_acks();
-        loop {
-            if self.in_flight {
-                match rt.block_on(done_rx.recv()) {
-                    Some(Ok(())) => {}
-                    Some(Err(reason)) => self.latch(&reason),
-                    None => self.latch("the store's sync thread stopped"),
-                }
-                self.in_flight = false;
-            } else if self.pending.is_empty() && self.touched.is_empty() {
-                break;
-            } else {
-                self.commit();
-            }
-        }
+        self.commit();
         if self.latch_reason.is_none() {
             if let Err(e) = self.apply_group() {
                 self.opts.metrics.store_errors.inc();
                 self.latch(&format!("writing acks failed: {e}"));
             }
         }
-        self.jobs = None;
         if let Some(reason) = &self.latch_reason {
             // After a failed write sled's flush can wait forever (it waits for a write that
-            // never completes), and the sync thread may be stuck in one; nothing after the
-            // latch was confirmed, so there is nothing to make durable.
+            // never completes); nothing after the latch was confirmed, so there is nothing to
+            // make durable.
             warn!(reason = %reason, "store latched: skipping the final flush");
-            info!(publishes = self.published, "store closed");
-            // Dropping sled's handles flushes, which after a disk failure can wait forever.
-            std::mem::forget(sync_thread);
-            std::mem::forget(self);
-            return true;
+        } else if let Err(e) = self.db.flush() {
+            error!(error = %e, "final flush failed");
+        } else if let Err(e) = self.blobs.sync_new().and_then(|_| self.log.sync_data()) {
+            error!(error = %e, "final fsync failed");
         }
-        let commits = match sync_thread.join() {
-            Ok(mut syncer) => {
-                syncer.final_flush();
-                syncer.commits
-            }
-            Err(_) => {
-                error!("the store's sync thread panicked");
-                0
-            }
-        };
-        let per_commit = if commits > 0 {
-            self.published as f64 / commits as f64
+        let per_commit = if self.commits > 0 {
+            self.published as f64 / self.commits as f64
         } else {
             0.0
         };
         info!(
-            commits,
+            commits = self.commits,
             publishes = self.published,
             publishes_per_commit = format!("{per_commit:.1}"),
             "store closed"
         );
+        if self.latch_reason.is_some() {
+            // Dropping sled's handles flushes, which after a disk failure can wait forever.
+            std::mem::forget(self);
+            return true;
+        }
         false
     }
 
@@ -1231,9 +1161,7 @@ impl WriterState {
         }
     }
 
-    /// Applies the group gathered so far and hands it to the sync thread, which makes it
-    /// durable, then answers it and wakes sessions. While an earlier group is still syncing,
-    /// this one keeps gathering.
+    /// Makes everything applied so far durable, then answers and wakes sessions.
     fn commit(&mut self) {
         if self.pending.is_empty() && self.touched.is_empty() {
             // Nobody waits on this group: acks and retention only. Their writes are held until
@@ -1253,51 +1181,52 @@ impl WriterState {
             }
             return;
         }
-        if self.in_flight {
-            return;
-        }
-        self.group_opened = None;
         let tally = std::mem::take(&mut self.tally);
-        let failed = match &self.latch_reason {
+        let result = match &self.latch_reason {
             Some(r) => {
                 self.group.discard();
-                Some(r.clone())
+                Err(r.clone())
             }
-            None => self.apply_group().err().map(|e| {
-                self.opts.metrics.store_errors.inc();
-                format!("writing the commit group failed: {e}")
-            }),
+            None => self
+                .apply_group()
+                .map_err(|e| format!("writing the commit group failed: {e}"))
+                .and_then(|()| match self.opts.durability {
+                    Durability::Relaxed => Ok(()),
+                    Durability::Fsync => self.sync(),
+                })
+                .inspect_err(|_| {
+                    self.opts.metrics.store_errors.inc();
+                }),
         };
-        let failed = failed.or_else(|| {
-            let mut frontiers = Vec::with_capacity(self.touched.len());
-            for cid in self.touched.drain(..) {
-                let c = self.by_cid.get(&cid).and_then(|n| self.clients.get(n));
-                if let Some(c) = c {
-                    frontiers.push((Arc::clone(&c.handle), c.meta.next_seq));
+        match result {
+            Ok(()) => {
+                // Counted before the replies go out, so a publisher that has its `ok` (or a
+                // scrape after it) sees its publish in the metrics.
+                let m = &self.opts.metrics;
+                m.commit_groups.inc();
+                m.published.add(tally.published);
+                m.stored.add(tally.stored);
+                m.duplicates.add(tally.duplicates);
+                if tally.published > 0 {
+                    m.commit_group_publishes.observe(tally.published as f64);
+                }
+                for cid in self.touched.drain(..) {
+                    if let Some(name) = self.by_cid.get(&cid) {
+                        if let Some(c) = self.clients.get(name) {
+                            c.handle.durable.send_replace(c.meta.next_seq);
+                        }
+                    }
+                }
+                for p in self.pending.drain(..) {
+                    p.send();
                 }
             }
-            let job = syncer::Job {
-                pending: std::mem::take(&mut self.pending),
-                frontiers,
-                tally,
-            };
-            match self.jobs.as_ref().map(|j| j.send(job)) {
-                Some(Ok(())) => {
-                    self.in_flight = true;
-                    None
+            Err(reason) => {
+                self.latch(&reason);
+                self.touched.clear();
+                for p in self.pending.drain(..) {
+                    p.fail(&reason);
                 }
-                Some(Err(std::sync::mpsc::SendError(job))) => {
-                    self.pending = job.pending;
-                    Some("the store's sync thread stopped".to_string())
-                }
-                None => Some("the store's sync thread is not running".to_string()),
-            }
-        });
-        if let Some(reason) = failed {
-            self.latch(&reason);
-            self.touched.clear();
-            for p in self.pending.drain(..) {
-                p.fail(&reason);
             }
         }
     }
@@ -1314,6 +1243,38 @@ impl WriterState {
             batch.insert(&keys::meta(cid), meta);
         }
         self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        if self
+            .opts
+            .fail_flush_after
+            .is_some_and(|n| self.commits >= n)
+        {
+            return Err("flush failed: injected fault (OUTBOXD_FAULT_FLUSH_FAIL_AFTER)".into());
+        }
+        self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+        if let Some(n) = self.opts.fail_fsync_after {
+            if self.commits >= n {
+                return Err("fsync failed: injected fault (OUTBOXD_FAULT_FSYNC_FAIL_AFTER)".into());
+            }
+        }
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
+        self.log
+            .sync_data()
+            .map_err(|e| format!("fsync of the store log failed: {e}"))?;
+        // Blobs another thread wrote while the log was syncing (see store::blobs).
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
+        self.commits += 1;
+        let took = started.elapsed();
+        self.opts.metrics.commit_seconds.observe_duration(took);
+        debug!(took_us = took.as_micros() as u64, "commit");
         Ok(())
     }
 
