@@ -8,8 +8,8 @@
 //!
 //! Until it is applied, the tree does not show the group's writes, so the writer looks here
 //! first for what its own reads depend on: idempotency keys stored earlier in the group and
-//! messages and tombstones an earlier ack in the group deleted. Commands whose reads this overlay does not
-//! cover (retention, purge, backup) apply the group first.
+//! messages and tombstones an earlier ack in the group deleted. Commands whose reads this
+//! overlay does not cover (retention, purge, backup) apply the group first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -24,9 +24,9 @@ pub(super) struct Group {
     batch: sled::Batch,
     /// Writes in `batch`; zero means there is nothing to apply.
     writes: usize,
-    /// Keys of messages and tombstones deleted in this group (still in the tree until it is
-    /// applied).
-    removed: HashSet<Vec<u8>>,
+    /// Keys (`O`/`X cid seq`, fixed width) of messages and tombstones deleted in this group
+    /// (still in the tree until it is applied). Fixed-size, so an ack allocates nothing here.
+    removed: HashSet<[u8; 17]>,
     /// Idempotency keys stored in this group, by their `K` key.
     dedup: HashMap<Vec<u8>, DedupEntry>,
     /// Clients whose `ClientMeta` changed: written once per group, at apply time.
@@ -45,10 +45,9 @@ impl Group {
     }
 
     /// Deletes a stored message or tombstone; later reads in this group must skip it.
-    pub(super) fn remove_seq(&mut self, key: impl AsRef<[u8]>) {
-        let key = key.as_ref();
+    pub(super) fn remove_seq(&mut self, key: [u8; 17]) {
         self.remove(key);
-        self.removed.insert(key.to_vec());
+        self.removed.insert(key);
     }
 
     /// Writes gathered so far: the writer closes a group at [`MAX_WRITES`], so a fan-out to
@@ -58,7 +57,7 @@ impl Group {
     }
 
     pub(super) fn is_removed(&self, key: &[u8]) -> bool {
-        self.removed.contains(key)
+        <[u8; 17]>::try_from(key).is_ok_and(|k| self.removed.contains(&k))
     }
 
     pub(super) fn store_dedup(&mut self, key: Vec<u8>, entry: DedupEntry, value: Vec<u8>) {
@@ -107,7 +106,7 @@ mod tests {
     #[test]
     fn taking_the_group_clears_its_overlay() {
         let mut g = Group::default();
-        g.remove_seq(b"O1");
+        g.remove_seq([b'O'; 17]);
         g.store_dedup(
             b"K1".to_vec(),
             DedupEntry {
@@ -118,11 +117,11 @@ mod tests {
             vec![0],
         );
         g.touch_meta(3);
-        assert!(g.is_removed(b"O1"));
+        assert!(g.is_removed(&[b'O'; 17]));
         assert!(g.dedup(b"K1").is_some());
         let (_, dirty) = g.take().expect("writes were gathered");
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![3]);
-        assert!(!g.is_removed(b"O1"));
+        assert!(!g.is_removed(&[b'O'; 17]));
         assert!(g.dedup(b"K1").is_none());
         assert!(g.take().is_none());
     }

@@ -1598,8 +1598,8 @@ impl WriterState {
         let range = keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, upto);
         let found: Vec<sled::IVec> = self.outbox.range(range).keys().collect::<Result<_, _>>()?;
         for k in found {
-            if !self.group.is_removed(&k) {
-                self.group.remove_seq(k);
+            if let (Some(seq), false) = (keys::seq_of(&k), self.group.is_removed(&k)) {
+                self.group.remove_seq(keys::seq_key(keys::MISSED, cid, seq));
             }
         }
         Ok(())
@@ -1646,7 +1646,7 @@ impl WriterState {
             freed_bytes += payload_len(&m.payload);
             freed += 1;
             published_at.push(m.ts);
-            self.group.remove_seq(k);
+            self.group.remove_seq(keys::seq_key(keys::MSG, cid, seq));
         }
         // The new watermark: just below the first message still stored once the group lands.
         let base = if matches!(ack, Ack::Upto(_)) {
