@@ -10,6 +10,11 @@
 //!
 //! Versions: 2 (written today) = `[2][crc32 of body, little-endian][body]`; 1 = `[1][body]`,
 //! still read.
+//!
+//! Messages are stored several to a record (a *chunk*, see `store::chunks`), in their own
+//! version: [`CHUNK_VERSION`] = `[3][crc32 of the rest, little-endian]` then, per message,
+//! `[seq u64 LE][length u32 LE][message body in bincode]`. A message record written one per key
+//! (version 1 or 2) reads as a chunk of one whose seq is its key's ([`split_chunk`]).
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
@@ -18,6 +23,8 @@ use thiserror::Error;
 pub const FORMAT_VERSION: u8 = 2;
 /// The first format: no checksum. Read, never written.
 const FORMAT_V1: u8 = 1;
+/// A record of several messages of one outbox.
+pub const CHUNK_VERSION: u8 = 3;
 /// Records larger than this are refused on decode (the largest payload is 64 KiB).
 const MAX_RECORD: usize = 1 << 20;
 
@@ -35,6 +42,8 @@ pub enum CodecError {
     Checksum,
     #[error("record does not encode: {0}")]
     Encode(#[from] bincode::error::EncodeError),
+    #[error("message record is malformed at byte {0}")]
+    Chunk(usize),
 }
 
 fn config() -> impl bincode::config::Config {
@@ -70,6 +79,92 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         return Err(CodecError::Trailing(body.len() - used));
     }
     Ok(value)
+}
+
+/// Encodes a message's body alone (no version byte, no checksum): what a chunk holds per
+/// message, see [`encode_chunk`].
+pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(bincode::serde::encode_to_vec(value, config())?)
+}
+
+/// Decodes a body written by [`encode_body`] (or split out of a record by [`split_chunk`]).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    let (value, used) = bincode::serde::decode_from_slice(body, config())?;
+    if used != body.len() {
+        return Err(CodecError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
+/// Bytes a chunk spends per message besides its body.
+const CHUNK_ENTRY_HEADER: usize = 12;
+
+/// Encodes messages of one outbox (seq and body from [`encode_body`], seqs ascending) as one
+/// chunk record.
+pub fn encode_chunk<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
+    let mut out = vec![CHUNK_VERSION, 0, 0, 0, 0];
+    for (seq, body) in entries {
+        out.reserve(CHUNK_ENTRY_HEADER + body.len());
+        out.extend_from_slice(&seq.to_le_bytes());
+        // A body is far below 4 GiB (payloads are capped at 64 KiB, records at 1 MiB).
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(body);
+    }
+    let crc = crc32fast::hash(&out[5..]);
+    out[1..5].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Where each message of a stored message record is: `(seq, byte range of its body)`, in seq
+/// order. A chunk ([`encode_chunk`]) yields each of its messages; a record of one message
+/// (written by [`encode`]) yields that one with seq `key_seq`. The checksum, the lengths and
+/// the seq order are checked; decode each body with [`decode_body`].
+pub fn split_chunk(
+    key_seq: u64,
+    bytes: &[u8],
+) -> Result<Vec<(u64, std::ops::Range<usize>)>, CodecError> {
+    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    let body_at = match version {
+        FORMAT_V1 => 1,
+        FORMAT_VERSION | CHUNK_VERSION => {
+            let (crc, body) = rest.split_at_checked(4).ok_or(CodecError::Checksum)?;
+            let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+            if crc32fast::hash(body) != crc {
+                return Err(CodecError::Checksum);
+            }
+            5
+        }
+        other => return Err(CodecError::Version(other)),
+    };
+    if version != CHUNK_VERSION {
+        return Ok(vec![(key_seq, body_at..bytes.len())]);
+    }
+    let mut out = Vec::new();
+    let mut at = body_at;
+    while at < bytes.len() {
+        let header = bytes
+            .get(at..at + CHUNK_ENTRY_HEADER)
+            .ok_or(CodecError::Chunk(at))?;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&header[..8]);
+        let seq = u64::from_le_bytes(seq);
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        let start = at + CHUNK_ENTRY_HEADER;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|e| *e <= bytes.len())
+            .ok_or(CodecError::Chunk(at))?;
+        if out.last().is_some_and(|(prev, _)| *prev >= seq) {
+            return Err(CodecError::Chunk(at));
+        }
+        out.push((seq, start..end));
+        at = end;
+    }
+    if out.is_empty() {
+        return Err(CodecError::Empty);
+    }
+    Ok(out)
 }
 
 /// Per-client state, stored next to the client's messages so each change to it is written in
@@ -176,6 +271,76 @@ mod tests {
             let meta = ClientMeta { name, epoch: "e1".into(), next_seq: n, acked: a, pending: 3, bytes: 9, last_seen: 1 };
             prop_assert_eq!(decode::<ClientMeta>(&encode(&meta).unwrap()).unwrap(), meta);
         }
+    }
+
+    fn chunk_of(msgs: &[StoredMessage]) -> Vec<u8> {
+        let bodies: Vec<(u64, Vec<u8>)> = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (10 + 2 * i as u64, encode_body(m).unwrap()))
+            .collect();
+        encode_chunk(bodies.iter().map(|(s, b)| (*s, b.as_slice())))
+    }
+
+    fn read_chunk(bytes: &[u8]) -> Result<Vec<(u64, StoredMessage)>, CodecError> {
+        split_chunk(0, bytes)?
+            .into_iter()
+            .map(|(seq, r)| Ok((seq, decode_body(&bytes[r])?)))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn chunks_round_trip(msgs in proptest::collection::vec(message(), 1..20)) {
+            let bytes = chunk_of(&msgs);
+            prop_assert_eq!(bytes[0], CHUNK_VERSION);
+            let back = read_chunk(&bytes).unwrap();
+            prop_assert_eq!(back.len(), msgs.len());
+            for (i, ((seq, m), want)) in back.iter().zip(&msgs).enumerate() {
+                prop_assert_eq!(*seq, 10 + 2 * i as u64);
+                prop_assert_eq!(m, want);
+            }
+        }
+
+        #[test]
+        fn damaged_chunks_are_errors_not_panics(
+            msgs in proptest::collection::vec(message(), 1..5),
+            pos in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = chunk_of(&msgs);
+            let i = pos.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            prop_assert!(read_chunk(&bytes).is_err());
+            let bytes = chunk_of(&msgs);
+            prop_assert!(read_chunk(&bytes[..cut.index(bytes.len())]).is_err());
+        }
+
+        #[test]
+        fn a_single_message_record_reads_as_a_chunk_of_one(m in message(), seq in any::<u64>()) {
+            let bytes = encode(&m).unwrap();
+            let parts = split_chunk(seq, &bytes).unwrap();
+            prop_assert_eq!(parts.len(), 1);
+            prop_assert_eq!(parts[0].0, seq);
+            prop_assert_eq!(decode_body::<StoredMessage>(&bytes[parts[0].1.clone()]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn chunks_with_unordered_seqs_or_nothing_in_them_are_refused() {
+        let body = encode_body(&DedupEntry {
+            id: 1,
+            ts: 2,
+            recipients: 3,
+        })
+        .unwrap();
+        let twice = encode_chunk([(5, body.as_slice()), (5, body.as_slice())]);
+        assert!(matches!(split_chunk(0, &twice), Err(CodecError::Chunk(_))));
+        let down = encode_chunk([(6, body.as_slice()), (5, body.as_slice())]);
+        assert!(matches!(split_chunk(0, &down), Err(CodecError::Chunk(_))));
+        let empty = encode_chunk([]);
+        assert!(matches!(split_chunk(0, &empty), Err(CodecError::Empty)));
     }
 
     #[test]

@@ -186,3 +186,48 @@ async fn held_acks_reach_the_disk_without_further_traffic() {
     assert_eq!(welcome["pending"], 0, "the acks were lost: {welcome}");
     bob.expect_quiet(QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_seq_acks_and_an_expiry_inside_one_groups_record_survive_a_restart() {
+    // One group's messages to one outbox share a stored record. Catches a per-seq ack or an
+    // expiry that loses (or brings back) the record's other messages, and a record whose first
+    // message left that readers then no longer find.
+    let mut broker = broker();
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=8 {
+        let mut frame = json!({"type": "publish", "ref": format!("a{i}"), "to": "client:bob",
+                               "payload": format!("m{i}")});
+        if i == 6 {
+            frame["ttl_ms"] = json!(2_000);
+        }
+        alice.send(frame).await;
+    }
+    for _ in 1..=8 {
+        let ok = alice.recv_skip_pings().await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+    }
+    let (mut bob, _) = broker.client("bob").await;
+    assert_eq!(seqs(&bob.recv_msgs(8).await), (1..=8).collect::<Vec<u64>>());
+    bob.ack(1).await;
+    bob.ack(4).await;
+    bob.ack(8).await;
+    bob.sync().await;
+    bob.close().await;
+    // m6 expires unacked.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert!(broker.sigterm().success());
+    broker.restart();
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(
+        welcome["pending"], 4,
+        "m2, m3, m5 and m7 are left: {welcome}"
+    );
+    assert_eq!(welcome["missed"], 1, "m6 expired: {welcome}");
+    let got = bob.recv_msgs(4).await;
+    assert_eq!(seqs(&got), vec![2, 3, 5, 7]);
+    for m in &got {
+        assert_eq!(m["payload"], json!(format!("m{}", seq(m))), "{m}");
+    }
+    bob.expect_quiet(QUIET).await;
+}

@@ -7,28 +7,48 @@
 //! the group is confirmed before the commit, so a crash loses the whole group or nothing.
 //!
 //! Until it is applied, the tree does not show the group's writes, so the writer looks here
-//! first for what its own reads depend on: idempotency keys stored earlier in the group and
-//! messages and tombstones an earlier ack in the group deleted. Commands whose reads this
-//! overlay does not cover (retention, purge, backup) apply the group first.
+//! first for what its own reads depend on: idempotency keys stored earlier in the group,
+//! message chunks the group wrote, rewrote or deleted (see [`super::chunks`]), and tombstones
+//! an earlier ack in the group deleted. Commands whose reads this overlay does not cover
+//! (retention, purge, backup) apply the group first.
+//!
+//! Chunks are kept here decoded and encoded once, when the group is applied: a group's new
+//! messages for one outbox are appended to the chunk the group opened for it, and several acks
+//! in one group rewrite a chunk once.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use sled::IVec;
+
+use super::chunks::{self, Entries};
+use super::keys;
 use crate::codec::DedupEntry;
 
 /// The most writes one group gathers before it is committed (a publish is never split: the
 /// group closes after the command that crosses it).
 pub(super) const MAX_WRITES: usize = 50_000;
 
+/// Idempotency keys listed for expiry: (time stored, scope + key).
+pub(super) type Expiring = Vec<(u64, Vec<u8>)>;
+
 #[derive(Default)]
 pub(super) struct Group {
     batch: sled::Batch,
     /// Writes in `batch`; zero means there is nothing to apply.
     writes: usize,
-    /// Keys (`O`/`X cid seq`, fixed width) of messages and tombstones deleted in this group
-    /// (still in the tree until it is applied). Fixed-size, so an ack allocates nothing here.
+    /// Keys (`X cid seq`, fixed width) of tombstones deleted in this group (still in the tree
+    /// until it is applied). Fixed-size, so an ack allocates nothing here.
     removed: HashSet<[u8; 17]>,
+    /// Message chunks as this group leaves them, by key: `None` = deleted.
+    chunks: BTreeMap<[u8; 17], Option<Entries>>,
+    /// By client: the chunk this group opened for its new messages, and its body bytes.
+    open: HashMap<u64, ([u8; 17], usize)>,
     /// Idempotency keys stored in this group, by their `K` key.
     dedup: HashMap<Vec<u8>, DedupEntry>,
+    /// The same keys as (time, scope + key), for the group's one dedup expiry record, and the
+    /// first one's message id (which makes that record's key unique).
+    expiring: Expiring,
+    expiring_id: u64,
     /// Clients whose `ClientMeta` changed: written once per group, at apply time.
     dirty: BTreeSet<u64>,
 }
@@ -44,10 +64,74 @@ impl Group {
         self.writes += 1;
     }
 
-    /// Deletes a stored message or tombstone; later reads in this group must skip it.
-    pub(super) fn remove_seq(&mut self, key: [u8; 17]) {
+    /// Deletes a stored tombstone; later reads in this group must skip it.
+    pub(super) fn remove_tombstone(&mut self, key: [u8; 17]) {
         self.remove(key);
         self.removed.insert(key);
+    }
+
+    /// Adds a new message (its encoded body) to `cid`'s outbox: to the chunk this group opened
+    /// for it while that has room, else to a new one.
+    pub(super) fn append(&mut self, cid: u64, seq: u64, body: IVec) {
+        self.writes += 1;
+        let len = body.len();
+        if let Some((key, bytes)) = self.open.get_mut(&cid) {
+            if let Some(Some(entries)) = self.chunks.get_mut(key) {
+                if entries.len() < chunks::MAX_MESSAGES && *bytes < chunks::MAX_BYTES {
+                    entries.push((seq, body));
+                    *bytes += len;
+                    return;
+                }
+            }
+        }
+        let key = keys::seq_key(keys::MSG, cid, seq);
+        self.chunks.insert(key, Some(vec![(seq, body)]));
+        self.open.insert(cid, (key, len));
+    }
+
+    /// The group's version of the chunk under `key`: `Some(None)` when it deleted it, `None`
+    /// when it did not touch it.
+    pub(super) fn chunk(&self, key: &[u8]) -> Option<Option<&Entries>> {
+        let key = <[u8; 17]>::try_from(key).ok()?;
+        self.chunks.get(&key).map(Option::as_ref)
+    }
+
+    /// The live chunk of `cid` this group holds with the greatest key in `lo..=hi`.
+    pub(super) fn last_chunk_in(&self, cid: u64, lo: u64, hi: u64) -> Option<([u8; 17], &Entries)> {
+        let range = keys::seq_key(keys::MSG, cid, lo)..=keys::seq_key(keys::MSG, cid, hi);
+        self.chunks
+            .range(range)
+            .rev()
+            .find_map(|(k, e)| e.as_ref().map(|e| (*k, e)))
+    }
+
+    /// The live chunk of `cid` this group holds with the least key in `lo..=hi`.
+    pub(super) fn first_chunk_in(
+        &self,
+        cid: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Option<([u8; 17], &Entries)> {
+        let range = keys::seq_key(keys::MSG, cid, lo)..=keys::seq_key(keys::MSG, cid, hi);
+        self.chunks
+            .range(range)
+            .find_map(|(k, e)| e.as_ref().map(|e| (*k, e)))
+    }
+
+    /// Leaves the chunk stored under `key` holding `entries`: deleted when they are none,
+    /// moved to the key of its first message when that changed.
+    pub(super) fn put_chunk(&mut self, key: [u8; 17], entries: Entries) {
+        self.writes += 1;
+        let Some(&(first, _)) = entries.first() else {
+            self.chunks.insert(key, None);
+            return;
+        };
+        let at = keys::seq_key(keys::MSG, chunks::cid_of(&key), first);
+        if at != key {
+            self.chunks.insert(key, None);
+            self.writes += 1;
+        }
+        self.chunks.insert(at, Some(entries));
     }
 
     /// Writes gathered so far: the writer closes a group at [`MAX_WRITES`], so a fan-out to
@@ -60,9 +144,26 @@ impl Group {
         <[u8; 17]>::try_from(key).is_ok_and(|k| self.removed.contains(&k))
     }
 
-    pub(super) fn store_dedup(&mut self, key: Vec<u8>, entry: DedupEntry, value: Vec<u8>) {
+    /// Stores an idempotency key (`key` = `K` + `body`) and lists it for expiry.
+    pub(super) fn store_dedup(&mut self, body: &[u8], entry: DedupEntry, value: Vec<u8>) {
+        let key = keys::dedup(body);
         self.insert(&key, value);
+        if self.expiring.is_empty() {
+            self.expiring_id = entry.id;
+        }
+        self.expiring.push((entry.ts, body.to_vec()));
         self.dedup.insert(key, entry);
+    }
+
+    /// The group's dedup expiry record: its key (`G`, the newest time listed, a message id)
+    /// and the keys it lists. None when the group stored no idempotency key.
+    pub(super) fn take_expiring(&mut self) -> Option<(Vec<u8>, Expiring)> {
+        if self.expiring.is_empty() {
+            return None;
+        }
+        let list = std::mem::take(&mut self.expiring);
+        let newest = list.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
+        Some((keys::dedup_list(newest, self.expiring_id), list))
     }
 
     pub(super) fn dedup(&self, key: &[u8]) -> Option<&DedupEntry> {
@@ -77,10 +178,18 @@ impl Group {
     /// the overlay. None when the group wrote nothing.
     pub(super) fn take(&mut self) -> Option<(sled::Batch, BTreeSet<u64>)> {
         let dirty = std::mem::take(&mut self.dirty);
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
         let writes = std::mem::take(&mut self.writes);
+        for (key, entries) in std::mem::take(&mut self.chunks) {
+            match entries {
+                Some(e) => batch.insert(&key, chunks::encode(&e)),
+                None => batch.remove(&key),
+            }
+        }
+        self.open.clear();
         self.removed.clear();
         self.dedup.clear();
+        self.expiring.clear();
         if writes == 0 && dirty.is_empty() {
             return None;
         }
@@ -106,9 +215,9 @@ mod tests {
     #[test]
     fn taking_the_group_clears_its_overlay() {
         let mut g = Group::default();
-        g.remove_seq([b'O'; 17]);
+        g.remove_tombstone([b'X'; 17]);
         g.store_dedup(
-            b"K1".to_vec(),
+            b"1",
             DedupEntry {
                 id: 1,
                 ts: 2,
@@ -117,13 +226,85 @@ mod tests {
             vec![0],
         );
         g.touch_meta(3);
-        assert!(g.is_removed(&[b'O'; 17]));
+        assert!(g.is_removed(&[b'X'; 17]));
         assert!(g.dedup(b"K1").is_some());
         let (_, dirty) = g.take().expect("writes were gathered");
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![3]);
-        assert!(!g.is_removed(&[b'O'; 17]));
+        assert!(!g.is_removed(&[b'X'; 17]));
         assert!(g.dedup(b"K1").is_none());
         assert!(g.take().is_none());
+    }
+
+    fn body(n: u8) -> IVec {
+        IVec::from(vec![n; 100])
+    }
+
+    #[test]
+    fn a_groups_messages_for_one_outbox_share_a_chunk_until_it_is_full() {
+        let mut g = Group::default();
+        for seq in 1..=chunks::MAX_MESSAGES as u64 + 1 {
+            g.append(4, seq, body(1));
+        }
+        g.append(5, 1, body(2));
+        let first = g.chunk(&keys::seq_key(keys::MSG, 4, 1)).flatten().unwrap();
+        assert_eq!(first.len(), chunks::MAX_MESSAGES);
+        let next = keys::seq_key(keys::MSG, 4, chunks::MAX_MESSAGES as u64 + 1);
+        assert_eq!(g.chunk(&next).flatten().unwrap().len(), 1);
+        assert_eq!(
+            g.chunk(&keys::seq_key(keys::MSG, 5, 1))
+                .flatten()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(g.writes(), chunks::MAX_MESSAGES + 2);
+    }
+
+    #[test]
+    fn a_chunk_that_loses_its_first_messages_moves_to_its_new_first() {
+        let mut g = Group::default();
+        let k3 = keys::seq_key(keys::MSG, 1, 3);
+        g.put_chunk(k3, vec![(5, body(5)), (6, body(6))]);
+        assert_eq!(g.chunk(&k3), Some(None));
+        let k5 = keys::seq_key(keys::MSG, 1, 5);
+        assert_eq!(g.chunk(&k5).flatten().map(Vec::len), Some(2));
+        assert_eq!(g.last_chunk_in(1, 0, 4).map(|(k, _)| k), None);
+        assert_eq!(g.last_chunk_in(1, 0, 9).map(|(k, _)| k), Some(k5));
+        assert_eq!(g.first_chunk_in(1, 4, 9).map(|(k, _)| k), Some(k5));
+        g.put_chunk(k5, Vec::new());
+        assert_eq!(g.chunk(&k5), Some(None));
+        let (batch, _) = g.take().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.insert(k3, &b"old"[..]).unwrap();
+        db.apply_batch(batch).unwrap();
+        assert_eq!(
+            db.len(),
+            0,
+            "both keys are deleted once the group is applied"
+        );
+        assert!(
+            g.chunk(&k5).is_none(),
+            "nothing is left over for the next group"
+        );
+    }
+
+    #[test]
+    fn a_groups_idempotency_keys_share_one_expiry_record_under_the_newest_time() {
+        let mut g = Group::default();
+        assert!(g.take_expiring().is_none());
+        for (id, ts) in [(7, 100), (8, 102), (9, 101)] {
+            let entry = DedupEntry {
+                id,
+                ts,
+                recipients: 1,
+            };
+            g.store_dedup(format!("k{id}").as_bytes(), entry, vec![0]);
+        }
+        let (key, list) = g.take_expiring().expect("keys were stored");
+        assert_eq!(key, keys::dedup_list(102, 7));
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[2], (101, b"k9".to_vec()));
+        assert!(g.take_expiring().is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Instant;
 use base64::Engine;
 use tracing::{debug, info};
 
-use super::{decode, keys, payload_len, remove_stale_snapshots, StoreError};
+use super::{chunks, decode, keys, payload_len, remove_stale_snapshots, StoreError};
 use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
 use crate::report::{ClientView, MessageView, OutboxPage, StatsView, TopicView};
 
@@ -116,7 +116,10 @@ impl Inspector {
         {
             Some(item) => {
                 let (k, v) = item?;
-                Ok(Some(decode(&k, &v)?))
+                match chunks::split(&k, &v)?.first() {
+                    Some((_, body)) => Ok(Some(chunks::message(&k, body)?)),
+                    None => Ok(None),
+                }
             }
             None => Ok(None),
         }
@@ -197,22 +200,13 @@ impl Inspector {
         let Some(meta) = self.meta(cid)? else {
             return Ok(None);
         };
-        let lo = keys::seq_key(keys::MSG, cid, from);
-        let hi = keys::seq_key(keys::MSG, cid, u64::MAX);
-        let mut messages = Vec::new();
-        let mut next_from = None;
-        for item in self.outbox.range(lo..=hi) {
-            let (k, v) = item?;
-            let Some(seq) = keys::seq_of(&k) else {
-                continue;
-            };
-            if messages.len() >= limit {
-                next_from = Some(seq);
-                break;
-            }
-            let m: StoredMessage = decode(&k, &v)?;
-            messages.push(message_view(seq, m));
-        }
+        let mut found = chunks::read(&self.outbox, cid, from, u64::MAX, limit.saturating_add(1))?;
+        let next_from = (found.len() > limit).then(|| found[limit].0);
+        found.truncate(limit);
+        let messages = found
+            .into_iter()
+            .map(|(seq, m)| message_view(seq, m))
+            .collect();
         Ok(Some(OutboxPage {
             client_id: client.to_owned(),
             epoch: meta.epoch,

@@ -21,11 +21,14 @@
 //! - tree `clients`: client name -> client number (u64 big-endian), fixed width so no client's
 //!   keys are a prefix of another's;
 //! - tree `outbox`, keys by a one-byte kind:
-//!   `M cid` -> [`ClientMeta`]; `O cid seq` -> [`StoredMessage`]; `X cid seq` -> () a message
+//!   `M cid` -> [`ClientMeta`]; `O cid seq` -> a chunk of messages from `seq` on (see
+//!   `chunks`; a record of one [`StoredMessage`] before chunks); `X cid seq` -> () a message
 //!   that retention removed unacked (counted in `missed`); `E expires cid seq` -> () the expiry
 //!   index; `S len topic cid` -> () a subscription; `K len scope key` -> [`DedupEntry`];
-//!   `D ts len scope key` -> () the dedup expiry index. All integers big-endian, so one range
-//!   scan reads an outbox in seq order.
+//!   `G ts id` -> the (time, scope + key) of each idempotency key one group stored, `ts` the
+//!   newest: the dedup expiry index (data dirs from before hold `D ts len scope key` -> (), one
+//!   per key, still read). All integers big-endian, so one range scan reads an outbox in seq
+//!   order.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -44,9 +47,11 @@ use crate::config::{Config, Durability};
 use crate::ids::{ClientId, Topic};
 use crate::metrics::Metrics;
 use crate::protocol::{Ack, Payload, Resume, Target};
+use chunks::Entries;
 
 mod backup;
 mod blobs;
+mod chunks;
 mod group;
 mod inspect;
 pub use inspect::Inspector;
@@ -58,8 +63,8 @@ const MAX_GROUP: usize = 4096;
 /// sled's segment size for a new data dir. sled writes any log record over a quarter of a
 /// segment to a separate blob file that it never fsyncs; with its default 512 KiB segments a
 /// consolidated leaf (up to 16 values) of 16 KiB messages is already one. A quarter of 8 MiB
-/// holds a leaf of sixteen messages at the payload cap with room to spare, so no record the
-/// broker writes becomes a blob. An existing data dir keeps the size it was created with
+/// holds a leaf of sixteen message chunks, each at most `chunks::MAX_BYTES` plus one message
+/// at the payload cap, so no record the broker writes becomes a blob. An existing data dir keeps the size it was created with
 /// (sled refuses to open it with another); see [`sled_config`].
 pub const SEGMENT_BYTES: usize = 8 << 20;
 
@@ -376,6 +381,7 @@ mod keys {
     pub const SUB: u8 = b'S';
     pub const DEDUP: u8 = b'K';
     pub const DEDUP_EXPIRY: u8 = b'D';
+    pub const DEDUP_LIST: u8 = b'G';
 
     pub fn meta(cid: u64) -> [u8; 9] {
         let mut k = [META; 9];
@@ -453,6 +459,15 @@ mod keys {
     pub fn dedup(body: &[u8]) -> Vec<u8> {
         let mut k = vec![DEDUP];
         k.extend_from_slice(body);
+        k
+    }
+
+    /// The key of one group's dedup expiry record: the newest time it lists, then the first
+    /// listed message id (unique across restarts).
+    pub fn dedup_list(ts: u64, id: u64) -> Vec<u8> {
+        let mut k = vec![DEDUP_LIST];
+        k.extend_from_slice(&ts.to_be_bytes());
+        k.extend_from_slice(&id.to_be_bytes());
         k
     }
 
@@ -745,19 +760,10 @@ impl Store {
         if start >= frontier || limit == 0 {
             return Ok(batch);
         }
-        let lo = keys::seq_key(keys::MSG, handle.cid, start);
-        let hi = keys::seq_key(keys::MSG, handle.cid, frontier);
-        for item in self.outbox.range(lo..hi).take(limit) {
-            let (k, v) = item?;
-            let seq = keys::seq_of(&k).ok_or_else(|| StoreError::Corrupt {
-                key: format!("{k:02x?}"),
-                source: CodecError::Empty,
-            })?;
-            batch.items.push(Delivery {
-                seq,
-                message: decode(&k, &v)?,
-            });
-        }
+        batch.items = chunks::read(&self.outbox, handle.cid, start, frontier, limit)?
+            .into_iter()
+            .map(|(seq, message)| Delivery { seq, message })
+            .collect();
         batch.covered_to = match batch.items.last() {
             Some(last) if batch.items.len() == limit => last.seq,
             _ => frontier - 1,
@@ -774,11 +780,7 @@ impl Store {
         if seq >= *handle.durable.borrow() {
             return Ok(None);
         }
-        let k = keys::seq_key(keys::MSG, handle.cid, seq);
-        match self.outbox.get(k)? {
-            Some(v) => Ok(Some(decode(&k, &v)?)),
-            None => Ok(None),
-        }
+        chunks::get(&self.outbox, handle.cid, seq)
     }
 }
 
@@ -1235,6 +1237,10 @@ impl WriterState {
     /// meta of every client it changed.
     fn apply_group(&mut self) -> Result<(), StoreError> {
         self.applied_at = Instant::now();
+        if let Some((key, list)) = self.group.take_expiring() {
+            let value = encode(&list)?;
+            self.group.insert(key, value);
+        }
         let Some((mut batch, dirty)) = self.group.take() else {
             return Ok(());
         };
@@ -1538,7 +1544,7 @@ impl WriterState {
             },
             expires_at,
         };
-        let value = sled::IVec::from(encode(&record)?);
+        let body = sled::IVec::from(codec::encode_body(&record).map_err(StoreError::Encode)?);
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
         if max_msgs > 0 || max_bytes > 0 {
             for cid in &recipients {
@@ -1562,8 +1568,7 @@ impl WriterState {
             m.next_seq += 1;
             m.pending += 1;
             m.bytes += size;
-            self.group
-                .insert(keys::seq_key(keys::MSG, cid, seq), value.clone());
+            self.group.append(cid, seq, body.clone());
             if expires_at > 0 {
                 self.group.insert(keys::expiry(expires_at, cid, seq), &[]);
             }
@@ -1579,8 +1584,7 @@ impl WriterState {
                     recipients: written,
                 };
                 let value = encode(&entry)?;
-                self.group.store_dedup(keys::dedup(body), entry, value);
-                self.group.insert(keys::dedup_expiry(now, body), &[]);
+                self.group.store_dedup(body, entry, value);
             }
         }
         // The messages, their metas and the dedup key land in the group's one batch, so they
@@ -1599,7 +1603,8 @@ impl WriterState {
         let found: Vec<sled::IVec> = self.outbox.range(range).keys().collect::<Result<_, _>>()?;
         for k in found {
             if let (Some(seq), false) = (keys::seq_of(&k), self.group.is_removed(&k)) {
-                self.group.remove_seq(keys::seq_key(keys::MISSED, cid, seq));
+                self.group
+                    .remove_tombstone(keys::seq_key(keys::MISSED, cid, seq));
             }
         }
         Ok(())
@@ -1629,24 +1634,27 @@ impl WriterState {
         let mut freed_bytes = 0u64;
         // Publish times of the deleted messages, for the publish-to-ack histogram.
         let mut published_at = Vec::new();
-        let from = keys::seq_key(keys::MSG, cid, lo);
-        let to = keys::seq_key(keys::MSG, cid, hi);
-        for item in self.outbox.range(from..=to) {
-            let (k, v) = item?;
-            let Some(seq) = keys::seq_of(&k) else {
-                continue;
+        let mut next = self.chunk_holding(cid, lo)?;
+        while let Some((key, entries)) = next {
+            let (gone, keep): (Entries, Entries) = entries
+                .into_iter()
+                .partition(|(s, _)| (lo..=hi).contains(s));
+            if !gone.is_empty() {
+                for (seq, body) in &gone {
+                    let m = chunks::message(&key, body)?;
+                    if m.expires_at > 0 {
+                        self.group.remove(keys::expiry(m.expires_at, cid, *seq));
+                    }
+                    freed_bytes += payload_len(&m.payload);
+                    freed += 1;
+                    published_at.push(m.ts);
+                }
+                self.group.put_chunk(key, keep);
+            }
+            next = match keys::seq_of(&key) {
+                Some(at) if at < hi => self.chunk_after(cid, at, hi)?,
+                _ => None,
             };
-            if self.group.is_removed(&k) {
-                continue;
-            }
-            let m: StoredMessage = decode(&k, &v)?;
-            if m.expires_at > 0 {
-                self.group.remove(keys::expiry(m.expires_at, cid, seq));
-            }
-            freed_bytes += payload_len(&m.payload);
-            freed += 1;
-            published_at.push(m.ts);
-            self.group.remove_seq(keys::seq_key(keys::MSG, cid, seq));
         }
         // The new watermark: just below the first message still stored once the group lands.
         let base = if matches!(ack, Ack::Upto(_)) {
@@ -1654,25 +1662,7 @@ impl WriterState {
         } else {
             acked
         };
-        let mut first_left = None;
-        for k in self
-            .outbox
-            .range(
-                keys::seq_key(keys::MSG, cid, base.saturating_add(1))
-                    ..keys::seq_key(keys::MSG, cid, durable_next),
-            )
-            .keys()
-        {
-            let k = k?;
-            if self.group.is_removed(&k) {
-                continue;
-            }
-            let Some(s) = keys::seq_of(&k) else {
-                continue;
-            };
-            first_left = Some(s);
-            break;
-        }
+        let first_left = self.first_stored_after(cid, base, durable_next)?;
         let watermark = first_left
             .map_or(last_sent, |s| s.saturating_sub(1))
             .max(acked);
@@ -1699,6 +1689,77 @@ impl WriterState {
         Ok(())
     }
 
+    /// The chunk of `cid` that can hold `seq` (greatest key at or below it), as the tree will
+    /// hold it once the group is applied.
+    fn chunk_holding(&self, cid: u64, seq: u64) -> Result<Option<([u8; 17], Entries)>, StoreError> {
+        // A stored chunk the group deleted cannot hold `seq`: any chunk before it ends below it.
+        let stored = match chunks::holding(&self.outbox, cid, seq)? {
+            Some((k, v)) => match self.group.chunk(&k) {
+                Some(None) => None,
+                Some(Some(e)) => Some((k, e.clone())),
+                None => Some((k.clone(), chunks::split(&k, &v)?)),
+            },
+            None => None,
+        };
+        let stored = stored.and_then(|(k, e)| Some((<[u8; 17]>::try_from(k.as_ref()).ok()?, e)));
+        let grouped = self.group.last_chunk_in(cid, 0, seq);
+        Ok(match (stored, grouped) {
+            (Some(s), Some((gk, _))) if s.0 >= gk => Some(s),
+            (_, Some((gk, e))) => Some((gk, e.clone())),
+            (s, None) => s,
+        })
+    }
+
+    /// The first chunk of `cid` with a key in `after+1..=to`, as the tree will hold it once the
+    /// group is applied.
+    fn chunk_after(
+        &self,
+        cid: u64,
+        after: u64,
+        to: u64,
+    ) -> Result<Option<([u8; 17], Entries)>, StoreError> {
+        if after >= to {
+            return Ok(None);
+        }
+        let lo = keys::seq_key(keys::MSG, cid, after + 1);
+        let hi = keys::seq_key(keys::MSG, cid, to);
+        let mut stored = None;
+        for item in self.outbox.range(lo..=hi) {
+            let (k, v) = item?;
+            let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            match self.group.chunk(&k) {
+                Some(None) => continue,
+                Some(Some(e)) => stored = Some((key, e.clone())),
+                None => stored = Some((key, chunks::split(&k, &v)?)),
+            }
+            break;
+        }
+        let grouped = self.group.first_chunk_in(cid, after + 1, to);
+        Ok(match (stored, grouped) {
+            (Some(s), Some((gk, _))) if s.0 <= gk => Some(s),
+            (_, Some((gk, e))) => Some((gk, e.clone())),
+            (s, None) => s,
+        })
+    }
+
+    /// The first seq of `cid` stored above `base` and below `end`, once the group is applied.
+    fn first_stored_after(&self, cid: u64, base: u64, end: u64) -> Result<Option<u64>, StoreError> {
+        let Some(from) = base.checked_add(1).filter(|f| *f < end) else {
+            return Ok(None);
+        };
+        if let Some((_, entries)) = self.chunk_holding(cid, from)? {
+            if let Some((s, _)) = entries.iter().find(|(s, _)| *s >= from) {
+                return Ok(Some(*s).filter(|s| *s < end));
+            }
+        }
+        // A chunk's key is its first seq.
+        Ok(self
+            .chunk_after(cid, from, end - 1)?
+            .and_then(|(_, e)| e.first().map(|(s, _)| *s)))
+    }
+
     fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
         self.check_writable()?;
         let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
@@ -1710,16 +1771,15 @@ impl WriterState {
         let mut removed = 0u64;
         for item in self.outbox.scan_prefix(keys::seq_prefix(keys::MSG, cid)) {
             let (k, v) = item?;
-            let Some(seq) = keys::seq_of(&k) else {
-                continue;
-            };
-            let m: StoredMessage = decode(&k, &v)?;
-            if m.expires_at > 0 {
-                batch.remove(&keys::expiry(m.expires_at, cid, seq));
+            for (seq, body) in chunks::split(&k, &v)? {
+                let m = chunks::message(&k, &body)?;
+                if m.expires_at > 0 {
+                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
+                }
+                batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+                removed += 1;
             }
-            batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
             batch.remove(k);
-            removed += 1;
         }
         let Some(c) = self.state_mut(cid) else {
             return Ok(None);
@@ -1790,12 +1850,15 @@ impl WriterState {
         self.apply_group()?;
         for (at, cid, seq) in self.due_expiries(now)? {
             self.group.remove(keys::expiry(at, cid, seq));
-            let mk = keys::seq_key(keys::MSG, cid, seq);
-            let Some(v) = self.outbox.get(mk)? else {
+            let Some((key, mut entries)) = self.chunk_holding(cid, seq)? else {
                 continue;
             };
-            let m: StoredMessage = decode(&mk, &v)?;
-            self.group.remove_seq(mk);
+            let Some(i) = entries.iter().position(|(s, _)| *s == seq) else {
+                continue;
+            };
+            let (_, body) = entries.remove(i);
+            let m = chunks::message(&key, &body)?;
+            self.group.put_chunk(key, entries);
             self.group
                 .insert(keys::seq_key(keys::MISSED, cid, seq), &[][..]);
             if let Some(c) = self.state_mut(cid) {
@@ -1809,23 +1872,18 @@ impl WriterState {
                 seq, "message expired unacked (TTL); the client will see it in `missed`"
             );
         }
-        for k in self.stale_dedups(horizon)? {
-            let (Some(ts), Some(body)) = (
-                k.get(1..9)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-                k.get(9..),
-            ) else {
-                continue;
-            };
-            let dk = keys::dedup(body);
-            if let Some(v) = self.outbox.get(&dk)? {
-                let e: DedupEntry = decode(&dk, &v)?;
-                if e.ts == ts {
-                    self.group.remove(dk);
+        for (record, listed) in self.stale_dedups(horizon)? {
+            for (ts, body) in listed {
+                let dk = keys::dedup(&body);
+                if let Some(v) = self.outbox.get(&dk)? {
+                    let e: DedupEntry = decode(&dk, &v)?;
+                    // A later publish under the same key (after the window) owns it now.
+                    if e.ts == ts {
+                        self.group.remove(dk);
+                    }
                 }
             }
-            self.group.remove(k);
+            self.group.remove(record);
         }
         // The tombstones just written must be in the tree for the next hello's `missed` count
         // (the overlay does not show inserts), so this group is not held back.
@@ -1850,14 +1908,34 @@ impl WriterState {
         Ok(due)
     }
 
-    /// Dedup expiry entries older than `horizon` (at most 10 000 per sweep).
-    fn stale_dedups(&self, horizon: u64) -> Result<Vec<sled::IVec>, StoreError> {
+    /// Dedup expiry records older than `horizon` (at most 10 000 per sweep): each record's key
+    /// and the (time, scope + key) of the idempotency keys it lists. A group's record (`G`)
+    /// lists all the keys it stored; data dirs from before hold one `D` record per key.
+    fn stale_dedups(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
+        let mut stale = Vec::new();
+        let lo = keys::dedup_list(0, 0);
+        let hi = keys::dedup_list(horizon, 0);
+        for item in self.outbox.range(lo..hi) {
+            let (k, v) = item?;
+            let listed = decode(&k, &v)?;
+            stale.push((k, listed));
+            if stale.len() >= 10_000 {
+                return Ok(stale);
+            }
+        }
         let mut lo = vec![keys::DEDUP_EXPIRY];
         lo.extend_from_slice(&0u64.to_be_bytes());
         let hi = keys::dedup_expiry(horizon, &[]);
-        let mut stale = Vec::new();
         for item in self.outbox.range(lo..hi).keys() {
-            stale.push(item?);
+            let k = item?;
+            let ts = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            if let (Some(ts), Some(body)) = (ts, k.get(9..)) {
+                let listed = vec![(ts, body.to_vec())];
+                stale.push((k, listed));
+            }
             if stale.len() >= 10_000 {
                 break;
             }
@@ -1913,6 +1991,153 @@ mod tests {
         assert_eq!(keys::parse_sub(&k), Some(("news".into(), 7)));
         // "news" and "news/eu" differ in the length byte, so one is no prefix of the other.
         assert!(!keys::sub("news/eu", 7).starts_with(&keys::sub_prefix("news")));
+    }
+
+    fn options(dir: &Path) -> StoreOptions {
+        StoreOptions {
+            data_dir: dir.to_path_buf(),
+            durability: Durability::Fsync,
+            group_commit_max_delay: Duration::ZERO,
+            cache_capacity_bytes: 16 << 20,
+            max_outbox_messages: 0,
+            max_outbox_bytes: 0,
+            max_subscriptions: 0,
+            message_ttl_ms: 0,
+            dedup_window_ms: 50,
+            fail_fsync_after: None,
+            fail_flush_after: None,
+            fail_write_after: None,
+            segment_bytes: SEGMENT_BYTES,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn old_message(seq: u64) -> StoredMessage {
+        StoredMessage {
+            id: seq,
+            ts: 1,
+            from: None,
+            topic: None,
+            payload: StoredPayload::Json(format!("\"old {seq}\"")),
+            expires_at: 0,
+        }
+    }
+
+    /// A data dir as brokers wrote it before chunks: bob (client 1) with messages 1..=3 stored
+    /// one per key, and an idempotency key with its own `D` expiry record.
+    fn write_data_dir_of_one_record_per_message(dir: &Path) {
+        let db = sled_config(dir).open().unwrap();
+        let clients = db.open_tree("clients").unwrap();
+        let outbox = db.open_tree("outbox").unwrap();
+        clients.insert("bob", &1u64.to_be_bytes()).unwrap();
+        let meta = ClientMeta {
+            name: "bob".into(),
+            epoch: "e0".into(),
+            next_seq: 4,
+            acked: 0,
+            pending: 3,
+            bytes: 3 * payload_len(&old_message(1).payload),
+            last_seen: 0,
+        };
+        outbox
+            .insert(keys::meta(1), codec::encode(&meta).unwrap())
+            .unwrap();
+        for seq in 1..=3 {
+            let m = codec::encode(&old_message(seq)).unwrap();
+            outbox.insert(keys::seq_key(keys::MSG, 1, seq), m).unwrap();
+        }
+        let body = keys::dedup_body("", "k-old");
+        let entry = DedupEntry {
+            id: 1,
+            ts: 1,
+            recipients: 1,
+        };
+        outbox
+            .insert(keys::dedup(&body), codec::encode(&entry).unwrap())
+            .unwrap();
+        outbox.insert(keys::dedup_expiry(1, &body), &[]).unwrap();
+        db.flush().unwrap();
+    }
+
+    fn seqs(b: ReadBatch) -> Vec<u64> {
+        b.items.iter().map(|d| d.seq).collect()
+    }
+
+    fn kinds(store: &Store, kind: u8) -> usize {
+        store.outbox.scan_prefix([kind]).count()
+    }
+
+    #[test]
+    fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        write_data_dir_of_one_record_per_message(dir.path());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (store, writer) = Store::open(options(dir.path())).unwrap();
+            let bob = ClientId::new("bob").unwrap();
+            let hello = store.hello(bob.clone(), None).await.unwrap();
+            assert_eq!((hello.pending, hello.next_seq), (3, 4));
+            let h = &hello.handle;
+            assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 2, 3]);
+            assert_eq!(store.get(h, 2).unwrap(), Some(old_message(2)));
+
+            // New messages go to one chunk beside the old records; acks reach both kinds.
+            let publish = |key: &str| PublishRequest {
+                from: None,
+                to: Target::Client(bob.clone()),
+                payload: Payload::Json(format!("\"{key}\"")),
+                key: Some(key.to_owned()),
+                ttl_ms: None,
+            };
+            let mut waits = Vec::new();
+            for key in ["n4", "n5", "n6", "n7"] {
+                waits.push(store.submit_publish(publish(key)).await.unwrap());
+            }
+            for w in waits {
+                assert!(!w.await.unwrap().unwrap().duplicate);
+            }
+            assert_eq!(
+                seqs(store.read(h, 0, 10).unwrap()),
+                vec![1, 2, 3, 4, 5, 6, 7]
+            );
+            for seq in [2, 4, 5, 7] {
+                store.ack(h, Ack::Seq(seq)).await.unwrap();
+            }
+            // A hello settles the client's acks before it answers.
+            let again = store.hello(bob.clone(), None).await.unwrap();
+            // 1 is still unacked, so the acked watermark stays put.
+            assert_eq!((again.pending, again.last_seq), (3, 0));
+            let h = &again.handle;
+            assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 3, 6]);
+            assert_eq!(store.get(h, 6).unwrap().map(|m| m.id > 0), Some(true));
+            assert_eq!(store.get(h, 5).unwrap(), None);
+            assert_eq!(store.read(h, 3, 10).unwrap().items[0].seq, 6);
+
+            // Retention forgets idempotency keys of both record kinds once the window passes.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(
+                kinds(&store, keys::DEDUP),
+                0,
+                "every idempotency key expired"
+            );
+            assert_eq!(kinds(&store, keys::DEDUP_EXPIRY), 0);
+            assert_eq!(kinds(&store, keys::DEDUP_LIST), 0);
+
+            store.ack(h, Ack::Upto(6)).await.unwrap();
+            let last = store.hello(bob, None).await.unwrap();
+            // 7 was acked alone before, so nothing is left and the watermark passes it.
+            assert_eq!((last.pending, last.last_seq), (0, 7));
+            assert!(store.read(&last.handle, 0, 10).unwrap().items.is_empty());
+            let totals = store.outbox_totals().unwrap();
+            assert_eq!((totals.pending_messages, totals.pending_bytes), (0, 0));
+            // The hello's commit applied the acks: no message record is left behind.
+            assert_eq!(kinds(&store, keys::MSG), 0);
+            drop(store);
+            assert!(!writer.join());
+        });
     }
 
     #[test]

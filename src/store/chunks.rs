@@ -1,0 +1,222 @@
+//! Message records: the messages one commit group wrote to one outbox, in one sled record.
+//!
+//! A key per message cost the writer a sled insert per message and a delete per ack, and
+//! sled's per-operation cost was two thirds of the writer's time. So a record (a *chunk*) under
+//! `O cid first_seq` holds consecutive messages of one outbox, each with its seq: the writer
+//! appends a group's messages for one outbox to one chunk (up to [`MAX_MESSAGES`] and
+//! [`MAX_BYTES`]), and an ack rewrites or deletes whole chunks. The invariants every reader
+//! relies on:
+//!
+//! - a chunk's key is the seq of its first message, and every message in it is below the next
+//!   chunk's key (seqs only grow; a chunk that loses its first messages moves to the key of its
+//!   new first);
+//! - a chunk is never empty (the last message leaving it deletes it).
+//!
+//! So the one chunk that can hold seq `s` is the one with the greatest key at or below `s`.
+//! Records written one message per key, before chunks, read as chunks of one.
+
+use std::ops::Bound;
+
+use sled::IVec;
+
+use super::{keys, StoreError};
+use crate::codec::{self, CodecError, StoredMessage};
+
+/// The most messages one chunk holds.
+pub(super) const MAX_MESSAGES: usize = 64;
+/// A chunk takes no further message once its bodies reach this size. A chunk is thus at most
+/// this plus one message, so a sled leaf of them stays well below a quarter of a segment (see
+/// [`super::SEGMENT_BYTES`]).
+pub(super) const MAX_BYTES: usize = 32 << 10;
+
+/// The messages of one chunk: seq and encoded body, in seq order.
+pub(super) type Entries = Vec<(u64, IVec)>;
+
+fn corrupt(key: &[u8], source: CodecError) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{key:02x?}"),
+        source,
+    }
+}
+
+/// The messages in the chunk stored under `key` (bodies share the record's buffer).
+pub(super) fn split(key: &[u8], value: &IVec) -> Result<Entries, StoreError> {
+    let seq = keys::seq_of(key).ok_or_else(|| corrupt(key, CodecError::Empty))?;
+    let parts = codec::split_chunk(seq, value).map_err(|e| corrupt(key, e))?;
+    if parts.first().is_some_and(|(first, _)| *first < seq) {
+        return Err(corrupt(key, CodecError::Chunk(0)));
+    }
+    Ok(parts
+        .into_iter()
+        .map(|(s, r)| (s, value.subslice(r.start, r.len())))
+        .collect())
+}
+
+/// The record for `entries` (not empty, seqs ascending).
+pub(super) fn encode(entries: &[(u64, IVec)]) -> Vec<u8> {
+    codec::encode_chunk(entries.iter().map(|(s, b)| (*s, b.as_ref())))
+}
+
+/// Decodes one message body out of the chunk under `key`.
+pub(super) fn message(key: &[u8], body: &[u8]) -> Result<StoredMessage, StoreError> {
+    codec::decode_body(body).map_err(|e| corrupt(key, e))
+}
+
+/// The stored chunk of `cid` that can hold `seq`: the greatest key at or below it.
+pub(super) fn holding(
+    tree: &sled::Tree,
+    cid: u64,
+    seq: u64,
+) -> Result<Option<(IVec, IVec)>, StoreError> {
+    let lo = keys::seq_key(keys::MSG, cid, 0);
+    let hi = keys::seq_key(keys::MSG, cid, seq);
+    Ok(tree.range(lo..=hi).next_back().transpose()?)
+}
+
+/// Up to `limit` stored messages of `cid` with seq in `from..to`, in seq order, as the tree
+/// holds them now.
+pub(super) fn read(
+    tree: &sled::Tree,
+    cid: u64,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+    let mut out = Vec::new();
+    if from >= to || limit == 0 {
+        return Ok(out);
+    }
+    let take = |key: &[u8], value: &IVec, out: &mut Vec<_>| -> Result<bool, StoreError> {
+        for (seq, body) in split(key, value)? {
+            if seq < from {
+                continue;
+            }
+            if seq >= to || out.len() >= limit {
+                return Ok(false);
+            }
+            out.push((seq, message(key, &body)?));
+        }
+        Ok(out.len() < limit)
+    };
+    let after = match holding(tree, cid, from)? {
+        Some((k, v)) => {
+            if !take(&k, &v, &mut out)? {
+                return Ok(out);
+            }
+            Bound::Excluded(k.to_vec())
+        }
+        None => Bound::Included(keys::seq_key(keys::MSG, cid, from).to_vec()),
+    };
+    let end = Bound::Excluded(keys::seq_key(keys::MSG, cid, to).to_vec());
+    for item in tree.range::<Vec<u8>, _>((after, end)) {
+        let (k, v) = item?;
+        if !take(&k, &v, &mut out)? {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One stored message of `cid`, None when it is not stored.
+pub(super) fn get(
+    tree: &sled::Tree,
+    cid: u64,
+    seq: u64,
+) -> Result<Option<StoredMessage>, StoreError> {
+    let Some((k, v)) = holding(tree, cid, seq)? else {
+        return Ok(None);
+    };
+    match split(&k, &v)?.into_iter().find(|(s, _)| *s == seq) {
+        Some((_, body)) => Ok(Some(message(&k, &body)?)),
+        None => Ok(None),
+    }
+}
+
+/// The cid encoded in a chunk key.
+pub(super) fn cid_of(key: &[u8; 17]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[1..9]);
+    u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::StoredPayload;
+
+    fn msg(n: u64) -> StoredMessage {
+        StoredMessage {
+            id: n,
+            ts: n,
+            from: None,
+            topic: None,
+            payload: StoredPayload::Json(format!("\"m{n}\"")),
+            expires_at: 0,
+        }
+    }
+
+    fn put(tree: &sled::Tree, cid: u64, seqs: &[u64]) {
+        let entries: Entries = seqs
+            .iter()
+            .map(|s| (*s, IVec::from(codec::encode_body(&msg(*s)).unwrap())))
+            .collect();
+        tree.insert(keys::seq_key(keys::MSG, cid, seqs[0]), encode(&entries))
+            .unwrap();
+    }
+
+    fn seqs(v: Vec<(u64, StoredMessage)>) -> Vec<u64> {
+        v.into_iter()
+            .map(|(s, m)| {
+                assert_eq!(m, msg(s), "the body read is the one stored under {s}");
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_start_inside_a_chunk_and_cross_into_the_next() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("o").unwrap();
+        put(&t, 7, &[1, 2, 3]);
+        put(&t, 7, &[5, 6]);
+        put(&t, 7, &[9]);
+        // Another client's chunks on both sides must not show.
+        put(&t, 6, &[4]);
+        put(&t, 8, &[1]);
+        assert_eq!(seqs(read(&t, 7, 2, 100, 100).unwrap()), vec![2, 3, 5, 6, 9]);
+        assert_eq!(seqs(read(&t, 7, 4, 100, 100).unwrap()), vec![5, 6, 9]);
+        assert_eq!(seqs(read(&t, 7, 0, 6, 100).unwrap()), vec![1, 2, 3, 5]);
+        assert_eq!(seqs(read(&t, 7, 3, 100, 2).unwrap()), vec![3, 5]);
+        assert!(read(&t, 7, 10, 100, 100).unwrap().is_empty());
+        assert!(read(&t, 9, 0, 100, 100).unwrap().is_empty());
+        assert_eq!(get(&t, 7, 6).unwrap(), Some(msg(6)));
+        assert_eq!(get(&t, 7, 4).unwrap(), None);
+        assert_eq!(get(&t, 7, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_record_of_one_message_reads_as_a_chunk() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("o").unwrap();
+        t.insert(
+            keys::seq_key(keys::MSG, 1, 4),
+            codec::encode(&msg(4)).unwrap(),
+        )
+        .unwrap();
+        put(&t, 1, &[5, 6]);
+        assert_eq!(seqs(read(&t, 1, 0, 10, 10).unwrap()), vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn a_chunk_holding_seqs_below_its_key_is_corrupt() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("o").unwrap();
+        let body = IVec::from(codec::encode_body(&msg(2)).unwrap());
+        t.insert(keys::seq_key(keys::MSG, 1, 3), encode(&[(2, body)]))
+            .unwrap();
+        assert!(matches!(
+            read(&t, 1, 0, 10, 10),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
