@@ -70,6 +70,9 @@ pub const SEGMENT_BYTES: usize = 8 << 20;
 
 /// How often retention (TTL and dedup expiry) runs when the writer is idle.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// The most messages, or idempotency keys, one retention sweep removes: a backlog of expired
+/// records is worked off over several sweeps instead of stalling the writer in one.
+const SWEEP_BATCH: usize = 10_000;
 /// A group nobody waits on (acks, retention) is held back and joins the next one until it is
 /// this old or this large. Every sled batch costs two log writes on sled's I/O threads, so
 /// applying each small group of acks while a reader drains a backlog spent more CPU on those
@@ -1843,7 +1846,7 @@ impl WriterState {
         }
         let now = now_ms();
         let horizon = now.saturating_sub(self.opts.dedup_window_ms);
-        if self.due_expiries(now)?.is_empty() && self.stale_dedups(horizon)?.is_empty() {
+        if self.due_expiries(now)?.is_empty() && !self.any_stale_dedup(horizon)? {
             return Ok(());
         }
         // The scans must not see what this group's acks already deleted.
@@ -1890,7 +1893,7 @@ impl WriterState {
         self.apply_group()
     }
 
-    /// Expiry entries due at `now`, oldest first (at most 10 000 per sweep).
+    /// Expiry entries due at `now`, oldest first (at most [`SWEEP_BATCH`] per sweep).
     fn due_expiries(&self, now: u64) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let mut due = Vec::new();
         for item in self
@@ -1901,25 +1904,43 @@ impl WriterState {
             if let Some(e) = keys::parse_expiry(&item?) {
                 due.push(e);
             }
-            if due.len() >= 10_000 {
+            if due.len() >= SWEEP_BATCH {
                 break;
             }
         }
         Ok(due)
     }
 
-    /// Dedup expiry records older than `horizon` (at most 10 000 per sweep): each record's key
+    /// True when some dedup expiry record is older than `horizon`.
+    fn any_stale_dedup(&self, horizon: u64) -> Result<bool, StoreError> {
+        let mut legacy = vec![keys::DEDUP_EXPIRY];
+        legacy.extend_from_slice(&0u64.to_be_bytes());
+        let lists = keys::dedup_list(0, 0)..keys::dedup_list(horizon, 0);
+        Ok(self.outbox.range(lists).next().transpose()?.is_some()
+            || self
+                .outbox
+                .range(legacy..keys::dedup_expiry(horizon, &[]))
+                .next()
+                .transpose()?
+                .is_some())
+    }
+
+    /// Dedup expiry records older than `horizon` (listing at most about [`SWEEP_BATCH`] keys
+    /// per sweep, and at least one record): each record's key
     /// and the (time, scope + key) of the idempotency keys it lists. A group's record (`G`)
     /// lists all the keys it stored; data dirs from before hold one `D` record per key.
     fn stale_dedups(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
         let mut stale = Vec::new();
         let lo = keys::dedup_list(0, 0);
         let hi = keys::dedup_list(horizon, 0);
+        // A group's record lists many keys: the bound is on the keys, so one sweep stays short.
+        let mut keys_listed = 0usize;
         for item in self.outbox.range(lo..hi) {
             let (k, v) = item?;
-            let listed = decode(&k, &v)?;
+            let listed: group::Expiring = decode(&k, &v)?;
+            keys_listed += listed.len();
             stale.push((k, listed));
-            if stale.len() >= 10_000 {
+            if keys_listed >= SWEEP_BATCH {
                 return Ok(stale);
             }
         }
@@ -1936,7 +1957,7 @@ impl WriterState {
                 let listed = vec![(ts, body.to_vec())];
                 stale.push((k, listed));
             }
-            if stale.len() >= 10_000 {
+            if keys_listed + stale.len() >= SWEEP_BATCH {
                 break;
             }
         }
