@@ -33,10 +33,16 @@ const PUB_WINDOW: usize = 256;
 /// Where to reach the broker and how to say who we are.
 #[derive(Debug, Args)]
 pub struct ConnArgs {
-    /// Broker URL [default: ws://<server.listen of ./config.toml>/ws, i.e.
-    /// ws://127.0.0.1:8080/ws without a config file]
+    /// Broker URL, ws:// or wss:// [default: ws://<server.listen of ./config.toml>/ws, i.e.
+    /// ws://127.0.0.1:8080/ws without a config file; wss:// when that config turns TLS on, and
+    /// then its tls.cert_file is trusted too]
     #[arg(long, env = "OUTBOXD_URL", value_name = "URL")]
     url: Option<String>,
+    /// For wss://: also trust the certificates in this PEM file (a private CA, or the broker's
+    /// self-signed certificate); the public certificate authorities are always trusted. May be
+    /// given more than once
+    #[arg(long = "ca", value_name = "FILE")]
+    ca: Vec<PathBuf>,
     /// Credential sent in hello as `token`
     #[arg(
         long,
@@ -172,11 +178,13 @@ pub fn subscribe(args: SubArgs) -> ExitCode {
     }
 }
 
-/// `--url`, or `ws://<server.listen>/ws` from ./config.toml (and `OUTBOXD_SERVER__LISTEN`), an
-/// unspecified address (0.0.0.0, ::) meaning this machine.
-fn resolve_url(url: Option<String>) -> Result<String, String> {
+/// `--url`, or the URL of the broker ./config.toml (and `OUTBOXD_SERVER__LISTEN`) describes:
+/// `ws://<server.listen>/ws`, an unspecified address (0.0.0.0, ::) meaning this machine, or
+/// `wss://` with its own certificate trusted when it turns TLS on. Returns the URL and the
+/// certificate files to trust besides `--ca`.
+fn resolve_url(url: Option<String>) -> Result<(String, Option<PathBuf>), String> {
     if let Some(url) = url {
-        return Ok(url);
+        return Ok((url, None));
     }
     let cfg = Config::load(Path::new("config.toml"), false, std::env::vars())
         .map_err(|e| format!("no --url, and ./config.toml cannot give one: {e}"))?;
@@ -184,17 +192,19 @@ fn resolve_url(url: Option<String>) -> Result<String, String> {
     if addr.port() == 0 {
         return Err("no --url, and server.listen has port 0: pass --url".into());
     }
-    Ok(ws_url(addr))
+    let tls = cfg.tls.enabled();
+    Ok((ws_url(addr, tls), tls.then(|| cfg.tls.cert_file.clone())))
 }
 
 /// The WebSocket URL of a broker listening on `addr`.
-fn ws_url(addr: SocketAddr) -> String {
+fn ws_url(addr: SocketAddr, tls: bool) -> String {
     let ip = match addr.ip() {
         IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v) if v.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    format!("ws://{}/ws", SocketAddr::new(ip, addr.port()))
+    let scheme = if tls { "wss" } else { "ws" };
+    format!("{scheme}://{}/ws", SocketAddr::new(ip, addr.port()))
 }
 
 fn seconds(s: u64) -> Option<Duration> {
@@ -202,7 +212,7 @@ fn seconds(s: u64) -> Option<Duration> {
 }
 
 fn builder(
-    url: String,
+    (url, own_cert): (String, Option<PathBuf>),
     client: &str,
     conn: ConnArgs,
     connect_timeout: Option<Duration>,
@@ -210,6 +220,9 @@ fn builder(
     let mut b = Client::builder(url, client).connect_timeout(connect_timeout);
     if let Some(token) = conn.token {
         b = b.token(token);
+    }
+    for ca in own_cert.into_iter().chain(conn.ca) {
+        b = b.tls_ca_file(ca);
     }
     b
 }
@@ -695,9 +708,13 @@ mod tests {
 
     #[test]
     fn default_url_maps_an_unspecified_listen_address_to_loopback() {
-        let url = |a: &str| ws_url(a.parse().unwrap());
+        let url = |a: &str| ws_url(a.parse().unwrap(), false);
         assert_eq!(url("0.0.0.0:8080"), "ws://127.0.0.1:8080/ws");
         assert_eq!(url("[::]:9000"), "ws://[::1]:9000/ws");
         assert_eq!(url("10.1.2.3:80"), "ws://10.1.2.3:80/ws");
+        assert_eq!(
+            ws_url("0.0.0.0:8443".parse().unwrap(), true),
+            "wss://127.0.0.1:8443/ws"
+        );
     }
 }

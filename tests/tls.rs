@@ -514,3 +514,84 @@ fn an_unusable_certificate_at_start_stops_the_broker_naming_the_key() {
     assert_eq!(code, Some(2), "stderr: {stderr}");
     assert!(stderr.contains("tls.cert_file"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_and_outboxd_pub_speak_wss_once_told_to_trust_the_certificate() {
+    // Catches a client that cannot use wss:// (or ignores --ca / tls_ca_file), and one that
+    // trusts a certificate nobody told it to trust.
+    use outboxd::client::{Client as RustClient, ClientError, Incoming};
+    let cert = TestCert::new();
+    let files = CertFiles::new(&cert);
+    let broker = Broker::start(files.opts());
+    assert!(broker.url.starts_with("wss://"), "{}", broker.url);
+
+    let untrusting = RustClient::builder(broker.url.clone(), "bob")
+        .connect_timeout(Some(Duration::from_secs(2)))
+        .connect()
+        .await;
+    match untrusting {
+        Err(ClientError::ConnectTimeout { last, .. }) => {
+            assert!(last.contains("certificate"), "{last}")
+        }
+        Err(other) => panic!("expected a connect timeout naming the certificate, got {other}"),
+        Ok(_) => panic!("a self-signed certificate nobody trusts was accepted"),
+    }
+
+    let mut bob = RustClient::builder(broker.url.clone(), "bob")
+        .tls_ca_file(&files.cert)
+        .connect()
+        .await
+        .expect("bob connects over wss");
+    let alice = RustClient::builder(broker.url.clone(), "alice")
+        .tls_ca_file(&files.cert)
+        .connect()
+        .await
+        .expect("alice connects over wss");
+    let sent = alice
+        .publish("client:bob", json!({"over": "tls"}))
+        .await
+        .expect("confirmed");
+    assert_eq!(sent.recipients, 1);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["pub", "--url", &broker.url, "--ca"])
+        .arg(&files.cert)
+        .args(["--client", "cli", "--to", "client:bob", r#"{"from":"cli"}"#])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outboxd pub");
+    assert!(
+        out.status.success(),
+        "outboxd pub over wss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A CA file that is not there is an error naming it, not a silent fallback.
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["pub", "--url", &broker.url, "--ca", "/nonexistent/ca.pem"])
+        .args(["--to", "client:bob", "never"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outboxd pub");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
+
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        match tokio::time::timeout(RECV_TIMEOUT, bob.next()).await {
+            Ok(Some(Incoming::Delivery(d))) => {
+                payloads.push(d.payload.to_json::<serde_json::Value>().expect("JSON"));
+                d.ack().expect("ack");
+            }
+            Ok(Some(Incoming::Event(_))) => {}
+            other => panic!("expected deliveries over wss, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        payloads,
+        vec![json!({"over": "tls"}), json!({"from": "cli"})]
+    );
+    alice.close().await;
+    bob.close().await;
+}

@@ -67,6 +67,8 @@ pub(crate) struct Settings {
     pub backoff: Backoff,
     pub ws_config: WebSocketConfig,
     pub write_queue_frames: usize,
+    /// For a `wss://` URL: whom to trust.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// The channels between the driver and the application's handles.
@@ -194,10 +196,14 @@ impl Driver {
         let opened = Instant::now();
         let connecting = tokio::time::timeout(
             handshake,
-            tokio_tungstenite::connect_async_with_config(
+            tokio_tungstenite::connect_async_tls_with_config(
                 request,
                 Some(self.settings.ws_config),
                 true,
+                Some(match &self.settings.tls {
+                    Some(config) => tokio_tungstenite::Connector::Rustls(Arc::clone(config)),
+                    None => tokio_tungstenite::Connector::Plain,
+                }),
             ),
         );
         tokio::pin!(connecting);
@@ -468,10 +474,8 @@ impl Driver {
 /// The upgrade request: the URL plus our subprotocol.
 pub(crate) fn ws_request(url: &str) -> Result<tungstenite::handshake::client::Request, String> {
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
-    if request.uri().scheme_str() != Some("ws") {
-        return Err(format!(
-            "{url}: only ws:// URLs are supported (put a TLS-terminating proxy in front for wss)"
-        ));
+    if !matches!(request.uri().scheme_str(), Some("ws" | "wss")) {
+        return Err(format!("{url}: the URL must start with ws:// or wss://"));
     }
     request.headers_mut().insert(
         "Sec-WebSocket-Protocol",

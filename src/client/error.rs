@@ -36,6 +36,9 @@ pub enum ClientError {
     Url { url: String, reason: String },
     #[error("cannot load the saved position: {0}")]
     Position(#[from] PositionError),
+    /// A `--ca` file (see `ClientBuilder::tls_ca_file`) cannot be read or used.
+    #[error("{0}")]
+    Tls(String),
     #[error("no session with the broker within {after:?}; last error: {last}")]
     ConnectTimeout { after: Duration, last: String },
     #[error(transparent)]

@@ -46,6 +46,7 @@ mod state;
 
 use std::future::{Future, IntoFuture};
 use std::ops::Deref;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,9 +85,18 @@ pub struct ClientBuilder {
     store: Option<Arc<dyn PositionStore>>,
     max_message_bytes: usize,
     write_queue_frames: usize,
+    tls_ca_files: Vec<PathBuf>,
 }
 
 impl ClientBuilder {
+    /// For a `wss://` URL: trust the certificates in this PEM file too (a private CA, or the
+    /// broker's own self-signed certificate). The public certificate authorities are always
+    /// trusted. May be given more than once.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca_files.push(path.into());
+        self
+    }
+
     /// Sent in `hello` as `token` (for a broker that checks credentials).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
@@ -149,10 +159,17 @@ impl ClientBuilder {
     /// upgrade refused with a 4xx).
     pub async fn connect(self) -> Result<Client, ClientError> {
         let client_id = ClientId::new(&self.client_id)?;
-        driver::ws_request(&self.url).map_err(|reason| ClientError::Url {
+        let request = driver::ws_request(&self.url).map_err(|reason| ClientError::Url {
             url: self.url.clone(),
             reason,
         })?;
+        let tls = match request.uri().scheme_str() {
+            Some("wss") => Some(
+                crate::tls::client_config(&self.tls_ca_files)
+                    .map_err(|e| ClientError::Tls(e.to_string()))?,
+            ),
+            _ => None,
+        };
         let store: Arc<dyn PositionStore> = match self.store {
             Some(s) => s,
             None => Arc::new(MemoryPositionStore::new()),
@@ -182,6 +199,7 @@ impl ClientBuilder {
             backoff: Backoff::new(self.backoff_initial, self.backoff_max),
             ws_config,
             write_queue_frames: self.write_queue_frames,
+            tls,
         };
         let machine = Machine::new(client_id.clone(), self.token, position);
         let wiring = Wiring {
@@ -540,6 +558,7 @@ impl Client {
             store: None,
             max_message_bytes: 1 << 20,
             write_queue_frames: 1024,
+            tls_ca_files: Vec::new(),
         }
     }
 
