@@ -51,6 +51,10 @@ pub struct ConnArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Read the token from this file before every hello, and again shortly before it expires
+    /// (its `exp`), so a long run outlives one token while something else renews the file
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +224,19 @@ fn builder(
     let mut b = Client::builder(url, client).connect_timeout(connect_timeout);
     if let Some(token) = conn.token {
         b = b.token(token);
+    }
+    if let Some(path) = conn.token_file {
+        b = b.token_source(move || match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), "the token file is empty; keeping the token in use");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the token file; keeping the token in use");
+                None
+            }
+        });
     }
     for ca in own_cert.into_iter().chain(conn.ca) {
         b = b.tls_ca_file(ca);

@@ -500,3 +500,119 @@ async fn outboxd_token_mints_a_token_the_broker_accepts_with_its_claims() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--ttl"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_renews_its_token_in_time_and_without_a_source_it_stops_at_expiry() {
+    // Catches a client with a token source that lets the broker end its session at the
+    // token's expiry (it must send `refresh` in time), and one without a source that keeps
+    // reconnecting with a token that cannot work.
+    use outboxd::client::{Client as RustClient, Event, Incoming, StopReason};
+    let broker = Broker::start(jwt_opts().set("heartbeat", "interval_ms", 500));
+    let url = broker.url.clone();
+    // Tokens live 3 s; the session must outlast several of them.
+    let mut bob = RustClient::builder(url.clone(), "bob")
+        .token_source(|| Some(token(&claims("bob", 3))))
+        .connect()
+        .await
+        .expect("bob connects");
+    let mut carol = RustClient::builder(url, "carol")
+        .token(token(&claims("carol", 2)))
+        .connect()
+        .await
+        .expect("carol connects");
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut bob_events = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout_at(until, bob.next()).await {
+        if let Incoming::Event(e) = item {
+            bob_events.push(e);
+        }
+    }
+    let connects = bob_events
+        .iter()
+        .filter(|e| matches!(e, Event::Connected { .. }))
+        .count();
+    assert_eq!(connects, 1, "bob kept his one session: {bob_events:?}");
+    assert!(
+        !bob_events
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { .. } | Event::Stopped { .. })),
+        "{bob_events:?}"
+    );
+
+    // carol's token ran out 6 s ago: the broker ended her session and she stopped for good.
+    let mut carol_stop = None;
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(2), carol.next()).await {
+        if let Incoming::Event(Event::Stopped { reason }) = item {
+            carol_stop = Some(reason);
+        }
+    }
+    assert!(
+        matches!(carol_stop, Some(StopReason::Terminated { code: 1008, .. })),
+        "{carol_stop:?}"
+    );
+
+    // bob's session still works: a message to him arrives on it.
+    let (mut alice, w) = hello_with(&broker, "alice", Some(&token(&claims("alice", 600)))).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    let ok = alice.publish("p", "client:bob", json!("renewed")).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    match tokio::time::timeout(Duration::from_secs(5), bob.next()).await {
+        Ok(Some(Incoming::Delivery(d))) => {
+            assert_eq!(d.payload.to_json::<String>().unwrap(), "renewed")
+        }
+        other => panic!("expected the delivery on bob's session, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxd_sub_with_a_token_file_outlives_its_first_token() {
+    // Catches --token-file read only at the start: the session would end with the first token.
+    use std::process::{Command, Stdio};
+    let broker = Broker::start(jwt_opts());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, token(&claims("bob", 3))).expect("write the token");
+    let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args([
+            "sub",
+            "--url",
+            &broker.url,
+            "--client",
+            "bob",
+            "--no-position",
+        ])
+        .args(["--count", "1", "-v", "--token-file"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outboxd sub");
+    // Something else renews the file every second, as a token agent would.
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        std::fs::write(&file, token(&claims("bob", 3))).expect("renew the token");
+    }
+    let (mut alice, w) = hello_with(&broker, "alice", Some(&token(&claims("alice", 600)))).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    let ok = alice.publish("p", "client:bob", json!("late")).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("sub exits after its one message")
+    .expect("join")
+    .expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("late"), "{stdout}");
+    assert_eq!(
+        stderr.matches("connected as bob").count(),
+        1,
+        "one session for the whole run: {stderr}"
+    );
+}

@@ -69,7 +69,11 @@ pub(crate) struct Settings {
     pub write_queue_frames: usize,
     /// For a `wss://` URL: whom to trust.
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    pub token_source: Option<TokenSource>,
 }
+
+/// Hands out the token to use (see `ClientBuilder::token_source`).
+pub(crate) type TokenSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// The channels between the driver and the application's handles.
 pub(crate) struct Wiring {
@@ -231,13 +235,21 @@ impl Driver {
         let (sink, mut stream) = ws.split();
         let (writes, queue) = mpsc::channel(self.settings.write_queue_frames.max(2));
         let writer = AbortOnDrop(tokio::spawn(write_loop(sink, queue)));
+        if let Some(token) = self.settings.token_source.as_ref().and_then(|s| s()) {
+            self.machine.renew_token(token);
+        }
         let hello = self.machine.hello();
         if writes.send(WsMessage::text(hello)).await.is_err() {
             self.machine.on_lost();
             return Ended::Reconnect("the connection closed before the hello".into());
         }
         let mut last_heard = Instant::now();
+        // When to ask the token source for the next token (set once the session is up).
+        let mut renew_at: Option<Instant> = None;
         let ended = loop {
+            if renew_at.is_none() && self.machine.is_up() {
+                renew_at = self.renew_deadline();
+            }
             let deadline = match self.machine.heartbeat() {
                 Some(hb) => last_heard + hb + self.settings.heartbeat_grace,
                 None => opened + self.settings.handshake_timeout,
@@ -285,6 +297,23 @@ impl Driver {
                         break Ended::Reconnect("the connection closed".into());
                     }
                 },
+                _ = tokio::time::sleep_until(renew_at.unwrap_or(deadline)), if renew_at.is_some() => {
+                    renew_at = None;
+                    let token = self.settings.token_source.as_ref().and_then(|s| s());
+                    match token {
+                        Some(t) if Some(t.as_str()) != self.machine.token() => {
+                            if let Some(frame) = self.machine.renew_token(t) {
+                                debug!(client = %self.client_id, "sending a new token (refresh)");
+                                if writes.send(WsMessage::text(frame)).await.is_err() {
+                                    self.machine.on_lost();
+                                    break Ended::Reconnect("the connection closed".into());
+                                }
+                            }
+                        }
+                        // Nothing new yet: ask again shortly, until the token runs out.
+                        _ => renew_at = Some(Instant::now() + Duration::from_secs(1)),
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.machine.on_lost();
                     let why = if self.up {
@@ -306,6 +335,20 @@ impl Driver {
     }
 
     /// Sorts a failed WebSocket connect into retry or stop.
+    /// When to ask the token source for a new token: a fifth of the current token's time left
+    /// before its `exp` (between 1 s and 60 s before it). None without a source or an `exp`.
+    fn renew_deadline(&self) -> Option<Instant> {
+        self.settings.token_source.as_ref()?;
+        let exp = super::state::token_expiry(self.machine.token()?)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        let left = exp.saturating_sub(now);
+        let margin = (left / 5).clamp(1, 60).min(left);
+        Some(Instant::now() + Duration::from_secs(left - margin))
+    }
+
     fn connect_error(&self, e: tungstenite::Error) -> Ended {
         if let tungstenite::Error::Http(response) = &e {
             let status = response.status();

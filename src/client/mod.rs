@@ -86,9 +86,26 @@ pub struct ClientBuilder {
     max_message_bytes: usize,
     write_queue_frames: usize,
     tls_ca_files: Vec<PathBuf>,
+    token_source: Option<driver::TokenSource>,
 }
 
 impl ClientBuilder {
+    /// Where the client gets its token, for a broker that checks JWTs and ends a session when
+    /// its token expires: called before every `hello`, and while a session is up, shortly
+    /// before the current token's `exp` (a fifth of the time left, between 1 s and 60 s
+    /// before it), to hand the broker a new one with a `refresh` frame. `None` keeps the token
+    /// in use (asked again every second until it expires, then the client reconnects with
+    /// what the source gives). A session that ends because its token expired is reconnected,
+    /// not stopped. Called on the client's task: it must not block (hand out a token that
+    /// another task keeps fresh).
+    pub fn token_source(
+        mut self,
+        source: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.token_source = Some(Arc::new(source));
+        self
+    }
+
     /// For a `wss://` URL: trust the certificates in this PEM file too (a private CA, or the
     /// broker's own self-signed certificate). The public certificate authorities are always
     /// trusted. May be given more than once.
@@ -200,8 +217,12 @@ impl ClientBuilder {
             ws_config,
             write_queue_frames: self.write_queue_frames,
             tls,
+            token_source: self.token_source,
         };
-        let machine = Machine::new(client_id.clone(), self.token, position);
+        let mut machine = Machine::new(client_id.clone(), self.token, position);
+        if settings.token_source.is_some() {
+            machine = machine.with_renewable_token();
+        }
         let wiring = Wiring {
             commands,
             acker: commands_tx.downgrade(),
@@ -559,6 +580,7 @@ impl Client {
             max_message_bytes: 1 << 20,
             write_queue_frames: 1024,
             tls_ca_files: Vec::new(),
+            token_source: None,
         }
     }
 

@@ -294,6 +294,21 @@ fn json_str(s: &str) -> String {
     Value::String(s.to_owned()).to_string()
 }
 
+/// The `exp` claim (Unix seconds) of a JSON Web Token, read without checking the signature
+/// (only the broker can check it; the client only needs to know when to renew). None when the
+/// token is not a JWT or has no numeric `exp`.
+pub(crate) fn token_expiry(token: &str) -> Option<u64> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?;
+    exp.as_u64()
+        .or_else(|| exp.as_f64().filter(|e| *e >= 0.0).map(|e| e as u64))
+}
+
 fn ack_seq_frame(seq: u64) -> String {
     format!(r#"{{"type":"ack","seq":{seq}}}"#)
 }
@@ -338,6 +353,9 @@ fn request_frame(id: u64, kind: &RequestKind) -> String {
 pub(crate) struct Machine {
     client_id: ClientId,
     token: Option<String>,
+    /// The application can hand over new tokens (a token source): a session closed because
+    /// its token expired is then reconnected, with a new one, instead of ending the client.
+    renewable: bool,
     epoch: Option<Epoch>,
     /// Every seq handed out at or below this is acked: the position.
     acked: u64,
@@ -369,6 +387,7 @@ impl Machine {
         Self {
             client_id,
             token,
+            renewable: false,
             epoch,
             acked,
             delivered: acked,
@@ -382,6 +401,29 @@ impl Machine {
             unsent: BTreeSet::new(),
             out: VecDeque::new(),
         }
+    }
+
+    /// Says that new tokens will come (see [`Machine::renew_token`]).
+    pub fn with_renewable_token(mut self) -> Self {
+        self.renewable = true;
+        self
+    }
+
+    /// Replaces the token: the next `hello` carries it. While a session is up, returns the
+    /// `refresh` frame that hands it to the broker for this session too. The frame has no
+    /// `ref`: the broker's `ok` needs no answer, and a refusal is logged (the session then ends
+    /// at the old token's expiry, and the next `hello` carries the new token).
+    pub fn renew_token(&mut self, token: String) -> Option<String> {
+        let frame = self
+            .is_up()
+            .then(|| format!(r#"{{"type":"refresh","token":{}}}"#, json_str(&token)));
+        self.token = Some(token);
+        frame
+    }
+
+    /// The token in use.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// The position resumed from at the next `hello`.
@@ -655,6 +697,11 @@ impl Machine {
         let reason = reason.to_owned();
         match code {
             Some(close::REPLACED) => Ended::Stop(StopReason::Replaced),
+            Some(close::POLICY) if self.renewable && reason.starts_with("token expired") => {
+                Ended::Reconnect(format!(
+                    "the session ended with its token ({reason}); reconnecting with a new one"
+                ))
+            }
             Some(c @ (close::PROTOCOL_ERROR | close::POLICY)) => {
                 Ended::Stop(StopReason::Terminated { code: c, reason })
             }
@@ -1035,6 +1082,67 @@ mod tests {
                 ttl_ms: None,
             },
         );
+    }
+
+    #[test]
+    fn a_jwt_expiry_is_read_and_anything_else_has_none() {
+        use base64::Engine;
+        let b64 = |j: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(j);
+        let jwt = |claims: &str| format!("{}.{}.sig", b64(r#"{"alg":"HS256"}"#), b64(claims));
+        assert_eq!(
+            token_expiry(&jwt(r#"{"sub":"bob","exp":1700000000}"#)),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            token_expiry(&jwt(r#"{"exp":1700000000.5}"#)),
+            Some(1_700_000_000)
+        );
+        assert_eq!(token_expiry(&jwt(r#"{"sub":"bob"}"#)), None);
+        assert_eq!(token_expiry(&jwt(r#"{"exp":"soon"}"#)), None);
+        assert_eq!(token_expiry("opaque-api-key"), None);
+        assert_eq!(token_expiry("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn a_new_token_goes_out_as_refresh_while_up_and_in_the_next_hello_always() {
+        let mut m = machine(None);
+        assert_eq!(
+            m.renew_token("t1".into()),
+            None,
+            "no session: nothing to send"
+        );
+        let hello: Value = serde_json::from_str(&m.hello()).unwrap();
+        assert_eq!(hello["token"], "t1");
+        feed(&mut m, &welcome("E", false, 0));
+        let frame = m.renew_token("t\"2".into()).expect("a refresh while up");
+        let frame: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(frame, json!({"type": "refresh", "token": "t\"2"}));
+        assert_eq!(m.token(), Some("t\"2"));
+        m.on_lost();
+        let hello: Value = serde_json::from_str(&m.hello()).unwrap();
+        assert_eq!(hello["token"], "t\"2");
+    }
+
+    #[test]
+    fn an_expired_token_ends_the_client_unless_new_tokens_come() {
+        let mut fixed = machine(None);
+        let _ = connect(&mut fixed, welcome("E", false, 0));
+        assert!(matches!(
+            fixed.on_close(Some(1008), "token expired: send a refresh frame"),
+            Ended::Stop(StopReason::Terminated { code: 1008, .. })
+        ));
+        let mut renewable = machine(None).with_renewable_token();
+        let _ = connect(&mut renewable, welcome("E", false, 0));
+        assert!(matches!(
+            renewable.on_close(Some(1008), "token expired: send a refresh frame"),
+            Ended::Reconnect(_)
+        ));
+        // Other policy closes still end it.
+        let _ = connect(&mut renewable, welcome("E", true, 0));
+        assert!(matches!(
+            renewable.on_close(Some(1008), "origin not allowed"),
+            Ended::Stop(StopReason::Terminated { code: 1008, .. })
+        ));
     }
 
     #[test]
