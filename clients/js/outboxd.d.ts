@@ -26,6 +26,8 @@ export function localStorageStore(options?: {
 
 /** A fresh random idempotency key (32 hex digits). */
 export function newKey(): string;
+/** The `exp` claim (Unix seconds) of a JSON Web Token, read without checking it; null when none. */
+export function tokenExpiry(token: string | null | undefined): number | null;
 
 /** An error from the broker (an `error` frame) or from the client. Branch on `code`. */
 export class OutboxdError extends Error {
@@ -35,7 +37,7 @@ export class OutboxdError extends Error {
    * The broker's codes (bad_frame, unknown_type, bad_client_id, bad_topic, unauthorized,
    * forbidden, outbox_full, payload_too_large, rate_limited, internal), or the client's:
    * closed, replaced, refused, aborted, frame_too_large, handler_failed, store_failed,
-   * connect_failed, bad_url, no_websocket, bad_frame_from_broker.
+   * connect_failed, bad_url, no_websocket, bad_frame_from_broker, token_failed.
    */
   code: string;
   /** The `ref` of the request the broker refused, when there was one. */
@@ -116,6 +118,7 @@ export type DisconnectCause =
   | "connect_timeout" // no welcome within connectTimeoutMs
   | "handler_failed" // the message handler threw
   | "prepare_failed" // url() or token() threw
+  | "token_expired" // close 1008 at the token's expiry, with a token function: reconnecting with a new token
   | "replaced" // close 4000: not reconnecting
   | "refused"; // close 1002 or 1008: not reconnecting
 
@@ -150,7 +153,11 @@ export interface OutboxdClientOptions<P = unknown> {
   url: string | (() => string | Promise<string>);
   /** 1 to 128 characters of [A-Za-z0-9._:@-]. */
   clientId: string;
-  /** Sent in hello; a function is called before each connection attempt. */
+  /**
+   * Sent in hello; a function is called before each connection attempt, and, while connected
+   * with a JWT that has an `exp`, a fifth of the time left before it (1 s to 60 s before) to
+   * send the new token in a `refresh` frame, so the session outlives its token.
+   */
   token?: string | (() => string | Promise<string>);
   /** Where the position is kept (default: localStorage when there is one, else memory). */
   store?: PositionStore;

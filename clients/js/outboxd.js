@@ -117,6 +117,20 @@ function reportListenerError(err) {
 
 const utf8 = new TextEncoder();
 
+/** The `exp` claim (Unix seconds) of a JSON Web Token, unverified; null when there is none. */
+export function tokenExpiry(token) {
+  if (typeof token !== "string") return null;
+  const part = token.split(".")[1];
+  if (!part) return null;
+  try {
+    const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+    return typeof claims?.exp === "number" && Number.isFinite(claims.exp) ? claims.exp : null;
+  } catch {
+    return null;
+  }
+}
+
 /** Close codes after which reconnecting cannot help: the client must be fixed. */
 const FATAL_CLOSE = new Map([
   [1002, "protocol error"],
@@ -151,6 +165,8 @@ export class OutboxdClient {
   #retryTimer = null;
   #connectTimer = null;
   #watchdog = null;
+  #renewTimer = null; // when to ask the token function for the next token
+  #currentToken = null; // the token this connection's hello (or last refresh) carried
   #heartbeatMs = 15000;
   #lastHeard = 0;
   #lastError = null; // the last error frame before a close, to explain the close
@@ -366,7 +382,8 @@ export class OutboxdClient {
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#connectTimer);
     clearTimeout(this.#watchdog);
-    this.#retryTimer = this.#connectTimer = this.#watchdog = null;
+    clearTimeout(this.#renewTimer);
+    this.#retryTimer = this.#connectTimer = this.#watchdog = this.#renewTimer = null;
     const ws = this.#ws;
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
@@ -413,6 +430,7 @@ export class OutboxdClient {
       return;
     }
     this.#ws = ws;
+    this.#currentToken = token ?? null;
     this.#lastError = null;
     this.#connectTimer = setTimeout(() => this.#drop(ws, "connect_timeout"), this.#connectTimeout);
     ws.onopen = () => {
@@ -429,6 +447,45 @@ export class OutboxdClient {
   }
 
   #sentResume = false;
+
+  /**
+   * With a token function and a JWT that says when it expires: asks the function for a new
+   * token a fifth of the time left before `exp` (between 1 s and 60 s before it) and hands it
+   * to the broker in a `refresh` frame, so the session outlives the token.
+   */
+  #scheduleRenewal(ws, delayMs) {
+    if (typeof this.#token !== "function") return;
+    let wait = delayMs;
+    if (wait === undefined) {
+      const exp = tokenExpiry(this.#currentToken);
+      if (exp === null) return;
+      const leftS = Math.max(0, exp - Date.now() / 1000);
+      const marginS = Math.min(leftS, Math.min(60, Math.max(1, leftS / 5)));
+      wait = (leftS - marginS) * 1000;
+    }
+    clearTimeout(this.#renewTimer);
+    this.#renewTimer = setTimeout(() => this.#renew(ws), wait);
+  }
+
+  async #renew(ws) {
+    this.#renewTimer = null;
+    let token;
+    try {
+      token = await this.#token();
+    } catch (err) {
+      token = null;
+      this.#emit("error", new OutboxdError("token_failed", `the token function failed: ${err?.message ?? err}`, { cause: err }));
+    }
+    if (ws !== this.#ws || !this.#welcomed) return;
+    if (token == null || token === this.#currentToken) {
+      // Nothing new yet: ask again shortly, until the broker ends the session at expiry.
+      this.#scheduleRenewal(ws, 1000);
+      return;
+    }
+    this.#currentToken = token;
+    this.#sendRaw(JSON.stringify({ type: "refresh", token }));
+    this.#scheduleRenewal(ws);
+  }
 
   /** Ends a connection the client gave up on (dead broker, no welcome in time, handler failure). */
   #drop(ws, cause) {
@@ -451,6 +508,11 @@ export class OutboxdClient {
       const err = new OutboxdError("replaced", "a newer connection with the same client id took over (close 4000)", { closeCode: code });
       this.#emit("disconnect", { code, reason, cause: "replaced", willReconnect: false });
       this.#shutdown(err, { type: "replaced", detail: { code, reason } });
+      return;
+    }
+    if (code === 1008 && reason.startsWith("token expired") && typeof this.#token === "function") {
+      // A token function can give a new one: a new hello carries it.
+      this.#disconnected({ code, reason, cause: "token_expired" });
       return;
     }
     if (FATAL_CLOSE.has(code)) {
@@ -571,6 +633,7 @@ export class OutboxdClient {
       this.#save();
     }
     this.#welcomed = true;
+    this.#scheduleRenewal(ws);
     this.#attempt = 0;
     this.#stats.connects += 1;
     this.#connMax = lastSeq;

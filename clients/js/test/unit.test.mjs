@@ -3,7 +3,7 @@
 // backoff, fatal closes. Run: node --test test/ (from clients/js).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { OutboxdClient, OutboxdError, memoryStore, localStorageStore } from "../outboxd.js";
+import { OutboxdClient, OutboxdError, memoryStore, localStorageStore, tokenExpiry } from "../outboxd.js";
 
 /** A WebSocket stand-in whose "broker" side the test drives by hand. */
 class FakeWS {
@@ -457,6 +457,54 @@ test("replaced (4000): no reconnect; refused (1008): error, connect() rejects", 
   await sleep(30);
   assert.equal(FakeWS.all.length, 1);
 });
+
+/** An unsigned JWT-shaped token that expires `inS` seconds from now (the client never checks signatures). */
+function jwt(inS, n) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  return `${b64({ alg: "HS256" })}.${b64({ sub: "bob", exp: Date.now() / 1000 + inS, n })}.sig`;
+}
+
+test("tokenExpiry reads a JWT's exp and nothing else", () => {
+  assert.equal(tokenExpiry(`x.${Buffer.from('{"exp":1700000000}').toString("base64url")}.y`), 1700000000);
+  assert.equal(tokenExpiry(`x.${Buffer.from('{"sub":"bob"}').toString("base64url")}.y`), null);
+  assert.equal(tokenExpiry("opaque-api-key"), null);
+  assert.equal(tokenExpiry("a.!!!.c"), null);
+  assert.equal(tokenExpiry(undefined), null);
+});
+
+test("a token function renews the token with refresh before it expires; an expiry close reconnects", async () => {
+  let n = 0;
+  const a = makeClient({ token: () => jwt(2, ++n) });
+  const ws = await connected(a.client);
+  assert.equal(ws.frames("hello")[0].token.length > 0, true);
+  // 2 s left: the new token is asked for and sent 1 s before the expiry, on the same socket.
+  await until(() => ws.frames("refresh").length === 1, "a refresh", 3000);
+  const refresh = ws.frames("refresh")[0];
+  assert.notEqual(refresh.token, ws.frames("hello")[0].token);
+  assert.equal(FakeWS.all.length, 1, "no reconnect for a refresh");
+  // Closed at expiry anyway (say the refresh was refused): reconnect with a fresh token.
+  const next = await reconnectAfterClose(ws, 1008, "token expired: send a refresh frame");
+  assert.ok(next.frames("hello")[0].token !== refresh.token);
+  assert.equal(a.client.state === "closed", false);
+  await a.client.close();
+
+  // A fixed token: the same close ends the client.
+  const b = makeClient({ token: jwt(60, 0) });
+  const ws2 = await connected(b.client);
+  ws2.serverClose(1008, "token expired: send a refresh frame");
+  await sleep(30);
+  assert.equal(b.client.state, "closed");
+  assert.equal(FakeWS.all.length, 1);
+});
+
+async function reconnectAfterClose(ws, code, reason) {
+  const before = FakeWS.all.length;
+  ws.serverClose(code, reason);
+  await until(() => FakeWS.all.length > before, "a new socket");
+  const next = FakeWS.last();
+  next.open();
+  return next;
+}
 
 test("options are checked", () => {
   assert.throws(() => new OutboxdClient({ url: "ws://x/ws", clientId: "bad id" }), TypeError);
