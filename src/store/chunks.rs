@@ -7,9 +7,9 @@
 //! [`MAX_BYTES`]), and an ack rewrites or deletes whole chunks. The invariants every reader
 //! relies on:
 //!
-//! - a chunk's key is the seq of its first message, and every message in it is below the next
-//!   chunk's key (seqs only grow; a chunk that loses its first messages moves to the key of its
-//!   new first);
+//! - a chunk is made under the seq of its first message, and every message in it stays at or
+//!   above its key and below the next chunk's key (seqs only grow; a chunk that loses messages
+//!   is rewritten under the same key);
 //! - a chunk is never empty (the last message leaving it deletes it).
 //!
 //! So the one chunk that can hold seq `s` is the one with the greatest key at or below `s`.
@@ -130,13 +130,6 @@ pub(super) fn get(
         Some((_, body)) => Ok(Some(message(&k, &body)?)),
         None => Ok(None),
     }
-}
-
-/// The cid encoded in a chunk key.
-pub(super) fn cid_of(key: &[u8; 17]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&key[1..9]);
-    u64::from_be_bytes(b)
 }
 
 #[cfg(test)]

@@ -118,20 +118,13 @@ impl Group {
             .find_map(|(k, e)| e.as_ref().map(|e| (*k, e)))
     }
 
-    /// Leaves the chunk stored under `key` holding `entries`: deleted when they are none,
-    /// moved to the key of its first message when that changed.
+    /// Leaves the chunk stored under `key` holding `entries` (deleted when they are none). It
+    /// keeps its key when its first messages leave: every message in it is still at or above
+    /// the key and below the next chunk's.
     pub(super) fn put_chunk(&mut self, key: [u8; 17], entries: Entries) {
         self.writes += 1;
-        let Some(&(first, _)) = entries.first() else {
-            self.chunks.insert(key, None);
-            return;
-        };
-        let at = keys::seq_key(keys::MSG, chunks::cid_of(&key), first);
-        if at != key {
-            self.chunks.insert(key, None);
-            self.writes += 1;
-        }
-        self.chunks.insert(at, Some(entries));
+        self.chunks
+            .insert(key, (!entries.is_empty()).then_some(entries));
     }
 
     /// Writes gathered so far: the writer closes a group at [`MAX_WRITES`], so a fan-out to
@@ -261,29 +254,30 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_that_loses_its_first_messages_moves_to_its_new_first() {
+    fn a_rewritten_chunk_keeps_its_key_and_an_emptied_one_is_deleted() {
         let mut g = Group::default();
         let k3 = keys::seq_key(keys::MSG, 1, 3);
+        let k9 = keys::seq_key(keys::MSG, 1, 9);
         g.put_chunk(k3, vec![(5, body(5)), (6, body(6))]);
-        assert_eq!(g.chunk(&k3), Some(None));
-        let k5 = keys::seq_key(keys::MSG, 1, 5);
-        assert_eq!(g.chunk(&k5).flatten().map(Vec::len), Some(2));
-        assert_eq!(g.last_chunk_in(1, 0, 4).map(|(k, _)| k), None);
-        assert_eq!(g.last_chunk_in(1, 0, 9).map(|(k, _)| k), Some(k5));
-        assert_eq!(g.first_chunk_in(1, 4, 9).map(|(k, _)| k), Some(k5));
-        g.put_chunk(k5, Vec::new());
-        assert_eq!(g.chunk(&k5), Some(None));
+        g.put_chunk(k9, vec![(9, body(9))]);
+        assert_eq!(g.chunk(&k3).flatten().map(Vec::len), Some(2));
+        assert_eq!(g.last_chunk_in(1, 0, 8).map(|(k, _)| k), Some(k3));
+        assert_eq!(g.first_chunk_in(1, 4, 9).map(|(k, _)| k), Some(k9));
+        g.put_chunk(k9, Vec::new());
+        assert_eq!(g.chunk(&k9), Some(None));
+        assert_eq!(g.last_chunk_in(1, 0, 20).map(|(k, _)| k), Some(k3));
         let (batch, _) = g.take().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        db.insert(k3, &b"old"[..]).unwrap();
+        db.insert(k9, &b"old"[..]).unwrap();
         db.apply_batch(batch).unwrap();
         assert_eq!(
             db.len(),
-            0,
-            "both keys are deleted once the group is applied"
+            1,
+            "the emptied chunk is deleted once the group is applied"
         );
+        assert!(db.get(k3).unwrap().is_some());
         assert!(
-            g.chunk(&k5).is_none(),
+            g.chunk(&k3).is_none(),
             "nothing is left over for the next group"
         );
     }

@@ -1757,10 +1757,11 @@ impl WriterState {
                 return Ok(Some(*s).filter(|s| *s < end));
             }
         }
-        // A chunk's key is its first seq.
+        // Every message of a later chunk is above `from`: its first is the one.
         Ok(self
             .chunk_after(cid, from, end - 1)?
-            .and_then(|(_, e)| e.first().map(|(s, _)| *s)))
+            .and_then(|(_, e)| e.first().map(|(s, _)| *s))
+            .filter(|s| *s < end))
     }
 
     fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
@@ -2159,6 +2160,100 @@ mod tests {
             drop(store);
             assert!(!writer.join());
         });
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Publishes this many messages to bob at once (they share commit groups and records).
+        Publish(usize),
+        /// Acks one seq / everything up to a seq, picked among those published so far.
+        AckSeq(usize),
+        AckUpto(usize),
+        /// A hello (which settles bob's acks), then a comparison with the model.
+        Check,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..150).prop_map(Op::Publish),
+            any::<usize>().prop_map(Op::AckSeq),
+            any::<usize>().prop_map(Op::AckUpto),
+            Just(Op::Check),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// The store against a model (a set of seqs): whatever the order of per-seq and
+        /// cumulative acks, and however the messages fall into records, what is stored,
+        /// counted and read back is exactly what was published and not acked.
+        #[test]
+        fn stored_messages_are_exactly_those_published_and_not_acked(
+            ops in proptest::collection::vec(op(), 1..30)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (store, writer) = Store::open(options(dir.path())).unwrap();
+                let bob = ClientId::new("bob").unwrap();
+                let mut h = store.hello(bob.clone(), None).await.unwrap().handle;
+                let mut model = std::collections::BTreeSet::new();
+                let mut next = 1u64;
+                let check = |store: &Store, h: &OutboxHandle, model: &std::collections::BTreeSet<u64>, pending: u64| {
+                    let want: Vec<u64> = model.iter().copied().collect();
+                    assert_eq!(pending, want.len() as u64);
+                    assert_eq!(seqs(store.read(h, 0, 100_000).unwrap()), want);
+                    for s in want.iter().take(3).chain(want.iter().rev().take(3)) {
+                        let m = store.get(h, *s).unwrap().expect("a stored seq reads back");
+                        assert_eq!(m.payload, StoredPayload::Json(format!("{s}")));
+                    }
+                };
+                for op in ops {
+                    match op {
+                        Op::Publish(n) => {
+                            let mut waits = Vec::new();
+                            for _ in 0..n {
+                                let req = PublishRequest {
+                                    from: None,
+                                    to: Target::Client(bob.clone()),
+                                    payload: Payload::Json(format!("{next}")),
+                                    key: None,
+                                    ttl_ms: None,
+                                };
+                                model.insert(next);
+                                next += 1;
+                                waits.push(store.submit_publish(req).await.unwrap());
+                            }
+                            for w in waits {
+                                w.await.unwrap().unwrap();
+                            }
+                        }
+                        Op::AckSeq(i) if next > 1 => {
+                            let s = 1 + (i as u64) % (next - 1);
+                            model.remove(&s);
+                            store.ack(&h, Ack::Seq(s)).await.unwrap();
+                        }
+                        Op::AckUpto(i) if next > 1 => {
+                            let u = 1 + (i as u64) % (next - 1);
+                            model.retain(|s| *s > u);
+                            store.ack(&h, Ack::Upto(u)).await.unwrap();
+                        }
+                        Op::AckSeq(_) | Op::AckUpto(_) => {}
+                        Op::Check => {
+                            let w = store.hello(bob.clone(), None).await.unwrap();
+                            h = w.handle;
+                            check(&store, &h, &model, w.pending);
+                        }
+                    }
+                }
+                let w = store.hello(bob.clone(), None).await.unwrap();
+                check(&store, &w.handle, &model, w.pending);
+                drop(store);
+                assert!(!writer.join());
+            });
+        }
     }
 
     #[test]
