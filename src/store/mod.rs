@@ -1697,19 +1697,30 @@ impl WriterState {
     fn chunk_holding(&self, cid: u64, seq: u64) -> Result<Option<([u8; 17], Entries)>, StoreError> {
         // A stored chunk the group deleted cannot hold `seq`: any chunk before it ends below it.
         let stored = match chunks::holding(&self.outbox, cid, seq)? {
-            Some((k, v)) => match self.group.chunk(&k) {
-                Some(None) => None,
-                Some(Some(e)) => Some((k, e.clone())),
-                None => Some((k.clone(), chunks::split(&k, &v)?)),
-            },
+            Some((k, v)) => self.as_grouped(&k, &v)?,
             None => None,
         };
-        let stored = stored.and_then(|(k, e)| Some((<[u8; 17]>::try_from(k.as_ref()).ok()?, e)));
         let grouped = self.group.last_chunk_in(cid, 0, seq);
         Ok(match (stored, grouped) {
             (Some(s), Some((gk, _))) if s.0 >= gk => Some(s),
             (_, Some((gk, e))) => Some((gk, e.clone())),
             (s, None) => s,
+        })
+    }
+
+    /// The stored chunk `key` → `value` as the group leaves it: None when the group deleted it.
+    fn as_grouped(
+        &self,
+        key: &[u8],
+        value: &sled::IVec,
+    ) -> Result<Option<([u8; 17], Entries)>, StoreError> {
+        let Ok(k) = <[u8; 17]>::try_from(key) else {
+            return Ok(None);
+        };
+        Ok(match self.group.chunk(key) {
+            Some(None) => None,
+            Some(Some(e)) => Some((k, e.clone())),
+            None => Some((k, chunks::split(key, value)?)),
         })
     }
 
@@ -1729,15 +1740,10 @@ impl WriterState {
         let mut stored = None;
         for item in self.outbox.range(lo..=hi) {
             let (k, v) = item?;
-            let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            match self.group.chunk(&k) {
-                Some(None) => continue,
-                Some(Some(e)) => stored = Some((key, e.clone())),
-                None => stored = Some((key, chunks::split(&k, &v)?)),
+            stored = self.as_grouped(&k, &v)?;
+            if stored.is_some() {
+                break;
             }
-            break;
         }
         let grouped = self.group.first_chunk_in(cid, after + 1, to);
         Ok(match (stored, grouped) {
