@@ -55,6 +55,9 @@ pub struct Summary {
     pub p50_us: Option<Stat>,
     pub p99_us: Option<Stat>,
     pub p999_us: Option<Stat>,
+    /// Fixed-rate cases: p99 of how late the pacer sent a message after its intended time.
+    #[serde(default)]
+    pub send_lag_p99_us: Option<Stat>,
     pub cpu_pct: Option<Stat>,
     pub rss_max_mib: Option<Stat>,
     pub write_mib_per_s: Option<Stat>,
@@ -111,6 +114,7 @@ pub fn summarize(cases: &[CaseResult]) -> Vec<Summary> {
                 p50_us: stat(&|c| c.latency.p50_us as f64),
                 p99_us: stat(&|c| c.latency.p99_us as f64),
                 p999_us: stat(&|c| c.latency.p999_us as f64),
+                send_lag_p99_us: opt(&|c| c.send_lag.as_ref().map(|l| l.p99_us as f64)),
                 cpu_pct: stat(&|c| c.broker.cpu_pct),
                 rss_max_mib: stat(&|c| c.broker.rss_max_mib),
                 write_mib_per_s: stat(&|c| c.broker.write_mib_per_s),
@@ -432,13 +436,19 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
             w,
             "Message i is due at start + i/rate and carries that time; latency is delivery time \
              minus it (HdrHistogram, µs), so a stall counts against the system instead of \
-             lowering the offered load. Only messages due in the measured window count.\n"
+             lowering the offered load. Only messages due in the measured window count. The \
+             pacer is a thread that sleeps until each message is due; \"pacer p99\" is how late \
+             it handed messages to the client (part of the latency, the same for every \
+             system).\n"
         );
         let _ = writeln!(
             w,
-            "| rate msg/s | system | delivered msg/s | p50 | p99 | p99.9 | CPU % | fsyncs/s | loss |"
+            "| rate msg/s | system | delivered msg/s | p50 | p99 | p99.9 | pacer p99 | CPU % | fsyncs/s | loss |"
         );
-        let _ = writeln!(w, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            w,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
         let mut rates: Vec<u64> = lat.iter().filter_map(|x| x.rate).collect();
         rates.sort();
         rates.dedup();
@@ -447,13 +457,16 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
                 if let Some(x) = find(&r.summary, *sys, Workload::Latency, size, Some(*rate), 1) {
                     let _ = writeln!(
                         w,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         rate,
                         sys.name(),
                         med(&x.delivered_per_s, 0),
                         us_cell(&x.p50_us),
                         us_cell(&x.p99_us),
                         us_cell(&x.p999_us),
+                        x.send_lag_p99_us
+                            .map(|s| fmt_us(s.median))
+                            .unwrap_or_else(|| "–".into()),
                         med(&x.cpu_pct, 0),
                         med(&x.fsyncs_per_s, 0),
                         loss_cell(x)

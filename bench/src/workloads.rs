@@ -111,6 +111,10 @@ pub struct CaseResult {
     /// Confirmed messages some subscriber never got (summed over subscribers).
     pub lost: u64,
     pub latency: Latency,
+    /// Fixed-rate cases: how late the pacer handed each message to the client, after its
+    /// intended send time (already part of `latency`; shows what the load generator adds).
+    #[serde(default)]
+    pub send_lag: Option<Latency>,
     pub broker: BrokerUse,
     /// Pairs workload: client connections (publishers and subscribers) that were established.
     #[serde(default)]
@@ -257,6 +261,7 @@ pub async fn run_case(env: &Env, system: System, spec: &CaseSpec, rep: usize) ->
         duplicates: 0,
         lost: 0,
         latency: Latency::default(),
+        send_lag: None,
         broker: BrokerUse::default(),
         connections: None,
         failure: None,
@@ -413,8 +418,20 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
 
     let measuring = measure(env, &broker, dir.path(), &stats, &pubs, warm_end, end);
 
-    let sent = send_loop(&publisher, &pubs, &gate, spec, t0, end).await;
+    let mut send_lag = new_histogram();
+    let sent = send_loop(
+        &publisher,
+        &pubs,
+        &gate,
+        spec,
+        (t0, warm_end, end),
+        &mut send_lag,
+    )
+    .await;
     r.published = sent;
+    if spec.rate.is_some() {
+        r.send_lag = Some(latency_from(&send_lag));
+    }
     let measured = measuring.await?;
 
     drain(&pubs, &gate, sent).await;
@@ -436,14 +453,15 @@ fn commit_groups(admin: &str) -> Option<u64> {
     tokio::task::block_in_place(|| brokers::commit_groups_at(admin))
 }
 
-/// Publishes until `end`; returns how many messages were handed to the client.
+/// Publishes until `end`; returns how many messages were handed to the client. At a fixed rate,
+/// records in `send_lag` how late each message due from `record_from` on left the pacer.
 async fn send_loop(
     publisher: &Publisher,
     pubs: &PubStats,
     gate: &Gate,
     spec: &CaseSpec,
-    t0: u64,
-    end: u64,
+    (t0, record_from, end): (u64, u64, u64),
+    send_lag: &mut Histogram<u64>,
 ) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_nanos(end - msg::now_ns());
     let mut seq = 0u64;
@@ -480,24 +498,33 @@ async fn send_loop(
             pubs.sent.store(seq, Ordering::Relaxed);
         },
         Some(rate) => {
+            // tokio's timer has a 1 ms resolution: woken by it, a message due 0.2 ms after a
+            // tick leaves up to a millisecond late, and that lateness would count against every
+            // system alike. The pacer sleeps on this thread instead (nanosleep, tens of
+            // microseconds late), with the runtime's other tasks moved off it meanwhile.
             let interval = 1e9 / rate as f64;
-            loop {
-                let now = msg::now_ns();
-                if now >= end {
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| loop {
+                let intended = t0 + (seq as f64 * interval) as u64;
+                if intended >= end {
                     break;
                 }
-                let due = ((now - t0) as f64 / interval) as u64 + 1;
-                while seq < due {
-                    let intended = t0 + (seq as f64 * interval) as u64;
-                    if let Err(e) = publisher.send(msg::make(spec.size, intended, seq)).await {
-                        pubs.fail(e.to_string());
-                        return seq;
-                    }
-                    seq += 1;
+                let now = msg::now_ns();
+                if intended > now {
+                    std::thread::sleep(Duration::from_nanos(intended - now));
                 }
+                if intended >= record_from {
+                    let lag_us = msg::now_ns().saturating_sub(intended) / 1_000;
+                    let _ = send_lag.record(lag_us.max(1));
+                }
+                if let Err(e) = handle.block_on(publisher.send(msg::make(spec.size, intended, seq)))
+                {
+                    pubs.fail(e.to_string());
+                    break;
+                }
+                seq += 1;
                 pubs.sent.store(seq, Ordering::Relaxed);
-                sleep_until_ns(t0 + (seq as f64 * interval) as u64).await;
-            }
+            });
         }
     }
     seq
