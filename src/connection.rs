@@ -190,8 +190,10 @@ fn refuse(status: StatusCode, body: &str) -> ErrorResponse {
 }
 
 /// Serves one accepted TCP connection until it closes. Never panics on peer input.
-// The upgrade callback's error type is tungstenite's HTTP response; its size is not ours.
-#[allow(clippy::result_large_err)]
+///
+/// This future lives as long as the connection, so its size is memory every idle connection
+/// holds: the handshake and the hello run in boxed futures of their own, freed before the
+/// session starts, and only the session's state stays.
 pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -199,22 +201,11 @@ pub async fn serve(
     ip_slot: Option<crate::registry::IpSlot>,
     shared: Arc<Shared>,
 ) {
-    let cfg = &shared.cfg;
-    let deadline = tokio::time::Instant::now() + cfg.hello_timeout();
-    if let Err(e) = tcp.set_nodelay(true) {
-        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-    }
+    let deadline = tokio::time::Instant::now() + shared.cfg.hello_timeout();
     let has_permit = permit.is_some();
     // Counted from accept, so sockets that trickle their headers count against the limit too;
     // the slot is held until this function returns.
     let ip_ok = ip_slot.is_some();
-    let allowed_origins: Vec<String> = cfg
-        .server
-        .allowed_origins
-        .iter()
-        .map(|o| o.to_ascii_lowercase())
-        .collect();
-    let require_origin = cfg.server.require_origin;
     let mut counted = Counted::new(
         Arc::clone(&shared.metrics),
         match (has_permit, ip_ok) {
@@ -223,6 +214,51 @@ pub async fn serve(
             (true, false) => CloseReason::OverIpLimit,
         },
     );
+    let Some(ws) = Box::pin(handshake(tcp, peer, has_permit, ip_ok, &shared, deadline)).await
+    else {
+        return;
+    };
+    let (sink, stream) = ws.split();
+    let queue = usize::try_from(shared.cfg.server.write_queue_frames).unwrap_or(256);
+    let (tx, rx) = write_queue::channel(queue);
+    let writer = shared.tracker.spawn(write_loop(sink, rx));
+    let out = Outgoing {
+        tx,
+        reserve: (queue / 4).clamp(1, 64),
+    };
+    counted.reason = run(stream, out, deadline, peer, &shared, permit).await;
+    // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        debug!(%peer, "writer did not finish within 5 s; dropping the socket");
+    }
+}
+
+/// TLS (when on) and the WebSocket upgrade, both before `deadline`. None when the peer was
+/// refused, failed or was too slow (logged here), or the broker is shutting down.
+// The upgrade callback's error type is tungstenite's HTTP response; its size is not ours.
+#[allow(clippy::result_large_err)]
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    has_permit: bool,
+    ip_ok: bool,
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+) -> Option<Ws> {
+    let cfg = &shared.cfg;
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let allowed_origins: Vec<String> = cfg
+        .server
+        .allowed_origins
+        .iter()
+        .map(|o| o.to_ascii_lowercase())
+        .collect();
+    let require_origin = cfg.server.require_origin;
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/ws" {
             return Err(refuse(
@@ -297,48 +333,32 @@ pub async fn serve(
     // A shutdown does not wait for half-open handshakes.
     let shutdown = shared.shutdown.clone();
     let stream = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
         r = crate::tls::accept(shared.tls.as_ref(), tcp, deadline) => match r {
             Ok(s) => s,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");
-                return;
+                return None;
             }
         },
     };
     let upgrade = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
         r = tokio::time::timeout_at(
             deadline,
             tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)),
         ) => r,
     };
-    let ws = match upgrade {
-        Ok(Ok(ws)) => ws,
+    match upgrade {
+        Ok(Ok(ws)) => Some(ws),
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "WebSocket handshake refused or failed");
-            return;
+            None
         }
         Err(_) => {
             debug!(%peer, "WebSocket handshake not finished within hello_timeout_ms");
-            return;
+            None
         }
-    };
-    let (sink, stream) = ws.split();
-    let queue = usize::try_from(cfg.server.write_queue_frames).unwrap_or(256);
-    let (tx, rx) = write_queue::channel(queue);
-    let writer = shared.tracker.spawn(write_loop(sink, rx));
-    let out = Outgoing {
-        tx,
-        reserve: (queue / 4).clamp(1, 64),
-    };
-    counted.reason = run(stream, out, deadline, peer, &shared, permit).await;
-    // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        debug!(%peer, "writer did not finish within 5 s; dropping the socket");
     }
 }
 
@@ -452,13 +472,45 @@ async fn run(
     shared: &Arc<Shared>,
     _permit: Option<OwnedSemaphorePermit>,
 ) -> CloseReason {
+    let (mut conn, ticket, span, welcomed) =
+        match Box::pin(open(&mut stream, out, deadline, peer, shared)).await {
+            Ok(opened) => opened,
+            Err(reason) => return reason,
+        };
+    let end = match welcomed {
+        Ok(()) => {
+            conn.session(&mut stream, &ticket)
+                .instrument(span.clone())
+                .await
+        }
+        Err(e) => e,
+    };
+    shared.registry.detach(&conn.client, ticket.gen);
+    let reason = end.reason();
+    conn.finish(end, ticket.gen, &span);
+    reason
+}
+
+/// The session as the hello opens it, the ticket that attached it, its span, and whether the
+/// welcome was queued.
+type Opened = (Conn, Ticket, tracing::Span, Result<(), End>);
+
+/// Reads the hello (before `deadline`), authenticates it, opens the client's outbox and
+/// queues the welcome. On refusal, says why to the peer and returns the close reason.
+async fn open(
+    stream: &mut SplitStream<Ws>,
+    out: Outgoing,
+    deadline: tokio::time::Instant,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Opened, CloseReason> {
     let cfg = &shared.cfg;
     let metrics = &shared.metrics;
     let max_payload = usize::try_from(cfg.limits.max_payload_bytes).unwrap_or(usize::MAX);
     // Hello: the first frame, before the deadline.
     let first = tokio::select! {
         _ = shared.shutdown.cancelled() => Err(End::Shutdown),
-        r = tokio::time::timeout_at(deadline, next_frame(&mut stream)) => match r {
+        r = tokio::time::timeout_at(deadline, next_frame(stream)) => match r {
             Err(_) => Err(End::NoHello),
             Ok(None) => Err(End::Gone),
             Ok(Some(Err(WsError::Capacity(_)))) => Err(End::TooBig),
@@ -512,7 +564,7 @@ async fn run(
             if let Some((code, reason)) = end.close(cfg) {
                 out.close(code, &reason);
             }
-            return end.reason();
+            return Err(end.reason());
         }
     };
     // Authentication comes before the store is touched: a refused client creates nothing,
@@ -526,7 +578,7 @@ async fn run(
                 metrics.refused(ErrorCode::Unauthorized);
                 let _ = out.text(encode_error(None, ErrorCode::Unauthorized, &e.to_string()));
                 out.close(close::POLICY, "unauthorized");
-                return CloseReason::Policy;
+                return Err(CloseReason::Policy);
             }
         },
     };
@@ -541,7 +593,7 @@ async fn run(
                 &format!("the broker cannot open this outbox: {e}"),
             ));
             out.close(close::INTERNAL, "store failure");
-            return CloseReason::Internal;
+            return Err(CloseReason::Internal);
         }
     };
     let (ticket, replaced) = shared.registry.attach(&client);
@@ -565,7 +617,7 @@ async fn run(
         heartbeat_ms: cfg.heartbeat.interval_ms,
         max_inflight: cfg.delivery.max_inflight,
     };
-    let mut conn = Conn {
+    let conn = Conn {
         shared: Arc::clone(shared),
         window: Window::new(
             usize::try_from(cfg.delivery.max_inflight).unwrap_or(usize::MAX),
@@ -589,18 +641,8 @@ async fn run(
             Instant::now(),
         ),
     };
-    let end = match conn.out.text(protocol::encode_welcome(&welcome)) {
-        Ok(()) => {
-            conn.session(&mut stream, &ticket)
-                .instrument(span.clone())
-                .await
-        }
-        Err(e) => e,
-    };
-    shared.registry.detach(&client, gen);
-    let reason = end.reason();
-    conn.finish(end, gen, &span);
-    reason
+    let welcomed = conn.out.text(protocol::encode_welcome(&welcome));
+    Ok((conn, ticket, span, welcomed))
 }
 
 struct Conn {
@@ -658,7 +700,9 @@ impl Conn {
                     }
                 }
                 msg = stream.next(), if replies.len() < max_pending => {
-                    if let Err(end) = self.on_message(msg, &mut replies).await {
+                    // Boxed: handling a frame needs more state than waiting does, and this
+                    // loop's state is what every idle connection holds.
+                    if let Err(end) = Box::pin(self.on_message(msg, &mut replies)).await {
                         break end;
                     }
                 }

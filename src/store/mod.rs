@@ -704,11 +704,21 @@ impl Store {
         req: PublishRequest,
     ) -> Result<oneshot::Receiver<Result<PublishOutcome, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Publish { req, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.enqueue(Command::Publish { req, reply }).await?;
         Ok(rx)
+    }
+
+    /// Queues a command for the writer, waiting while the queue is full. The wait is boxed:
+    /// a queued command is the common case, and the futures of connection tasks (which every
+    /// idle connection holds) need not carry room for a parked send.
+    async fn enqueue(&self, cmd: Command) -> Result<(), StoreError> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(cmd)) => Box::pin(self.tx.send(cmd))
+                .await
+                .map_err(|_| StoreError::Closed),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
+        }
     }
 
     /// Publishes and waits until it is durable.
@@ -721,13 +731,11 @@ impl Store {
 
     /// Queues an ack. Not waited on: a lost ack only causes a redelivery.
     pub async fn ack(&self, handle: &OutboxHandle, ack: Ack) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Ack {
-                cid: handle.cid,
-                ack,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)
+        self.enqueue(Command::Ack {
+            cid: handle.cid,
+            ack,
+        })
+        .await
     }
 
     /// Adds or removes a durable subscription; answers once durable.
