@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http, Broker, Client, Opts, QUIET};
@@ -475,21 +474,7 @@ async fn with_a_token_every_endpoint_but_healthz_needs_the_bearer_token() {
 async fn admin_api_beyond_loopback_without_a_token_refuses_to_start() {
     // Catches a broker that exposes purge and publish to the network without authentication.
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOXD_") {
-            cmd.env_remove(&k);
-        }
-    }
+    let mut cmd = common::serve_command(dir.path());
     cmd.env("OUTBOXD_SERVER__ADMIN_LISTEN", "0.0.0.0:0");
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await

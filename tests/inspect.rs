@@ -143,14 +143,7 @@ async fn offline_inspection_reports_what_was_published_and_acked_and_changes_not
     let page = ok_stdout(&[
         "inspect", "--data", data, "--json", "outbox", "bob", "--from", "5", "--limit", "2",
     ]);
-    let seqs: Vec<u64> = page
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).expect("NDJSON")["seq"]
-                .as_u64()
-                .unwrap_or(0)
-        })
-        .collect();
+    let seqs = ndjson_seqs(&page);
     assert_eq!(seqs, [5, 6]);
 
     let topics = json_of(&["inspect", "--data", data, "--json", "topics"]);
@@ -289,14 +282,7 @@ async fn online_inspection_through_the_admin_api_matches_the_offline_view_and_se
     let dump = ok_stdout(&[
         "inspect", "--admin", &admin, "--json", "outbox", "bob", "--limit", "0",
     ]);
-    let seqs: Vec<u64> = dump
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).expect("NDJSON")["seq"]
-                .as_u64()
-                .unwrap_or(0)
-        })
-        .collect();
+    let seqs = ndjson_seqs(&dump);
     assert_eq!(seqs, [3, 4, 5, 6, 7]);
     let stats = json_of(&["inspect", "--admin", &admin, "--json", "stats"]);
     assert_eq!(stats["pending_messages"], 7, "{stats}");
@@ -375,4 +361,15 @@ async fn outbox_view_counts_how_often_each_message_was_sent() {
         "bob",
     ]);
     assert!(human.contains("SENT"), "{human}");
+}
+
+/// The `seq` of each line of NDJSON output (0 where a line has none).
+fn ndjson_seqs(out: &str) -> Vec<u64> {
+    out.lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("NDJSON")["seq"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect()
 }

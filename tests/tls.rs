@@ -448,21 +448,7 @@ async fn sighup_without_tls_changes_nothing() {
 /// Runs `outboxd serve` with these config overrides until it exits; (status, stderr).
 fn run_to_exit(env: &[(&str, String)]) -> (Option<i32>, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOXD_") {
-            cmd.env_remove(&k);
-        }
-    }
+    let mut cmd = common::serve_command(dir.path());
     cmd.env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);

@@ -131,23 +131,7 @@ impl Broker {
             self.child.is_none(),
             "spawn while a broker is still running"
         );
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data")
-            .arg(self.data_dir())
-            // No ./config.toml there: built-in defaults plus the overrides below.
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Only this test's settings: nothing inherited from the developer's shell.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("OUTBOXD_") {
-                cmd.env_remove(&k);
-            }
-        }
+        let mut cmd = serve_command(self.dir.path());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -710,6 +694,28 @@ impl Client {
 }
 
 /// `seq` of a `msg` frame.
+/// `outboxd serve` on 127.0.0.1:0 with its data in `dir/data`, run in `dir` (no config.toml
+/// there: built-in defaults plus the caller's overrides), its output piped, and no `OUTBOXD_`
+/// setting inherited from the developer's shell.
+pub fn serve_command(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(dir.join("data"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTBOXD_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd
+}
+
 pub fn seq(msg: &Value) -> u64 {
     msg["seq"]
         .as_u64()
