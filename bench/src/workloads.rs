@@ -8,6 +8,7 @@
 //! - Open loop (latency): message i is due at `start + i / rate`; its body carries that
 //!   intended time and latency is measured from it, so a stalled publisher or broker shows up
 //!   in the latency instead of silently lowering the offered rate (no coordinated omission).
+//!   A pacer thread sleeps until each message is due and records how late it was (`send_lag`).
 //! - Open loop, many pairs (pairs): N publishers, each with its own durable subscriber, each
 //!   sending one message per `PAIR_PERIOD`, their schedules spread evenly over the period, so
 //!   the broker sees N connections' worth of small, steady traffic at N msg/s in total.
