@@ -717,10 +717,50 @@ pub async fn run_idle(env: &Env, system: System, n: usize, hold: Duration) -> Id
         hold_s: hold.as_secs_f64(),
         ..IdleResult::default()
     };
+    wait_for_ports(n).await;
     if let Err(e) = idle_body(env, system, n, hold, heartbeat_ms, &mut r).await {
         r.failure = Some(format!("{e:#}"));
     }
     r
+}
+
+/// Waits (up to 90 s) until the local port range has room for `n` more loopback connections
+/// beside the sockets still in TIME-WAIT from the cases before: closed connections hold their
+/// client port for a minute, and an idle case of many connections would otherwise run out.
+async fn wait_for_ports(n: usize) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|x| x.parse::<usize>().ok());
+            Some(it.next()??..=it.next()??)
+        })
+        .map_or(28_232, |r| r.count());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let waiting = time_wait_sockets();
+        // Some room to spare for the harness's own other connections.
+        if waiting + n + 1_000 <= range || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        eprintln!(
+            "    waiting for {waiting} sockets in TIME-WAIT to clear before {n} idle connections"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Sockets in TIME-WAIT on this host (state 06 in /proc/net/tcp and tcp6).
+fn time_wait_sockets() -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+                .count()
+        })
+        .sum()
 }
 
 async fn idle_body(
