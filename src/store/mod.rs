@@ -674,10 +674,7 @@ impl Store {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.enqueue(make(reply)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
