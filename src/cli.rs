@@ -250,6 +250,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         fail_fsync_after: fault("OUTBOXD_FAULT_FSYNC_FAIL_AFTER"),
         fail_flush_after: fault("OUTBOXD_FAULT_FLUSH_FAIL_AFTER"),
         fail_write_after: fault("OUTBOXD_FAULT_WRITE_FAIL_AFTER"),
+        crash_before_apply_after: fault("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER"),
         segment_bytes: std::env::var("OUTBOXD_FAULT_SEGMENT_BYTES")
             .ok()
             .and_then(|v| v.parse().ok()),
@@ -257,6 +258,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if faults.fail_fsync_after.is_some()
         || faults.fail_flush_after.is_some()
         || faults.fail_write_after.is_some()
+        || faults.crash_before_apply_after.is_some()
         || faults.segment_bytes.is_some()
     {
         tracing::warn!(

@@ -206,6 +206,13 @@ pub struct StoredMessage {
     pub expires_at: u64,
 }
 
+/// The writes of one small commit group, logged as one record before they reach the tree
+/// (see `store::journal`): (key, value), no value = remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRecord {
+    pub writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
 /// What an idempotency key remembers about the publish it first named.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupEntry {

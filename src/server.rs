@@ -72,6 +72,7 @@ pub struct Faults {
     pub fail_fsync_after: Option<u64>,
     pub fail_flush_after: Option<u64>,
     pub fail_write_after: Option<u64>,
+    pub crash_before_apply_after: Option<u64>,
     /// sled segment size for a new data dir, instead of [`crate::store::SEGMENT_BYTES`]: a
     /// small one brings back sled's blob files, for the durability audit to see.
     pub segment_bytes: Option<usize>,
@@ -103,6 +104,7 @@ pub async fn serve(
     opts.fail_fsync_after = faults.fail_fsync_after;
     opts.fail_flush_after = faults.fail_flush_after;
     opts.fail_write_after = faults.fail_write_after;
+    opts.crash_before_apply_after = faults.crash_before_apply_after;
     if let Some(b) = faults.segment_bytes {
         opts.segment_bytes = b;
     }

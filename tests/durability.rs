@@ -5,8 +5,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use common::{assert_error, Broker, Client, Opts, QUIET};
+use common::{assert_error, Broker, Client, Event, Opts, QUIET, RECV_TIMEOUT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -184,6 +185,67 @@ async fn sigkill_during_pipelined_publishes_loses_no_confirmed_message() {
         lost.len(),
         &lost[..lost.len().min(10)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_the_commit_and_the_tree_write_loses_nothing_and_stores_nothing_twice() {
+    // Catches a small commit group that is durable only in its journal record when the broker
+    // dies and is not finished at the next start (the publish would be lost), or is finished
+    // without its idempotency key (the retry would be stored a second time).
+    let mut broker = Broker::start(Opts::new().env("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER", 3));
+    let (mut alice, _) = broker.client("alice").await;
+    let mut confirmed = Vec::new();
+    let mut in_flight = None;
+    for i in 0..10u64 {
+        alice
+            .send(
+                json!({"type": "publish", "ref": format!("a{i}"), "to": "client:bob",
+                         "payload": i, "key": format!("k-{i}")}),
+            )
+            .await;
+        match alice.next_event(RECV_TIMEOUT).await {
+            Event::Frame(a) if a["type"] == "ok" => confirmed.push(i),
+            Event::Frame(a) => panic!("publish {i} answered {a}"),
+            _ => {
+                in_flight = Some(i);
+                break;
+            }
+        }
+    }
+    let in_flight = in_flight.expect("the injected crash came within ten publishes");
+    assert!(
+        !confirmed.is_empty(),
+        "the crash came after a few confirmed commits"
+    );
+    let status = broker.wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "the broker crashed: {status:?}");
+
+    broker.restart_with(Opts::new());
+    assert!(
+        broker.stderr().contains("finished the last commit group"),
+        "the start after the crash found the journal record: {}",
+        broker.stderr()
+    );
+    let (mut alice, _) = broker.client("alice").await;
+    let retry = alice
+        .request(
+            json!({"type": "publish", "ref": "retry", "to": "client:bob",
+                        "payload": in_flight, "key": format!("k-{in_flight}")}),
+        )
+        .await;
+    assert_eq!(retry["type"], "ok", "{retry}");
+    assert_eq!(
+        retry["duplicate"], true,
+        "the publish the crash cut off was durable, so its retry is a duplicate: {retry}"
+    );
+
+    let (mut bob, welcome) = broker.client("bob").await;
+    let expected: Vec<Value> = (0..=in_flight).map(|i| json!(i)).collect();
+    assert_eq!(welcome["pending"], expected.len(), "{welcome}");
+    let got = bob.recv_msgs(expected.len()).await;
+    let payloads: Vec<Value> = got.iter().map(|m| m["payload"].clone()).collect();
+    assert_eq!(payloads, expected, "every publish once, in order");
+    bob.expect_quiet(QUIET).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -310,8 +310,9 @@ impl Driver {
                                 }
                             }
                         }
-                        // Nothing new yet: ask again shortly, until the token runs out.
-                        _ => renew_at = Some(Instant::now() + Duration::from_secs(1)),
+                        // Nothing new yet (or a file caught mid-write): ask again shortly,
+                        // until the token runs out.
+                        _ => renew_at = Some(Instant::now() + self.renew_retry()),
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -334,7 +335,6 @@ impl Driver {
         ended
     }
 
-    /// Sorts a failed WebSocket connect into retry or stop.
     /// When to ask the token source for a new token: a fifth of the current token's time left
     /// before its `exp` (between 1 s and 60 s before it). None without a source or an `exp`.
     fn renew_deadline(&self) -> Option<Instant> {
@@ -349,6 +349,24 @@ impl Driver {
         Some(Instant::now() + Duration::from_secs(left - margin))
     }
 
+    /// How soon to ask the token source again after it gave nothing new: a quarter of the
+    /// current token's time left, between 100 ms and 1 s, so a source that missed once still
+    /// gets a few more tries before the token runs out.
+    fn renew_retry(&self) -> Duration {
+        let left_ms = self
+            .machine
+            .token()
+            .and_then(super::state::token_expiry)
+            .zip(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok(),
+            )
+            .map(|(exp, now)| (exp * 1000).saturating_sub(now.as_millis() as u64));
+        Duration::from_millis(left_ms.map_or(1000, |l| (l / 4).clamp(100, 1000)))
+    }
+
+    /// Sorts a failed WebSocket connect into retry or stop.
     fn connect_error(&self, e: tungstenite::Error) -> Ended {
         if let tungstenite::Error::Http(response) = &e {
             let status = response.status();

@@ -31,10 +31,13 @@ pub(super) const MAX_WRITES: usize = 50_000;
 /// Idempotency keys listed for expiry: (time stored, scope + key).
 pub(super) type Expiring = Vec<(u64, Vec<u8>)>;
 
+/// A group's writes by key, `None` = remove; the last write to a key wins, as in a sled batch.
+pub(super) type Writes = BTreeMap<IVec, Option<IVec>>;
+
 #[derive(Default)]
 pub(super) struct Group {
-    batch: sled::Batch,
-    /// Writes in `batch`; zero means there is nothing to apply.
+    ops: Writes,
+    /// Writes gathered (`ops` and chunks); zero means there is nothing to apply.
     writes: usize,
     /// Keys (`X cid seq`, fixed width) of tombstones deleted in this group (still in the tree
     /// until it is applied). Fixed-size, so an ack allocates nothing here.
@@ -55,12 +58,13 @@ pub(super) struct Group {
 
 impl Group {
     pub(super) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl Into<sled::IVec>) {
-        self.batch.insert(key.as_ref(), value.into());
+        self.ops
+            .insert(IVec::from(key.as_ref()), Some(value.into()));
         self.writes += 1;
     }
 
     pub(super) fn remove(&mut self, key: impl AsRef<[u8]>) {
-        self.batch.remove(key.as_ref());
+        self.ops.insert(IVec::from(key.as_ref()), None);
         self.writes += 1;
     }
 
@@ -167,17 +171,15 @@ impl Group {
         self.dirty.insert(cid);
     }
 
-    /// Hands over the batch and the clients whose meta the caller must add to it, and resets
-    /// the overlay. None when the group wrote nothing.
-    pub(super) fn take(&mut self) -> Option<(sled::Batch, BTreeSet<u64>)> {
+    /// Hands over the writes and the clients whose meta the caller must add to them, and
+    /// resets the overlay. None when the group wrote nothing.
+    pub(super) fn take(&mut self) -> Option<(Writes, BTreeSet<u64>)> {
         let dirty = std::mem::take(&mut self.dirty);
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut ops = std::mem::take(&mut self.ops);
         let writes = std::mem::take(&mut self.writes);
         for (key, entries) in std::mem::take(&mut self.chunks) {
-            match entries {
-                Some(e) => batch.insert(&key, chunks::encode(&e)),
-                None => batch.remove(&key),
-            }
+            let value = entries.map(|e| IVec::from(chunks::encode(&e)));
+            ops.insert(IVec::from(&key[..]), value);
         }
         self.open.clear();
         self.removed.clear();
@@ -186,7 +188,7 @@ impl Group {
         if writes == 0 && dirty.is_empty() {
             return None;
         }
-        Some((batch, dirty))
+        Some((ops, dirty))
     }
 
     /// Drops everything gathered (the store latched: none of it will be confirmed).
@@ -266,10 +268,11 @@ mod tests {
         g.put_chunk(k9, Vec::new());
         assert_eq!(g.chunk(&k9), Some(None));
         assert_eq!(g.last_chunk_in(1, 0, 20).map(|(k, _)| k), Some(k3));
-        let (batch, _) = g.take().unwrap();
+        let (writes, _) = g.take().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         db.insert(k9, &b"old"[..]).unwrap();
-        db.apply_batch(batch).unwrap();
+        db.apply_batch(super::super::journal::to_batch(writes))
+            .unwrap();
         assert_eq!(
             db.len(),
             1,

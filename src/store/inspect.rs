@@ -82,6 +82,7 @@ impl Inspector {
             })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
+        super::journal::replay(&outbox)?;
         info!(dir = %data_dir.display(), "data dir opened read-only (a private copy)");
         Ok(Inspector {
             dir: data_dir.to_path_buf(),

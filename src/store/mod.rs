@@ -27,8 +27,9 @@
 //!   index; `S len topic cid` -> () a subscription; `K len scope key` -> [`DedupEntry`];
 //!   `G ts id` -> the (time, scope + key) of each idempotency key one group stored, `ts` the
 //!   newest: the dedup expiry index (data dirs from before hold `D ts len scope key` -> (), one
-//!   per key, still read). All integers big-endian, so one range scan reads an outbox in seq
-//!   order.
+//!   per key, still read); `J` -> the writes of the last small commit group, present only
+//!   until they reach the tree (see `journal`). All integers big-endian, so one range scan
+//!   reads an outbox in seq order.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -54,6 +55,7 @@ mod blobs;
 mod chunks;
 mod group;
 mod inspect;
+mod journal;
 pub use inspect::Inspector;
 
 /// How many commands the writer queue holds before senders wait.
@@ -124,6 +126,10 @@ pub struct StoreOptions {
     pub fail_flush_after: Option<u64>,
     /// Test hook: the publish after this many fails its write to the tree.
     pub fail_write_after: Option<u64>,
+    /// Test hook: the first journaled commit after this many commits aborts the process once it
+    /// is durable, before its writes reach the tree (a crash at the one moment only the
+    /// journal holds a group).
+    pub crash_before_apply_after: Option<u64>,
     /// sled segment size for a new data dir ([`SEGMENT_BYTES`] unless a test says otherwise).
     pub segment_bytes: usize,
     /// Where the writer counts commits, acks and errors (shared with the rest of the broker).
@@ -145,6 +151,7 @@ impl StoreOptions {
             fail_fsync_after: None,
             fail_flush_after: None,
             fail_write_after: None,
+            crash_before_apply_after: None,
             segment_bytes: SEGMENT_BYTES,
             metrics: Arc::new(Metrics::default()),
         }
@@ -576,6 +583,12 @@ impl Store {
             })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
+        if let Some(writes) = journal::replay(&outbox)? {
+            info!(
+                writes,
+                "finished the last commit group, which a crash had cut short"
+            );
+        }
         // Our own handle on sled's log, for the fdatasync its flush does not do.
         let log = File::open(dir.join("db"))?;
         let latched = Arc::new(AtomicBool::new(false));
@@ -1198,11 +1211,26 @@ impl WriterState {
                 Err(r.clone())
             }
             None => self
-                .apply_group()
+                .write_group()
                 .map_err(|e| format!("writing the commit group failed: {e}"))
-                .and_then(|()| match self.opts.durability {
-                    Durability::Relaxed => Ok(()),
-                    Durability::Fsync => self.sync(),
+                .and_then(|journaled| {
+                    if self.opts.durability == Durability::Fsync {
+                        self.sync()?;
+                    }
+                    if journaled.is_some()
+                        && self
+                            .opts
+                            .crash_before_apply_after
+                            .is_some_and(|n| self.commits > n)
+                    {
+                        error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
+                        std::process::abort();
+                    }
+                    match journaled {
+                        Some(writes) => journal::apply(&self.outbox, writes)
+                            .map_err(|e| format!("applying the commit group failed: {e}")),
+                        None => Ok(()),
+                    }
                 })
                 .inspect_err(|_| {
                     self.opts.metrics.store_errors.inc();
@@ -1244,20 +1272,43 @@ impl WriterState {
     /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
     /// meta of every client it changed.
     fn apply_group(&mut self) -> Result<(), StoreError> {
+        if let Some(writes) = self.take_group()? {
+            self.outbox.apply_batch(journal::to_batch(writes))?;
+        }
+        Ok(())
+    }
+
+    /// The commit's write: a small group goes to the journal, and is returned to be applied to
+    /// the tree once the commit has synced it; a large one is applied as one batch (see
+    /// `journal`). Neither is durable before the sync.
+    fn write_group(&mut self) -> Result<Option<group::Writes>, StoreError> {
+        let Some(writes) = self.take_group()? else {
+            return Ok(None);
+        };
+        if journal::fits(&writes) {
+            journal::write(&self.outbox, &writes)?;
+            Ok(Some(writes))
+        } else {
+            self.outbox.apply_batch(journal::to_batch(writes))?;
+            Ok(None)
+        }
+    }
+
+    /// Hands over the group gathered so far, with the meta of every client it changed.
+    fn take_group(&mut self) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
         if let Some((key, list)) = self.group.take_expiring() {
             let value = encode(&list)?;
             self.group.insert(key, value);
         }
-        let Some((mut batch, dirty)) = self.group.take() else {
-            return Ok(());
+        let Some((mut writes, dirty)) = self.group.take() else {
+            return Ok(None);
         };
         for cid in dirty {
             let meta = encode(self.meta_of(cid)?)?;
-            batch.insert(&keys::meta(cid), meta);
+            writes.insert(sled::IVec::from(&keys::meta(cid)[..]), Some(meta.into()));
         }
-        self.outbox.apply_batch(batch)?;
-        Ok(())
+        Ok(Some(writes))
     }
 
     fn sync(&mut self) -> Result<(), String> {
@@ -2040,6 +2091,7 @@ mod tests {
             fail_fsync_after: None,
             fail_flush_after: None,
             fail_write_after: None,
+            crash_before_apply_after: None,
             segment_bytes: SEGMENT_BYTES,
             metrics: Arc::new(Metrics::default()),
         }
