@@ -75,6 +75,12 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// The most messages, or idempotency keys, one retention sweep removes: a backlog of expired
 /// records is worked off over several sweeps instead of stalling the writer in one.
 const SWEEP_BATCH: usize = 10_000;
+/// A commit delay (`storage.group_commit_max_delay_us`) longer than this waits on tokio's
+/// timer for all but its last millisecond.
+const COARSE_WAIT: Duration = Duration::from_millis(2);
+/// How often the writer looks for more writes during the rest of a commit delay.
+const DELAY_POLL: Duration = Duration::from_micros(50);
+
 /// A group nobody waits on (acks, retention) is held back and joins the next one until it is
 /// this old or this large. Every sled batch costs two log writes on sled's I/O threads, so
 /// applying each small group of acks while a reader drains a backlog spent more CPU on those
@@ -1110,18 +1116,37 @@ impl WriterState {
                 }
                 let delay = self.opts.group_commit_max_delay;
                 if !delay.is_zero() && group < MAX_GROUP {
-                    let deadline = tokio::time::Instant::now() + delay;
+                    let deadline = Instant::now() + delay;
                     while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
-                        // The timer must be made inside the runtime, or tokio panics.
-                        match rt
-                            .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
-                        {
-                            Ok(Some(cmd)) => {
-                                self.apply(cmd);
-                                group += 1;
+                        let cmd = match rx.try_recv() {
+                            Ok(cmd) => cmd,
+                            Err(mpsc::error::TryRecvError::Disconnected) => break,
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                if left.is_zero() {
+                                    break;
+                                }
+                                if left > COARSE_WAIT {
+                                    // tokio's timer ticks in whole milliseconds: it waits for
+                                    // all but the last one, which the short sleeps below keep
+                                    // to the microseconds configured.
+                                    let coarse = left - Duration::from_millis(1);
+                                    // The timer must be made inside the runtime, or tokio panics.
+                                    match rt.block_on(async {
+                                        tokio::time::timeout(coarse, rx.recv()).await
+                                    }) {
+                                        Ok(Some(cmd)) => cmd,
+                                        Ok(None) => break,
+                                        Err(_) => continue,
+                                    }
+                                } else {
+                                    std::thread::sleep(left.min(DELAY_POLL));
+                                    continue;
+                                }
                             }
-                            _ => break,
-                        }
+                        };
+                        self.apply(cmd);
+                        group += 1;
                     }
                 }
             }
