@@ -25,8 +25,8 @@ use super::group::Writes;
 use super::{encode, StoreError};
 use crate::codec::{self, JournalRecord};
 
-/// The key of the one journal record; no other key in the outbox tree starts with `J`.
-pub(super) const KEY: &[u8] = b"J";
+/// The key of the one journal record; no other key in the outbox tree starts with its byte.
+pub(super) const KEY: &[u8] = &[super::keys::JOURNAL];
 
 /// The most writes a journaled group holds.
 const MAX_WRITES: usize = 64;

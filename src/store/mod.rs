@@ -398,6 +398,8 @@ mod keys {
     pub const DEDUP: u8 = b'K';
     pub const DEDUP_EXPIRY: u8 = b'D';
     pub const DEDUP_LIST: u8 = b'G';
+    /// The one journal record (`journal::KEY`).
+    pub const JOURNAL: u8 = b'J';
 
     pub fn meta(cid: u64) -> [u8; 9] {
         let mut k = [META; 9];
