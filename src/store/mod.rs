@@ -2340,6 +2340,7 @@ mod tests {
                 }
                 let w = store.hello(bob.clone(), None).await.unwrap();
                 check(&store, &w.handle, &model, w.pending);
+                assert_eq!(kinds(&store, keys::JOURNAL), 0, "no journal record outlives its commit");
                 drop(store);
                 assert!(!writer.join());
             });
