@@ -339,31 +339,29 @@ impl Driver {
     /// before its `exp` (between 1 s and 60 s before it). None without a source or an `exp`.
     fn renew_deadline(&self) -> Option<Instant> {
         self.settings.token_source.as_ref()?;
-        let exp = super::state::token_expiry(self.machine.token()?)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_secs();
-        let left = exp.saturating_sub(now);
-        let margin = (left / 5).clamp(1, 60).min(left);
-        Some(Instant::now() + Duration::from_secs(left - margin))
+        let left = self.token_left()?;
+        let margin = (left / 5)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60))
+            .min(left);
+        Some(Instant::now() + (left - margin))
     }
 
     /// How soon to ask the token source again after it gave nothing new: a quarter of the
     /// current token's time left, between 100 ms and 1 s, so a source that missed once still
     /// gets a few more tries before the token runs out.
     fn renew_retry(&self) -> Duration {
-        let left_ms = self
-            .machine
-            .token()
-            .and_then(super::state::token_expiry)
-            .zip(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok(),
-            )
-            .map(|(exp, now)| (exp * 1000).saturating_sub(now.as_millis() as u64));
-        Duration::from_millis(left_ms.map_or(1000, |l| (l / 4).clamp(100, 1000)))
+        self.token_left().map_or(Duration::from_secs(1), |left| {
+            (left / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        })
+    }
+
+    /// The current token's time left before its `exp`; None without a token or an `exp`.
+    fn token_left(&self) -> Option<Duration> {
+        let exp = super::state::token_expiry(self.machine.token()?)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some(Duration::from_secs(exp).saturating_sub(now))
     }
 
     /// Sorts a failed WebSocket connect into retry or stop.

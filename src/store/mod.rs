@@ -371,6 +371,36 @@ impl Writer {
     }
 }
 
+/// The next command queued before `deadline`; None once it has passed or the queue closed.
+/// tokio's timer ticks in whole milliseconds, so it waits for all but the last one, and short
+/// sleeps of the calling thread keep the rest to the microsecond.
+fn recv_before(
+    rt: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Command>,
+    deadline: Instant,
+) -> Option<Command> {
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => return Some(cmd),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        if left > COARSE_WAIT {
+            let coarse = left - Duration::from_millis(1);
+            // The timer must be made inside the runtime, or tokio panics.
+            if let Ok(got) = rt.block_on(async { tokio::time::timeout(coarse, rx.recv()).await }) {
+                return got;
+            }
+        } else {
+            std::thread::sleep(left.min(DELAY_POLL));
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1120,32 +1150,8 @@ impl WriterState {
                 if !delay.is_zero() && group < MAX_GROUP {
                     let deadline = Instant::now() + delay;
                     while group < MAX_GROUP && self.group.writes() < group::MAX_WRITES {
-                        let cmd = match rx.try_recv() {
-                            Ok(cmd) => cmd,
-                            Err(mpsc::error::TryRecvError::Disconnected) => break,
-                            Err(mpsc::error::TryRecvError::Empty) => {
-                                let left = deadline.saturating_duration_since(Instant::now());
-                                if left.is_zero() {
-                                    break;
-                                }
-                                if left > COARSE_WAIT {
-                                    // tokio's timer ticks in whole milliseconds: it waits for
-                                    // all but the last one, which the short sleeps below keep
-                                    // to the microseconds configured.
-                                    let coarse = left - Duration::from_millis(1);
-                                    // The timer must be made inside the runtime, or tokio panics.
-                                    match rt.block_on(async {
-                                        tokio::time::timeout(coarse, rx.recv()).await
-                                    }) {
-                                        Ok(Some(cmd)) => cmd,
-                                        Ok(None) => break,
-                                        Err(_) => continue,
-                                    }
-                                } else {
-                                    std::thread::sleep(left.min(DELAY_POLL));
-                                    continue;
-                                }
-                            }
+                        let Some(cmd) = recv_before(&rt, &mut rx, deadline) else {
+                            break;
                         };
                         self.apply(cmd);
                         group += 1;
