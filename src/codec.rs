@@ -61,24 +61,36 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a record written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let body = checked_body(bytes)?;
+    let (value, used) = bincode::serde::decode_from_slice(body, config())?;
+    if used != body.len() {
+        return Err(CodecError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
+/// The bincode body of a record written by [`encode`], once its version and checksum are good.
+fn checked_body(bytes: &[u8]) -> Result<&[u8], CodecError> {
     let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-    let body = match version {
+    match version {
         FORMAT_VERSION => {
             let (crc, body) = rest.split_at_checked(4).ok_or(CodecError::Checksum)?;
             let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
             if crc32fast::hash(body) != crc {
                 return Err(CodecError::Checksum);
             }
-            body
+            Ok(body)
         }
-        FORMAT_V1 => rest,
-        other => return Err(CodecError::Version(other)),
-    };
-    let (value, used) = bincode::serde::decode_from_slice(body, config())?;
-    if used != body.len() {
-        return Err(CodecError::Trailing(body.len() - used));
+        FORMAT_V1 => Ok(rest),
+        other => Err(CodecError::Version(other)),
     }
-    Ok(value)
+}
+
+/// Decodes the leading fields of a record written by [`encode`]: `T` is a struct made of the
+/// record's first fields (see [`DedupRunHead`]). The version and the checksum are checked as
+/// in [`decode`]; the rest of the record is left unread.
+pub fn decode_head<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    Ok(bincode::serde::decode_from_slice(checked_body(bytes)?, config())?.0)
 }
 
 /// Encodes a message's body alone (no version byte, no checksum): what a chunk holds per
@@ -219,6 +231,21 @@ pub struct DedupEntry {
     pub id: u64,
     pub ts: u64,
     pub recipients: u64,
+}
+
+/// The idempotency keys of one scope that one commit group stored together (see
+/// `store::dedup`): the scope's keys from `first` to the key the record is stored under, sorted,
+/// each with its entry (keys without the scope).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRun {
+    pub first: Vec<u8>,
+    pub entries: Vec<(Vec<u8>, DedupEntry)>,
+}
+
+/// The first field of a [`DedupRun`], read without its entries ([`decode_head`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRunHead {
+    pub first: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -379,5 +406,27 @@ mod tests {
             Err(CodecError::Trailing(1))
         ));
         assert!(matches!(decode::<DedupEntry>(&[]), Err(CodecError::Empty)));
+    }
+
+    #[test]
+    fn a_runs_first_key_reads_without_its_entries_and_a_damaged_run_is_refused() {
+        let entry = DedupEntry {
+            id: 1,
+            ts: 2,
+            recipients: 3,
+        };
+        let run = DedupRun {
+            first: b"k-01".to_vec(),
+            entries: vec![(b"k-01".to_vec(), entry.clone()), (b"k-02".to_vec(), entry)],
+        };
+        let mut bytes = encode(&run).unwrap();
+        let head: DedupRunHead = decode_head(&bytes).unwrap();
+        assert_eq!(head.first, b"k-01");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_head::<DedupRunHead>(&bytes),
+            Err(CodecError::Checksum)
+        ));
     }
 }

@@ -97,7 +97,7 @@ async fn full_disk_refuses_publishes_loses_nothing_confirmed_and_recovers_after_
         started.elapsed()
     );
     assert_eq!(status.code(), Some(1), "a latched store ends with status 1");
-    assert!(broker.stderr().contains("STORE LATCHED"));
+    assert!(broker.stderr_shows("STORE LATCHED", Duration::from_secs(5)));
 
     // Space returns; a restarted broker delivers every confirmed message.
     let grown = Command::new("mount")

@@ -222,7 +222,7 @@ async fn crash_between_the_commit_and_the_tree_write_loses_nothing_and_stores_no
 
     broker.restart_with(Opts::new());
     assert!(
-        broker.stderr().contains("finished the last commit group"),
+        broker.stderr_shows("finished the last commit group", Duration::from_secs(5)),
         "the start after the crash found the journal record: {}",
         broker.stderr()
     );
@@ -305,7 +305,7 @@ async fn injected_failure_latches_and_keeps_what_was_confirmed(fault: &str) {
 
     broker.kill9();
     assert!(
-        broker.stderr().contains("STORE LATCHED"),
+        broker.stderr_shows("STORE LATCHED", Duration::from_secs(5)),
         "the latch is logged"
     );
     broker.restart_with(faulty.without_env(fault));

@@ -7,7 +7,8 @@
 //! the group is confirmed before the commit, so a crash loses the whole group or nothing.
 //!
 //! Until it is applied, the tree does not show the group's writes, so the writer looks here
-//! first for what its own reads depend on: idempotency keys stored earlier in the group,
+//! first for what its own reads depend on: idempotency keys stored earlier in the group (which
+//! reach the tree as `dedup` decides when the group is taken),
 //! message chunks the group wrote, rewrote or deleted (see [`super::chunks`]), and tombstones
 //! an earlier ack in the group deleted. Commands whose reads this overlay does not cover
 //! (retention, purge, backup) apply the group first.
@@ -46,12 +47,11 @@ pub(super) struct Group {
     chunks: BTreeMap<[u8; 17], Option<Entries>>,
     /// By client: the chunk this group opened for its new messages, and its body bytes.
     open: HashMap<u64, ([u8; 17], usize)>,
-    /// Idempotency keys stored in this group, by their `K` key.
-    dedup: HashMap<Vec<u8>, DedupEntry>,
-    /// The same keys as (time, scope + key), for the group's one dedup expiry record, and the
-    /// first one's message id (which makes that record's key unique).
-    expiring: Expiring,
-    expiring_id: u64,
+    /// Idempotency keys stored in this group, by scope + key (sorted, as `dedup::place`
+    /// wants them), and the first one's message id (which makes the key of the group's dedup
+    /// expiry records unique).
+    dedup: BTreeMap<Vec<u8>, DedupEntry>,
+    dedup_id: u64,
     /// Clients whose `ClientMeta` changed: written once per group, at apply time.
     dirty: BTreeSet<u64>,
 }
@@ -141,30 +141,28 @@ impl Group {
         <[u8; 17]>::try_from(key).is_ok_and(|k| self.removed.contains(&k))
     }
 
-    /// Stores an idempotency key (`key` = `K` + `body`) and lists it for expiry.
-    pub(super) fn store_dedup(&mut self, body: &[u8], entry: DedupEntry, value: Vec<u8>) {
-        let key = keys::dedup(body);
-        self.insert(&key, value);
-        if self.expiring.is_empty() {
-            self.expiring_id = entry.id;
+    /// Stores an idempotency key (`body` = scope + key). Where it goes (a run or a record of
+    /// its own) is decided when the group is taken ([`Group::take_dedup`]).
+    pub(super) fn store_dedup(&mut self, body: &[u8], entry: DedupEntry) {
+        if self.dedup.is_empty() {
+            self.dedup_id = entry.id;
         }
-        self.expiring.push((entry.ts, body.to_vec()));
-        self.dedup.insert(key, entry);
+        self.writes += 1;
+        self.dedup.insert(body.to_vec(), entry);
     }
 
-    /// The group's dedup expiry record: its key (`G`, the newest time listed, a message id)
-    /// and the keys it lists. None when the group stored no idempotency key.
-    pub(super) fn take_expiring(&mut self) -> Option<(Vec<u8>, Expiring)> {
-        if self.expiring.is_empty() {
+    /// The idempotency keys this group stored, and the first one's message id. None when it
+    /// stored none.
+    pub(super) fn take_dedup(&mut self) -> Option<(BTreeMap<Vec<u8>, DedupEntry>, u64)> {
+        if self.dedup.is_empty() {
             return None;
         }
-        let list = std::mem::take(&mut self.expiring);
-        let newest = list.iter().map(|(ts, _)| *ts).max().unwrap_or(0);
-        Some((keys::dedup_list(newest, self.expiring_id), list))
+        Some((std::mem::take(&mut self.dedup), self.dedup_id))
     }
 
-    pub(super) fn dedup(&self, key: &[u8]) -> Option<&DedupEntry> {
-        self.dedup.get(key)
+    /// The entry this group stored for `body` (scope + key).
+    pub(super) fn dedup(&self, body: &[u8]) -> Option<&DedupEntry> {
+        self.dedup.get(body)
     }
 
     pub(super) fn touch_meta(&mut self, cid: u64) {
@@ -184,7 +182,6 @@ impl Group {
         self.open.clear();
         self.removed.clear();
         self.dedup.clear();
-        self.expiring.clear();
         if writes == 0 && dirty.is_empty() {
             return None;
         }
@@ -218,15 +215,14 @@ mod tests {
                 ts: 2,
                 recipients: 1,
             },
-            vec![0],
         );
         g.touch_meta(3);
         assert!(g.is_removed(&[b'X'; 17]));
-        assert!(g.dedup(b"K1").is_some());
+        assert!(g.dedup(b"1").is_some());
         let (_, dirty) = g.take().expect("writes were gathered");
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![3]);
         assert!(!g.is_removed(&[b'X'; 17]));
-        assert!(g.dedup(b"K1").is_none());
+        assert!(g.dedup(b"1").is_none());
         assert!(g.take().is_none());
     }
 
@@ -286,22 +282,23 @@ mod tests {
     }
 
     #[test]
-    fn a_groups_idempotency_keys_share_one_expiry_record_under_the_newest_time() {
+    fn a_groups_idempotency_keys_are_handed_over_sorted_with_the_first_id() {
         let mut g = Group::default();
-        assert!(g.take_expiring().is_none());
-        for (id, ts) in [(7, 100), (8, 102), (9, 101)] {
+        assert!(g.take_dedup().is_none());
+        for (id, key) in [(7, "k9"), (8, "k1"), (9, "k5")] {
             let entry = DedupEntry {
                 id,
-                ts,
+                ts: 100,
                 recipients: 1,
             };
-            g.store_dedup(format!("k{id}").as_bytes(), entry, vec![0]);
+            g.store_dedup(key.as_bytes(), entry);
         }
-        let (key, list) = g.take_expiring().expect("keys were stored");
-        assert_eq!(key, keys::dedup_list(102, 7));
-        assert_eq!(list.len(), 3);
-        assert_eq!(list[2], (101, b"k9".to_vec()));
-        assert!(g.take_expiring().is_none());
+        assert_eq!(g.writes(), 3);
+        let (keys, id) = g.take_dedup().expect("keys were stored");
+        assert_eq!(id, 7);
+        let order: Vec<&[u8]> = keys.keys().map(Vec::as_slice).collect();
+        assert_eq!(order, [&b"k1"[..], b"k5", b"k9"]);
+        assert!(g.take_dedup().is_none());
     }
 
     #[test]

@@ -24,10 +24,12 @@
 //!   `M cid` -> [`ClientMeta`]; `O cid seq` -> a chunk of messages from `seq` on (see
 //!   `chunks`; a record of one [`StoredMessage`] before chunks); `X cid seq` -> () a message
 //!   that retention removed unacked (counted in `missed`); `E expires cid seq` -> () the expiry
-//!   index; `S len topic cid` -> () a subscription; `K len scope key` -> [`DedupEntry`];
-//!   `G ts id` -> the (time, scope + key) of each idempotency key one group stored, `ts` the
-//!   newest: the dedup expiry index (data dirs from before hold `D ts len scope key` -> (), one
-//!   per key, still read); `J` -> the writes of the last small commit group, present only
+//!   index; `S len topic cid` -> () a subscription; `R len scope key` -> a run of
+//!   idempotency keys of one scope up to `key` (see `dedup`); `K len scope key` ->
+//!   [`DedupEntry`], a key outside every run; `G ts id` -> the (time, scope + key) of each `K`
+//!   one group stored, `ts` the newest, and `H ts id` the same for its runs: the dedup expiry
+//!   index (data dirs from before hold `D ts len scope key` -> (), one per key, still read);
+//!   `J` -> the writes of the last small commit group, present only
 //!   until they reach the tree (see `journal`). All integers big-endian, so one range scan
 //!   reads an outbox in seq order.
 
@@ -53,6 +55,7 @@ use chunks::Entries;
 mod backup;
 mod blobs;
 mod chunks;
+mod dedup;
 mod group;
 mod inspect;
 mod journal;
@@ -428,6 +431,10 @@ mod keys {
     pub const DEDUP: u8 = b'K';
     pub const DEDUP_EXPIRY: u8 = b'D';
     pub const DEDUP_LIST: u8 = b'G';
+    /// Several idempotency keys of one scope in one record (see `dedup`).
+    pub const DEDUP_RUN: u8 = b'R';
+    /// The dedup runs one group stored, for retention (as `DEDUP_LIST` for `K` records).
+    pub const DEDUP_RUN_LIST: u8 = b'H';
     /// The one journal record (`journal::KEY`).
     pub const JOURNAL: u8 = b'J';
 
@@ -514,6 +521,21 @@ mod keys {
     /// listed message id (unique across restarts).
     pub fn dedup_list(ts: u64, id: u64) -> Vec<u8> {
         let mut k = vec![DEDUP_LIST];
+        k.extend_from_slice(&ts.to_be_bytes());
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    /// The key of a dedup run: the scope and the greatest key it holds.
+    pub fn dedup_run(body: &[u8]) -> Vec<u8> {
+        let mut k = vec![DEDUP_RUN];
+        k.extend_from_slice(body);
+        k
+    }
+
+    /// The key of the record listing one group's dedup runs (as [`dedup_list`]).
+    pub fn dedup_run_list(ts: u64, id: u64) -> Vec<u8> {
+        let mut k = vec![DEDUP_RUN_LIST];
         k.extend_from_slice(&ts.to_be_bytes());
         k.extend_from_slice(&id.to_be_bytes());
         k
@@ -1327,12 +1349,42 @@ impl WriterState {
         }
     }
 
+    /// Adds to the group the idempotency keys it stored, as `dedup::place` puts them, and the
+    /// records that list them for retention: `G` for the keys stored one per record, `H` for
+    /// the runs, each under the newest time it lists and the group's first message id.
+    fn store_dedup_keys(
+        &mut self,
+        new: std::collections::BTreeMap<Vec<u8>, DedupEntry>,
+        id: u64,
+    ) -> Result<(), StoreError> {
+        let placed = dedup::place(&self.outbox, new)?;
+        let mut singles: group::Expiring = Vec::with_capacity(placed.singles.len());
+        for (body, entry) in placed.singles {
+            self.group.insert(keys::dedup(&body), encode(&entry)?);
+            singles.push((entry.ts, body));
+        }
+        let mut runs: group::Expiring = Vec::with_capacity(placed.runs.len());
+        for (body, run) in placed.runs {
+            self.group
+                .insert(keys::dedup_run(&body), dedup::encode_run(&run)?);
+            runs.push((dedup::newest(&run), body));
+        }
+        for (list, key) in [
+            (singles, keys::dedup_list as fn(u64, u64) -> Vec<u8>),
+            (runs, keys::dedup_run_list),
+        ] {
+            if let Some(newest) = list.iter().map(|(ts, _)| *ts).max() {
+                self.group.insert(key(newest, id), encode(&list)?);
+            }
+        }
+        Ok(())
+    }
+
     /// Hands over the group gathered so far, with the meta of every client it changed.
     fn take_group(&mut self) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
-        if let Some((key, list)) = self.group.take_expiring() {
-            let value = encode(&list)?;
-            self.group.insert(key, value);
+        if let Some((new, id)) = self.group.take_dedup() {
+            self.store_dedup_keys(new, id)?;
         }
         let Some((mut writes, dirty)) = self.group.take() else {
             return Ok(None);
@@ -1589,23 +1641,13 @@ impl WriterState {
             .as_ref()
             .map(|k| keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k));
         if let Some(body) = &dedup_body {
-            let k = keys::dedup(body);
-            let found = match self.group.dedup(&k) {
-                Some(e) => Some(e.clone()),
-                None => match self.outbox.get(&k)? {
-                    Some(v) => Some(decode::<DedupEntry>(&k, &v)?),
-                    None => None,
-                },
-            };
-            if let Some(entry) = found {
-                if entry.ts.saturating_add(self.opts.dedup_window_ms) > now {
-                    return Ok(PublishOutcome {
-                        id: format!("{:x}", entry.id),
-                        recipients: entry.recipients,
-                        duplicate: true,
-                        full: Vec::new(),
-                    });
-                }
+            if let Some(entry) = self.find_dedup(body, now)? {
+                return Ok(PublishOutcome {
+                    id: format!("{:x}", entry.id),
+                    recipients: entry.recipients,
+                    duplicate: true,
+                    full: Vec::new(),
+                });
             }
         }
         let (recipients, topic): (Vec<u64>, Option<String>) = match &req.to {
@@ -1675,8 +1717,7 @@ impl WriterState {
                     ts: now,
                     recipients: written,
                 };
-                let value = encode(&entry)?;
-                self.group.store_dedup(body, entry, value);
+                self.group.store_dedup(body, entry);
             }
         }
         // The messages, their metas and the dedup key land in the group's one batch, so they
@@ -1687,6 +1728,24 @@ impl WriterState {
             duplicate: false,
             full,
         })
+    }
+
+    /// The entry of an idempotency key (scope + key) stored within the dedup window, from this
+    /// group, a record of its own or a run. A key named again after its window has a newer
+    /// record of its own beside its old entry, which only retention has yet to delete.
+    fn find_dedup(&self, body: &[u8], now: u64) -> Result<Option<DedupEntry>, StoreError> {
+        let fresh = |e: &DedupEntry| e.ts.saturating_add(self.opts.dedup_window_ms) > now;
+        if let Some(e) = self.group.dedup(body) {
+            return Ok(Some(e.clone()));
+        }
+        let k = keys::dedup(body);
+        if let Some(v) = self.outbox.get(&k)? {
+            let e: DedupEntry = decode(&k, &v)?;
+            if fresh(&e) {
+                return Ok(Some(e));
+            }
+        }
+        Ok(dedup::find(&self.outbox, body)?.filter(fresh))
     }
 
     /// Adds to the group the removal of the tombstones at or below `upto`.
@@ -1984,6 +2043,19 @@ impl WriterState {
             }
             self.group.remove(record);
         }
+        for (record, listed) in self.stale_runs(horizon)? {
+            for (ts, body) in listed {
+                let rk = keys::dedup_run(&body);
+                if let Some(v) = self.outbox.get(&rk)? {
+                    // Runs are never rewritten; the check only guards against a list that
+                    // outlived its run.
+                    if dedup::newest(&decode(&rk, &v)?) == ts {
+                        self.group.remove(rk);
+                    }
+                }
+            }
+            self.group.remove(record);
+        }
         // The tombstones just written must be in the tree for the next hello's `missed` count
         // (the overlay does not show inserts), so this group is not held back.
         self.apply_group()
@@ -2012,13 +2084,33 @@ impl WriterState {
         let mut legacy = vec![keys::DEDUP_EXPIRY];
         legacy.extend_from_slice(&0u64.to_be_bytes());
         let lists = keys::dedup_list(0, 0)..keys::dedup_list(horizon, 0);
+        let runs = keys::dedup_run_list(0, 0)..keys::dedup_run_list(horizon, 0);
         Ok(self.outbox.range(lists).next().transpose()?.is_some()
+            || self.outbox.range(runs).next().transpose()?.is_some()
             || self
                 .outbox
                 .range(legacy..keys::dedup_expiry(horizon, &[]))
                 .next()
                 .transpose()?
                 .is_some())
+    }
+
+    /// Lists of dedup runs (`H`) older than `horizon`, at most about [`SWEEP_BATCH`] runs per
+    /// sweep and at least one list: each list's key and the (newest time, key) of its runs.
+    fn stale_runs(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
+        let mut stale = Vec::new();
+        let mut listed = 0usize;
+        let range = keys::dedup_run_list(0, 0)..keys::dedup_run_list(horizon, 0);
+        for item in self.outbox.range(range) {
+            let (k, v) = item?;
+            let runs: group::Expiring = decode(&k, &v)?;
+            listed += runs.len();
+            stale.push((k, runs));
+            if listed >= SWEEP_BATCH {
+                break;
+            }
+        }
+        Ok(stale)
     }
 
     /// Dedup expiry records older than `horizon` (listing at most about [`SWEEP_BATCH`] keys
@@ -2243,6 +2335,8 @@ mod tests {
             );
             assert_eq!(kinds(&store, keys::DEDUP_EXPIRY), 0);
             assert_eq!(kinds(&store, keys::DEDUP_LIST), 0);
+            assert_eq!(kinds(&store, keys::DEDUP_RUN), 0);
+            assert_eq!(kinds(&store, keys::DEDUP_RUN_LIST), 0);
 
             store.ack(h, Ack::Upto(6)).await.unwrap();
             let last = store.hello(bob, None).await.unwrap();
@@ -2253,6 +2347,103 @@ mod tests {
             assert_eq!((totals.pending_messages, totals.pending_bytes), (0, 0));
             // The hello's commit applied the acks: no message record is left behind.
             assert_eq!(kinds(&store, keys::MSG), 0);
+            drop(store);
+            assert!(!writer.join());
+        });
+    }
+
+    #[test]
+    fn idempotency_keys_in_runs_and_records_answer_retries_until_their_window_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut opts = options(dir.path());
+            opts.dedup_window_ms = 300;
+            let (store, writer) = Store::open(opts).unwrap();
+            let bob = ClientId::new("bob").unwrap();
+            let alice = ClientId::new("alice").unwrap();
+            let publish = |key: &str| PublishRequest {
+                from: Some(alice.clone()),
+                to: Target::Client(bob.clone()),
+                payload: Payload::Json(format!("\"{key}\"")),
+                key: Some(key.to_owned()),
+                ttl_ms: None,
+            };
+            let send_all = |keys: Vec<String>| {
+                let store = &store;
+                let publish = &publish;
+                async move {
+                    let mut waits = Vec::new();
+                    for k in &keys {
+                        waits.push(store.submit_publish(publish(k)).await.unwrap());
+                    }
+                    let mut out = Vec::new();
+                    for w in waits {
+                        out.push(w.await.unwrap().unwrap());
+                    }
+                    out
+                }
+            };
+            // Numbered keys, queued together: runs, not a record per key.
+            let numbered: Vec<String> = (10..60).map(|i| format!("k{i}")).collect();
+            let first = send_all(numbered.clone()).await;
+            assert!(first.iter().all(|o| !o.duplicate));
+            assert!(kinds(&store, keys::DEDUP_RUN) >= 1);
+            assert!(
+                kinds(&store, keys::DEDUP_RUN) < 50,
+                "numbered keys share records"
+            );
+            assert_eq!(kinds(&store, keys::DEDUP), 0);
+            // Keys inside a run's range that it does not hold get records of their own.
+            let between: Vec<String> = store
+                .outbox
+                .scan_prefix([keys::DEDUP_RUN])
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    codec::decode::<codec::DedupRun>(&v)
+                        .map(|run| (k, run))
+                        .unwrap()
+                })
+                .filter(|(_, run)| run.entries.len() >= 2)
+                .map(|(_, run)| format!("{}a", String::from_utf8(run.first).unwrap()))
+                .collect();
+            assert!(!between.is_empty(), "some run holds several keys");
+            let inside = send_all(between.clone()).await;
+            assert!(inside.iter().all(|o| !o.duplicate));
+            assert_eq!(kinds(&store, keys::DEDUP), between.len());
+            // Every retry, from a run or a record, is answered with the first publish's id.
+            let mut retry = numbered.clone();
+            retry.extend(between.iter().cloned());
+            let again = send_all(retry).await;
+            let mut was = first.clone();
+            was.extend(inside);
+            for (a, b) in again.iter().zip(&was) {
+                assert!(a.duplicate, "retry of {} was not a duplicate", b.id);
+                assert_eq!((&a.id, a.recipients), (&b.id, 1));
+            }
+            let w = store.hello(bob.clone(), None).await.unwrap();
+            assert_eq!(
+                w.pending,
+                (numbered.len() + between.len()) as u64,
+                "nothing was written twice"
+            );
+
+            // Once the window has passed, retention forgets them all and a key is new again.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            for kind in [
+                keys::DEDUP,
+                keys::DEDUP_LIST,
+                keys::DEDUP_RUN,
+                keys::DEDUP_RUN_LIST,
+            ] {
+                assert_eq!(kinds(&store, kind), 0, "kind {}", kind as char);
+            }
+            let late = send_all(vec!["k20".into()]).await;
+            assert!(!late[0].duplicate);
+            assert_ne!(late[0].id, first[10].id);
             drop(store);
             assert!(!writer.join());
         });

@@ -118,6 +118,21 @@ impl Broker {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Whether the broker's stderr shows `needle` within `wait`. Its stderr is read by a
+    /// thread of its own, so a line the broker wrote a moment ago may not be here yet.
+    pub fn stderr_shows(&self, needle: &str, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("broker is not running").id()
     }

@@ -1,0 +1,418 @@
+//! Idempotency keys: how a commit group stores the keys its publishes named, and how a key is
+//! found again within the dedup window.
+//!
+//! A key stored as a sled key of its own (`K len scope key` -> [`DedupEntry`]) costs one tree
+//! insert per publish, and at saturation those inserts were most of what the writer did. So the
+//! keys one group stores for one scope (the publisher) go, where they can, into one record: a
+//! *run* (`R len scope last-key` -> [`DedupRun`]), which holds a sorted range of keys and their
+//! entries and is stored under the greatest of them. Publishers that number their keys (the
+//! project's clients do) produce keys above every run they stored before, so each group adds
+//! one run per publisher.
+//!
+//! One invariant lets a lookup find a key with one forward seek: the runs of one scope cover
+//! disjoint ranges `[first, last]`. So the only run that can hold key `k` is the one with the
+//! least `last` at or above `k`, and it holds `k` only if its `first` is at or below `k`. A
+//! group therefore puts a new key into a run only where no stored run covers it ([`place`]);
+//! a key inside a stored run's range (a client with random keys, or a key named again after its
+//! window) is stored as a `K` record as before. A lookup reads both forms ([`find`]). Runs are
+//! never rewritten: retention deletes a run whole once its newest key is out of the window
+//! (`H ts id` lists a group's runs, as `G ts id` lists its `K` records).
+
+use std::collections::BTreeMap;
+
+use super::{decode, encode, keys, StoreError};
+use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
+
+/// The most keys one run holds.
+const MAX_RUN_KEYS: usize = 512;
+/// The most key bytes one run holds (far below the codec's 1 MiB and sled's blob threshold).
+const MAX_RUN_BYTES: usize = 48 << 10;
+/// Stored runs one group may step over for one scope before it stores the rest of that
+/// scope's keys as `K` records (random keys would otherwise seek once per key).
+const MAX_SEEKS: usize = 8;
+/// Keys share a run only when they have the same length and differ at most in their last
+/// this many bytes: numbered keys do, random ones do not, so a run's range stays narrow and
+/// random keys are not caught inside it.
+const RUN_SPREAD: usize = 4;
+
+/// Where one group's idempotency keys go.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Placement {
+    /// Keys stored one record each (`K`): (scope + key, entry).
+    pub singles: Vec<(Vec<u8>, DedupEntry)>,
+    /// New runs: the scope + key of their last key, and the run.
+    pub runs: Vec<(Vec<u8>, DedupRun)>,
+}
+
+/// The length of the scope prefix (length byte and scope) of a dedup body.
+fn scope_len(body: &[u8]) -> usize {
+    body.first()
+        .map_or(0, |l| usize::from(*l) + 1)
+        .min(body.len())
+}
+
+/// Whether two keys (without scope) may share a run.
+fn similar(a: &[u8], b: &[u8]) -> bool {
+    let common = a.len().saturating_sub(RUN_SPREAD);
+    a.len() == b.len() && a[..common] == b[..common]
+}
+
+/// The stored run with the least last key at or above `body`, in `body`'s scope: its key, its
+/// value and its first key (read without decoding the rest).
+fn run_at_or_after(
+    tree: &sled::Tree,
+    body: &[u8],
+) -> Result<Option<(sled::IVec, sled::IVec, Vec<u8>)>, StoreError> {
+    let key = keys::dedup_run(body);
+    let scope = &key[..1 + scope_len(body)];
+    match tree.range(key.as_slice()..).next().transpose()? {
+        Some((k, v)) if k.starts_with(scope) => {
+            let head: DedupRunHead =
+                codec::decode_head(&v).map_err(|source| StoreError::Corrupt {
+                    key: format!("{:02x?}", &k[..]),
+                    source,
+                })?;
+            Ok(Some((k, v, head.first)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The entry a stored run holds for `body` (scope + key), if any.
+pub(super) fn find(tree: &sled::Tree, body: &[u8]) -> Result<Option<DedupEntry>, StoreError> {
+    let Some((k, v, first)) = run_at_or_after(tree, body)? else {
+        return Ok(None);
+    };
+    let key = &body[scope_len(body)..];
+    if first.as_slice() > key {
+        return Ok(None);
+    }
+    let run: DedupRun = decode(&k, &v)?;
+    Ok(run
+        .entries
+        .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+        .ok()
+        .and_then(|i| run.entries.get(i))
+        .map(|(_, e)| e.clone()))
+}
+
+/// Decides where a group's new keys go: into new runs where no stored run covers them, into
+/// `K` records elsewhere. `new` is keyed by scope + key, so one scope's keys come together and
+/// in order.
+pub(super) fn place(
+    tree: &sled::Tree,
+    new: BTreeMap<Vec<u8>, DedupEntry>,
+) -> Result<Placement, StoreError> {
+    let mut out = Placement::default();
+    let mut scope: Vec<u8> = Vec::new();
+    let mut this: Vec<(Vec<u8>, DedupEntry)> = Vec::new();
+    for (body, entry) in new {
+        let s = &body[..scope_len(&body)];
+        if s != scope.as_slice() {
+            place_scope(tree, &scope, std::mem::take(&mut this), &mut out)?;
+            scope = s.to_vec();
+        }
+        this.push((body, entry));
+    }
+    place_scope(tree, &scope, this, &mut out)?;
+    Ok(out)
+}
+
+/// What is known of the stored run at or after the key being placed.
+enum Next {
+    /// Not looked up yet (or the key passed it).
+    Unknown,
+    /// No stored run at or after the key in this scope.
+    None,
+    /// A stored run's range, scope stripped.
+    Run { first: Vec<u8>, last: Vec<u8> },
+}
+
+/// [`place`] for the keys of one scope, in order.
+fn place_scope(
+    tree: &sled::Tree,
+    scope: &[u8],
+    keys_in_order: Vec<(Vec<u8>, DedupEntry)>,
+    out: &mut Placement,
+) -> Result<(), StoreError> {
+    let mut run = RunBuilder::default();
+    let mut next = Next::Unknown;
+    let mut seeks = 0;
+    for (body, entry) in keys_in_order {
+        let key = body[scope.len()..].to_vec();
+        if matches!(&next, Next::Run { last, .. } if key > *last) {
+            // The key is past that stored run: the run being built must not span it.
+            run.close(scope, out);
+            next = Next::Unknown;
+        }
+        if matches!(next, Next::Unknown) {
+            if seeks == MAX_SEEKS {
+                out.singles.push((body, entry));
+                continue;
+            }
+            seeks += 1;
+            next = match run_at_or_after(tree, &body)? {
+                Some((k, _, first)) => Next::Run {
+                    first,
+                    last: k[1 + scope.len()..].to_vec(),
+                },
+                None => Next::None,
+            };
+        }
+        match &next {
+            Next::Run { first, .. } if key >= *first => {
+                // Inside a stored run's range: only a record of its own can hold it.
+                run.close(scope, out);
+                out.singles.push((body, entry));
+            }
+            _ => {
+                if !run.takes(&key) {
+                    run.close(scope, out);
+                }
+                run.push(key, entry);
+            }
+        }
+    }
+    run.close(scope, out);
+    Ok(())
+}
+
+#[derive(Default)]
+struct RunBuilder {
+    entries: Vec<(Vec<u8>, DedupEntry)>,
+    bytes: usize,
+}
+
+impl RunBuilder {
+    fn push(&mut self, key: Vec<u8>, entry: DedupEntry) {
+        self.bytes += key.len();
+        self.entries.push((key, entry));
+    }
+
+    /// Whether `key` may join this run: it has room, and the key is like its first.
+    fn takes(&self, key: &[u8]) -> bool {
+        match self.entries.first() {
+            None => true,
+            Some((first, _)) => {
+                self.entries.len() < MAX_RUN_KEYS
+                    && self.bytes + key.len() <= MAX_RUN_BYTES
+                    && similar(first, key)
+            }
+        }
+    }
+
+    /// Ends the run being built and hands it to `out`: a run of one key is stored as a `K`
+    /// record instead, which covers no range that could catch a later key.
+    fn close(&mut self, scope: &[u8], out: &mut Placement) {
+        let mut entries = std::mem::take(&mut self.entries);
+        self.bytes = 0;
+        if entries.len() == 1 {
+            if let Some((key, entry)) = entries.pop() {
+                let mut body = scope.to_vec();
+                body.extend_from_slice(&key);
+                out.singles.push((body, entry));
+            }
+            return;
+        }
+        let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+            return;
+        };
+        let mut body = scope.to_vec();
+        body.extend_from_slice(last);
+        let first = first.clone();
+        out.runs.push((body, DedupRun { first, entries }));
+    }
+}
+
+/// A run's newest entry time: the time retention waits for before it deletes the run.
+pub(super) fn newest(run: &DedupRun) -> u64 {
+    run.entries.iter().map(|(_, e)| e.ts).max().unwrap_or(0)
+}
+
+/// The run's record value.
+pub(super) fn encode_run(run: &DedupRun) -> Result<Vec<u8>, StoreError> {
+    encode(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> sled::Tree {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.open_tree("outbox").unwrap()
+    }
+
+    fn entry(id: u64) -> DedupEntry {
+        DedupEntry {
+            id,
+            ts: 1000 + id,
+            recipients: 1,
+        }
+    }
+
+    fn batch(scope: &str, keys: &[&str]) -> BTreeMap<Vec<u8>, DedupEntry> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (keys::dedup_body(scope, k), entry(i as u64 + 1)))
+            .collect()
+    }
+
+    /// Places `new` and writes the result to the tree, as the writer does.
+    fn store(t: &sled::Tree, new: BTreeMap<Vec<u8>, DedupEntry>) -> Placement {
+        let p = place(t, new).unwrap();
+        for (body, e) in &p.singles {
+            t.insert(keys::dedup(body), encode(e).unwrap()).unwrap();
+        }
+        for (body, run) in &p.runs {
+            t.insert(keys::dedup_run(body), encode_run(run).unwrap())
+                .unwrap();
+        }
+        p
+    }
+
+    /// What a lookup finds, from either form.
+    fn lookup(t: &sled::Tree, scope: &str, key: &str) -> Option<u64> {
+        let body = keys::dedup_body(scope, key);
+        let single = t
+            .get(keys::dedup(&body))
+            .unwrap()
+            .map(|v| decode::<DedupEntry>(b"K", &v).unwrap());
+        single.or(find(t, &body).unwrap()).map(|e| e.id)
+    }
+
+    fn runs_of(p: &Placement) -> Vec<(String, usize)> {
+        p.runs
+            .iter()
+            .map(|(b, r)| (String::from_utf8_lossy(b).into_owned(), r.entries.len()))
+            .collect()
+    }
+
+    #[test]
+    fn numbered_keys_of_a_group_become_one_run_under_their_last() {
+        let t = tree();
+        let p = store(&t, batch("pub", &["a-01", "a-02", "a-03"]));
+        assert!(p.singles.is_empty());
+        assert_eq!(runs_of(&p), [("\x03puba-03".to_string(), 3)]);
+        assert_eq!(lookup(&t, "pub", "a-02"), Some(2));
+        assert_eq!(lookup(&t, "pub", "a-04"), None);
+        assert_eq!(lookup(&t, "pub", "a-00"), None);
+        assert_eq!(lookup(&t, "other", "a-02"), None, "another scope's key");
+        // The next group's keys lie above: one more run.
+        let p = store(&t, batch("pub", &["a-04", "a-05"]));
+        assert_eq!(runs_of(&p).len(), 1);
+        assert_eq!(lookup(&t, "pub", "a-05"), Some(2));
+        assert_eq!(lookup(&t, "pub", "a-03"), Some(3));
+    }
+
+    #[test]
+    fn a_key_inside_a_stored_runs_range_gets_a_record_of_its_own() {
+        let t = tree();
+        store(&t, batch("p", &["b", "d", "f"]));
+        let p = store(&t, batch("p", &["a", "c", "e", "g", "h"]));
+        // "a" lies below the stored run (alone, so a record of its own), "c" and "e" inside
+        // it, "g" and "h" above it.
+        let mut singles: Vec<String> = p
+            .singles
+            .iter()
+            .map(|(b, _)| String::from_utf8_lossy(&b[2..]).into_owned())
+            .collect();
+        singles.sort();
+        assert_eq!(singles, ["a", "c", "e"]);
+        assert_eq!(runs_of(&p), [("\x01ph".to_string(), 2)]);
+        for (k, id) in [("a", 1), ("b", 1), ("c", 2), ("d", 2), ("e", 3), ("f", 3)] {
+            assert_eq!(lookup(&t, "p", k), Some(id), "key {k}");
+        }
+        assert_eq!(lookup(&t, "p", "h"), Some(5));
+        assert_eq!(lookup(&t, "p", "i"), None);
+    }
+
+    #[test]
+    fn runs_of_one_scope_never_overlap_whatever_the_keys() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(64), |(groups in proptest::collection::vec(
+            proptest::collection::btree_set("[a-d]{1,3}", 1..20), 1..8))| {
+            let t = tree();
+            let mut all = BTreeMap::new();
+            let mut id = 0u64;
+            for g in groups {
+                let mut new = BTreeMap::new();
+                for k in g {
+                    if lookup(&t, "s", &k).is_some() {
+                        continue;
+                    }
+                    id += 1;
+                    all.insert(k.clone(), id);
+                    new.insert(keys::dedup_body("s", &k), entry(id));
+                }
+                store(&t, new);
+                let ranges: Vec<(Vec<u8>, Vec<u8>)> = t
+                    .scan_prefix([keys::DEDUP_RUN])
+                    .map(|r| {
+                        let (k, v) = r.unwrap();
+                        let run: DedupRun = decode(&k, &v).unwrap();
+                        (run.first, k[3..].to_vec())
+                    })
+                    .collect();
+                for w in ranges.windows(2) {
+                    prop_assert!(w[0].1 < w[1].0, "runs overlap: {:?}", w);
+                }
+                for (k, want) in &all {
+                    prop_assert_eq!(lookup(&t, "s", k), Some(*want), "key {}", k);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn random_keys_get_records_of_their_own_and_numbered_ones_break_where_they_differ_early() {
+        let t = tree();
+        let p = store(
+            &t,
+            batch(
+                "p",
+                &["3f9a0c11d2", "7be41d0a93", "c0ffee1234", "e5a2b7c901"],
+            ),
+        );
+        assert!(p.runs.is_empty(), "{:?}", runs_of(&p));
+        assert_eq!(p.singles.len(), 4);
+        // Numbered keys: a new run where the prefix before the last four bytes changes.
+        let p = store(
+            &t,
+            batch(
+                "p",
+                &["n-00019998", "n-00019999", "n-00020000", "n-00020001"],
+            ),
+        );
+        assert_eq!(
+            runs_of(&p),
+            [
+                ("\x01pn-00019999".to_string(), 2),
+                ("\x01pn-00020001".to_string(), 2)
+            ]
+        );
+        for k in ["3f9a0c11d2", "c0ffee1234", "n-00019998", "n-00020001"] {
+            assert!(lookup(&t, "p", k).is_some(), "key {k}");
+        }
+        assert_eq!(lookup(&t, "p", "n-00019997"), None);
+    }
+
+    #[test]
+    fn a_run_closes_when_full() {
+        let t = tree();
+        let keys: Vec<String> = (0..MAX_RUN_KEYS + 3).map(|i| format!("k{i:05}")).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let p = store(&t, batch("s", &refs));
+        assert_eq!(
+            p.runs
+                .iter()
+                .map(|(_, r)| r.entries.len())
+                .collect::<Vec<_>>(),
+            [MAX_RUN_KEYS, 3]
+        );
+        assert_eq!(
+            lookup(&t, "s", &keys[MAX_RUN_KEYS]),
+            Some(MAX_RUN_KEYS as u64 + 1)
+        );
+    }
+}
