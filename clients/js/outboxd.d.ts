@@ -24,7 +24,7 @@ export function localStorageStore(options?: {
   storage?: Pick<Storage, "getItem" | "setItem" | "removeItem">;
 }): PositionStore & { clear(clientId: string): void };
 
-/** A fresh random idempotency key (32 hex digits). */
+/** A fresh idempotency key: a random prefix drawn once (24 hex digits), "-", a counter (12 hex digits). */
 export function newKey(): string;
 /** The `exp` claim (Unix seconds) of a JSON Web Token, read without checking it; null when none. */
 export function tokenExpiry(token: string | null | undefined): number | null;

@@ -86,13 +86,26 @@ function validPosition(p) {
   return null;
 }
 
-/** A fresh idempotency key: 128 random bits in hex (works outside secure contexts too). */
-export function newKey() {
-  const bytes = new Uint8Array(16);
+function randomHex(nBytes) {
+  const bytes = new Uint8Array(nBytes);
   globalThis.crypto.getRandomValues(bytes);
   let s = "";
   for (const b of bytes) s += b.toString(16).padStart(2, "0");
   return s;
+}
+
+// Keys are numbered after a random prefix drawn once per page or process: unique like random
+// keys, and consecutive, so the broker stores a burst of them in one record.
+const keyPrefix = randomHex(12);
+let keyCounter = 0;
+
+/**
+ * A fresh idempotency key: 96 random bits in hex, "-", then a counter in 12 hex digits
+ * (works outside secure contexts too).
+ */
+export function newKey() {
+  keyCounter += 1;
+  return `${keyPrefix}-${keyCounter.toString(16).padStart(12, "0")}`;
 }
 
 function toBase64(bytes) {

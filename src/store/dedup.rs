@@ -11,10 +11,12 @@
 //!
 //! One invariant lets a lookup find a key with one forward seek: the runs of one scope cover
 //! disjoint ranges `[first, last]`. So the only run that can hold key `k` is the one with the
-//! least `last` at or above `k`, and it holds `k` only if its `first` is at or below `k`. A
-//! group therefore puts a new key into a run only where no stored run covers it ([`place`]);
-//! a key inside a stored run's range (a client with random keys, or a key named again after its
-//! window) is stored as a `K` record as before. A lookup reads both forms ([`find`]). Runs are
+//! least `last` at or above `k`, and it holds `k` only if its `first` is at or below `k` (read
+//! from the record's head). A group therefore puts a new key into a run only where no stored
+//! run covers it, and only beside keys like it (same length, different in the last
+//! [`RUN_SPREAD`] bytes at most), so runs stay narrow ([`place`]). A key left alone, or inside
+//! a stored run's range (a key named again after its window), is stored as a `K` record as
+//! before; random keys all are. A lookup reads both forms ([`find`]). Runs are
 //! never rewritten: retention deletes a run whole once its newest key is out of the window
 //! (`H ts id` lists a group's runs, as `G ts id` lists its `K` records).
 

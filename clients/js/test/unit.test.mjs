@@ -3,7 +3,7 @@
 // backoff, fatal closes. Run: node --test test/ (from clients/js).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { OutboxdClient, OutboxdError, memoryStore, localStorageStore, tokenExpiry } from "../outboxd.js";
+import { OutboxdClient, OutboxdError, memoryStore, localStorageStore, newKey, tokenExpiry } from "../outboxd.js";
 
 /** A WebSocket stand-in whose "broker" side the test drives by hand. */
 class FakeWS {
@@ -251,12 +251,19 @@ test("manual ack: out of order acks by seq, the watermark moves with upto", asyn
   client.close();
 });
 
+test("newKey: keys are distinct, share one prefix and sort in the order they were made", () => {
+  const keys = Array.from({ length: 300 }, () => newKey());
+  assert.equal(new Set(keys).size, keys.length);
+  assert.deepEqual([...keys].sort(), keys);
+  assert.ok(keys.every((k) => k.slice(0, 24) === keys[0].slice(0, 24)));
+});
+
 test("publish: generated key, resent with the same key after a reconnect, resolves on ok", async () => {
   const { client } = makeClient();
   const ws = await connected(client);
   const p = client.publish("client:alice", { text: "hi" });
   const [f] = ws.frames("publish");
-  assert.match(f.key, /^[0-9a-f]{32}$/);
+  assert.match(f.key, /^[0-9a-f]{24}-[0-9a-f]{12}$/);
   assert.equal(f.to, "client:alice");
   assert.deepEqual(f.payload, { text: "hi" });
   const ws2 = await reconnectAfter(ws);
