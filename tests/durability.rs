@@ -187,6 +187,58 @@ async fn sigkill_during_pipelined_publishes_loses_no_confirmed_message() {
     );
 }
 
+/// Sends one keyed publish per key without waiting, then returns each one's answer, by key.
+async fn publish_burst(client: &mut Client, keys: &[String]) -> Vec<Value> {
+    for (i, key) in keys.iter().enumerate() {
+        client
+            .send(
+                json!({"type": "publish", "ref": format!("r{i}"), "to": "client:bob",
+                         "payload": i, "key": key}),
+            )
+            .await;
+    }
+    let mut answers = vec![Value::Null; keys.len()];
+    for _ in 0..keys.len() {
+        let a = client.recv_skip_pings().await;
+        assert_eq!(a["type"], "ok", "{a}");
+        let i: usize = a["ref"]
+            .as_str()
+            .and_then(|r| r[1..].parse().ok())
+            .expect("our ref");
+        answers[i] = a;
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_numbered_keys_is_written_once_even_across_a_crash() {
+    // Catches keys the broker stores several to a record (a burst from one publisher shares
+    // commit groups) being lost by a crash or not found by a retry.
+    let mut broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    let keys: Vec<String> = (0..300).map(|i| format!("burst-{i:08}")).collect();
+    let first = publish_burst(&mut alice, &keys).await;
+    assert!(first.iter().all(|a| a.get("duplicate").is_none()));
+    drop(alice);
+
+    broker.kill9();
+    broker.restart();
+
+    let (mut alice, _) = broker.client("alice").await;
+    let again = publish_burst(&mut alice, &keys).await;
+    for (a, b) in again.iter().zip(&first) {
+        assert_eq!(a["duplicate"], true, "a retry after the crash: {a}");
+        assert_eq!(a["id"], b["id"], "the first publish's id: {a} vs {b}");
+    }
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], keys.len(), "{welcome}");
+    let got = drain(&mut bob, keys.len() as u64).await;
+    let payloads: Vec<Value> = got.iter().map(|m| m["payload"].clone()).collect();
+    let want: Vec<Value> = (0..keys.len()).map(|i| json!(i)).collect();
+    assert_eq!(payloads, want, "every publish once, in order");
+    bob.expect_quiet(QUIET).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_the_commit_and_the_tree_write_loses_nothing_and_stores_nothing_twice() {
     // Catches a small commit group that is durable only in its journal record when the broker
