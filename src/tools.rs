@@ -81,7 +81,7 @@ pub struct PubArgs {
     #[arg(long, value_name = "ID")]
     client: Option<String>,
     /// Idempotency key: the broker writes a key at most once within its dedup window. With
-    /// stdin, line N gets KEY:N. Without it, each message gets a random key, which makes this
+    /// stdin, line N gets KEY:N. Without it, each message gets a generated key, which makes this
     /// run's own retries (after a reconnect) safe
     #[arg(long, value_name = "KEY")]
     key: Option<String>,

@@ -102,7 +102,7 @@ export interface PublishResult {
 }
 
 export interface PublishOptions {
-  /** Idempotency key (1 to 256 bytes); a random one is generated when absent. */
+  /** Idempotency key (1 to 256 bytes); one is generated when absent (see `newKey`). */
   key?: string;
   /** Lifetime of this message's copies, in ms. */
   ttlMs?: number;

@@ -6,8 +6,8 @@
 //! keys one group stores for one scope (the publisher) go, where they can, into one record: a
 //! *run* (`R len scope last-key` -> [`DedupRun`]), which holds a sorted range of keys and their
 //! entries and is stored under the greatest of them. Publishers that number their keys (the
-//! project's clients do) produce keys above every run they stored before, so each group adds
-//! one run per publisher.
+//! keys the project's clients generate: a random prefix, then a fixed-width counter) produce
+//! keys above every run they stored before, so each group adds one run per publisher.
 //!
 //! One invariant lets a lookup find a key with one forward seek: the runs of one scope cover
 //! disjoint ranges `[first, last]`. So the only run that can hold key `k` is the one with the
@@ -16,7 +16,8 @@
 //! run covers it, and only beside keys like it (same length, different in the last
 //! [`RUN_SPREAD`] bytes at most), so runs stay narrow ([`place`]). A key left alone, or inside
 //! a stored run's range (a key named again after its window), is stored as a `K` record as
-//! before; random keys all are. A lookup reads both forms ([`find`]). Runs are
+//! before; random keys all are, and so are the rest of a scope's keys in a group once placing
+//! them has stepped over [`MAX_SEEKS`] stored runs. A lookup reads both forms ([`find`]). Runs are
 //! never rewritten: retention deletes a run whole once its newest key is out of the window
 //! (`H ts id` lists a group's runs, as `G ts id` lists its `K` records).
 
@@ -397,6 +398,31 @@ mod tests {
             assert!(lookup(&t, "p", k).is_some(), "key {k}");
         }
         assert_eq!(lookup(&t, "p", "n-00019997"), None);
+    }
+
+    #[test]
+    fn keys_past_the_seek_limit_get_records_of_their_own() {
+        let t = tree();
+        let n = MAX_SEEKS + 4;
+        for i in 0..n {
+            store(
+                &t,
+                batch("s", &[&format!("k{i:02}0"), &format!("k{i:02}1")]),
+            );
+        }
+        // Two keys in the gap after each stored run: the first gaps become runs, one seek
+        // each; after MAX_SEEKS seeks the rest are stored one record each.
+        let gaps: Vec<String> = (0..n)
+            .flat_map(|i| [format!("k{i:02}5"), format!("k{i:02}6")])
+            .collect();
+        let refs: Vec<&str> = gaps.iter().map(String::as_str).collect();
+        let p = store(&t, batch("s", &refs));
+        assert_eq!(p.runs.len(), MAX_SEEKS);
+        assert_eq!(p.singles.len(), 2 * (n - MAX_SEEKS));
+        for k in &gaps {
+            assert!(lookup(&t, "s", k).is_some(), "key {k}");
+        }
+        assert_eq!(lookup(&t, "s", "k003"), None);
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!   that retention removed unacked (counted in `missed`); `E expires cid seq` -> () the expiry
 //!   index; `S len topic cid` -> () a subscription; `R len scope key` -> a run of
 //!   idempotency keys of one scope up to `key` (see `dedup`); `K len scope key` ->
-//!   [`DedupEntry`], a key outside every run; `G ts id` -> the (time, scope + key) of each `K`
+//!   [`DedupEntry`], a key not stored in a run; `G ts id` -> the (time, scope + key) of each `K`
 //!   one group stored, `ts` the newest, and `H ts id` the same for its runs: the dedup expiry
 //!   index (data dirs from before hold `D ts len scope key` -> (), one per key, still read);
 //!   `J` -> the writes of the last small commit group, present only
@@ -1384,7 +1384,12 @@ impl WriterState {
     fn take_group(&mut self) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
         if let Some((new, id)) = self.group.take_dedup() {
-            self.store_dedup_keys(new, id)?;
+            if let Err(e) = self.store_dedup_keys(new, id) {
+                // The group's messages must not be committed without their keys (a retry would
+                // be written twice), and the keys are gone from the group: stop writing.
+                self.latch(&format!("storing the group's idempotency keys failed: {e}"));
+                return Err(e);
+            }
         }
         let Some((mut writes, dirty)) = self.group.take() else {
             return Ok(None);
@@ -2044,15 +2049,10 @@ impl WriterState {
             self.group.remove(record);
         }
         for (record, listed) in self.stale_runs(horizon)? {
-            for (ts, body) in listed {
-                let rk = keys::dedup_run(&body);
-                if let Some(v) = self.outbox.get(&rk)? {
-                    // Runs are never rewritten; the check only guards against a list that
-                    // outlived its run.
-                    if dedup::newest(&decode(&rk, &v)?) == ts {
-                        self.group.remove(rk);
-                    }
-                }
+            // A run is never rewritten, and no other run can take its key while it exists (that
+            // key is inside its range), so the run a list names is the one it listed.
+            for (_, body) in listed {
+                self.group.remove(keys::dedup_run(&body));
             }
             self.group.remove(record);
         }
