@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{decode, encode, keys, StoreError};
+use super::{decode, keys, StoreError};
 use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
 
 /// The most keys one run holds.
@@ -232,14 +232,10 @@ pub(super) fn newest(run: &DedupRun) -> u64 {
     run.entries.iter().map(|(_, e)| e.ts).max().unwrap_or(0)
 }
 
-/// The run's record value.
-pub(super) fn encode_run(run: &DedupRun) -> Result<Vec<u8>, StoreError> {
-    encode(run)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::encode;
 
     fn tree() -> sled::Tree {
         let db = sled::Config::new().temporary(true).open().unwrap();
@@ -268,7 +264,7 @@ mod tests {
             t.insert(keys::dedup(body), encode(e).unwrap()).unwrap();
         }
         for (body, run) in &p.runs {
-            t.insert(keys::dedup_run(body), encode_run(run).unwrap())
+            t.insert(keys::dedup_run(body), encode(run).unwrap())
                 .unwrap();
         }
         p

@@ -511,31 +511,28 @@ mod keys {
         k
     }
 
-    pub fn dedup(body: &[u8]) -> Vec<u8> {
-        let mut k = vec![DEDUP];
+    /// `kind` followed by `body`.
+    fn kind_and(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + body.len());
+        k.push(kind);
         k.extend_from_slice(body);
         k
     }
 
-    /// The key of one group's dedup expiry record: the newest time it lists, then the first
-    /// listed message id (unique across restarts).
-    pub fn dedup_list(ts: u64, id: u64) -> Vec<u8> {
-        let mut k = vec![DEDUP_LIST];
-        k.extend_from_slice(&ts.to_be_bytes());
-        k.extend_from_slice(&id.to_be_bytes());
-        k
+    pub fn dedup(body: &[u8]) -> Vec<u8> {
+        kind_and(DEDUP, body)
     }
 
     /// The key of a dedup run: the scope and the greatest key it holds.
     pub fn dedup_run(body: &[u8]) -> Vec<u8> {
-        let mut k = vec![DEDUP_RUN];
-        k.extend_from_slice(body);
-        k
+        kind_and(DEDUP_RUN, body)
     }
 
-    /// The key of the record listing one group's dedup runs (as [`dedup_list`]).
-    pub fn dedup_run_list(ts: u64, id: u64) -> Vec<u8> {
-        let mut k = vec![DEDUP_RUN_LIST];
+    /// The key of one group's record listing, for retention, the `K` records
+    /// (`kind` = [`DEDUP_LIST`]) or the runs ([`DEDUP_RUN_LIST`]) it stored: the newest time it
+    /// lists, then the group's first message id (unique across restarts).
+    pub fn group_list(kind: u8, ts: u64, id: u64) -> Vec<u8> {
+        let mut k = vec![kind];
         k.extend_from_slice(&ts.to_be_bytes());
         k.extend_from_slice(&id.to_be_bytes());
         k
@@ -1365,16 +1362,13 @@ impl WriterState {
         }
         let mut runs: group::Expiring = Vec::with_capacity(placed.runs.len());
         for (body, run) in placed.runs {
-            self.group
-                .insert(keys::dedup_run(&body), dedup::encode_run(&run)?);
+            self.group.insert(keys::dedup_run(&body), encode(&run)?);
             runs.push((dedup::newest(&run), body));
         }
-        for (list, key) in [
-            (singles, keys::dedup_list as fn(u64, u64) -> Vec<u8>),
-            (runs, keys::dedup_run_list),
-        ] {
+        for (list, kind) in [(singles, keys::DEDUP_LIST), (runs, keys::DEDUP_RUN_LIST)] {
             if let Some(newest) = list.iter().map(|(ts, _)| *ts).max() {
-                self.group.insert(key(newest, id), encode(&list)?);
+                self.group
+                    .insert(keys::group_list(kind, newest, id), encode(&list)?);
             }
         }
         Ok(())
@@ -2048,7 +2042,7 @@ impl WriterState {
             }
             self.group.remove(record);
         }
-        for (record, listed) in self.stale_runs(horizon)? {
+        for (record, listed) in self.stale_lists(keys::DEDUP_RUN_LIST, horizon)?.0 {
             // A run is never rewritten, and no other run can take its key while it exists (that
             // key is inside its range), so the run a list names is the one it listed.
             for (_, body) in listed {
@@ -2083,10 +2077,19 @@ impl WriterState {
     fn any_stale_dedup(&self, horizon: u64) -> Result<bool, StoreError> {
         let mut legacy = vec![keys::DEDUP_EXPIRY];
         legacy.extend_from_slice(&0u64.to_be_bytes());
-        let lists = keys::dedup_list(0, 0)..keys::dedup_list(horizon, 0);
-        let runs = keys::dedup_run_list(0, 0)..keys::dedup_run_list(horizon, 0);
-        Ok(self.outbox.range(lists).next().transpose()?.is_some()
-            || self.outbox.range(runs).next().transpose()?.is_some()
+        let stale = |kind| keys::group_list(kind, 0, 0)..keys::group_list(kind, horizon, 0);
+        Ok(self
+            .outbox
+            .range(stale(keys::DEDUP_LIST))
+            .next()
+            .transpose()?
+            .is_some()
+            || self
+                .outbox
+                .range(stale(keys::DEDUP_RUN_LIST))
+                .next()
+                .transpose()?
+                .is_some()
             || self
                 .outbox
                 .range(legacy..keys::dedup_expiry(horizon, &[]))
@@ -2095,22 +2098,28 @@ impl WriterState {
                 .is_some())
     }
 
-    /// Lists of dedup runs (`H`) older than `horizon`, at most about [`SWEEP_BATCH`] runs per
-    /// sweep and at least one list: each list's key and the (newest time, key) of its runs.
-    fn stale_runs(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
+    /// A group's dedup lists of one kind (`G` or `H`, see [`keys::group_list`]) older than
+    /// `horizon`, listing at most about [`SWEEP_BATCH`] entries and at least one list: each
+    /// list's key and what it lists, and how many entries that is. A list names many records,
+    /// so the bound is on the entries and one sweep stays short.
+    fn stale_lists(
+        &self,
+        kind: u8,
+        horizon: u64,
+    ) -> Result<(Vec<(sled::IVec, group::Expiring)>, usize), StoreError> {
         let mut stale = Vec::new();
         let mut listed = 0usize;
-        let range = keys::dedup_run_list(0, 0)..keys::dedup_run_list(horizon, 0);
+        let range = keys::group_list(kind, 0, 0)..keys::group_list(kind, horizon, 0);
         for item in self.outbox.range(range) {
             let (k, v) = item?;
-            let runs: group::Expiring = decode(&k, &v)?;
-            listed += runs.len();
-            stale.push((k, runs));
+            let entries: group::Expiring = decode(&k, &v)?;
+            listed += entries.len();
+            stale.push((k, entries));
             if listed >= SWEEP_BATCH {
                 break;
             }
         }
-        Ok(stale)
+        Ok((stale, listed))
     }
 
     /// Dedup expiry records older than `horizon` (listing at most about [`SWEEP_BATCH`] keys
@@ -2118,19 +2127,9 @@ impl WriterState {
     /// and the (time, scope + key) of the idempotency keys it lists. A group's record (`G`)
     /// lists all the keys it stored; data dirs from before hold one `D` record per key.
     fn stale_dedups(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
-        let mut stale = Vec::new();
-        let lo = keys::dedup_list(0, 0);
-        let hi = keys::dedup_list(horizon, 0);
-        // A group's record lists many keys: the bound is on the keys, so one sweep stays short.
-        let mut keys_listed = 0usize;
-        for item in self.outbox.range(lo..hi) {
-            let (k, v) = item?;
-            let listed: group::Expiring = decode(&k, &v)?;
-            keys_listed += listed.len();
-            stale.push((k, listed));
-            if keys_listed >= SWEEP_BATCH {
-                return Ok(stale);
-            }
+        let (mut stale, keys_listed) = self.stale_lists(keys::DEDUP_LIST, horizon)?;
+        if keys_listed >= SWEEP_BATCH {
+            return Ok(stale);
         }
         let mut lo = vec![keys::DEDUP_EXPIRY];
         lo.extend_from_slice(&0u64.to_be_bytes());
