@@ -906,13 +906,26 @@ impl Conn {
                 "hello was already received on this connection",
             ),
             ClientFrame::Ack(ack) => {
-                self.window.ack(ack);
+                let last = self.handle.last_durable();
+                let acked = self.window.ack(ack, last);
                 self.handle.forget_sends(ack);
                 self.shared
                     .store
                     .ack(&self.handle, ack)
                     .await
-                    .map_err(|e| End::Internal(e.to_string()))
+                    .map_err(|e| End::Internal(e.to_string()))?;
+                match acked.beyond {
+                    // Applied to what exists (above); the rest is a client bug worth telling.
+                    Some(seq) => self.bad_frame(
+                        None,
+                        ErrorCode::BadAck,
+                        &format!(
+                            "ack of seq {seq}, which this outbox has not assigned (the last is {last}): \
+                             only seqs up to {last} were acknowledged; later messages will still be sent"
+                        ),
+                    ),
+                    None => Ok(()),
+                }
             }
             ClientFrame::Publish(p) => self.publish(p, replies).await,
             ClientFrame::Subscribe { reference, topic } => {

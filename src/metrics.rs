@@ -184,7 +184,7 @@ impl CloseReason {
 }
 
 /// Every error code, in the order `outboxd_refused_total` lists them.
-const ERROR_CODES: [ErrorCode; 10] = [
+const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::BadFrame,
     ErrorCode::UnknownType,
     ErrorCode::BadClientId,
@@ -195,6 +195,7 @@ const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::Unauthorized,
     ErrorCode::Forbidden,
     ErrorCode::RateLimited,
+    ErrorCode::BadAck,
 ];
 
 fn code_index(code: ErrorCode) -> usize {
@@ -210,6 +211,7 @@ fn code_index(code: ErrorCode) -> usize {
         ErrorCode::Unauthorized => 7,
         ErrorCode::Forbidden => 8,
         ErrorCode::RateLimited => 9,
+        ErrorCode::BadAck => 10,
     }
 }
 

@@ -21,6 +21,8 @@ pub const MAX_KEY_LEN: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BadFrame,
+    /// An ack naming a seq the outbox has not assigned (extension of the v1 contract).
+    BadAck,
     UnknownType,
     BadClientId,
     BadTopic,
@@ -36,6 +38,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::BadAck => "bad_ack",
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::BadClientId => "bad_client_id",
             ErrorCode::BadTopic => "bad_topic",

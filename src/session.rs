@@ -62,19 +62,30 @@ impl Window {
         self.cursor = self.cursor.max(seq);
     }
 
-    /// Releases what an ack covers; returns how many in-flight messages it released.
-    /// A cumulative ack also moves the cursor, so nothing at or below it is sent again.
-    pub fn ack(&mut self, ack: Ack) -> usize {
+    /// Releases what an ack covers. `last_stored` is the highest seq assigned and durable in
+    /// the outbox when the ack arrives (the durable frontier minus one): an ack covers only
+    /// seqs that exist, so a cumulative ack moves the cursor no further than that, and the
+    /// messages stored after it are still sent. (The store applies the same rule when it
+    /// deletes.) A cursor moved past seqs not yet stored would skip them for good on this
+    /// connection: confirmed to their publisher, never sent, and deleted by the client's next
+    /// cumulative ack.
+    pub fn ack(&mut self, ack: Ack, last_stored: u64) -> Acked {
         match ack {
-            Ack::Seq(s) => usize::from(self.forget_one(s)),
+            Ack::Seq(s) => Acked {
+                released: usize::from(self.forget_one(s)),
+                beyond: (s > last_stored).then_some(s),
+            },
             Ack::Upto(u) => {
                 let keep = self.inflight.split_off(&u.saturating_add(1));
                 let released = std::mem::replace(&mut self.inflight, keep);
                 for (seq, at) in &released {
                     self.by_time.remove(&(*at, *seq));
                 }
-                self.cursor = self.cursor.max(u);
-                released.len()
+                self.cursor = self.cursor.max(u.min(last_stored));
+                Acked {
+                    released: released.len(),
+                    beyond: (u > last_stored).then_some(u),
+                }
             }
         }
     }
@@ -116,6 +127,16 @@ impl Window {
     pub fn next_due(&self, timeout: Duration) -> Option<Instant> {
         self.by_time.first().map(|(at, _)| *at + timeout)
     }
+}
+
+/// What an ack did to the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    /// In-flight messages it released.
+    pub released: usize,
+    /// The seq it named when that was never assigned (beyond the last stored seq): a client
+    /// bug worth telling the client about. The ack still covers what does exist.
+    pub beyond: Option<u64>,
 }
 
 /// What the heartbeat asks for.
@@ -220,7 +241,7 @@ mod tests {
             w.sent(s, t);
         }
         assert_eq!(w.room(), 0);
-        assert_eq!(w.ack(Ack::Seq(2)), 1);
+        assert_eq!(w.ack(Ack::Seq(2), 3).released, 1);
         assert_eq!(w.room(), 1);
         assert_eq!(w.cursor(), 3);
     }
@@ -229,8 +250,11 @@ mod tests {
     fn ack_of_unknown_seq_releases_nothing() {
         let mut w = Window::new(2, 0);
         w.sent(1, Instant::now());
-        assert_eq!(w.ack(Ack::Seq(7)), 0);
+        let acked = w.ack(Ack::Seq(7), 1);
+        assert_eq!(acked.released, 0);
+        assert_eq!(acked.beyond, Some(7), "seq 7 was never assigned");
         assert_eq!(w.inflight(), 1);
+        assert_eq!(w.ack(Ack::Seq(1), 1).beyond, None);
     }
 
     #[test]
@@ -240,14 +264,30 @@ mod tests {
         for s in 1..=5 {
             w.sent(s, t);
         }
-        assert_eq!(w.ack(Ack::Upto(3)), 3);
+        assert_eq!(w.ack(Ack::Upto(3), 9).released, 3);
         assert_eq!(w.inflight(), 2);
-        assert_eq!(w.ack(Ack::Upto(9)), 2);
+        assert_eq!(w.ack(Ack::Upto(9), 9).released, 2);
         assert_eq!(
             w.cursor(),
             9,
-            "seqs up to 9 count as acked and must not be sent"
+            "stored seqs up to 9 count as acked and must not be sent"
         );
+    }
+
+    #[test]
+    fn cumulative_ack_ahead_of_the_outbox_does_not_skip_messages_stored_later() {
+        let t = Instant::now();
+        // Nothing stored yet; the client acks upto 1000.
+        let mut w = Window::new(10, 0);
+        let acked = w.ack(Ack::Upto(1000), 0);
+        assert_eq!(acked.beyond, Some(1000));
+        assert_eq!(w.cursor(), 0, "seqs not yet assigned must still be sent");
+        // Two delivered, then an ack of 4 while only 2 exist: 3 must still go out.
+        w.sent(1, t);
+        w.sent(2, t);
+        assert_eq!(w.ack(Ack::Upto(4), 2).released, 2);
+        assert_eq!(w.cursor(), 2);
+        assert_eq!(w.inflight(), 0);
     }
 
     #[test]
@@ -274,11 +314,11 @@ mod tests {
             w.sent(s, t + ms(s));
         }
         w.resent(1, t + ms(10));
-        assert_eq!(w.ack(Ack::Upto(2)), 2);
+        assert_eq!(w.ack(Ack::Upto(2), 4).released, 2);
         assert_eq!(w.next_due(ms(100)), Some(t + ms(103)));
-        assert_eq!(w.ack(Ack::Seq(3)), 1);
+        assert_eq!(w.ack(Ack::Seq(3), 4).released, 1);
         assert_eq!(w.due(t + ms(200), ms(100)), vec![4]);
-        assert_eq!(w.ack(Ack::Seq(4)), 1);
+        assert_eq!(w.ack(Ack::Seq(4), 4).released, 1);
         assert_eq!(w.next_due(ms(100)), None);
         assert!(w.due(t + ms(500), ms(100)).is_empty());
     }
@@ -320,5 +360,168 @@ mod tests {
         assert!(r.try_take(later) && r.try_take(later) && r.try_take(later));
         assert!(!r.try_take(later));
         assert!(RateLimit::new(0, 5, t0).is_none());
+    }
+
+    mod model {
+        //! The window against a model of one outbox: whatever a client acks, and whenever it
+        //! reconnects, every stored message is delivered or was removed by an ack that
+        //! covered it while it existed, or by retention (counted in `missed`).
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// A publish commits: the next seq becomes durable.
+            Append,
+            /// The connection sends what the window allows.
+            Fill,
+            /// The client acks what it has received (a correct client).
+            AckReceived,
+            /// The client acks any value, assigned or not.
+            Ack(Ack),
+            /// Retention removes the oldest stored message.
+            Expire,
+            /// The connection drops; the next resumes from the acked watermark.
+            Reconnect,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => Just(Op::Append),
+                4 => Just(Op::Fill),
+                2 => Just(Op::AckReceived),
+                1 => (0u64..40).prop_map(|s| Op::Ack(Ack::Seq(s))),
+                1 => (0u64..40).prop_map(|u| Op::Ack(Ack::Upto(u))),
+                1 => Just(Op::Expire),
+                1 => Just(Op::Reconnect),
+            ]
+        }
+
+        /// The store's side: which seqs exist, and the rule it applies to an ack (only seqs
+        /// that exist when the ack is applied).
+        #[derive(Default)]
+        struct Outbox {
+            next: u64,
+            stored: BTreeSet<u64>,
+            acked: u64,
+        }
+
+        impl Outbox {
+            fn last(&self) -> u64 {
+                self.next.saturating_sub(1)
+            }
+            fn ack(&mut self, ack: Ack) -> Vec<u64> {
+                let last = self.last();
+                let gone: Vec<u64> = match ack {
+                    Ack::Seq(s) => self.stored.iter().copied().filter(|x| *x == s).collect(),
+                    Ack::Upto(u) => self.stored.range(..=u.min(last)).copied().collect(),
+                };
+                for s in &gone {
+                    self.stored.remove(s);
+                }
+                if let Ack::Upto(u) = ack {
+                    self.acked = self.acked.max(u.min(last));
+                }
+                gone
+            }
+        }
+
+        /// As `Conn::fill` reads the store: stored seqs after the cursor, below the frontier,
+        /// as many as the window has room for; `covered_to` as `Store::read` gives it.
+        fn fill(w: &mut Window, outbox: &Outbox, received: &mut BTreeSet<u64>, t: Instant) {
+            while w.room() > 0 {
+                let limit = w.room();
+                let batch: Vec<u64> = outbox
+                    .stored
+                    .range(w.cursor() + 1..)
+                    .take(limit)
+                    .copied()
+                    .collect();
+                for s in &batch {
+                    w.sent(*s, t);
+                    received.insert(*s);
+                }
+                let covered = match batch.last() {
+                    Some(last) if batch.len() == limit => *last,
+                    _ => outbox.last(),
+                };
+                w.skip_to(covered);
+                if batch.is_empty() {
+                    break;
+                }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn every_stored_message_is_delivered_or_accounted_for(
+                ops in proptest::collection::vec(op(), 1..200),
+                max in 1usize..6,
+            ) {
+                let t = Instant::now();
+                let mut outbox = Outbox { next: 1, ..Outbox::default() };
+                let mut w = Window::new(max, 0);
+                let mut received: BTreeSet<u64> = BTreeSet::new();
+                // Removed by retention, or by an ack that named them while they existed.
+                let mut accounted: BTreeSet<u64> = BTreeSet::new();
+                for op in ops {
+                    match op {
+                        Op::Append => {
+                            outbox.stored.insert(outbox.next);
+                            outbox.next += 1;
+                        }
+                        Op::Fill => fill(&mut w, &outbox, &mut received, t),
+                        Op::AckReceived => {
+                            // Cumulative, as a client that processed everything it got: it
+                            // must never remove a message the client did not get.
+                            if let Some(&top) = received.last() {
+                                w.ack(Ack::Upto(top), outbox.last());
+                                for s in outbox.ack(Ack::Upto(top)) {
+                                    prop_assert!(received.contains(&s), "seq {} acked unseen", s);
+                                }
+                            }
+                        }
+                        Op::Ack(a) => {
+                            let acked = w.ack(a, outbox.last());
+                            let named = match a { Ack::Seq(s) | Ack::Upto(s) => s };
+                            prop_assert_eq!(acked.beyond.is_some(), named > outbox.last());
+                            accounted.extend(outbox.ack(a));
+                        }
+                        Op::Expire => {
+                            if let Some(s) = outbox.stored.pop_first() {
+                                accounted.insert(s);
+                            }
+                        }
+                        Op::Reconnect => w = Window::new(max, outbox.acked),
+                    }
+                }
+                // Drain on the current connection: ack what arrived, send what that made room
+                // for, until a fill sends nothing new.
+                loop {
+                    if let Some(&top) = received.last() {
+                        w.ack(Ack::Upto(top), outbox.last());
+                        for s in outbox.ack(Ack::Upto(top)) {
+                            prop_assert!(received.contains(&s), "seq {} acked unseen", s);
+                        }
+                    }
+                    let before = received.len();
+                    fill(&mut w, &outbox, &mut received, t);
+                    if received.len() == before {
+                        break;
+                    }
+                }
+                prop_assert!(
+                    outbox.stored.is_empty(),
+                    "stored but never sent on the last connection: {:?}", outbox.stored
+                );
+                for s in 1..outbox.next {
+                    prop_assert!(
+                        received.contains(&s) || accounted.contains(&s),
+                        "seq {} was stored, never sent and never accounted for", s
+                    );
+                }
+            }
+        }
     }
 }

@@ -286,3 +286,61 @@ async fn pipelining_publisher_gets_every_ok_even_with_a_short_write_queue() {
         assert_eq!(ok["ref"], i, "{ok}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_ahead_of_the_outbox_covers_only_stored_seqs_and_is_refused_as_bad_ack() {
+    // Catches an ack beyond the last assigned seq moving the live delivery cursor past
+    // messages stored after it: they were confirmed to their publisher, never sent, and the
+    // client's next cumulative ack deleted them unreported.
+    let broker = Broker::start(Opts::new());
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["next_seq"], 1, "{welcome}");
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_string();
+    let (mut alice, _) = broker.client("alice").await;
+
+    // Nothing assigned yet: the ack names seq 1, which does not exist.
+    bob.ack_upto(1).await;
+    let before = bob.sync().await;
+    assert_eq!(before.len(), 1, "one error for the ack: {before:?}");
+    common::assert_error(&before[0], "bad_ack");
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("m{i}"), "client:bob", json!({"m": i}))
+            .await;
+    }
+    let msgs = bob.recv_msgs(3).await;
+    assert_eq!(seqs(&msgs), vec![1, 2, 3], "{msgs:?}");
+
+    // Far ahead, after some delivered: 1..3 acked, nothing later skipped.
+    bob.ack_upto(1_000_000).await;
+    let before = bob.sync().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    common::assert_error(&before[0], "bad_ack");
+    // A per-seq ack of an unassigned seq is reported the same way and removes nothing.
+    bob.ack(7).await;
+    let before = bob.sync().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    common::assert_error(&before[0], "bad_ack");
+    for i in 4..=7 {
+        alice
+            .publish_ok(&format!("m{i}"), "client:bob", json!({"m": i}))
+            .await;
+    }
+    let msgs = bob.recv_msgs(4).await;
+    assert_eq!(seqs(&msgs), vec![4, 5, 6, 7], "{msgs:?}");
+    bob.ack_upto(5).await;
+    assert!(
+        bob.sync().await.is_empty(),
+        "an ack of stored seqs is no error"
+    );
+    bob.close().await;
+
+    // The position the client states after processing 1..=5: 6 and 7 are still there.
+    let mut bob = common::Client::connect(&broker.url).await;
+    let welcome = bob.hello("bob", Some((&epoch, 5))).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    assert_eq!(welcome["pending"], 2, "{welcome}");
+    assert_eq!(welcome["missed"], 0, "{welcome}");
+    let msgs = bob.recv_msgs(2).await;
+    assert_eq!(seqs(&msgs), vec![6, 7], "{msgs:?}");
+}

@@ -195,6 +195,12 @@ impl OutboxHandle {
         self.durable.subscribe()
     }
 
+    /// The highest seq assigned and durable in this outbox (0 when none): what an ack can
+    /// cover now.
+    pub fn last_durable(&self) -> u64 {
+        self.durable.borrow().saturating_sub(1)
+    }
+
     /// Records that every seq up to `seq` may have reached the client.
     pub fn mark_sent(&self, seq: u64) {
         self.sent.fetch_max(seq, Ordering::Relaxed);
