@@ -51,6 +51,14 @@ enum Command {
     Backup(crate::inspect::BackupArgs),
     /// Make a data directory from a backup (offline; the target must be new or empty).
     Restore(crate::inspect::RestoreArgs),
+    /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
+    ///
+    /// Every start checks the store: that sled recovered every confirmed commit (the seal),
+    /// and that every record reads back. A damaged store is not served (exit status 4). Then
+    /// either restore the last backup, or run this with --accept-loss: every outbox moves to a
+    /// new epoch, so each client learns at its next connect that its position no longer holds.
+    /// Exit status: 0 whole or repaired, 4 damaged (and not repaired), 1 other errors.
+    Repair(crate::inspect::RepairArgs),
     /// Mint a JWT for a client from the configured auth.hmac_secret (for development).
     ///
     /// Prints the token on stdout. Production tokens should come from your own identity
@@ -190,6 +198,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => crate::inspect::inspect(args),
         Command::Backup(args) => crate::inspect::backup(args),
         Command::Restore(args) => crate::inspect::restore(args),
+        Command::Repair(args) => crate::inspect::repair(args),
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::tools::publish(args),
         Command::Sub(args) => crate::tools::subscribe(args),
@@ -294,6 +303,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e @ ServeError::Config(_)) => {
             eprintln!("outboxd: {e}");
             ExitCode::from(2)
+        }
+        Err(ServeError::Store(e @ crate::store::StoreError::Damaged { .. })) => {
+            error!(error = %e, "outboxd refused to serve a damaged store");
+            eprintln!("outboxd: {e}");
+            ExitCode::from(crate::inspect::DAMAGED_EXIT)
         }
         Err(e) => {
             error!(error = %e, "outboxd stopped");

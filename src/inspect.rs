@@ -38,10 +38,14 @@ impl ToolError {
         match self {
             ToolError::Config(_) => ExitCode::from(2),
             ToolError::NoSuchClient(_) => ExitCode::from(3),
+            ToolError::Store(StoreError::Damaged { .. }) => ExitCode::from(DAMAGED_EXIT),
             _ => ExitCode::from(1),
         }
     }
 }
+
+/// The exit status of every command that finds the store damaged (`serve` included).
+pub const DAMAGED_EXIT: u8 = 4;
 
 /// Where the stored state is read from.
 #[derive(Debug, Args, Clone, Default)]
@@ -131,6 +135,81 @@ pub struct RestoreArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Config file [default: ./config.toml, used only if present].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The data directory [default: storage.data_dir]. No broker may be running on it.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Make a damaged store servable again, accepting what it lost: records that no longer
+    /// read back are removed, every outbox is recounted from what it holds and moved to a new
+    /// epoch (its client is told at its next connect), and what can be counted is counted in
+    /// `missed`. Take a copy of the directory first if you may want to try recovering more.
+    /// Without this flag the store is only checked.
+    #[arg(long)]
+    accept_loss: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `outboxd repair`.
+pub fn repair(args: RepairArgs) -> ExitCode {
+    finish(run_repair(args))
+}
+
+fn run_repair(args: RepairArgs) -> Result<(), ToolError> {
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.toml"), false),
+    };
+    let cfg = Config::load(&path, required, std::env::vars())?;
+    let dir = args.data.unwrap_or(cfg.storage.data_dir);
+    let mut out = std::io::stdout().lock();
+    if !args.accept_loss {
+        // The same check every open runs, on a private copy.
+        Inspector::open_offline(&dir)?;
+        if args.json {
+            let v = serde_json::json!({ "data": dir.display().to_string(), "damaged": false });
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(
+                out,
+                "{}: the store is whole; nothing to repair",
+                dir.display()
+            )?;
+        }
+        return Ok(());
+    }
+    let report = crate::store::integrity::repair_dir(&dir)?;
+    if args.json {
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        v["data"] = serde_json::json!(dir.display().to_string());
+        writeln!(out, "{v}")?;
+    } else if let Some(damage) = &report.damage {
+        writeln!(
+            out,
+            "{}: repaired, accepting the loss.\n  damage found: {damage}\n  {} outboxes moved to a \
+             new epoch ({} messages still stored), {} damaged records removed, {} lost messages \
+             counted in `missed`.\n  Each client gets `resumed:false` at its next connect.",
+            dir.display(),
+            report.outboxes,
+            report.messages,
+            report.removed_records,
+            report.counted_missed
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{}: the store is whole; nothing changed",
+            dir.display()
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs `outboxd inspect`.

@@ -74,15 +74,38 @@ impl Inspector {
             "data dir copied for inspection"
         );
         remove_stale_snapshots(copy.path())?;
+        super::integrity::check_conf(copy.path()).map_err(|d| StoreError::Damaged {
+            path: data_dir.to_path_buf(),
+            damage: d,
+        })?;
         let db = super::sled_config(copy.path())
             .open()
-            .map_err(|e| StoreError::Open {
-                path: data_dir.to_path_buf(),
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                sled::Error::Corruption { .. } => StoreError::Damaged {
+                    path: data_dir.to_path_buf(),
+                    damage: super::integrity::Damage(format!("sled cannot recover it: {e}")),
+                },
+                e => StoreError::Open {
+                    path: data_dir.to_path_buf(),
+                    reason: e.to_string(),
+                },
             })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
-        super::journal::replay(&outbox)?;
+        let damaged = |d: super::integrity::Damage| StoreError::Damaged {
+            path: data_dir.to_path_buf(),
+            damage: d,
+        };
+        match super::journal::replay(&outbox) {
+            Err(e @ StoreError::Corrupt { .. }) => {
+                return Err(damaged(super::integrity::Damage(e.to_string())))
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        // Counts from a store that lost records would be shown as if true.
+        super::integrity::check_seal(copy.path(), &outbox)?.map_err(damaged)?;
+        super::integrity::verify(&clients, &outbox).map_err(damaged)?;
         info!(dir = %data_dir.display(), "data dir opened read-only (a private copy)");
         Ok(Inspector {
             dir: data_dir.to_path_buf(),

@@ -58,6 +58,7 @@ mod chunks;
 mod dedup;
 mod group;
 mod inspect;
+pub mod integrity;
 mod journal;
 pub use inspect::Inspector;
 
@@ -109,6 +110,17 @@ pub enum StoreError {
     Closed,
     #[error("this client already holds limits.max_subscriptions = {limit} subscriptions; unsubscribe from one first")]
     TooManySubscriptions { limit: u32 },
+    #[error(
+        "the store in {path} is damaged: {damage}. It is not served as if whole: its clients \
+         would never learn of the lost messages, and their seqs would be assigned again. Either \
+         restore the last backup (`outboxd restore --from BACKUP --data NEW_DIR`), or accept \
+         the loss with `outboxd repair --data {path} --accept-loss`, which gives every outbox a \
+         new epoch so that each client is told at its next connect"
+    )]
+    Damaged {
+        path: PathBuf,
+        damage: integrity::Damage,
+    },
     #[error(
         "the data directory {path} is in use by a running outboxd; inspect it through that broker \
          (--admin URL), or stop the broker first"
@@ -443,6 +455,12 @@ mod keys {
     pub const DEDUP_RUN_LIST: u8 = b'H';
     /// The one journal record (`journal::KEY`).
     pub const JOURNAL: u8 = b'J';
+    /// The number of the last commit group (see `integrity`).
+    pub const COMMIT: u8 = b'C';
+
+    pub fn commit() -> [u8; 1] {
+        [COMMIT]
+    }
 
     pub fn meta(cid: u64) -> [u8; 9] {
         let mut k = [META; 9];
@@ -582,6 +600,14 @@ pub(crate) fn sled_config(dir: &Path) -> sled::Config {
         .segment_size(existing_segment_bytes(dir).unwrap_or(SEGMENT_BYTES))
 }
 
+/// The error for a store that lost what it confirmed.
+fn damaged(dir: &Path, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Damaged {
+        path: dir.to_path_buf(),
+        damage: integrity::Damage(what.to_string()),
+    }
+}
+
 fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -612,6 +638,7 @@ impl Store {
             reason: e.to_string(),
         })?;
         remove_stale_snapshots(&dir)?;
+        integrity::check_conf(&dir).map_err(|d| damaged(&dir, d))?;
         let segment = existing_segment_bytes(&dir).unwrap_or(opts.segment_bytes);
         if segment * 4 < SEGMENT_BYTES {
             warn!(
@@ -637,6 +664,9 @@ impl Store {
                     {
                         "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string()
                     }
+                    sled::Error::Corruption { .. } => {
+                        return damaged(&dir, format!("sled cannot recover it: {e}"));
+                    }
                     other => other.to_string(),
                 };
                 StoreError::Open {
@@ -646,21 +676,35 @@ impl Store {
             })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
-        if let Some(writes) = journal::replay(&outbox)? {
-            info!(
+        match journal::replay(&outbox) {
+            Ok(Some(writes)) => info!(
                 writes,
                 "finished the last commit group, which a crash had cut short"
-            );
+            ),
+            Ok(None) => {}
+            Err(e @ StoreError::Corrupt { .. }) => return Err(damaged(&dir, e)),
+            Err(e) => return Err(e),
         }
+        let commit = integrity::check_seal(&dir, &outbox)?.map_err(|d| damaged(&dir, d))?;
+        let checked = Instant::now();
+        integrity::verify(&clients, &outbox).map_err(|d| damaged(&dir, d))?;
+        info!(
+            took_ms = checked.elapsed().as_millis() as u64,
+            commit, "store checked: every record reads back and every outbox is whole"
+        );
         // Our own handle on sled's log, for the fdatasync its flush does not do.
         let log = File::open(dir.join("db"))?;
+        // What sled recovered may so far be only in the page cache (a crash between a write and
+        // its fsync): make it durable before the seal vouches for it.
+        log.sync_data()?;
+        let seal = integrity::Seal::open(&dir, commit)?;
         let latched = Arc::new(AtomicBool::new(false));
         let handles = Handles::default();
         let state = WriterState::load(
             db.clone(),
             clients.clone(),
             outbox.clone(),
-            log,
+            (log, seal),
             opts,
             Arc::clone(&latched),
             Arc::clone(&handles),
@@ -932,6 +976,10 @@ struct WriterState {
     clients_tree: sled::Tree,
     outbox: sled::Tree,
     log: File,
+    /// The commit seal (see `integrity`), advanced after each commit's fdatasync.
+    seal: integrity::Seal,
+    /// The number of the last commit group written (record `C`).
+    commit_no: u64,
     opts: StoreOptions,
     latched: Arc<AtomicBool>,
     latch_reason: Option<String>,
@@ -973,7 +1021,7 @@ impl WriterState {
         db: sled::Db,
         clients_tree: sled::Tree,
         outbox: sled::Tree,
-        log: File,
+        (log, seal): (File, integrity::Seal),
         opts: StoreOptions,
         latched: Arc<AtomicBool>,
         handles: Handles,
@@ -997,6 +1045,8 @@ impl WriterState {
             clients_tree,
             outbox,
             log,
+            commit_no: seal.sealed(),
+            seal,
             opts,
             latched,
             latch_reason: None,
@@ -1210,6 +1260,12 @@ impl WriterState {
             error!(error = %e, "final flush failed");
         } else if let Err(e) = self.blobs.sync_new().and_then(|_| self.log.sync_data()) {
             error!(error = %e, "final fsync failed");
+        } else if let Err(e) = self
+            .seal
+            .advance(self.commit_no)
+            .and_then(|()| self.seal.sync())
+        {
+            error!(error = %e, "writing the commit seal failed");
         }
         let per_commit = if self.commits > 0 {
             self.published as f64 / self.commits as f64
@@ -1269,7 +1325,8 @@ impl WriterState {
                 Err(r.clone())
             }
             None => self
-                .write_group()
+                .number_group()
+                .and_then(|()| self.write_group())
                 .map_err(|e| format!("writing the commit group failed: {e}"))
                 .and_then(|journaled| {
                     if self.opts.durability == Durability::Fsync {
@@ -1284,11 +1341,17 @@ impl WriterState {
                         error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
                         std::process::abort();
                     }
-                    match journaled {
-                        Some(writes) => journal::apply(&self.outbox, writes)
-                            .map_err(|e| format!("applying the commit group failed: {e}")),
-                        None => Ok(()),
+                    if let Some(writes) = journaled {
+                        journal::apply(&self.outbox, writes)
+                            .map_err(|e| format!("applying the commit group failed: {e}"))?;
                     }
+                    if self.opts.durability == Durability::Fsync {
+                        // Only now is commit `commit_no` on disk: the seal may say so.
+                        self.seal
+                            .advance(self.commit_no)
+                            .map_err(|e| format!("writing the commit seal failed: {e}"))?;
+                    }
+                    Ok(())
                 })
                 .inspect_err(|_| {
                     self.opts.metrics.store_errors.inc();
@@ -1329,6 +1392,14 @@ impl WriterState {
 
     /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
     /// meta of every client it changed.
+    /// Numbers the group about to be committed: record `C` changes with its writes, so the
+    /// seal can tell at the next open whether sled recovered it (see `integrity`).
+    fn number_group(&mut self) -> Result<(), StoreError> {
+        self.commit_no += 1;
+        self.group.insert(keys::commit(), encode(&self.commit_no)?);
+        Ok(())
+    }
+
     fn apply_group(&mut self) -> Result<(), StoreError> {
         if let Some(writes) = self.take_group()? {
             self.outbox.apply_batch(journal::to_batch(writes))?;
