@@ -101,6 +101,9 @@ pub struct Server {
     pub max_connections: u32,
     pub max_frame_bytes: u64,
     pub hello_timeout_ms: u64,
+    /// How long the broker waits for the peer's close frame after sending its own, before it
+    /// drops the TCP connection (0 = not at all).
+    pub close_timeout_ms: u64,
     pub write_queue_frames: u32,
     pub max_bad_frames: u32,
     /// Open connections from one IP address at most (0 = no per-address limit).
@@ -158,6 +161,7 @@ impl Default for Server {
             max_connections: 10_000,
             max_frame_bytes: 131_072,
             hello_timeout_ms: 10_000,
+            close_timeout_ms: 1000,
             write_queue_frames: 256,
             max_bad_frames: 16,
             max_connections_per_ip: 1000,
@@ -414,6 +418,10 @@ impl Config {
 
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.server.hello_timeout_ms)
+    }
+
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.close_timeout_ms)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

@@ -218,7 +218,7 @@ pub async fn serve(
     else {
         return;
     };
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let queue = usize::try_from(shared.cfg.server.write_queue_frames).unwrap_or(256);
     let (tx, rx) = write_queue::channel(queue);
     let writer = shared.tracker.spawn(write_loop(sink, rx));
@@ -226,13 +226,57 @@ pub async fn serve(
         tx,
         reserve: (queue / 4).clamp(1, 64),
     };
-    counted.reason = run(stream, out, deadline, peer, &shared, permit).await;
-    // The writer ends once the queue is drained; a peer that never reads cannot hold it long.
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        debug!(%peer, "writer did not finish within 5 s; dropping the socket");
+    counted.reason = run(&mut stream, out, deadline, peer, &shared, permit).await;
+    Box::pin(finish_close(
+        &mut stream,
+        writer,
+        shared.cfg.close_timeout(),
+        peer,
+    ))
+    .await;
+}
+
+/// How long the writer may take to put out what is queued and the close frame: a peer that
+/// never reads cannot hold its connection longer.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
+
+/// The end of the close handshake (RFC 6455, 7.1.1): once the writer has put out the close
+/// frame, waits up to `close_timeout` (`server.close_timeout_ms`) for the peer's close frame,
+/// and only then lets the TCP connection drop. Meanwhile whatever the peer still sends is read
+/// and dropped unanswered (the session is over): a socket closed with unread data sends a TCP
+/// reset instead of a FIN, and a reset can destroy the close frame before the peer has read
+/// it. Returns as soon as both are done; at once for a stream that has already ended (the
+/// peer closed first, or the read failed: after a WebSocket protocol error nothing more is
+/// read). A writer still busy after [`WRITER_GRACE`] is stopped, which drops the socket.
+async fn finish_close(
+    stream: &mut SplitStream<Ws>,
+    mut writer: tokio::task::JoinHandle<()>,
+    close_timeout: Duration,
+    peer: SocketAddr,
+) {
+    let mut deadline = tokio::time::Instant::now() + WRITER_GRACE;
+    let mut written = false;
+    let mut peer_done = false;
+    while !(written && peer_done) {
+        // Both branches are cancel-safe: a JoinHandle and `next()` lose nothing when dropped.
+        tokio::select! {
+            _ = &mut writer, if !written => {
+                written = true;
+                deadline = deadline.min(tokio::time::Instant::now() + close_timeout);
+            }
+            msg = stream.next(), if !peer_done => {
+                peer_done = matches!(msg, None | Some(Err(_) | Ok(Message::Close(_))));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if written {
+                    debug!(%peer, "no close frame from the peer within server.close_timeout_ms; dropping the socket");
+                } else {
+                    debug!(%peer, "writer did not finish within 5 s; dropping the socket");
+                    writer.abort();
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -465,7 +509,7 @@ async fn next_frame(stream: &mut SplitStream<Ws>) -> Option<Result<Message, WsEr
 }
 
 async fn run(
-    mut stream: SplitStream<Ws>,
+    stream: &mut SplitStream<Ws>,
     out: Outgoing,
     deadline: tokio::time::Instant,
     peer: SocketAddr,
@@ -473,16 +517,12 @@ async fn run(
     _permit: Option<OwnedSemaphorePermit>,
 ) -> CloseReason {
     let (mut conn, ticket, span, welcomed) =
-        match Box::pin(open(&mut stream, out, deadline, peer, shared)).await {
+        match Box::pin(open(stream, out, deadline, peer, shared)).await {
             Ok(opened) => opened,
             Err(reason) => return reason,
         };
     let end = match welcomed {
-        Ok(()) => {
-            conn.session(&mut stream, &ticket)
-                .instrument(span.clone())
-                .await
-        }
+        Ok(()) => conn.session(stream, &ticket).instrument(span.clone()).await,
         Err(e) => e,
     };
     shared.registry.detach(&conn.client, ticket.gen);

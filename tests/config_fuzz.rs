@@ -14,6 +14,7 @@ const KEYS: &[(&str, &str)] = &[
     ("server", "max_connections"),
     ("server", "max_frame_bytes"),
     ("server", "hello_timeout_ms"),
+    ("server", "close_timeout_ms"),
     ("server", "write_queue_frames"),
     ("server", "max_bad_frames"),
     ("server", "max_connections_per_ip"),

@@ -103,3 +103,105 @@ fn a_second_broker_on_a_held_data_dir_refuses_with_a_clear_message() {
     );
     assert!(!err.contains("WouldBlock"), "{err}");
 }
+
+/// How one busy client's connection ended at the broker's shutdown.
+#[derive(Debug, PartialEq)]
+enum Ending {
+    /// A close frame with this code, then the end of the stream without an error.
+    Clean(Option<u16>),
+    /// A close frame, then a failure instead of the end of the stream.
+    CloseThenError(Option<u16>, String),
+    /// No close frame: the stream failed or ended first.
+    NoClose(String),
+}
+
+/// Reads until the close frame and on to the end of the stream; the library answers the close
+/// on the way.
+async fn read_to_the_end(
+    mut rx: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+) -> Ending {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let code = loop {
+        match rx.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Ending::NoClose(e.to_string()),
+            None => return Ending::NoClose("stream ended".into()),
+        }
+    };
+    loop {
+        match rx.next().await {
+            None => return Ending::Clean(code),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Ending::CloseThenError(code, e.to_string()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_close_handshake_with_clients_that_keep_sending() {
+    // Catches a shutdown that drops the TCP connection while frames from the client are still
+    // unread: the kernel then answers with a reset instead of a FIN, and a reset can destroy
+    // the 1001 close frame before the client reads it (WebSocket clients then report 1006).
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const CLIENTS: usize = 24;
+    let mut broker = Broker::start(Opts::new());
+    let mut readers = Vec::new();
+    let mut busy = Vec::new();
+    for i in 0..CLIENTS {
+        let (c, _) = broker.client(&format!("busy-{i}")).await;
+        let (mut tx, rx) = c.into_inner().split();
+        // Sends a protocol ping every millisecond until the broker's close ends the sink;
+        // signals once the first one is out.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut started = Some(started_tx);
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tick.tick().await;
+                if tx
+                    .send(Message::text(json!({"type": "ping"}).to_string()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
+            }
+        });
+        busy.push(started_rx);
+        readers.push(tokio::spawn(read_to_the_end(rx)));
+    }
+    for started in busy {
+        started.await.expect("a client started sending");
+    }
+
+    broker.send_sigterm();
+    let mut endings = Vec::new();
+    for r in readers {
+        let ending = tokio::time::timeout(common::RECV_TIMEOUT, r)
+            .await
+            .expect("every connection ends")
+            .expect("reader task");
+        endings.push(ending);
+    }
+    let unclean: Vec<_> = endings
+        .iter()
+        .filter(|e| **e != Ending::Clean(Some(1001)))
+        .collect();
+    assert!(
+        unclean.is_empty(),
+        "{} of {CLIENTS} connections did not end with a close handshake of 1001: {unclean:?}",
+        unclean.len()
+    );
+    let status = broker.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}
