@@ -84,6 +84,8 @@ enum End {
     Dead,
     TooSlow,
     Protocol(String),
+    /// A text frame (or a close reason) that is not UTF-8: RFC 6455 asks for 1007.
+    InvalidUtf8,
     TooBig,
     Policy(String),
     NoHello,
@@ -101,12 +103,39 @@ impl End {
             End::Purged => CloseReason::Purged,
             End::Dead => CloseReason::HeartbeatTimeout,
             End::TooSlow => CloseReason::TooSlow,
-            End::Protocol(_) => CloseReason::ProtocolError,
+            End::Protocol(_) | End::InvalidUtf8 => CloseReason::ProtocolError,
             End::TooBig => CloseReason::TooBig,
             End::Policy(_) => CloseReason::Policy,
             End::NoHello => CloseReason::NoHello,
             End::Internal(_) => CloseReason::Internal,
             End::Gone => CloseReason::PeerClosed,
+        }
+    }
+
+    /// What a failed read from the peer means: a frame over `server.max_frame_bytes` (1009), a
+    /// broken WebSocket protocol (1002, or 1007 for text that is not UTF-8, as RFC 6455 asks), or
+    /// a socket that is gone, to which nothing can be said.
+    fn from_read(e: WsError) -> End {
+        use tokio_tungstenite::tungstenite::error::ProtocolError as P;
+        match e {
+            WsError::Capacity(_) => End::TooBig,
+            WsError::Utf8(_) => End::InvalidUtf8,
+            WsError::Protocol(
+                p @ (P::NonZeroReservedBits
+                | P::UnmaskedFrameFromClient
+                | P::FragmentedControlFrame
+                | P::ControlFrameTooBig
+                | P::UnknownControlFrameType(_)
+                | P::UnknownDataFrameType(_)
+                | P::UnexpectedContinueFrame
+                | P::ExpectedFragment(_)
+                | P::InvalidOpcode(_)
+                | P::InvalidCloseSequence),
+            ) => End::Protocol(format!("WebSocket protocol error: {p}")),
+            other => {
+                debug!(error = %other, "socket error");
+                End::Gone
+            }
         }
     }
 
@@ -133,6 +162,10 @@ impl End {
             ),
             End::TooSlow => (close::TOO_SLOW, "too slow: write queue full".to_string()),
             End::Protocol(m) => (close::PROTOCOL_ERROR, m.clone()),
+            End::InvalidUtf8 => (
+                close::INVALID_DATA,
+                "text that is not valid UTF-8".to_string(),
+            ),
             End::TooBig => (
                 close::TOO_BIG,
                 format!("frame larger than {} bytes", cfg.server.max_frame_bytes),
@@ -553,8 +586,7 @@ async fn open(
         r = tokio::time::timeout_at(deadline, next_frame(stream)) => match r {
             Err(_) => Err(End::NoHello),
             Ok(None) => Err(End::Gone),
-            Ok(Some(Err(WsError::Capacity(_)))) => Err(End::TooBig),
-            Ok(Some(Err(_))) => Err(End::Gone),
+            Ok(Some(Err(e))) => Err(End::from_read(e)),
             Ok(Some(Ok(Message::Text(t)))) => Ok(t),
             Ok(Some(Ok(Message::Binary(_)))) => {
                 metrics.refused(ErrorCode::BadFrame);
@@ -914,11 +946,7 @@ impl Conn {
     ) -> Result<(), End> {
         let text = match msg {
             None => return Err(End::Gone),
-            Some(Err(WsError::Capacity(_))) => return Err(End::TooBig),
-            Some(Err(e)) => {
-                debug!(error = %e, "socket error");
-                return Err(End::Gone);
-            }
+            Some(Err(e)) => return Err(End::from_read(e)),
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
                 self.live.heard(Instant::now());

@@ -127,7 +127,8 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// The write queue was full (4029).
     TooSlow,
-    /// First frame not a valid hello, or too many bad frames (1002).
+    /// First frame not a valid hello, too many bad frames, or a frame that breaks the
+    /// WebSocket protocol (1002; 1007 for text that is not UTF-8).
     ProtocolError,
     /// A frame over `server.max_frame_bytes` (1009).
     TooBig,

@@ -243,3 +243,155 @@ async fn frame_over_max_frame_bytes_closes_with_1009() {
     assert_eq!(welcome["pending"], 1, "{welcome}");
     assert_eq!(bob.recv_msg().await["seq"], 1);
 }
+
+/// A WebSocket client frame built by hand: `head` is the first byte (FIN, RSV bits, opcode);
+/// the payload is masked unless `masked` is false (which a client must never do).
+fn raw_frame(head: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let len = u8::try_from(payload.len()).expect("short");
+    let mut f = vec![head];
+    if masked {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        f.push(0x80 | len);
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.push(len);
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// A TCP connection upgraded to WebSocket by hand, so a test can send frames no WebSocket
+/// library would.
+async fn raw_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("write the upgrade");
+    // Byte by byte up to the blank line, so no frame after the answer is swallowed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("read the upgrade answer"));
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// One frame from the broker: its opcode and payload.
+async fn raw_read_frame(tcp: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let b0 = tcp.read_u8().await.expect("frame header");
+        let b1 = tcp.read_u8().await.expect("frame header");
+        assert_eq!(b1 & 0x80, 0, "the broker masked a frame");
+        let len = match b1 & 0x7f {
+            126 => u64::from(tcp.read_u16().await.expect("length")),
+            127 => tcp.read_u64().await.expect("length"),
+            n => u64::from(n),
+        };
+        let mut payload = vec![0; usize::try_from(len).expect("length fits")];
+        tcp.read_exact(&mut payload).await.expect("payload");
+        (b0 & 0x0f, payload)
+    };
+    tokio::time::timeout(common::RECV_TIMEOUT, read)
+        .await
+        .expect("a frame from the broker in time")
+}
+
+/// Reads frames up to the broker's close frame; returns its code (None for an empty close)
+/// and reason, and checks that the broker then ends the connection.
+async fn raw_expect_close(tcp: &mut tokio::net::TcpStream) -> (Option<u16>, String) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let (opcode, payload) = raw_read_frame(tcp).await;
+        if opcode != 8 {
+            continue;
+        }
+        let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+        let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(common::RECV_TIMEOUT, tcp.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(end, Ok(Ok(0))),
+            "after its close frame the broker sent {rest:?} / {end:?}"
+        );
+        return (code, reason);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_protocol_errors_close_with_1002_or_1007_and_count_as_protocol_errors() {
+    // Catches frames that break RFC 6455 being answered with an empty close frame (no code) and
+    // counted as a client that left, as if nothing had been wrong.
+    let broker = Broker::start(Opts::new());
+    let cases: [(&str, Vec<u8>, u16); 6] = [
+        (
+            "text that is not UTF-8",
+            raw_frame(0x81, &[b'"', 0xff, 0xfe, b'"'], true),
+            1007,
+        ),
+        ("RSV1 set", raw_frame(0xc1, b"{}", true), 1002),
+        ("unknown opcode", raw_frame(0x83, b"{}", true), 1002),
+        ("unmasked frame", raw_frame(0x81, b"{}", false), 1002),
+        (
+            "continuation with nothing to continue",
+            raw_frame(0x80, b"{}", true),
+            1002,
+        ),
+        ("fragmented ping", raw_frame(0x09, b"", true), 1002),
+    ];
+    let hello = json!({"type": "hello", "client_id": "raw"}).to_string();
+    let mut closed = 0.0;
+    for (what, frame, want) in &cases {
+        for after_hello in [false, true] {
+            let mut tcp = raw_upgrade(broker.addr).await;
+            use tokio::io::AsyncWriteExt;
+            if after_hello {
+                tcp.write_all(&raw_frame(0x81, hello.as_bytes(), true))
+                    .await
+                    .expect("send hello");
+                let (opcode, welcome) = raw_read_frame(&mut tcp).await;
+                assert_eq!(opcode, 1, "{what}: {welcome:?}");
+                let welcome: Value = serde_json::from_slice(&welcome).expect("welcome is JSON");
+                assert_eq!(welcome["type"], "welcome", "{welcome}");
+            }
+            tcp.write_all(frame).await.expect("send the bad frame");
+            let (code, reason) = raw_expect_close(&mut tcp).await;
+            assert_eq!(
+                code,
+                Some(*want),
+                "{what} (after hello: {after_hello}): reason {reason:?}"
+            );
+            assert!(!reason.is_empty(), "{what}: a close without a reason");
+            closed += 1.0;
+        }
+    }
+
+    // Each connection is counted once it has ended (after its close frame went out).
+    let deadline = std::time::Instant::now() + common::RECV_TIMEOUT;
+    loop {
+        let m = broker.metrics().await;
+        let counted = |reason: &str| {
+            m.get(&format!(
+                "outboxd_connections_closed_total{{reason=\"{reason}\"}}"
+            ))
+            .copied()
+        };
+        if counted("protocol_error") == Some(closed) {
+            assert_eq!(counted("peer_closed"), Some(0.0), "{m:?}");
+            assert_eq!(m.get("outboxd_connections"), Some(&0.0), "{m:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never counted {closed} protocol errors: {m:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
