@@ -709,10 +709,11 @@ fn print_outbox(
             .messages
             .iter()
             .map(|m| {
-                let preview = match (&m.payload, &m.payload_b64) {
-                    (Some(p), _) => p.to_string(),
-                    (None, Some(b)) => format!("b64:{b}"),
-                    (None, None) => String::new(),
+                let preview = match (&m.payload, &m.payload_b64, &m.payload_text) {
+                    (Some(p), _, _) => p.as_str().to_string(),
+                    (None, Some(b), _) => format!("b64:{b}"),
+                    (None, None, Some(t)) => format!("text:{}", t.replace(['\n', '\r', '\t'], " ")),
+                    (None, None, None) => String::new(),
                 };
                 vec![
                     m.seq.to_string(),

@@ -6,6 +6,7 @@
 //! command prints them.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// One client's outbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,9 +40,13 @@ pub struct MessageView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<JsonText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_b64: Option<String>,
+    /// A stored JSON payload whose text is not JSON, shown as the text it is. Publishes are
+    /// checked, so only damage the record's checksum missed or a bug puts one here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_text: Option<String>,
     /// Payload size in bytes (JSON text or binary).
     pub size: u64,
     /// Unix ms at which retention removes it unacked; None when it never expires.
@@ -49,6 +54,65 @@ pub struct MessageView {
     pub expires_at: Option<u64>,
     /// Times the running broker has sent it since it started; None offline (not stored).
     pub deliveries: Option<u64>,
+}
+
+/// A JSON payload in a view: the stored text, embedded as the JSON it is. It is never parsed
+/// into a tree: a tree parser stops at a nesting depth (serde_json's is 128) that a publish
+/// does not limit, and a view must show what is delivered. The whitespace between tokens is
+/// dropped, so a view stays on one line (`inspect --json outbox` prints one per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JsonText(Box<RawValue>);
+
+impl JsonText {
+    /// The stored payload `text` as JSON. Gives the text back when it is not one JSON value.
+    pub fn from_stored(text: String) -> Result<JsonText, String> {
+        // Checked before compacting: dropping the space in `1 2` would make it valid.
+        if serde_json::from_str::<&RawValue>(&text).is_err() {
+            return Err(text);
+        }
+        match RawValue::from_string(compact(&text)) {
+            Ok(raw) => Ok(JsonText(raw)),
+            Err(_) => Err(text),
+        }
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// `json` without the whitespace between its tokens. Inside strings everything stays; a JSON
+/// string holds no raw whitespace other than the space, so tracking quotes and escapes is all
+/// it takes. Meant for valid JSON; it does not check.
+fn compact(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in json.chars() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A page of one outbox.
@@ -142,6 +206,36 @@ impl SortBy {
                     .cmp(&b.oldest_unacked_ts.unwrap_or(u64::MAX))
                     .then_with(|| a.client_id.cmp(&b.client_id))
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_payload_deeper_than_a_tree_parser_allows_is_shown_as_json() {
+        let deep = format!("{}1{}", "[".repeat(500), "]".repeat(500));
+        let view = JsonText::from_stored(deep.clone()).unwrap();
+        assert_eq!(view.as_str(), deep);
+        let out = serde_json::to_string(&view).unwrap();
+        assert_eq!(out, deep);
+        let back: JsonText = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, view);
+    }
+
+    #[test]
+    fn whitespace_between_tokens_is_dropped_and_inside_strings_kept() {
+        let view =
+            JsonText::from_stored("{ \"a b\" :\n [1, 2.50, \"x \\\" y\\\\\" ] }\n".into()).unwrap();
+        assert_eq!(view.as_str(), r#"{"a b":[1,2.50,"x \" y\\"]}"#);
+    }
+
+    #[test]
+    fn text_that_is_not_json_is_given_back() {
+        for bad in ["1 2", "", "[1,", "\"open"] {
+            assert_eq!(JsonText::from_stored(bad.into()), Err(bad.to_string()));
         }
     }
 }

@@ -529,3 +529,41 @@ async fn sigterm_stops_the_admin_api_even_with_an_idle_keep_alive_connection() {
         t0.elapsed()
     );
 }
+
+/// 200 nested arrays around a string: deeper than serde_json's default nesting limit (128),
+/// and well within what a publish accepts.
+fn deep_json() -> String {
+    format!("{}\"deep\"{}", "[".repeat(200), "]".repeat(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_view_shows_a_deeply_nested_json_payload_as_json_not_as_a_string() {
+    // Catches a view that parses the stored payload again, with a nesting limit, and past the
+    // limit shows the JSON text as a string: the same as a string payload with that text.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    let deep = deep_json();
+    alice
+        .send_text(&format!(
+            r#"{{"type":"publish","ref":"deep","to":"client:bob","payload":{deep}}}"#
+        ))
+        .await;
+    let ok = alice.recv_skip_pings().await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    // The same text as a string payload, which the view must keep telling apart.
+    alice.publish_ok("text", "client:bob", json!(deep)).await;
+
+    let page = broker.admin_get("/v1/clients/bob/outbox").await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(
+        page.body.contains(&format!(r#""payload":{deep},"#)),
+        "seq 1 not shown as JSON: {:.600}",
+        page.body
+    );
+    let as_string = serde_json::to_string(&deep).expect("a string");
+    assert!(
+        page.body.contains(&format!(r#""payload":{as_string},"#)),
+        "seq 2 not shown as a string: {:.600}",
+        page.body
+    );
+}

@@ -364,6 +364,40 @@ async fn outbox_view_counts_how_often_each_message_was_sent() {
 }
 
 /// The `seq` of each line of NDJSON output (0 where a line has none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_a_deeply_nested_json_payload_as_json_online_and_offline() {
+    // Catches a view that parses the stored payload again, with a nesting limit, and past the
+    // limit prints the JSON text as a string: the same as a string payload with that text.
+    let mut broker = Broker::start(Opts::new());
+    let deep = format!("{}\"deep\"{}", "[".repeat(200), "]".repeat(200));
+    let (mut alice, _) = broker.client("alice").await;
+    alice
+        .send_text(&format!(
+            r#"{{"type":"publish","ref":"deep","to":"client:bob","payload":{deep}}}"#
+        ))
+        .await;
+    let ok = alice.recv_skip_pings().await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let as_json = format!(r#""payload":{deep},"#);
+
+    let admin = format!("http://{}", broker.admin_addr());
+    let online = ok_stdout(&["inspect", "--admin", &admin, "--json", "outbox", "bob"]);
+    assert_eq!(online.lines().count(), 1, "{online:.300}");
+    assert!(online.contains(&as_json), "online: {online:.600}");
+
+    assert!(broker.sigterm().success());
+    let dir = broker.data_dir();
+    let data = dir.to_str().expect("utf-8 path");
+    let offline = ok_stdout(&["inspect", "--data", data, "--json", "outbox", "bob"]);
+    assert_eq!(offline.lines().count(), 1, "{offline:.300}");
+    assert!(offline.contains(&as_json), "offline: {offline:.600}");
+    let table = ok_stdout(&["inspect", "--data", data, "outbox", "bob"]);
+    assert!(
+        table.contains(&format!("{}\"deep", "[".repeat(40))),
+        "table: {table:.600}"
+    );
+}
+
 fn ndjson_seqs(out: &str) -> Vec<u64> {
     out.lines()
         .map(|l| {

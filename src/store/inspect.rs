@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::{chunks, decode, keys, payload_len, remove_stale_snapshots, StoreError};
 use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
-use crate::report::{ClientView, MessageView, OutboxPage, StatsView, TopicView};
+use crate::report::{ClientView, JsonText, MessageView, OutboxPage, StatsView, TopicView};
 
 /// A read-only view of one data directory.
 pub struct Inspector {
@@ -303,15 +303,16 @@ impl Inspector {
 
 fn message_view(seq: u64, m: StoredMessage) -> MessageView {
     let size = payload_len(&m.payload);
-    let (payload, payload_b64) = match m.payload {
-        StoredPayload::Json(text) => match serde_json::from_str(&text) {
-            Ok(v) => (Some(v), None),
-            // Stored payloads were valid JSON when published; show the raw text otherwise.
-            Err(_) => (Some(serde_json::Value::String(text)), None),
+    let (payload, payload_b64, payload_text) = match m.payload {
+        StoredPayload::Json(text) => match JsonText::from_stored(text) {
+            Ok(json) => (Some(json), None, None),
+            // Stored payloads were valid JSON when published; the text otherwise, marked so.
+            Err(text) => (None, None, Some(text)),
         },
         StoredPayload::Binary(b) => (
             None,
             Some(base64::engine::general_purpose::STANDARD.encode(b)),
+            None,
         ),
     };
     MessageView {
@@ -322,6 +323,7 @@ fn message_view(seq: u64, m: StoredMessage) -> MessageView {
         topic: m.topic,
         payload,
         payload_b64,
+        payload_text,
         size,
         expires_at: (m.expires_at > 0).then_some(m.expires_at),
         deliveries: None,
