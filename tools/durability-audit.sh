@@ -5,17 +5,22 @@
 # the audit to find violations there, which shows the audit can see them.
 #
 # With big payloads (--payload-bytes) it checks sled's blob files (blobs/<lsn>, records over a
-# quarter of a sled segment, which sled never fsyncs): the "fsync" pass requires that the broker
-# wrote none (its segments are sized so that no record needs one). The "relaxed" pass runs with
-# sled's old 512 KiB segments (OUTBOXD_FAULT_SEGMENT_BYTES), so blob files appear, and requires
-# the blob rule to find violations: each blob file and the blobs directory must be fsynced
-# before any frame that went out after a log sync that could hold a pointer to the blob.
+# quarter of a sled segment, which sled never fsyncs) in three passes:
+#   - "fsync" on a data dir the broker creates: it must write no blob file at all (its segments
+#     are sized so that no record needs one);
+#   - "fsync" on a data dir created with sled's old 512 KiB segments (OUTBOXD_FAULT_SEGMENT_BYTES,
+#     the layout of data dirs from before, which the broker still serves): blob files appear,
+#     and the blob rule must check at least one and find no violation: each blob file and the
+#     blobs directory fsynced before any frame that went out after a log sync that could hold a
+#     pointer to the blob (store::blobs);
+#   - "relaxed" on 512 KiB segments: the blob rule must find violations.
+# A pass that asks for the blob audit fails when the audit checked no blob file.
 #
 # Usage: tools/durability-audit.sh [--payload-bytes BYTES] [--ack-delay-ms MS] [MESSAGES]
 #   MESSAGES       publishes per pass (default 2000)
 #   BYTES          pad each payload to this many bytes of JSON (default: a few bytes, no
-#                  padding); 16384 with 300 messages makes blob files. Also read from
-#                  OUTBOXD_AUDIT_PAYLOAD_BYTES.
+#                  padding); 16384 with 300 messages makes blob files on 512 KiB segments.
+#                  Also read from OUTBOXD_AUDIT_PAYLOAD_BYTES.
 #   MS             the subscriber acks each message this late (default 0, or 5 with BYTES), so
 #                  a backlog builds up: full tree leaves, hence blob files that outlive sled's
 #                  own periodic log fsync. Also read from OUTBOXD_AUDIT_ACK_DELAY_MS.
@@ -44,7 +49,6 @@ while (($#)); do
 done
 [[ $n =~ ^[0-9]+$ ]] || usage
 load_args=()
-check_args=()
 if [[ -n $payload ]]; then
     [[ $payload =~ ^[0-9]+$ ]] || usage
     load_args=(--payload-bytes "$payload")
@@ -76,13 +80,14 @@ trap 'rm -rf "$work"' EXIT
 traced=read,recvfrom,write,writev,sendto,sendmsg,pwrite64,pwritev,fsync,fdatasync,accept4,close
 traced+=,openat,?open,?creat,dup,?dup2,dup3,fcntl,?unlink,unlinkat,clone,clone3,?fork,?vfork
 
-run() { # mode -> exit status of the check
-    local mode=$1 dir=$work/$1
+run() { # mode [layout] -> exit status of the check
+    local mode=$1 layout=${2:-default}
+    local dir=$work/$mode-$layout
     mkdir -p "$dir"
     local env=()
-    if [[ -n $payload && $mode == relaxed ]]; then
+    if [[ $layout == 512k ]]; then
         # The layout from before: leaves of big messages become blob files, so the blob rule
-        # has something to find.
+        # has something to check.
         env=(OUTBOXD_FAULT_SEGMENT_BYTES=524288)
     fi
     env ${env[@]+"${env[@]}"} OUTBOXD_STORAGE__DURABILITY=$mode OUTBOXD_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
@@ -116,20 +121,32 @@ run() { # mode -> exit status of the check
     if ((rc != 0)); then
         echo "durability-audit: the broker exited with status $rc" >&2
     fi
-    echo "durability = \"$mode\":"
-    if [[ $mode == fsync ]]; then
-        [[ -n $payload ]] && check_args=(--expect-no-blobs)
-        python3 tools/strace_audit.py check "$dir/trace" ${check_args[@]+"${check_args[@]}"}
-    else
-        [[ -n $payload ]] && check_args=(--expect-blobs)
-        python3 tools/strace_audit.py check "$dir/trace" --expect-violations ${check_args[@]+"${check_args[@]}"}
+    check_args=()
+    if [[ -n $payload ]]; then
+        if [[ $layout == 512k ]]; then
+            check_args=(--expect-blobs)
+        else
+            check_args=(--expect-no-blobs)
+        fi
     fi
+    [[ $mode == relaxed ]] && check_args+=(--expect-violations)
+    if [[ $layout == 512k ]]; then
+        echo "durability = \"$mode\", data dir with sled's 512 KiB segments (blob files):"
+    else
+        echo "durability = \"$mode\":"
+    fi
+    python3 tools/strace_audit.py check "$dir/trace" ${check_args[@]+"${check_args[@]}"}
 }
 
-# Both passes run even when the first fails, so one run shows both results.
+# Every pass runs even when an earlier one fails, so one run shows every result.
 status=0
 run fsync || status=1
-run relaxed || status=1
+if [[ -n $payload ]]; then
+    run fsync 512k || status=1
+    run relaxed 512k || status=1
+else
+    run relaxed || status=1
+fi
 if ((status != 0)); then
     echo "durability-audit: FAILED" >&2
     exit 1
