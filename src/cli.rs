@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::Config;
+use crate::config::{Config, Flag};
 use crate::server::{self, Faults, ServeError};
 
 /// outboxd: a WebSocket message broker that never loses a message.
@@ -228,10 +228,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if let Some(listen) = args.listen {
-        cfg.server.listen = listen;
+        cfg.apply_flag(Flag::Listen(listen));
     }
     if let Some(data) = args.data {
-        cfg.storage.data_dir = data;
+        cfg.apply_flag(Flag::Data(data));
     }
     if let Err(e) = cfg.validate() {
         eprintln!("outboxd: {e}");

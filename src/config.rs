@@ -1,30 +1,102 @@
 //! The broker's settings: defaults, `config.toml`, `OUTBOXD_<SECTION>__<KEY>` overrides, checks.
 //!
 //! Every limit the broker enforces is a field here, so an operator can find and change it in
-//! one place. Loading refuses any value that makes no sense and names the key, so a typo stops
-//! the broker at start instead of misbehaving later.
+//! one place. Loading refuses any value that makes no sense, naming the key, the value given
+//! (and where it came from: the file, an environment variable or a flag) and what the key
+//! accepts, so a typo stops the broker at start instead of misbehaving later.
+//!
+//! Nothing is coerced. Each value is checked against [`KEYS`] before it is deserialized: `1.5`
+//! and `1e3` are not whole numbers, `"yes"` and `1` are not booleans, and a number beyond a
+//! key's range is refused with the range. The file is read with TOML's own parser, which keeps
+//! each number as written (so an integer too large for any type still names its key);
+//! environment values are text, read strictly by the key's kind (digits for a whole number,
+//! `true` or `false` for a boolean, verbatim for a string).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
+use toml::de::DeValue;
 
 /// The largest payload a broker may accept. The store sizes sled's segments so that a tree leaf
 /// of sixteen such messages stays a record in sled's log; anything bigger would be written to
 /// a separate blob file, which sled never syncs (`store::SEGMENT_BYTES`).
 pub const PAYLOAD_CEILING: u64 = 65_536;
 
+/// Why a configuration was refused. Every variant about a setting names it.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// The checked values did not deserialize (a bug in [`KEYS`] if it ever happens).
     #[error("cannot read config: {0}")]
     Load(#[from] config::ConfigError),
     #[error("config file {0} does not exist")]
     Missing(PathBuf),
-    #[error("invalid value for `{key}`: {reason}")]
+    #[error("cannot read config file {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read config file {}: it is not valid TOML: {message}", .path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A name that is no setting: a typo, or a section that does not exist.
+    #[error("config: {name}{origin} is not a setting; {hint}")]
+    Unknown {
+        name: String,
+        origin: Origin,
+        hint: String,
+    },
+    /// A value its key cannot take: the wrong type, out of range, not an allowed word, or a
+    /// directory or address that cannot be used.
+    #[error("config: {key} = {value}{origin}: {expected}")]
+    Value {
+        key: String,
+        /// As given (TOML as written, text quoted); a secret is not shown.
+        value: String,
+        origin: Origin,
+        expected: String,
+    },
+    /// A rule between keys.
+    #[error("config: {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// Where a setting's value came from, so a refusal can say what to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    #[default]
+    Default,
+    /// The config file.
+    File,
+    /// An `OUTBOXD_<SECTION>__<KEY>` variable, by name.
+    Env(String),
+    /// A command-line flag (`--listen`, `--data`).
+    Flag(&'static str),
+}
+
+/// Shown after the value in a message: nothing for the file and the defaults, ` (from NAME)`
+/// for a variable or a flag.
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default | Origin::File => Ok(()),
+            Origin::Env(name) => write!(f, " (from {name})"),
+            Origin::Flag(name) => write!(f, " (from {name})"),
+        }
+    }
+}
+
+/// A command-line flag that replaces a key's value (after the file and the environment).
+#[derive(Debug, Clone)]
+pub enum Flag {
+    /// `--listen ADDR`: `server.listen`.
+    Listen(String),
+    /// `--data DIR`: `storage.data_dir`.
+    Data(PathBuf),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -47,6 +119,9 @@ pub struct Config {
     pub admin: Admin,
     pub auth: crate::auth::AuthConfig,
     pub tls: TlsSettings,
+    /// Where each value that is not a default came from, for refusals.
+    #[serde(skip)]
+    origins: BTreeMap<&'static str, Origin>,
 }
 
 /// TLS for the listeners (see [`crate::tls`]); an empty `cert_file` means TLS is off.
@@ -220,42 +295,121 @@ impl Config {
     ///
     /// `env` is the process environment as pairs; only `OUTBOXD_<SECTION>__<KEY>` names are read,
     /// so unrelated `OUTBOXD_*` variables never turn into config keys.
+    ///
+    /// Errors: the file is missing (when required), unreadable or not TOML; a name is no
+    /// setting; a value is refused by its key (see [`ConfigError::Value`]); or [`Self::validate`].
     pub fn load(
         path: &Path,
         required: bool,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        if required && !path.exists() {
-            return Err(ConfigError::Missing(path.to_owned()));
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if required {
+                    return Err(ConfigError::Missing(path.to_owned()));
+                }
+                None
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let mut values: BTreeMap<&'static str, (config::Value, Origin)> = BTreeMap::new();
+        if let Some(text) = &text {
+            let doc = toml::de::DeTable::parse(text).map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            for (section, body) in doc.get_ref().iter() {
+                let section = section.get_ref();
+                let DeValue::Table(body) = body.get_ref() else {
+                    if KEYS
+                        .iter()
+                        .any(|k| k.name.split_once('.').map(|(s, _)| s) == Some(section))
+                    {
+                        return Err(ConfigError::Value {
+                            key: section.to_string(),
+                            value: show_toml(body.get_ref()),
+                            origin: Origin::File,
+                            expected: format!("expected a section: [{section}] and its keys"),
+                        });
+                    }
+                    return Err(unknown(section, Origin::File));
+                };
+                for (name, value) in body.iter() {
+                    let name = format!("{section}.{}", name.get_ref());
+                    let key = key(&name).ok_or_else(|| unknown(&name, Origin::File))?;
+                    let v = key.read(&Given::Toml(value.get_ref()), &Origin::File)?;
+                    values.insert(key.name, (v, Origin::File));
+                }
+            }
         }
-        let overrides: HashMap<String, String> = env
+        let env: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("OUTBOXD_") && k["OUTBOXD_".len()..].contains("__"))
+            .filter(|(k, _)| {
+                k.strip_prefix("OUTBOXD_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .collect();
-        let token = overrides.get("OUTBOXD_ADMIN__TOKEN").cloned();
-        let secret = overrides.get("OUTBOXD_AUTH__HMAC_SECRET").cloned();
-        let mut cfg: Config = config::Config::builder()
-            .add_source(config::File::from(path).required(required))
-            .add_source(
-                config::Environment::with_prefix("OUTBOXD")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .list_separator(",")
-                    .with_list_parse_key("server.allowed_origins")
-                    .source(Some(overrides)),
-            )
-            .build()?
-            .try_deserialize()?;
-        // Taken verbatim: `try_parsing` would turn a token like "0123" into the number 123.
-        if let Some(token) = token {
-            cfg.admin.token = token;
+        for (var, value) in &env {
+            let name = var
+                .strip_prefix("OUTBOXD_")
+                .unwrap_or(var)
+                .replacen("__", ".", 1)
+                .to_ascii_lowercase();
+            let origin = Origin::Env(var.clone());
+            let key = key(&name).ok_or_else(|| unknown(&name, origin.clone()))?;
+            let v = key.read(&Given::Text(value), &origin)?;
+            values.insert(key.name, (v, origin));
         }
-        if let Some(secret) = secret {
-            cfg.auth.hmac_secret = secret;
+        let mut builder = config::Config::builder();
+        let mut origins = BTreeMap::new();
+        for (name, (value, origin)) in values {
+            builder = builder.set_override(name, value)?;
+            origins.insert(name, origin);
         }
+        let mut cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.origins = origins;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Applies a command-line flag: its value replaces the key's, and a refusal of that key
+    /// names the flag. Call [`Self::validate`] after the last flag.
+    pub fn apply_flag(&mut self, flag: Flag) {
+        match flag {
+            Flag::Listen(addr) => {
+                self.server.listen = addr;
+                self.origins
+                    .insert("server.listen", Origin::Flag("--listen"));
+            }
+            Flag::Data(dir) => {
+                self.storage.data_dir = dir;
+                self.origins
+                    .insert("storage.data_dir", Origin::Flag("--data"));
+            }
+        }
+    }
+
+    /// Where the value of `key` came from.
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins.get(key).cloned().unwrap_or_default()
+    }
+
+    /// A refusal of `key`'s value (`value` as the message shows it), saying where the value
+    /// came from and what would be accepted: for checks made after loading, such as a data
+    /// directory that cannot be created or an address another process listens on.
+    pub fn refuse(&self, key: &str, value: String, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Value {
+            key: key.to_string(),
+            value,
+            origin: self.origin(key),
+            expected: expected.into(),
+        }
     }
 
     /// Refuses values that cannot work, naming the key.
@@ -279,34 +433,29 @@ impl Config {
                 ));
             }
         }
+        for key in KEYS {
+            if let Kind::Whole { min, max, get } = key.kind {
+                let v = get(self);
+                if !(min..=max).contains(&v) {
+                    return Err(self.refuse(key.name, v.to_string(), key.expected()));
+                }
+            }
+        }
         let s = &self.server;
-        if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be at least 1"));
-        }
-        if s.max_frame_bytes < 1024 {
-            return Err(invalid("server.max_frame_bytes", "must be at least 1024"));
-        }
-        if s.hello_timeout_ms == 0 {
-            return Err(invalid("server.hello_timeout_ms", "must be at least 1"));
-        }
-        if s.write_queue_frames < 2 {
-            return Err(invalid("server.write_queue_frames", "must be at least 2"));
-        }
-        if s.max_bad_frames == 0 {
-            return Err(invalid("server.max_bad_frames", "must be at least 1"));
-        }
         for o in &s.allowed_origins {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
-                return Err(invalid(
+                return Err(self.refuse(
                     "server.allowed_origins",
+                    format!("{:?}", s.allowed_origins),
                     format!("{o:?} is not an origin: write scheme://host[:port], e.g. \"https://app.example.com\""),
                 ));
             }
         }
         if self.limits.publish_rate_per_sec > 0 && self.limits.publish_burst == 0 {
-            return Err(invalid(
+            return Err(self.refuse(
                 "limits.publish_burst",
-                "must be at least 1 while limits.publish_rate_per_sec is set",
+                "0".to_string(),
+                "expected at least 1 while limits.publish_rate_per_sec is set",
             ));
         }
         self.validate_tls()?;
@@ -314,51 +463,31 @@ impl Config {
             return Err(invalid(e.key(), e.to_string()));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
-            return Err(invalid("storage.data_dir", "must not be empty"));
-        }
-        if self.storage.group_commit_max_delay_us > 1_000_000 {
-            return Err(invalid(
-                "storage.group_commit_max_delay_us",
-                "must be at most 1000000 (1 s)",
-            ));
-        }
-        if self.storage.cache_capacity_bytes < 1024 * 1024 {
-            return Err(invalid(
-                "storage.cache_capacity_bytes",
-                "must be at least 1048576",
+            return Err(self.refuse(
+                "storage.data_dir",
+                "\"\"".to_string(),
+                "expected a directory (it must not be empty)",
             ));
         }
         let h = &self.heartbeat;
-        if h.interval_ms == 0 {
-            return Err(invalid("heartbeat.interval_ms", "must be at least 1"));
-        }
         if h.timeout_ms <= h.interval_ms {
-            return Err(invalid(
+            return Err(self.refuse(
                 "heartbeat.timeout_ms",
+                h.timeout_ms.to_string(),
                 format!(
-                    "must be greater than heartbeat.interval_ms ({})",
+                    "expected more than heartbeat.interval_ms ({})",
                     h.interval_ms
                 ),
             ));
         }
-        if self.delivery.max_inflight == 0 {
-            return Err(invalid("delivery.max_inflight", "must be at least 1"));
-        }
         let l = &self.limits;
-        if l.max_payload_bytes == 0 || l.max_payload_bytes > PAYLOAD_CEILING {
-            return Err(invalid(
-                "limits.max_payload_bytes",
-                format!(
-                    "must be 1 to {PAYLOAD_CEILING}: larger values would be stored as blob files the store cannot make durable"
-                ),
-            ));
-        }
         if l.max_payload_bytes.saturating_add(1024) > s.max_frame_bytes {
-            return Err(invalid(
+            return Err(self.refuse(
                 "server.max_frame_bytes",
+                s.max_frame_bytes.to_string(),
                 format!(
-                    "must leave room for a full payload: at least limits.max_payload_bytes + 1024 ({})",
-                    l.max_payload_bytes + 1024
+                    "expected room for a full payload: at least limits.max_payload_bytes + 1024 ({})",
+                    l.max_payload_bytes.saturating_add(1024)
                 ),
             ));
         }
@@ -395,13 +524,13 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server
-            .listen
-            .parse()
-            .map_err(|e| ConfigError::Invalid {
-                key: "server.listen",
-                reason: format!("{e} (expected HOST:PORT)"),
-            })
+        self.server.listen.parse().map_err(|e| {
+            self.refuse(
+                "server.listen",
+                format!("{:?}", self.server.listen),
+                format!("expected HOST:PORT, e.g. \"127.0.0.1:8080\" ({e})"),
+            )
+        })
     }
 
     /// The admin API's address; `None` when `server.admin_listen` is empty (API off).
@@ -410,9 +539,14 @@ impl Config {
         if s.is_empty() {
             return Ok(None);
         }
-        s.parse().map(Some).map_err(|e| ConfigError::Invalid {
-            key: "server.admin_listen",
-            reason: format!("{e} (expected HOST:PORT, or \"\" to turn the admin API off)"),
+        s.parse().map(Some).map_err(|e| {
+            self.refuse(
+                "server.admin_listen",
+                format!("{:?}", self.server.admin_listen),
+                format!(
+                    "expected HOST:PORT, e.g. \"127.0.0.1:9090\", or \"\" to turn the admin API off ({e})"
+                ),
+            )
         })
     }
 
@@ -436,6 +570,290 @@ impl Config {
     pub fn ack_timeout(&self) -> Option<Duration> {
         (self.delivery.ack_timeout_ms > 0)
             .then(|| Duration::from_millis(self.delivery.ack_timeout_ms))
+    }
+}
+
+/// What a key accepts.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A whole number in `min..=max`: a TOML integer, or decimal digits from the environment.
+    /// `get` reads the value back from a [`Config`], so [`Config::validate`] checks the same
+    /// range on a configuration built in code or changed by a flag.
+    Whole {
+        min: u64,
+        max: u64,
+        get: fn(&Config) -> u64,
+    },
+    /// `true` or `false`.
+    Bool,
+    /// Any string (an address, a path, a token).
+    Text,
+    /// One of these words.
+    OneOf(&'static [&'static str]),
+    /// A list of strings; from the environment, comma-separated.
+    TextList,
+}
+
+/// One setting: `section.key`, what it accepts, and how a refusal shows it.
+struct Key {
+    name: &'static str,
+    kind: Kind,
+    /// Why the range is what it is, when that is not obvious.
+    note: &'static str,
+    /// A secret is never repeated in a message.
+    secret: bool,
+}
+
+impl Key {
+    const fn new(name: &'static str, kind: Kind) -> Key {
+        Key {
+            name,
+            kind,
+            note: "",
+            secret: false,
+        }
+    }
+
+    const fn whole(name: &'static str, min: u64, max: u64, get: fn(&Config) -> u64) -> Key {
+        Key::new(name, Kind::Whole { min, max, get })
+    }
+
+    const fn note(mut self, note: &'static str) -> Key {
+        self.note = note;
+        self
+    }
+
+    const fn secret(mut self) -> Key {
+        self.secret = true;
+        self
+    }
+
+    /// What the key accepts, as a refusal says it.
+    fn expected(&self) -> String {
+        let mut s = match self.kind {
+            Kind::Whole { min, max, .. } => {
+                format!("expected a whole number between {min} and {max}")
+            }
+            Kind::Bool => "expected true or false".to_string(),
+            Kind::Text => "expected a string".to_string(),
+            Kind::OneOf(words) => {
+                let words: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+                format!("expected one of {}", words.join(", "))
+            }
+            Kind::TextList => {
+                "expected a list of strings (from the environment: comma-separated)".to_string()
+            }
+        };
+        if !self.note.is_empty() {
+            s.push_str(&format!(" ({})", self.note));
+        }
+        s
+    }
+
+    /// The value typed for the deserializer, or the refusal.
+    fn read(&self, given: &Given<'_>, origin: &Origin) -> Result<config::Value, ConfigError> {
+        use config::ValueKind as V;
+        let text = |v: &Given<'_>| match v {
+            Given::Toml(DeValue::String(s)) => Some(s.to_string()),
+            Given::Text(s) => Some((*s).to_string()),
+            Given::Toml(_) => None,
+        };
+        let kind = match self.kind {
+            Kind::Whole { min, max, .. } => match given {
+                Given::Toml(DeValue::Integer(i)) => u64::from_str_radix(i.as_str(), i.radix()).ok(),
+                Given::Text(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                    s.parse::<u64>().ok()
+                }
+                _ => None,
+            }
+            .filter(|v| (min..=max).contains(v))
+            .map(V::U64),
+            Kind::Bool => match given {
+                Given::Toml(DeValue::Boolean(b)) => Some(*b),
+                Given::Text("true") => Some(true),
+                Given::Text("false") => Some(false),
+                _ => None,
+            }
+            .map(V::Boolean),
+            Kind::Text => text(given).map(V::String),
+            Kind::OneOf(words) => text(given)
+                .filter(|s| words.contains(&s.as_str()))
+                .map(V::String),
+            Kind::TextList => match given {
+                Given::Toml(DeValue::Array(items)) => items
+                    .iter()
+                    .map(|item| match item.get_ref() {
+                        DeValue::String(s) => Some(config::Value::from(s.to_string())),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>(),
+                Given::Text(s) => Some(
+                    s.split(',')
+                        .filter(|item| !item.is_empty())
+                        .map(|item| config::Value::from(item.to_string()))
+                        .collect(),
+                ),
+                Given::Toml(_) => None,
+            }
+            .map(V::Array),
+        };
+        kind.map(|k| config::Value::new(None, k))
+            .ok_or_else(|| ConfigError::Value {
+                key: self.name.to_string(),
+                value: if self.secret {
+                    "(hidden)".to_string()
+                } else {
+                    given.show()
+                },
+                origin: origin.clone(),
+                expected: self.expected(),
+            })
+    }
+}
+
+const U32: u64 = u32::MAX as u64;
+
+/// Every setting. The deserializer sees a value only after its key here has accepted it.
+const KEYS: &[Key] = &[
+    Key::new("server.listen", Kind::Text),
+    Key::new("server.admin_listen", Kind::Text),
+    Key::whole("server.max_connections", 1, U32, |c| {
+        c.server.max_connections.into()
+    }),
+    Key::whole("server.max_frame_bytes", 1024, u64::MAX, |c| {
+        c.server.max_frame_bytes
+    }),
+    Key::whole("server.hello_timeout_ms", 1, u64::MAX, |c| {
+        c.server.hello_timeout_ms
+    }),
+    Key::whole("server.write_queue_frames", 2, U32, |c| {
+        c.server.write_queue_frames.into()
+    }),
+    Key::whole("server.max_bad_frames", 1, U32, |c| {
+        c.server.max_bad_frames.into()
+    }),
+    Key::whole("server.max_connections_per_ip", 0, U32, |c| {
+        c.server.max_connections_per_ip.into()
+    }),
+    Key::new("server.allowed_origins", Kind::TextList),
+    Key::new("server.require_origin", Kind::Bool),
+    Key::new("storage.data_dir", Kind::Text),
+    Key::new("storage.durability", Kind::OneOf(&["fsync", "relaxed"])),
+    Key::whole("storage.group_commit_max_delay_us", 0, 1_000_000, |c| {
+        c.storage.group_commit_max_delay_us
+    })
+    .note("1 s at most"),
+    Key::whole("storage.cache_capacity_bytes", 1024 * 1024, u64::MAX, |c| {
+        c.storage.cache_capacity_bytes
+    }),
+    Key::whole("heartbeat.interval_ms", 1, u64::MAX, |c| {
+        c.heartbeat.interval_ms
+    }),
+    Key::whole("heartbeat.timeout_ms", 0, u64::MAX, |c| {
+        c.heartbeat.timeout_ms
+    }),
+    Key::whole("delivery.max_inflight", 1, U32, |c| {
+        c.delivery.max_inflight.into()
+    }),
+    Key::whole("delivery.ack_timeout_ms", 0, u64::MAX, |c| {
+        c.delivery.ack_timeout_ms
+    }),
+    Key::whole("limits.max_payload_bytes", 1, PAYLOAD_CEILING, |c| {
+        c.limits.max_payload_bytes
+    })
+    .note("larger payloads would be stored as blob files the store cannot make durable"),
+    Key::whole("limits.max_outbox_messages", 0, u64::MAX, |c| {
+        c.limits.max_outbox_messages
+    }),
+    Key::whole("limits.max_outbox_bytes", 0, u64::MAX, |c| {
+        c.limits.max_outbox_bytes
+    }),
+    Key::whole("limits.message_ttl_ms", 0, u64::MAX, |c| {
+        c.limits.message_ttl_ms
+    }),
+    Key::whole("limits.dedup_window_ms", 0, u64::MAX, |c| {
+        c.limits.dedup_window_ms
+    }),
+    Key::whole("limits.publish_rate_per_sec", 0, U32, |c| {
+        c.limits.publish_rate_per_sec.into()
+    }),
+    Key::whole("limits.publish_burst", 0, U32, |c| {
+        c.limits.publish_burst.into()
+    }),
+    Key::whole("limits.max_subscriptions", 0, U32, |c| {
+        c.limits.max_subscriptions.into()
+    }),
+    Key::new("admin.token", Kind::Text).secret(),
+    Key::new("auth.mode", Kind::OneOf(&["none", "jwt"])),
+    Key::new("auth.hmac_secret", Kind::Text).secret(),
+    Key::new("auth.public_key_file", Kind::Text),
+    Key::whole("auth.leeway_ms", 0, u64::MAX, |c| c.auth.leeway_ms),
+    Key::new("tls.cert_file", Kind::Text),
+    Key::new("tls.key_file", Kind::Text),
+    Key::new("tls.admin", Kind::Bool),
+];
+
+/// A value as given, before its key has checked it.
+enum Given<'a> {
+    /// From the file, typed by TOML's syntax.
+    Toml(&'a DeValue<'a>),
+    /// From the environment or a flag: text, read by the key's kind.
+    Text(&'a str),
+}
+
+impl Given<'_> {
+    /// The value as a message shows it: TOML as written, text quoted.
+    fn show(&self) -> String {
+        match self {
+            Given::Toml(v) => show_toml(v),
+            Given::Text(s) => format!("{s:?}"),
+        }
+    }
+}
+
+fn show_toml(v: &DeValue<'_>) -> String {
+    match v {
+        DeValue::String(s) => format!("{s:?}"),
+        DeValue::Integer(i) => i.to_string(),
+        DeValue::Float(f) => f.to_string(),
+        DeValue::Boolean(b) => b.to_string(),
+        DeValue::Datetime(d) => d.to_string(),
+        DeValue::Array(items) => {
+            let items: Vec<String> = items.iter().map(|i| show_toml(i.get_ref())).collect();
+            format!("[{}]", items.join(", "))
+        }
+        DeValue::Table(_) => "a table".to_string(),
+    }
+}
+
+fn key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// What to say about a name that is no setting: the keys of its section, or the sections.
+fn unknown(name: &str, origin: Origin) -> ConfigError {
+    let section = name.split_once('.').map_or(name, |(s, _)| s);
+    let in_section: Vec<&str> = KEYS
+        .iter()
+        .filter_map(|k| k.name.strip_prefix(section)?.strip_prefix('.'))
+        .collect();
+    let hint = if in_section.is_empty() {
+        let mut sections: Vec<&str> = KEYS
+            .iter()
+            .filter_map(|k| k.name.split_once('.').map(|(s, _)| s))
+            .collect();
+        sections.dedup();
+        format!(
+            "settings are `section.key`; the sections are [{}]",
+            sections.join("], [")
+        )
+    } else {
+        format!("the keys of [{section}] are {}", in_section.join(", "))
+    };
+    ConfigError::Unknown {
+        name: name.to_string(),
+        origin,
+        hint,
     }
 }
 
@@ -486,6 +904,95 @@ mod tests {
         assert!(e.to_string().contains("max_connections"), "{e}");
         let e = load("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn fractions_words_and_out_of_range_numbers_are_not_coerced() {
+        for toml in [
+            "[server]\nmax_connections = 1.5\n",
+            "[server]\nhello_timeout_ms = 1e3\n",
+            "[server]\nmax_connections = 2.0\n",
+            "[server]\nmax_connections = 99999999999999999999\n",
+            "[server]\nrequire_origin = \"yes\"\n",
+            "[server]\nrequire_origin = 1\n",
+            "[storage]\ndurability = \"Relaxed\"\n",
+        ] {
+            let e = load(toml, &[]).unwrap_err();
+            assert!(matches!(e, ConfigError::Value { .. }), "{toml}: {e}");
+        }
+        for (var, value) in [
+            ("OUTBOXD_SERVER__MAX_CONNECTIONS", "1.5"),
+            ("OUTBOXD_SERVER__MAX_CONNECTIONS", "-1"),
+            ("OUTBOXD_SERVER__MAX_CONNECTIONS", "4294967296"),
+            ("OUTBOXD_SERVER__REQUIRE_ORIGIN", "yes"),
+            ("OUTBOXD_SERVER__REQUIRE_ORIGIN", "on"),
+            ("OUTBOXD_SERVER__REQUIRE_ORIGIN", "1"),
+        ] {
+            let e = load("", &[(var, value)]).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(&format!("{value:?}")), "{e}");
+        }
+        let c = load(
+            "",
+            &[
+                ("OUTBOXD_SERVER__MAX_CONNECTIONS", "4294967295"),
+                ("OUTBOXD_SERVER__REQUIRE_ORIGIN", "true"),
+                (
+                    "OUTBOXD_SERVER__ALLOWED_ORIGINS",
+                    "https://a.example,http://b.example:8080",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, u32::MAX);
+        assert!(c.server.require_origin);
+        assert_eq!(c.server.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn every_key_in_the_table_is_a_setting_of_the_config() {
+        // A name in KEYS that no field has would pass the check and fail in the deserializer
+        // without a word about the key.
+        for key in KEYS {
+            let value = match key.kind {
+                Kind::Whole { min, .. } => min.to_string(),
+                Kind::Bool => "false".to_string(),
+                Kind::Text | Kind::TextList => String::new(),
+                Kind::OneOf(words) => words[0].to_string(),
+            };
+            let var = format!("OUTBOXD_{}", key.name.replacen('.', "__", 1)).to_uppercase();
+            if let Err(e) = load("", &[(&var, &value)]) {
+                assert!(
+                    !matches!(e, ConfigError::Load(_) | ConfigError::Unknown { .. }),
+                    "{var}={value}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_variable_or_flag_that_set_the_value() {
+        let e = load("", &[("OUTBOXD_SERVER__LISTEN", "nowhere")]).unwrap_err();
+        assert!(
+            e.to_string().contains("(from OUTBOXD_SERVER__LISTEN)"),
+            "{e}"
+        );
+        let mut c = load("", &[]).unwrap();
+        c.apply_flag(Flag::Listen("nowhere".into()));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.listen = \"nowhere\" (from --listen)"),
+            "{e}"
+        );
+        c.apply_flag(Flag::Data(PathBuf::new()));
+        c.apply_flag(Flag::Listen("127.0.0.1:0".into()));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("storage.data_dir = \"\" (from --data)"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_repeated_in_refusals() {
+        let e = load("[admin]\ntoken = 123456789\n", &[]).unwrap_err();
+        assert!(!e.to_string().contains("123456789"), "{e}");
     }
 
     #[test]
