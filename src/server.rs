@@ -40,8 +40,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Admin(#[from] crate::admin::AdminStartError),
     #[error("cannot install the SIGHUP handler (TLS reload): {0}")]
     Signal(std::io::Error),
     #[error("internal task failed: {0}")]
@@ -78,6 +76,15 @@ pub struct Faults {
     pub segment_bytes: Option<usize>,
 }
 
+/// What a refusal of a listen address says about the bind error.
+fn cannot_listen(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!("address in use: another process listens there ({e})")
+    } else {
+        format!("cannot listen there: {e}")
+    }
+}
+
 /// Opens the store, listens, and serves until `shutdown` is cancelled; then closes every
 /// connection with 1001, waits for them, and commits what is queued. `ready` gets the bound
 /// address once clients can connect.
@@ -109,15 +116,39 @@ pub async fn serve(
         opts.segment_bytes = b;
     }
     opts.metrics = Arc::clone(&metrics);
-    let (store, writer) = tokio::task::spawn_blocking(move || Store::open(opts)).await??;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let (store, writer) = match tokio::task::spawn_blocking(move || Store::open(opts)).await? {
+        Ok(opened) => opened,
+        Err(StoreError::Unusable { source, .. }) => {
+            return Err(ServeError::Config(cfg.refuse(
+                "storage.data_dir",
+                format!("{:?}", cfg.storage.data_dir.display().to_string()),
+                format!("cannot be used: {source}"),
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // An address that cannot be bound is a configuration error too (exit status 2).
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        ServeError::Config(cfg.refuse(
+            "server.listen",
+            format!("{:?}", cfg.server.listen),
+            cannot_listen(&e),
+        ))
+    })?;
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     let admin = match admin_addr {
-        Some(a) => Some(crate::admin::bind(a).await?),
+        Some(a) => match crate::admin::bind(a).await {
+            Ok(bound) => Some(bound),
+            Err(crate::admin::AdminStartError::Bind { source, .. }) => {
+                return Err(ServeError::Config(cfg.refuse(
+                    "server.admin_listen",
+                    format!("{:?}", cfg.server.admin_listen),
+                    cannot_listen(&source),
+                )))
+            }
+        },
         None => None,
     };
     let limit = Arc::new(Semaphore::new(

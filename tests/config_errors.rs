@@ -1,7 +1,8 @@
 //! Refusals of the configuration against the real binary: a value of the wrong type, out of
-//! range or not one of the allowed words stops `outboxd serve` with exit status 2 and a message
-//! naming the key, the value given and what is allowed. The same holds for `config.toml` and for
-//! the `OUTBOXD_<SECTION>__<KEY>` environment overrides.
+//! range, not one of the allowed words, a data directory that cannot be used or a listen
+//! address in use stops `outboxd serve` with exit status 2 and a message naming the key, the
+//! value given and what is allowed. The same holds for `config.toml`, for the
+//! `OUTBOXD_<SECTION>__<KEY>` environment overrides and for the `--listen` and `--data` flags.
 
 mod common;
 
@@ -253,6 +254,86 @@ fn a_value_of_the_wrong_type_is_refused_naming_key_and_value() {
     serve_env("OUTBOXD_SERVER__MAX_CONNECTONS", "5").assert_refused(
         "env unknown key",
         &["OUTBOXD_SERVER__MAX_CONNECTONS", "server.max_connectons"],
+    );
+}
+
+#[test]
+fn an_unusable_data_dir_exits_2_naming_storage_data_dir() {
+    // Catches exit status 1 and a bare I/O error when the data directory cannot be created.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").expect("write");
+    let under_file = file.join("data");
+    let shown = under_file.display().to_string();
+
+    let config = config_file(
+        dir.path(),
+        &[("storage", "data_dir", &format!("{shown:?}"))],
+    );
+    serve(dir.path(), &config, &[], &[]).assert_refused(
+        "file data_dir",
+        &["storage.data_dir", &shown, "cannot be used"],
+    );
+
+    let config = config_file(dir.path(), &[]);
+    serve(
+        dir.path(),
+        &config,
+        &[("OUTBOXD_STORAGE__DATA_DIR", &shown)],
+        &[],
+    )
+    .assert_refused(
+        "env data_dir",
+        &[
+            "storage.data_dir",
+            "OUTBOXD_STORAGE__DATA_DIR",
+            &shown,
+            "cannot be used",
+        ],
+    );
+    serve(dir.path(), &config, &[], &["--data", &shown]).assert_refused(
+        "--data",
+        &["storage.data_dir", "--data", &shown, "cannot be used"],
+    );
+}
+
+#[test]
+fn a_listen_address_in_use_exits_2_naming_server_listen() {
+    // Catches exit status 1 without the key when another process holds the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let config = config_file(dir.path(), &[("server", "listen", &format!("{addr:?}"))]);
+    serve(dir.path(), &config, &[], &[])
+        .assert_refused("file listen", &["server.listen", &addr, "in use"]);
+
+    let config = config_file(dir.path(), &[]);
+    serve(
+        dir.path(),
+        &config,
+        &[("OUTBOXD_SERVER__LISTEN", &addr)],
+        &[],
+    )
+    .assert_refused(
+        "env listen",
+        &["server.listen", "OUTBOXD_SERVER__LISTEN", &addr, "in use"],
+    );
+    serve(dir.path(), &config, &[], &["--listen", &addr])
+        .assert_refused("--listen", &["server.listen", "--listen", &addr, "in use"]);
+    serve(dir.path(), &config, &[], &["--listen", "nowhere"]).assert_refused(
+        "--listen nowhere",
+        &["server.listen", "--listen", "\"nowhere\"", "HOST:PORT"],
+    );
+
+    // The admin API's address likewise.
+    let config = config_file(
+        dir.path(),
+        &[("server", "admin_listen", &format!("{addr:?}"))],
+    );
+    serve(dir.path(), &config, &[], &[]).assert_refused(
+        "file admin_listen",
+        &["server.admin_listen", &addr, "in use"],
     );
 }
 

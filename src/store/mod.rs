@@ -106,6 +106,13 @@ pub enum StoreError {
     Latched(String),
     #[error("cannot open the data directory {path}: {reason}")]
     Open { path: PathBuf, reason: String },
+    /// The data directory cannot be created, read or written (a file in the way, no permission,
+    /// a read-only file system): a matter of configuration, not of what is stored.
+    #[error("cannot use the data directory {}: {source}", .path.display())]
+    Unusable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the store is shut down")]
     Closed,
     #[error("this client already holds limits.max_subscriptions = {limit} subscriptions; unsubscribe from one first")]
@@ -629,15 +636,20 @@ fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
 impl Store {
     /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
     ///
-    /// Errors: the directory cannot be created or is held by another process, or sled cannot
-    /// recover it, or a stored record does not decode.
+    /// Errors: [`StoreError::Unusable`] when the directory cannot be created or used (the
+    /// broker reports it as a configuration error); [`StoreError::Open`] when another process
+    /// holds it or sled cannot recover it; a stored record that does not decode.
     pub fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
         let dir = opts.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Open {
+        let unusable = |source| StoreError::Unusable {
             path: dir.clone(),
-            reason: e.to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(unusable)?;
+        remove_stale_snapshots(&dir).map_err(|e| match e {
+            StoreError::Io(source) => unusable(source),
+            other => other,
         })?;
-        remove_stale_snapshots(&dir)?;
         integrity::check_conf(&dir).map_err(|d| damaged(&dir, d))?;
         let segment = existing_segment_bytes(&dir).unwrap_or(opts.segment_bytes);
         if segment * 4 < SEGMENT_BYTES {
@@ -656,23 +668,22 @@ impl Store {
             .cache_capacity(opts.cache_capacity_bytes)
             .flush_every_ms(Some(500))
             .open()
-            .map_err(|e| {
-                let reason = match &e {
-                    sled::Error::Io(io)
-                        if io.kind() == std::io::ErrorKind::WouldBlock
-                            || io.to_string().contains("could not acquire lock") =>
-                    {
-                        "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::Open {
+                        path: dir.clone(),
+                        reason: "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string(),
                     }
-                    sled::Error::Corruption { .. } => {
-                        return damaged(&dir, format!("sled cannot recover it: {e}"));
-                    }
-                    other => other.to_string(),
-                };
-                StoreError::Open {
-                    path: dir.clone(),
-                    reason,
                 }
+                sled::Error::Io(io) => unusable(io),
+                sled::Error::Corruption { .. } => damaged(&dir, format!("sled cannot recover it: {e}")),
+                other => StoreError::Open {
+                    path: dir.clone(),
+                    reason: other.to_string(),
+                },
             })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
