@@ -9,8 +9,9 @@
 //! Optional claims narrow what the client may do: `publish` lists targets
 //! (`client:ID`, `topic:NAME`) and `subscribe` topic names, each exact or a prefix ending in
 //! `*` (`topic:news/*`, `alerts/*`, `client:*`). A missing claim allows everything of its kind;
-//! an empty list allows nothing. This module is free of I/O apart from reading the key file at
-//! start, and is unit-tested on its own.
+//! an empty list allows nothing; a claim that is there but not a list of strings (`null`
+//! included) makes the token invalid. This module is free of I/O apart from reading the key
+//! file at start, and is unit-tested on its own.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -100,17 +101,43 @@ pub enum AuthError {
 }
 
 /// The claims outboxd reads.
+///
+/// An optional claim is `None` only when it is absent. A present one must have its type: a
+/// `null` (or a string where a list belongs) makes the token invalid, never an absent claim,
+/// because an absent `publish` or `subscribe` allows everything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present::<_, u64>"
+    )]
     pub nbf: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present::<_, Vec<String>>"
+    )]
     pub publish: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present::<_, Vec<String>>"
+    )]
     pub subscribe: Option<Vec<String>>,
+}
+
+/// A claim that is there: its value must be a `T` (`null` is not). Absent claims never get
+/// here (`#[serde(default)]` makes them `None`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// What a verified client may do, and until when.
@@ -264,6 +291,10 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidAlgorithm | K::InvalidAlgorithmName => "algorithm not accepted".into(),
         K::InvalidToken => "malformed token".into(),
         K::MissingRequiredClaim(c) => format!("missing claim {c:?}"),
+        // A claim of the wrong type (`"publish": null`): say which, without the token.
+        K::Json(e) if e.classify() == serde_json::error::Category::Data => {
+            format!("a claim has the wrong type: {e}")
+        }
         K::Base64(_) | K::Json(_) | K::Utf8(_) => "malformed token".into(),
         other => format!("{other:?}"),
     }
@@ -458,6 +489,43 @@ mod tests {
         assert!(g.may_publish("topic:news/eu"));
         assert!(!g.may_publish("topic:sports"));
         assert!(!g.may_subscribe("news"), "an empty list allows nothing");
+    }
+
+    #[test]
+    fn a_grant_claim_that_is_null_or_of_another_type_invalidates_the_token() {
+        let v = hs_verifier(0);
+        let sign = |body: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &body,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let exp = NOW / 1000 + 60;
+        for (claim, value) in [
+            ("publish", serde_json::json!(null)),
+            ("subscribe", serde_json::json!(null)),
+            ("publish", serde_json::json!("client:bob")),
+            ("subscribe", serde_json::json!(["news", 1])),
+            ("nbf", serde_json::json!(null)),
+        ] {
+            let mut body = serde_json::json!({"sub": "alice", "exp": exp});
+            body[claim] = value.clone();
+            match v.verify_at(Some(&sign(body)), "alice", NOW) {
+                Err(AuthError::Invalid(why)) => assert!(why.contains("wrong type"), "{why}"),
+                other => panic!("{claim}: {value} was not refused: {other:?}"),
+            }
+        }
+        // Absent claims still allow everything.
+        let g = v
+            .verify_at(
+                Some(&sign(serde_json::json!({"sub": "alice", "exp": exp}))),
+                "alice",
+                NOW,
+            )
+            .unwrap();
+        assert!(g.may_publish("client:bob") && g.may_subscribe("news"));
     }
 
     #[test]

@@ -170,6 +170,61 @@ async fn publish_and_subscribe_outside_the_claims_are_forbidden_and_write_nothin
     assert_eq!(ok["type"], "ok", "{ok}");
 }
 
+/// Signs arbitrary claims, for tokens `Claims` cannot express (`"publish": null`).
+fn token_json(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("mint")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_claim_of_the_wrong_type_null_included_refuses_the_token() {
+    // Catches `"publish": null` read as an absent claim, which allows every target.
+    let broker = Broker::start(jwt_opts());
+    let exp = now_s() + 60;
+    let wrong = [
+        ("publish", json!(null)),
+        ("subscribe", json!(null)),
+        ("publish", json!("client:carol")),
+        ("subscribe", json!({"topic": "news"})),
+        ("publish", json!(["client:carol", 1])),
+        ("nbf", json!(null)),
+    ];
+    for (claim, value) in &wrong {
+        let mut body = json!({"sub": "mallory", "exp": exp});
+        body[*claim] = value.clone();
+        let why = format!("{claim}: {value}");
+        expect_refused(&broker, "mallory", Some(&token_json(body)), &why).await;
+    }
+
+    // A refresh carrying such a token is refused and leaves the session's grants as they were.
+    let mut c = claims("alice", 60);
+    c.publish = Some(vec!["client:bob".into()]);
+    c.subscribe = Some(vec!["alerts".into()]);
+    let (mut alice, w) = hello_with(&broker, "alice", Some(&token(&c))).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    for (n, (claim, value)) in wrong.iter().enumerate() {
+        let mut body = json!({"sub": "alice", "exp": exp});
+        body[*claim] = value.clone();
+        alice
+            .send(json!({"type": "refresh", "ref": n, "token": token_json(body)}))
+            .await;
+        let no = alice.recv_skip_pings().await;
+        assert_error(&no, "unauthorized");
+        assert_eq!(no["ref"], n, "{claim}: {value}: {no}");
+    }
+    assert_error(
+        &alice.publish("p", "client:carol", json!(1)).await,
+        "forbidden",
+    );
+    assert_error(&alice.subscribe("s", "news").await, "forbidden");
+    let ok = alice.publish("q", "client:bob", json!(2)).await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_ends_at_token_expiry_unless_refreshed() {
     // Catches a token checked only at hello: a stolen token must not buy a session forever.
