@@ -582,6 +582,16 @@ async fn publish(
         .into_response())
 }
 
+/// A target inside the data directory is a bad request (400), not a store failure.
+fn backup_refusal(e: StoreError) -> AdminError {
+    match e {
+        e @ StoreError::BackupInsideDataDir { .. } => {
+            AdminError::invalid(ErrorCode::BadFrame, e.to_string())
+        }
+        other => AdminError::Store(other),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackupBody {
@@ -608,19 +618,28 @@ async fn backup(
             ),
         ));
     }
+    let shared = st.shared()?;
     let target = to.clone();
-    let occupied = tokio::task::spawn_blocking(move || {
-        std::fs::read_dir(&target).is_ok_and(|mut d| d.next().is_some())
+    let checked = Arc::clone(&shared);
+    // Path resolution and a directory read: file system calls, off the runtime.
+    let (inside, occupied) = tokio::task::spawn_blocking(move || {
+        let inside = checked.store.check_backup_target(&target);
+        let occupied = std::fs::read_dir(&target).is_ok_and(|mut d| d.next().is_some());
+        (inside, occupied)
     })
     .await?;
+    inside.map_err(backup_refusal)?;
     if occupied {
         return Err(AdminError::Conflict(format!(
             "the backup target {} exists and is not empty; pick a new directory",
             to.display()
         )));
     }
-    let shared = st.shared()?;
-    let outcome = shared.store.backup(to.clone()).await?;
+    let outcome = shared
+        .store
+        .backup(to.clone())
+        .await
+        .map_err(backup_refusal)?;
     info!(to = %to.display(), records = outcome.records, bytes = outcome.bytes,
           "backup written through the admin API");
     Ok(Json(json!({

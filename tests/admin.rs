@@ -419,6 +419,83 @@ async fn backup_endpoint_writes_a_new_data_directory_and_refuses_an_occupied_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_into_the_live_data_dir_is_refused_also_through_dotdot_or_a_symlink() {
+    // Catches a backup written into the store it copies: it would sit among sled's files, be
+    // copied again by every later backup, and die with the disk it was meant to survive.
+    let broker = Broker::start(Opts::new());
+    broker
+        .admin_post("/v1/publish", json!({"to": "client:bob", "payload": 1}))
+        .await;
+    let data = broker.data_dir();
+    let name = data.file_name().unwrap().to_str().unwrap().to_string();
+    let outside = tempfile::tempdir().unwrap();
+    let link = outside.path().join("link-to-data");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let link_parent = outside.path().join("link-to-parent");
+    std::os::unix::fs::symlink(data.parent().unwrap(), &link_parent).unwrap();
+    let targets = [
+        data.join("backup"),
+        data.clone(),
+        data.join("new/deeper"),
+        data.join("..").join(&name).join("backup"),
+        data.join("missing/../backup"),
+        outside.path().join("missing/../link-to-data/backup"),
+        link.clone(),
+        link.join("backup"),
+        link_parent.join(&name).join("backup"),
+    ];
+    for to in &targets {
+        let to = to.to_str().unwrap();
+        let r = broker.admin_post("/v1/backup", json!({"to": to})).await;
+        r.assert_error(400, "bad_frame");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains("inside the data directory") && message.contains(to),
+            "{to}: {message}"
+        );
+    }
+    for created in ["backup", "new", "missing"] {
+        assert!(
+            !data.join(created).exists(),
+            "a refused backup created {created} in the data directory"
+        );
+    }
+    // A sibling whose name starts with the data directory's is outside it.
+    let sibling = data.with_file_name(format!("{name}-backup"));
+    let r = broker
+        .admin_post("/v1/backup", json!({"to": sibling.to_str().unwrap()}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // The offline command refuses the same targets, and creates nothing either.
+    let mut broker = broker;
+    assert!(broker.sigterm().success());
+    for to in &targets {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["backup", "--data"])
+            .arg(&data)
+            .arg("--to")
+            .arg(to)
+            .current_dir(outside.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: {stderr}", to.display());
+        assert!(
+            stderr.contains("inside the data directory"),
+            "{}: {stderr}",
+            to.display()
+        );
+    }
+    for created in ["backup", "new", "missing"] {
+        assert!(
+            !data.join(created).exists(),
+            "a refused offline backup created {created} in the data directory"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_every_endpoint_but_healthz_needs_the_bearer_token() {
     // Catches an endpoint left open, or a wrong token accepted.
     let broker = Broker::start(Opts::new().set("admin", "token", "s3cret-token"));

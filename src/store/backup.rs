@@ -4,9 +4,14 @@
 //! file half-written and the result is compact. Online, the writer thread makes it between two
 //! writes, so it is one consistent moment; offline it reads an [`super::Inspector`]'s private
 //! copy. The result is a data directory: a broker started on it serves what was stored.
+//!
+//! The target must lie outside the directory being copied: a copy inside the live data
+//! directory would sit in the store's own files (sled's directory, copied again by every later
+//! backup, restore and offline inspect, and lost with the disk it was meant to survive).
+//! [`check_target`] resolves `..` and symlinks before it compares.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::time::Instant;
 
 use tracing::info;
@@ -16,13 +21,64 @@ use super::{BackupOutcome, StoreError};
 /// Records between two progress lines in the log.
 const PROGRESS_EVERY: u64 = 100_000;
 
-/// Copies `clients` and `outbox` into a new store at `to`, which must not exist or be empty,
-/// and makes the copy durable before returning.
+/// Refuses a backup target inside `data_dir` (or equal to it), however the path reaches it:
+/// through `..`, or through a symlink in any of its existing directories.
+///
+/// Errors: [`StoreError::BackupInsideDataDir`]; [`StoreError::Io`] when a path cannot be
+/// resolved (for example, no permission to look into a directory on the way).
+pub fn check_target(data_dir: &Path, to: &Path) -> Result<(), StoreError> {
+    let data = data_dir.canonicalize()?;
+    let resolved = resolve(to)?;
+    if resolved.starts_with(&data) {
+        return Err(StoreError::BackupInsideDataDir {
+            to: to.to_path_buf(),
+            resolved,
+            data_dir: data,
+        });
+    }
+    Ok(())
+}
+
+/// `path` made absolute and resolved the way the file system will when the backup creates
+/// it: a component that exists is resolved on disk (symlinks followed), one that does not is
+/// taken as the plain directory the backup will create. The result never holds a symlink, so
+/// `..` is its parent.
+fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
+    let mut resolved = PathBuf::new();
+    for c in std::path::absolute(path)?.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => resolved.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(_) => match resolved.join(c).canonicalize() {
+                Ok(real) => resolved = real,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    resolved.push(c);
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+    Ok(resolved)
+}
+
+/// Copies `clients` and `outbox` (the store in `data_dir`) into a new store at `to`, which
+/// must not exist or be empty and must lie outside `data_dir` ([`check_target`]), and makes
+/// the copy durable before returning.
 pub(super) fn copy_trees(
     clients: &sled::Tree,
     outbox: &sled::Tree,
+    data_dir: &Path,
     to: &Path,
 ) -> Result<BackupOutcome, StoreError> {
+    check_target(data_dir, to)?;
     let refuse = |reason: &str| StoreError::Open {
         path: to.to_path_buf(),
         reason: reason.to_string(),

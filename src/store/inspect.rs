@@ -268,9 +268,10 @@ impl Inspector {
             .collect())
     }
 
-    /// Writes a copy of what this inspector sees to the new directory `to`.
+    /// Writes a copy of what this inspector sees to the new directory `to`, which must lie
+    /// outside the directory it reads ([`StoreError::BackupInsideDataDir`]).
     pub fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
-        super::backup::copy_trees(&self.clients, &self.outbox, to)
+        super::backup::copy_trees(&self.clients, &self.outbox, &self.dir, to)
     }
 
     /// Totals over the directory.

@@ -133,6 +133,19 @@ pub enum StoreError {
          (--admin URL), or stop the broker first"
     )]
     Locked { path: PathBuf },
+    #[error(
+        "the backup target {} is inside the data directory {} it would copy{}; pick a \
+         directory outside it",
+        .to.display(),
+        .data_dir.display(),
+        if .to == .resolved { String::new() } else { format!(" (it resolves to {})", .resolved.display()) }
+    )]
+    BackupInsideDataDir {
+        to: PathBuf,
+        /// `to` with `..` and symlinks resolved.
+        resolved: PathBuf,
+        data_dir: PathBuf,
+    },
 }
 
 /// What the store needs from the configuration.
@@ -332,6 +345,8 @@ enum Command {
     },
     Backup {
         to: PathBuf,
+        /// The store's own directory, which the copy must stay out of.
+        data_dir: PathBuf,
         reply: Reply<BackupOutcome>,
     },
 }
@@ -749,8 +764,23 @@ impl Store {
 
     /// Writes a consistent copy of the store to the new directory `to`, between two writes:
     /// a broker started on `to` serves what was stored at that moment.
+    ///
+    /// Errors: [`StoreError::BackupInsideDataDir`] when `to` lies inside the store's directory
+    /// (checked with [`Store::check_backup_target`]); `to` exists and is not empty; I/O.
     pub async fn backup(&self, to: PathBuf) -> Result<BackupOutcome, StoreError> {
-        self.call(|reply| Command::Backup { to, reply }).await
+        let data_dir = self.dir.clone();
+        self.call(|reply| Command::Backup {
+            to,
+            data_dir,
+            reply,
+        })
+        .await
+    }
+
+    /// Refuses a backup target inside the store's directory, also when `..` or a symlink
+    /// leads there. Touches the file system (it resolves paths): call it off the runtime.
+    pub fn check_backup_target(&self, to: &Path) -> Result<(), StoreError> {
+        backup::check_target(&self.dir, to)
     }
 
     /// How often this process has sent each of `client`'s messages in `page` (see
@@ -1618,10 +1648,14 @@ impl WriterState {
                 }
                 self.pending.push(Pending::Purge(reply, r));
             }
-            Command::Backup { to, reply } => {
+            Command::Backup {
+                to,
+                data_dir,
+                reply,
+            } => {
                 // Between two writes: the copy is one consistent moment.
                 let r = match self.apply_group() {
-                    Ok(()) => backup::copy_trees(&self.clients_tree, &self.outbox, &to),
+                    Ok(()) => backup::copy_trees(&self.clients_tree, &self.outbox, &data_dir, &to),
                     Err(e) => {
                         self.maybe_latch(&e);
                         Err(e)
