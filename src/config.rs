@@ -726,6 +726,9 @@ const KEYS: &[Key] = &[
     Key::whole("server.hello_timeout_ms", 1, u64::MAX, |c| {
         c.server.hello_timeout_ms
     }),
+    Key::whole("server.close_timeout_ms", 0, u64::MAX, |c| {
+        c.server.close_timeout_ms
+    }),
     Key::whole("server.write_queue_frames", 2, U32, |c| {
         c.server.write_queue_frames.into()
     }),
@@ -946,6 +949,13 @@ mod tests {
         assert_eq!(c.server.max_connections, u32::MAX);
         assert!(c.server.require_origin);
         assert_eq!(c.server.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn the_shipped_config_file_loads_with_every_key_known() {
+        // A setting added to the config and config.toml but not to KEYS is refused as unknown.
+        let c = load(include_str!("../config.toml"), &[]).unwrap();
+        assert_eq!(c.server.close_timeout_ms, 1000);
     }
 
     #[test]
