@@ -78,18 +78,22 @@ impl Inspector {
             path: data_dir.to_path_buf(),
             damage: d,
         })?;
-        let db = super::sled_config(copy.path())
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Corruption { .. } => StoreError::Damaged {
-                    path: data_dir.to_path_buf(),
-                    damage: super::integrity::Damage(format!("sled cannot recover it: {e}")),
-                },
-                e => StoreError::Open {
-                    path: data_dir.to_path_buf(),
-                    reason: e.to_string(),
-                },
+        let opened =
+            super::integrity::guarded("recovering it", || super::sled_config(copy.path()).open())
+                .map_err(|d| StoreError::Damaged {
+                path: data_dir.to_path_buf(),
+                damage: d,
             })?;
+        let db = opened.map_err(|e| match e {
+            sled::Error::Corruption { .. } => StoreError::Damaged {
+                path: data_dir.to_path_buf(),
+                damage: super::integrity::Damage(format!("sled cannot recover it: {e}")),
+            },
+            e => StoreError::Open {
+                path: data_dir.to_path_buf(),
+                reason: e.to_string(),
+            },
+        })?;
         let clients = db.open_tree("clients")?;
         let outbox = db.open_tree("outbox")?;
         let damaged = |d: super::integrity::Damage| StoreError::Damaged {

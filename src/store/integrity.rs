@@ -58,6 +58,21 @@ impl std::fmt::Display for Damage {
     }
 }
 
+/// Runs `f`, which reads a store that may be damaged, turning a panic inside sled (it panics
+/// on some damaged records instead of returning an error) into [`Damage`] naming what it said.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, Damage> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let said = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Damage(format!(
+            "the storage engine failed while {what}, on a damaged record ({said})"
+        ))
+    })
+}
+
 /// What the seal file says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SealRead {
@@ -239,20 +254,14 @@ struct Counted {
 /// it reads; the codec checks each record. A panic inside sled on a damaged page is reported as
 /// damage too.
 pub fn verify(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        verify_trees(clients, outbox)
-    })) {
-        Ok(r) => r,
-        Err(_) => Err(Damage(
-            "the storage engine failed while reading a damaged page".into(),
-        )),
-    }
+    guarded("reading it", || verify_trees(clients, outbox))?
+}
+
+fn unreadable(what: &str, e: &dyn std::fmt::Display) -> Damage {
+    Damage(format!("a page of {what} cannot be read: {e}"))
 }
 
 fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage> {
-    let unreadable = |what: &str, e: &dyn std::fmt::Display| {
-        Damage(format!("a page of {what} cannot be read: {e}"))
-    };
     let mut names: HashMap<u64, String> = HashMap::new();
     for item in clients.iter() {
         let (k, v) = item.map_err(|e| unreadable("the client table", &e))?;
@@ -263,44 +272,34 @@ fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage>
         names.insert(cid, name);
     }
     let mut metas: BTreeMap<u64, ClientMeta> = BTreeMap::new();
-    let mut counted: HashMap<u64, Counted> = HashMap::new();
-    for item in outbox.iter() {
+    for item in outbox.scan_prefix([keys::META]) {
         let (k, v) = item.map_err(|e| unreadable("the outboxes", &e))?;
-        let bad = |e: &dyn std::fmt::Display| Damage(format!("record {k:02x?} is damaged: {e}"));
-        let cid = || {
-            k.get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-        };
-        match k.first().copied() {
-            Some(keys::META) => {
-                let meta: ClientMeta = codec::decode(&v).map_err(|e| bad(&e))?;
-                let cid = cid().ok_or_else(|| bad(&"short key"))?;
-                metas.insert(cid, meta);
-            }
-            Some(keys::MSG) => {
-                let entries = chunks::split(&k, &v).map_err(|e| bad(&e))?;
-                let cid = cid().ok_or_else(|| bad(&"short key"))?;
-                let c = counted.entry(cid).or_default();
-                c.messages += entries.len() as u64;
-                if let Some((last, _)) = entries.last() {
-                    c.max_seq = c.max_seq.max(*last);
-                }
-            }
-            Some(keys::DEDUP) => {
-                codec::decode::<DedupEntry>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::DEDUP_RUN) => {
-                codec::decode::<DedupRun>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::DEDUP_LIST | keys::DEDUP_RUN_LIST) => {
-                codec::decode::<super::group::Expiring>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::COMMIT) => {
-                codec::decode::<u64>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL) => {}
-            _ => return Err(bad(&"a record of no kind the store writes")),
+        let meta = codec::decode(&v).map_err(|e| bad(&k, &e))?;
+        metas.insert(cid_of(&k).ok_or_else(|| bad(&k, &"short key"))?, meta);
+    }
+    // The messages are most of the store: read them in two halves at once (2 cores make the
+    // check of a large store take half as long), the other records beside them.
+    let split = message_split(&metas);
+    let (lo, hi, start, end) = ([keys::MSG], [keys::MSG + 1], &split[..], &split[..]);
+    let parts = std::thread::scope(|scope| {
+        let others = scope.spawn(|| {
+            scan(outbox.range(..&lo[..]))
+                .and_then(|_| scan(outbox.range(&hi[..]..)))
+                .map(|_| HashMap::new())
+        });
+        let first = scope.spawn(|| scan(outbox.range(&lo[..]..end)));
+        let second = scan(outbox.range(start..&hi[..]));
+        [others.join(), first.join(), Ok(second)]
+    });
+    let mut counted: HashMap<u64, Counted> = HashMap::new();
+    for part in parts {
+        let part = part.map_err(|_| {
+            Damage("the storage engine failed while reading a damaged page".into())
+        })??;
+        for (cid, c) in part {
+            let t = counted.entry(cid).or_default();
+            t.messages += c.messages;
+            t.max_seq = t.max_seq.max(c.max_seq);
         }
     }
     for (cid, meta) in &metas {
@@ -331,6 +330,71 @@ fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage>
         )));
     }
     Ok(())
+}
+
+fn bad(k: &[u8], e: &dyn std::fmt::Display) -> Damage {
+    Damage(format!("record {k:02x?} is damaged: {e}"))
+}
+
+fn cid_of(k: &[u8]) -> Option<u64> {
+    k.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+/// A key that splits the message records into two halves of about as many messages, from the
+/// outboxes' counts (seqs taken as dense within an outbox).
+fn message_split(metas: &BTreeMap<u64, ClientMeta>) -> Vec<u8> {
+    let total: u64 = metas.values().map(|m| m.pending).sum();
+    let mut before = 0u64;
+    for (cid, m) in metas {
+        if before + m.pending >= total / 2 {
+            let seq = m.acked.saturating_add(1).saturating_add(total / 2 - before);
+            return keys::seq_key(keys::MSG, *cid, seq).to_vec();
+        }
+        before += m.pending;
+    }
+    vec![keys::MSG + 1]
+}
+
+/// Checks every record `records` yields; counts the messages of each outbox.
+fn scan(
+    records: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<HashMap<u64, Counted>, Damage> {
+    let mut counted: HashMap<u64, Counted> = HashMap::new();
+    for item in records {
+        let (k, v) = item.map_err(|e| unreadable("the outboxes", &e))?;
+        let bad = |e: &dyn std::fmt::Display| bad(&k, e);
+        match k.first().copied() {
+            Some(keys::META) => {
+                codec::decode::<ClientMeta>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::MSG) => {
+                let entries = chunks::split(&k, &v).map_err(|e| bad(&e))?;
+                let cid = cid_of(&k).ok_or_else(|| bad(&"short key"))?;
+                let c = counted.entry(cid).or_default();
+                c.messages += entries.len() as u64;
+                if let Some((last, _)) = entries.last() {
+                    c.max_seq = c.max_seq.max(*last);
+                }
+            }
+            Some(keys::DEDUP) => {
+                codec::decode::<DedupEntry>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::DEDUP_RUN) => {
+                codec::decode::<DedupRun>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::DEDUP_LIST | keys::DEDUP_RUN_LIST) => {
+                codec::decode::<super::group::Expiring>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::COMMIT) => {
+                codec::decode::<u64>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL) => {}
+            _ => return Err(bad(&"a record of no kind the store writes")),
+        }
+    }
+    Ok(counted)
 }
 
 /// What `outboxd repair --accept-loss` did.
@@ -366,7 +430,9 @@ pub fn repair_dir(dir: &Path) -> Result<RepairReport, StoreError> {
         damage: Damage(format!("{what}; this cannot be repaired in place")),
     };
     check_conf(dir).map_err(|d| unrepairable(d.0))?;
-    let db = super::sled_config(dir).open().map_err(|e| match e {
+    let opened = guarded("recovering it", || super::sled_config(dir).open())
+        .map_err(|d| unrepairable(d.0))?;
+    let db = opened.map_err(|e| match e {
         sled::Error::Io(io)
             if io.kind() == io::ErrorKind::WouldBlock
                 || io.to_string().contains("could not acquire lock") =>
@@ -387,8 +453,8 @@ pub fn repair_dir(dir: &Path) -> Result<RepairReport, StoreError> {
         }
         Err(e) => return Err(e),
     }
-    let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| repair(dir, &db)))
-        .map_err(|_| unrepairable("the storage engine failed while reading a damaged page".into()))?
+    let report = guarded("reading it", || repair(dir, &db))
+        .map_err(|d| unrepairable(d.0))?
         .map_err(|e| match e {
             StoreError::Sled(e) => unrepairable(format!("a page cannot be read: {e}")),
             e => e,

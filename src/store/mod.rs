@@ -677,13 +677,16 @@ impl Store {
                  and `outboxd restore` from NEW into an empty data dir"
             );
         }
-        let db = sled::Config::new()
-            .path(&dir)
-            .segment_size(segment)
-            .cache_capacity(opts.cache_capacity_bytes)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
+        let opened = integrity::guarded("recovering it", || {
+            sled::Config::new()
+                .path(&dir)
+                .segment_size(segment)
+                .cache_capacity(opts.cache_capacity_bytes)
+                .flush_every_ms(Some(500))
+                .open()
+        })
+        .map_err(|d| damaged(&dir, d))?;
+        let db = opened.map_err(|e| match e {
                 sled::Error::Io(io)
                     if io.kind() == std::io::ErrorKind::WouldBlock
                         || io.to_string().contains("could not acquire lock") =>
