@@ -377,7 +377,7 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     if expect_violations:
         if not violations:
             failed.append("expected violations (relaxed mode) but found none: the audit is blind")
-        if expect_blobs and blob_result["written"] and not blob_result["violations"]:
+        if expect_blobs and blob_result["written"] and not (blob_result["violations"] + blob_result["gap"]):
             failed.append("expected blob violations (relaxed mode) but found none: the blob audit is blind")
         for f in failed:
             print(f"audit: FAILED: {f}")
@@ -407,6 +407,11 @@ def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):
     written = [b for b in blobs if b.written is not None]
     never_logged = removed_early = 0
     bad = {}  # frame index -> [(blob, log sync call, its end, why)]
+    # Frames held to a blob only by sled's own periodic fsync of the log: no fdatasync of the
+    # broker came between the blob's write and the frame. The broker cannot order its frames
+    # against that fsync (nor against the kernel's writeback of the log); it is the gap of data
+    # dirs with sled's 512 KiB segments that docs/reliability.md lists as open.
+    gap = {}
     constrained = bytearray(len(frames))
     inf = float("inf")
     for b in written:
@@ -415,6 +420,8 @@ def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):
             never_logged += 1
             continue
         f_start, f_end, f_call = log_syncs[i]
+        # The broker's own first commit sync after the blob's write.
+        fb_end = next((e for s, e, c in log_syncs[i:] if c == "fdatasync"), inf)
         if b.removed is not None and b.removed < f_start:
             # Unlinked by sled (a cancelled reservation, or garbage) before any log sync
             # could put a pointer to it on disk.
@@ -437,14 +444,18 @@ def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):
                 why = "before the file's fsync" + ("" if file_synced < inf else " (never synced)")
             else:
                 why = "before the blobs directory's fsync" + ("" if dir_synced < inf else " (never synced)")
-            bad.setdefault(k, []).append((b, f_call, f_end, why))
+            if times[k] > fb_end:
+                bad.setdefault(k, []).append((b, "fdatasync", fb_end, why))
+            else:
+                gap.setdefault(k, []).append((b, f_call, f_end, why))
     checked = len(written) - never_logged - removed_early
     blobs_hit = {id(b) for v in bad.values() for b, _, _, _ in v}
     print(
         f"blob audit: {len(written)} blob files written, {checked} checked "
         f"({removed_early} removed before a log sync, {never_logged} with no log sync after them); "
         f"{sum(constrained)} frames held to a blob file; "
-        f"{len(bad)} violation(s) involving {len(blobs_hit)} blob file(s)"
+        f"{len(bad)} violation(s) involving {len(blobs_hit)} blob file(s); "
+        f"{len(gap)} frame(s) after sled's own fsync of the log only (the known gap of 512 KiB segments)"
     )
     for k in sorted(bad)[:10]:
         t, kind, key = frames[k]
@@ -456,7 +467,16 @@ def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):
             f"that follows blobs/{os.path.basename(b.path)} (written by thread {b.writer} until "
             f"{b.written:.6f}), {why}{more}"
         )
-    return {"written": len(written), "checked": checked, "violations": len(bad)}
+    for k in sorted(gap)[:3]:
+        t, kind, key = frames[k]
+        b, f_call, f_end, why = gap[k][0]
+        what = f"ok ref {key[1]} on connection {key[0]}" if kind == "ok" else f"msg {short(key)}"
+        print(
+            f"  known gap: {what} written at {t:.6f}, after sled's own log {f_call} ending "
+            f"{f_end:.6f} that follows blobs/{os.path.basename(b.path)}, {why}, with no fdatasync "
+            f"of the broker in between"
+        )
+    return {"written": len(written), "checked": checked, "violations": len(bad), "gap": len(gap)}
 
 
 class Ws:

@@ -9,7 +9,9 @@
 //! For those, every commit calls [`BlobSync::sync_new`] before the log's fdatasync and again
 //! after it, before any reply: sled writes a blob whole before the log names it, so the second
 //! pass finds every blob the synced log can point at. A file is synced again when its size
-//! changed (it may have been listed before it was written). What this cannot close is sled's
+//! changed or it was written within the last [`RECENT`] (it may have been listed while sled was
+//! still writing it: sled's last write can leave the size as it was, and file times are
+//! coarser than one write). What this cannot close is sled's
 //! own periodic log fsync making a pointer durable before the blob is; that window is why new
 //! data dirs avoid blobs altogether.
 
@@ -18,12 +20,19 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+/// A blob file modified this recently may still be in the middle of sled's writes: synced
+/// again at every listing until it is older.
+const RECENT: Duration = Duration::from_secs(1);
 
 pub(super) struct BlobSync {
     dir: PathBuf,
     /// Blob files already synced, with their size then (sled removes old ones; names no longer
     /// listed are dropped).
     synced: HashMap<OsString, u64>,
+    /// [`RECENT`] (a parameter so tests can look at old files without waiting).
+    recent: Duration,
 }
 
 impl BlobSync {
@@ -31,6 +40,7 @@ impl BlobSync {
         BlobSync {
             dir: data_dir.join("blobs"),
             synced: HashMap::new(),
+            recent: RECENT,
         }
     }
 
@@ -44,16 +54,22 @@ impl BlobSync {
         };
         let mut listed = HashMap::with_capacity(self.synced.len());
         let mut synced = 0;
+        let recent = SystemTime::now()
+            .checked_sub(self.recent)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            let len = match entry.metadata() {
-                Ok(m) => m.len(),
+            let (len, young) = match entry.metadata() {
+                Ok(m) => (
+                    m.len(),
+                    !self.recent.is_zero() && m.modified().map_or(true, |t| t >= recent),
+                ),
                 // Garbage-collected by sled since the listing: nothing refers to it any more.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if self.synced.get(&name) != Some(&len) {
+            if young || self.synced.get(&name) != Some(&len) {
                 match File::open(entry.path()) {
                     Ok(f) => f.sync_data()?,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -86,6 +102,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("blobs")).unwrap();
         let mut b = BlobSync::new(dir.path());
+        b.recent = Duration::ZERO;
         std::fs::write(dir.path().join("blobs/100"), b"x").unwrap();
         std::fs::write(dir.path().join("blobs/200"), b"y").unwrap();
         assert_eq!(b.sync_new().unwrap(), 2);
@@ -101,10 +118,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("blobs")).unwrap();
         let mut b = BlobSync::new(dir.path());
+        b.recent = Duration::ZERO;
         std::fs::write(dir.path().join("blobs/100"), b"").unwrap();
         assert_eq!(b.sync_new().unwrap(), 1);
         std::fs::write(dir.path().join("blobs/100"), b"the node").unwrap();
         assert_eq!(b.sync_new().unwrap(), 1);
         assert_eq!(b.sync_new().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_blob_written_within_the_last_second_is_synced_at_every_listing() {
+        // sled may still be writing it, and its last write need not change its size.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        let mut b = BlobSync::new(dir.path());
+        std::fs::write(dir.path().join("blobs/100"), b"the node").unwrap();
+        assert_eq!(b.sync_new().unwrap(), 1);
+        assert_eq!(b.sync_new().unwrap(), 1, "still young: synced again");
     }
 }
