@@ -40,9 +40,10 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::connection::{publish_answer, store_error_message, PublishRefusal};
-use crate::ids::ClientId;
 use crate::metrics::{Metrics, ScrapeGauges};
-use crate::protocol::{self, ClientFrame, ErrorCode, Target};
+use crate::model::ClientId;
+use crate::model::Target;
+use crate::protocol::{self, ClientFrame, ErrorCode};
 use crate::registry::Kick;
 use crate::report::{ClientView, SortBy};
 use crate::server::Shared;
@@ -652,7 +653,7 @@ async fn backup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Payload;
+    use crate::model::Payload;
 
     #[test]
     fn token_comparison_needs_the_exact_token() {

@@ -149,7 +149,7 @@ fn token(args: TokenArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if crate::ids::ClientId::new(&args.client).is_err() {
+    if crate::model::ClientId::new(&args.client).is_err() {
         eprintln!("outboxd: {:?} is not a valid client id", args.client);
         return ExitCode::from(2);
     }

@@ -31,8 +31,8 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::Grants;
-use crate::ids::ClientId;
 use crate::metrics::{CloseReason, Metrics};
+use crate::model::ClientId;
 use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
@@ -1060,7 +1060,7 @@ impl Conn {
     fn subscription(
         &self,
         reference: Option<Box<serde_json::value::RawValue>>,
-        topic: crate::ids::Topic,
+        topic: crate::model::Topic,
         on: bool,
         replies: &mut Replies,
     ) {
@@ -1105,8 +1105,8 @@ impl Conn {
             }
         }
         let direct = match &to {
-            crate::protocol::Target::Client(c) => Some(c.clone()),
-            crate::protocol::Target::Topic(_) => None,
+            crate::model::Target::Client(c) => Some(c.clone()),
+            crate::model::Target::Topic(_) => None,
         };
         let req = PublishRequest {
             from: Some(self.client.clone()),

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::ids::{ClientId, NameError, Topic};
+use crate::model::{Ack, ClientId, NameError, Payload, Resume, Target, TargetError, Topic};
 
 /// The subprotocol the broker speaks (and answers with when the client offers none).
 pub const SUBPROTOCOL: &str = "outboxd.v1.json";
@@ -89,69 +89,6 @@ impl FrameError {
     }
 }
 
-/// Where a client says it stands: its last acked seq within an epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Resume {
-    pub epoch: String,
-    pub last_seq: u64,
-}
-
-/// A message body as stored and sent: JSON text kept verbatim, or raw bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Payload {
-    Json(String),
-    Binary(Vec<u8>),
-}
-
-impl Payload {
-    /// Size counted against `max_payload_bytes` and outbox byte quotas.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(s) => s.len(),
-            Payload::Binary(b) => b.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Who a publish is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Client(ClientId),
-    Topic(Topic),
-}
-
-impl Target {
-    /// The target as written on the wire: `client:ID` or `topic:NAME`.
-    pub fn wire(&self) -> String {
-        match self {
-            Target::Client(c) => format!("client:{}", c.as_str()),
-            Target::Topic(t) => format!("topic:{}", t.as_str()),
-        }
-    }
-
-    /// Parses `client:ID` or `topic:NAME`.
-    pub fn parse(s: &str) -> Result<Target, (ErrorCode, String)> {
-        if let Some(id) = s.strip_prefix("client:") {
-            ClientId::new(id)
-                .map(Target::Client)
-                .map_err(|e| (ErrorCode::BadClientId, e.to_string()))
-        } else if let Some(t) = s.strip_prefix("topic:") {
-            Topic::new(t)
-                .map(Target::Topic)
-                .map_err(|e| (ErrorCode::BadTopic, e.to_string()))
-        } else {
-            Err((
-                ErrorCode::BadFrame,
-                format!("`to` must be \"client:ID\" or \"topic:NAME\", got {s:?}"),
-            ))
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Publish {
     pub reference: Option<Box<RawValue>>,
@@ -161,12 +98,13 @@ pub struct Publish {
     pub ttl_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ack {
-    /// One message.
-    Seq(u64),
-    /// Every message up to and including this seq.
-    Upto(u64),
+/// The error code a refused target is answered with.
+pub fn target_error_code(e: &TargetError) -> ErrorCode {
+    match e {
+        TargetError::Client(_) => ErrorCode::BadClientId,
+        TargetError::Topic(_) => ErrorCode::BadTopic,
+        TargetError::Kind(_) => ErrorCode::BadFrame,
+    }
 }
 
 /// A frame from a client, validated.
@@ -280,7 +218,13 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             };
             let to = match Target::parse(&to) {
                 Ok(t) => t,
-                Err((code, msg)) => return Err(FrameError::new(code, msg, reference)),
+                Err(e) => {
+                    return Err(FrameError::new(
+                        target_error_code(&e),
+                        e.to_string(),
+                        reference,
+                    ))
+                }
             };
             let payload = match (raw.payload, raw.payload_b64) {
                 (Some(json), None) => Payload::Json(json.get().to_owned()),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::ClientId;
+use crate::model::ClientId;
 
 /// Identifies one connection of a client, distinct across takeovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::protocol::Ack;
+use crate::model::Ack;
 
 /// The in-flight window of one connection.
 #[derive(Debug)]

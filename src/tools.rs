@@ -24,8 +24,8 @@ use crate::client::{
     Published, RequestError, Rng, StopReason,
 };
 use crate::config::Config;
-use crate::ids::ClientId;
-use crate::protocol::Target;
+use crate::model::ClientId;
+use crate::model::Target;
 
 /// Publishes in flight at once when reading stdin; more wait for a confirmation first.
 const PUB_WINDOW: usize = 256;
@@ -259,7 +259,7 @@ async fn run_pub(args: PubArgs) -> ExitCode {
         eprintln!("outboxd pub: {msg}");
         ExitCode::from(code)
     };
-    if let Err((_, msg)) = Target::parse(&args.to) {
+    if let Err(msg) = Target::parse(&args.to) {
         return fail(format!("--to: {msg}"), USAGE);
     }
     let client_id = match args.client.clone() {
@@ -467,7 +467,7 @@ async fn run_sub(args: SubArgs) -> ExitCode {
         return fail(format!("--client: {e}"), USAGE);
     }
     for t in &args.topics {
-        if let Err(e) = crate::ids::Topic::new(t) {
+        if let Err(e) = crate::model::Topic::new(t) {
             return fail(format!("--topic: {e}"), USAGE);
         }
     }

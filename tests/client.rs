@@ -12,7 +12,7 @@ use outboxd::client::{
     Client, ClientBuilder, ClientError, Event, FilePositionStore, Incoming, MemoryPositionStore,
     PositionStore, RequestError, StopReason,
 };
-use outboxd::ids::ClientId;
+use outboxd::model::ClientId;
 use serde_json::json;
 use tokio::sync::mpsc;
 

@@ -34,7 +34,7 @@ use super::error::{RequestError, StopReason};
 use super::position::{Epoch, Position, PositionStore};
 use super::state::{Action, Ended, Event, Machine, Reply, RequestKind};
 use super::{AckHandle, Delivery, Incoming};
-use crate::ids::ClientId;
+use crate::model::ClientId;
 use crate::protocol::SUBPROTOCOL;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::position::PositionError;
-use crate::ids::NameError;
+use crate::model::NameError;
 
 /// Why the client stopped and will not reconnect. Every other failure (a dropped connection,
 /// a silent broker, a broker restart) is retried with backoff.

@@ -69,8 +69,9 @@ use driver::{Command, Driver, Settings, Wiring};
 use state::{Machine, Reply, RequestKind};
 
 use crate::config::PAYLOAD_CEILING;
-use crate::ids::{ClientId, Topic};
-use crate::protocol::{Target, MAX_KEY_LEN};
+use crate::model::Target;
+use crate::model::{ClientId, Topic};
+use crate::protocol::MAX_KEY_LEN;
 
 /// Settings for a [`Client`]; [`ClientBuilder::connect`] starts it.
 pub struct ClientBuilder {
@@ -506,7 +507,7 @@ impl PublishRequest {
 
     #[allow(clippy::type_complexity)]
     fn check(self) -> Result<(Publisher, RequestKind, Option<Duration>, String), RequestError> {
-        Target::parse(&self.to).map_err(|(_, message)| RequestError::Invalid(message))?;
+        Target::parse(&self.to).map_err(|e| RequestError::Invalid(e.to_string()))?;
         if let Some(k) = &self.key {
             if k.is_empty() || k.len() > MAX_KEY_LEN {
                 return Err(RequestError::Invalid(format!(

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ids::ClientId;
+use crate::model::ClientId;
 
 /// One incarnation of a client's outbox, as named by the broker. Seqs mean something only
 /// together with their epoch.

@@ -31,7 +31,7 @@ use serde_json::Value;
 use super::error::{RequestError, StopReason};
 use super::payload::Payload;
 use super::position::{Epoch, Position};
-use crate::ids::{ClientId, Topic};
+use crate::model::{ClientId, Topic};
 use crate::protocol::close;
 
 /// A message the broker delivered, as handed to the application.

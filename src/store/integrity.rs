@@ -596,7 +596,7 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
                 continue;
             }
         };
-        let Ok(id) = crate::ids::ClientId::new(&name) else {
+        let Ok(id) = crate::model::ClientId::new(&name) else {
             continue;
         };
         let mut meta = old.clone().unwrap_or_else(|| super::fresh_meta(&id, cid));

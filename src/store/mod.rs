@@ -47,9 +47,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage, StoredPayload};
 use crate::config::{Config, Durability};
-use crate::ids::{ClientId, Topic};
 use crate::metrics::Metrics;
-use crate::protocol::{Ack, Payload, Resume, Target};
+use crate::model::{Ack, Payload, Resume, Target};
+use crate::model::{ClientId, Topic};
 use chunks::Entries;
 
 mod backup;

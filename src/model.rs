@@ -1,11 +1,14 @@
-//! Domain names that double as storage keys: client ids and topics.
+//! The domain values every layer shares, free of I/O and of any wire or disk format: client ids
+//! and topics (validated names that double as storage keys), who a publish is for, a resume
+//! position, an ack, a payload.
 //!
-//! Both travel on the wire and end up in keys on disk, so they are validated once, in their
+//! Names travel on the wire and end up in keys on disk, so they are validated once, in their
 //! constructors, and every other module takes the typed value. The alphabet is the one
 //! `docs/protocol.md` fixes: it is safe in file names, URLs and log lines.
 
 use std::fmt;
 
+use serde::Deserialize;
 use thiserror::Error;
 
 /// Longest client id in bytes.
@@ -82,6 +85,84 @@ impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Where a client says it stands: its last acked seq within an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Resume {
+    pub epoch: String,
+    pub last_seq: u64,
+}
+
+/// A message body as stored and sent: JSON text kept verbatim, or raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Json(String),
+    Binary(Vec<u8>),
+}
+
+impl Payload {
+    /// Size counted against `max_payload_bytes` and outbox byte quotas.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(s) => s.len(),
+            Payload::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a target was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("{0}")]
+    Client(NameError),
+    #[error("{0}")]
+    Topic(NameError),
+    #[error("`to` must be \"client:ID\" or \"topic:NAME\", got {0:?}")]
+    Kind(String),
+}
+
+/// Who a publish is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Client(ClientId),
+    Topic(Topic),
+}
+
+impl Target {
+    /// The target as written on the wire: `client:ID` or `topic:NAME`.
+    pub fn wire(&self) -> String {
+        match self {
+            Target::Client(c) => format!("client:{}", c.as_str()),
+            Target::Topic(t) => format!("topic:{}", t.as_str()),
+        }
+    }
+
+    /// Parses `client:ID` or `topic:NAME`.
+    pub fn parse(s: &str) -> Result<Target, TargetError> {
+        if let Some(id) = s.strip_prefix("client:") {
+            ClientId::new(id)
+                .map(Target::Client)
+                .map_err(TargetError::Client)
+        } else if let Some(t) = s.strip_prefix("topic:") {
+            Topic::new(t).map(Target::Topic).map_err(TargetError::Topic)
+        } else {
+            Err(TargetError::Kind(s.to_owned()))
+        }
+    }
+}
+
+/// A client's statement that it processed messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// One message.
+    Seq(u64),
+    /// Every message up to and including this seq.
+    Upto(u64),
 }
 
 #[cfg(test)]
