@@ -39,14 +39,13 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::connection::{publish_answer, store_error_message, PublishRefusal};
+use crate::broker::{publish_answer, store_error_message, PublishRefusal, Shared};
 use crate::metrics::{Metrics, ScrapeGauges};
 use crate::model::ClientId;
 use crate::model::Target;
 use crate::protocol::{self, ClientFrame, ErrorCode};
 use crate::registry::Kick;
 use crate::report::{ClientView, SortBy};
-use crate::server::Shared;
 use crate::store::{Inspector, PublishRequest, StoreError};
 
 /// Messages per outbox page when the request names no `limit`.

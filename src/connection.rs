@@ -31,6 +31,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::Grants;
+use crate::broker::{publish_answer, store_error_message, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use crate::model::ClientId;
 use crate::protocol::{
@@ -38,9 +39,8 @@ use crate::protocol::{
     SUBPROTOCOL,
 };
 use crate::registry::{Kick, SessionGen, Ticket};
-use crate::server::Shared;
 use crate::session::{Beat, Liveness, RateLimit, Window};
-use crate::store::{to_wire, OutboxHandle, PublishOutcome, PublishRequest, StoreError};
+use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
 use crate::write_queue::{self, TrySendError};
 
 type Ws = WebSocketStream<crate::tls::Stream>;
@@ -1133,111 +1133,6 @@ impl Conn {
             }
         }));
         Ok(())
-    }
-}
-
-/// A publish confirmed durable: the parts of its `ok`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PublishOk {
-    pub id: String,
-    pub recipients: u64,
-    pub duplicate: bool,
-    pub refused: Vec<protocol::Refused>,
-}
-
-impl PublishOk {
-    /// The `ok` frame (also the admin API's answer, without `ref`).
-    pub fn encode(&self, reference: Option<&serde_json::value::RawValue>) -> String {
-        protocol::encode_publish_ok(
-            reference,
-            &self.id,
-            self.recipients,
-            self.duplicate,
-            &self.refused,
-        )
-    }
-}
-
-/// Why a publish was not confirmed.
-#[derive(Debug)]
-pub(crate) enum PublishRefusal {
-    /// A direct publish to a full outbox: nothing was written.
-    OutboxFull(ClientId),
-    /// The store failed or refuses writes: nothing was written.
-    Store(StoreError),
-}
-
-impl PublishRefusal {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            PublishRefusal::OutboxFull(_) => ErrorCode::OutboxFull,
-            PublishRefusal::Store(_) => ErrorCode::Internal,
-        }
-    }
-
-    pub fn message(&self) -> String {
-        match self {
-            PublishRefusal::OutboxFull(c) => {
-                format!("the outbox of {c} is full; nothing was written")
-            }
-            PublishRefusal::Store(e) => store_error_message(e),
-        }
-    }
-}
-
-/// Turns the store's answer to a publish into what the publisher is told, the same over the
-/// WebSocket and the admin API: a direct publish that found its outbox full is refused
-/// (`outbox_full`); a topic publish is confirmed and lists the subscribers it skipped. Counts
-/// refusals in `metrics`. `direct` is the recipient of a direct publish, None for a topic.
-pub(crate) fn publish_answer(
-    direct: Option<&ClientId>,
-    r: Result<PublishOutcome, StoreError>,
-    metrics: &Metrics,
-) -> Result<PublishOk, PublishRefusal> {
-    match r {
-        Ok(o) => match direct {
-            Some(c) if !o.full.is_empty() => {
-                metrics.refused(ErrorCode::OutboxFull);
-                Err(PublishRefusal::OutboxFull(c.clone()))
-            }
-            _ => {
-                let refused: Vec<protocol::Refused> = o
-                    .full
-                    .iter()
-                    .map(|c| protocol::Refused {
-                        client_id: c.as_str().to_owned(),
-                        code: ErrorCode::OutboxFull.as_str(),
-                    })
-                    .collect();
-                metrics.refused_n(
-                    ErrorCode::OutboxFull,
-                    u64::try_from(refused.len()).unwrap_or(u64::MAX),
-                );
-                Ok(PublishOk {
-                    id: o.id,
-                    recipients: o.recipients,
-                    duplicate: o.duplicate,
-                    refused,
-                })
-            }
-        },
-        Err(e) => {
-            metrics.refused(ErrorCode::Internal);
-            Err(PublishRefusal::Store(e))
-        }
-    }
-}
-
-/// What a publisher is told about a store failure.
-pub(crate) fn store_error_message(e: &StoreError) -> String {
-    match e {
-        StoreError::Latched(_) => {
-            "the broker's store refuses writes after a disk failure; nothing was written"
-                .to_string()
-        }
-        StoreError::Closed => "the broker is shutting down; nothing was written".to_string(),
-        StoreError::TooManySubscriptions { .. } => e.to_string(),
-        other => format!("store failure: {other}"),
     }
 }
 

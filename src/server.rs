@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::broker::Shared;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -46,22 +47,6 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
     #[error("the store refused writes after a storage failure; fix the disk and restart")]
     Latched,
-}
-
-/// What every connection shares.
-pub struct Shared {
-    pub cfg: Config,
-    pub store: Store,
-    pub registry: Registry,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    pub metrics: Arc<Metrics>,
-    /// Token checks; None in auth mode "none".
-    pub auth: Option<crate::auth::Verifier>,
-    /// Open connections per client address (`server.max_connections_per_ip`).
-    pub per_ip: crate::registry::PerIp,
-    /// The TLS config new connections get; None when TLS is off (`tls.cert_file` empty).
-    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Test hooks that are not configuration.
