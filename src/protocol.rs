@@ -462,6 +462,33 @@ pub fn encode_msg(m: &MsgView<'_>) -> String {
     out
 }
 
+/// JSON text without the whitespace between its tokens (inside strings everything stays).
+/// Strings cannot hold raw control characters, so the result has no line breaks: one line of
+/// NDJSON. Meant for valid JSON; it does not check.
+pub fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,7 +71,7 @@ impl JsonText {
         if serde_json::from_str::<&RawValue>(&text).is_err() {
             return Err(text);
         }
-        match RawValue::from_string(compact(&text)) {
+        match RawValue::from_string(crate::protocol::compact_json(&text)) {
             Ok(raw) => Ok(JsonText(raw)),
             Err(_) => Err(text),
         }
@@ -87,32 +87,6 @@ impl PartialEq for JsonText {
     fn eq(&self, other: &Self) -> bool {
         self.as_str() == other.as_str()
     }
-}
-
-/// `json` without the whitespace between its tokens. Inside strings everything stays; a JSON
-/// string holds no raw whitespace other than the space, so tracking quotes and escapes is all
-/// it takes. Meant for valid JSON; it does not check.
-fn compact(json: &str) -> String {
-    let mut out = String::with_capacity(json.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in json.chars() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
-            continue;
-        } else if c == '"' {
-            in_string = true;
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// A page of one outbox.

@@ -75,7 +75,7 @@ impl Payload {
     /// The JSON text without whitespace outside strings, so it fits on one line (pretty-printed
     /// JSON keeps its key order, unlike a round trip through `serde_json::Value`).
     pub fn compact_json_text(&self) -> Option<String> {
-        self.as_json_text().map(compact)
+        self.as_json_text().map(crate::protocol::compact_json)
     }
 
     /// The `"payload":…` or `"payload_b64":"…"` member of a frame.
@@ -104,32 +104,6 @@ impl Payload {
             (None, None) => Err("msg has no payload".into()),
         }
     }
-}
-
-/// Strips whitespace outside JSON strings. Strings cannot hold raw control characters, so
-/// after this the text has no line breaks.
-fn compact(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl From<serde_json::Value> for Payload {
