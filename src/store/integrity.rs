@@ -36,7 +36,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{chunks, keys, payload_len, StoreError};
-use crate::codec::{self, ClientMeta, DedupEntry, DedupRun};
+use crate::codec::{self, ClientMeta, CodecError, DedupEntry, DedupRun};
 
 /// The seal's file name in the data dir.
 pub const SEAL_FILE: &str = "outboxd.seal";
@@ -378,23 +378,31 @@ fn scan(
                     c.max_seq = c.max_seq.max(*last);
                 }
             }
-            Some(keys::DEDUP) => {
-                codec::decode::<DedupEntry>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::DEDUP_RUN) => {
-                codec::decode::<DedupRun>(&v).map_err(|e| bad(&e))?;
-            }
-            Some(keys::DEDUP_LIST | keys::DEDUP_RUN_LIST) => {
-                codec::decode::<super::group::Expiring>(&v).map_err(|e| bad(&e))?;
-            }
             Some(keys::COMMIT) => {
                 codec::decode::<u64>(&v).map_err(|e| bad(&e))?;
             }
-            Some(keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL) => {}
-            _ => return Err(bad(&"a record of no kind the store writes")),
+            kind => match kind.and_then(|kind| reads_back(kind, &v)) {
+                Some(r) => r.map_err(|e| bad(&e))?,
+                None => return Err(bad(&"a record of no kind the store writes")),
+            },
         }
     }
     Ok(counted)
+}
+
+/// Whether a record the check only has to read back (idempotency keys, their expiry lists, the
+/// empty markers) does; None for a kind the store does not write (and for `M`, `O` and `C`,
+/// which the check reads itself).
+fn reads_back(kind: u8, v: &[u8]) -> Option<Result<(), CodecError>> {
+    Some(match kind {
+        keys::DEDUP => codec::decode::<DedupEntry>(v).map(drop),
+        keys::DEDUP_RUN => codec::decode::<DedupRun>(v).map(drop),
+        keys::DEDUP_LIST | keys::DEDUP_RUN_LIST => {
+            codec::decode::<super::group::Expiring>(v).map(drop)
+        }
+        keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL => Ok(()),
+        _ => return None,
+    })
 }
 
 /// What `outboxd repair --accept-loss` did.
@@ -555,20 +563,13 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
                     }
                 }
             }
-            (Some(keys::DEDUP), _) => codec::decode::<DedupEntry>(&v).is_ok(),
-            (Some(keys::DEDUP_RUN), _) => codec::decode::<DedupRun>(&v).is_ok(),
-            (Some(keys::DEDUP_LIST | keys::DEDUP_RUN_LIST), _) => {
-                codec::decode::<super::group::Expiring>(&v).is_ok()
-            }
             (Some(keys::COMMIT), _) => {
                 commit = codec::decode::<u64>(&v).unwrap_or(0);
                 true
             }
-            (
-                Some(keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL),
-                _,
-            ) => true,
-            _ => false,
+            (kind, _) => kind
+                .and_then(|kind| reads_back(kind, &v))
+                .is_some_and(|r| r.is_ok()),
         };
         if !ok {
             batch.remove(k);
@@ -607,7 +608,7 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
         let mut counted = 0u64;
         for first in &f.lost_at {
             for seq in *first.. {
-                if counted >= short || seq >= meta.next_seq.max(first + 1) {
+                if counted >= short || seq >= meta.next_seq {
                     break;
                 }
                 batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
