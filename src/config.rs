@@ -124,7 +124,7 @@ pub struct Config {
     origins: BTreeMap<&'static str, Origin>,
 }
 
-/// TLS for the listeners (see [`crate::tls`]); an empty `cert_file` means TLS is off.
+/// TLS for the listeners (see [`crate::net::tls`]); an empty `cert_file` means TLS is off.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
@@ -495,7 +495,7 @@ impl Config {
     }
 
     /// `[tls]`: the certificate and the key come together. The files themselves are read at
-    /// start ([`crate::tls::Tls::load`]), where an unusable one also stops the broker.
+    /// start ([`crate::net::tls::Tls::load`]), where an unusable one also stops the broker.
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let t = &self.tls;
         let invalid = |key, reason: &str| ConfigError::Invalid {

@@ -183,7 +183,7 @@ impl ClientBuilder {
         })?;
         let tls = match request.uri().scheme_str() {
             Some("wss") => Some(
-                crate::tls::client_config(&self.tls_ca_files)
+                crate::net::tls::client_config(&self.tls_ca_files)
                     .map_err(|e| ClientError::Tls(e.to_string()))?,
             ),
             _ => None,

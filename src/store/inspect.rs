@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::{chunks, decode, keys, payload_len, remove_stale_snapshots, StoreError};
 use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
-use crate::report::{ClientView, JsonText, MessageView, OutboxPage, StatsView, TopicView};
+use crate::views::{ClientView, JsonText, MessageView, OutboxPage, StatsView, TopicView};
 
 /// A read-only view of one data directory.
 pub struct Inspector {

@@ -788,7 +788,7 @@ impl Store {
 
     /// How often this process has sent each of `client`'s messages in `page` (see
     /// [`OutboxHandle::sends_of`]); fills `deliveries`.
-    pub fn fill_deliveries(&self, page: &mut crate::report::OutboxPage) {
+    pub fn fill_deliveries(&self, page: &mut crate::views::OutboxPage) {
         let Ok(id) = ClientId::new(&page.client_id) else {
             return;
         };

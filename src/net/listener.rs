@@ -1,5 +1,5 @@
 //! The listener: accepts TCP connections, enforces the connection limit, starts the admin API
-//! ([`crate::admin`]), and runs shutdown.
+//! ([`crate::net::admin`]), and runs shutdown.
 //!
 //! One [`CancellationToken`] is the shutdown signal for every task; one [`TaskTracker`] knows
 //! every task (the admin API's too), so shutdown can wait until the last connection has closed
@@ -7,7 +7,7 @@
 //!
 //! On stdout the broker prints `outboxd admin: http://ADDR` (when the admin API is on) and then
 //! `outboxd ready: ws://ADDR/ws`: both lines are part of the operator contract. With TLS
-//! ([`crate::tls`]) they read `wss://ADDR/ws`, and `https://ADDR` when `tls.admin` is set.
+//! ([`crate::net::tls`]) they read `wss://ADDR/ws`, and `https://ADDR` when `tls.admin` is set.
 //!
 //! SIGHUP reloads the TLS certificate and key (a task here, tracked like the others); it never
 //! stops the broker.
@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::broker::registry::Registry;
 use crate::broker::Shared;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoreOptions};
 
 #[derive(Debug, Error)]
@@ -83,7 +83,7 @@ pub async fn serve(
     let admin_addr = cfg.admin_addr()?;
     // Before the store opens: an unusable certificate stops the broker with the key named.
     let tls_settings = cfg.tls.clone();
-    let tls = tokio::task::spawn_blocking(move || crate::tls::Tls::load(&tls_settings))
+    let tls = tokio::task::spawn_blocking(move || crate::net::tls::Tls::load(&tls_settings))
         .await?
         .map_err(|e| {
             ServeError::Config(ConfigError::Invalid {
@@ -124,9 +124,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
     let admin = match admin_addr {
-        Some(a) => match crate::admin::bind(a).await {
+        Some(a) => match crate::net::admin::bind(a).await {
             Ok(bound) => Some(bound),
-            Err(crate::admin::AdminStartError::Bind { source, .. }) => {
+            Err(crate::net::admin::AdminStartError::Bind { source, .. }) => {
                 return Err(ServeError::Config(cfg.refuse(
                     "server.admin_listen",
                     format!("{:?}", cfg.server.admin_listen),
@@ -147,7 +147,7 @@ pub async fn serve(
             reason: e.to_string(),
         })
     })?;
-    let per_ip = crate::registry::PerIp::new(cfg.server.max_connections_per_ip);
+    let per_ip = crate::broker::registry::PerIp::new(cfg.server.max_connections_per_ip);
     // Installed before the ready line, so a SIGHUP sent once the broker is ready never meets
     // the default action (which would end the process).
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -163,7 +163,7 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         metrics,
     });
-    shared.tracker.spawn(crate::tls::reload_on_sighup(
+    shared.tracker.spawn(crate::net::tls::reload_on_sighup(
         hangup,
         shared.tls.clone(),
         shutdown.clone(),
@@ -174,7 +174,7 @@ pub async fn serve(
     }
     match admin {
         Some((admin, bound)) => {
-            crate::admin::spawn(admin, &shared);
+            crate::net::admin::spawn(admin, &shared);
             info!(admin = %bound, auth = !shared.cfg.admin.token.is_empty(), "admin API serving");
             // Part of the contract, like the ready line, and printed before it: a supervisor
             // (or the test harness) that waits for the ready line has both.
@@ -207,7 +207,7 @@ pub async fn serve(
                     if ip_slot.is_none() {
                         warn!(%peer, "connection refused: server.max_connections_per_ip reached");
                     }
-                    shared.tracker.spawn(crate::connection::serve(
+                    shared.tracker.spawn(crate::net::connection::serve(
                         tcp,
                         peer,
                         permit,

@@ -2,7 +2,7 @@
 //!
 //! The connection task runs the handshake and the hello under one deadline, then a loop that
 //! turns socket frames, durable-store wake-ups and timers into actions decided by the I/O-free
-//! state machines in [`crate::session`]. A second task per connection owns the socket's write
+//! state machines in [`crate::broker::session`]. A second task per connection owns the socket's write
 //! half and drains a bounded queue (`server.write_queue_frames`). Stored messages enter that
 //! queue only while it has room beyond a reserve kept for replies and control frames; the rest
 //! wait in the outbox until the writer has drained the queue. When a reply (to a publish, a
@@ -31,19 +31,19 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::Grants;
+use crate::broker::registry::{Kick, SessionGen, Ticket};
+use crate::broker::session::{Beat, Liveness, RateLimit, Window};
 use crate::broker::{publish_answer, store_error_message, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use crate::model::ClientId;
+use crate::net::write_queue::{self, TrySendError};
 use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
 };
-use crate::registry::{Kick, SessionGen, Ticket};
-use crate::session::{Beat, Liveness, RateLimit, Window};
 use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
-use crate::write_queue::{self, TrySendError};
 
-type Ws = WebSocketStream<crate::tls::Stream>;
+type Ws = WebSocketStream<crate::net::tls::Stream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Replies to publishes and subscribes, in request order. Made on the first request: an empty
@@ -231,7 +231,7 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
-    ip_slot: Option<crate::registry::IpSlot>,
+    ip_slot: Option<crate::broker::registry::IpSlot>,
     shared: Arc<Shared>,
 ) {
     let deadline = tokio::time::Instant::now() + shared.cfg.hello_timeout();
@@ -411,7 +411,7 @@ async fn handshake(
     let shutdown = shared.shutdown.clone();
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return None,
-        r = crate::tls::accept(shared.tls.as_ref(), tcp, deadline) => match r {
+        r = crate::net::tls::accept(shared.tls.as_ref(), tcp, deadline) => match r {
             Ok(s) => s,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");

@@ -16,7 +16,7 @@
 //!   peer that does not read), and [`Receiver::batch_written`] wakes the sender's
 //!   [`Drained`] waiter each time a batch is on the wire.
 //!
-//! No I/O here; the writer task in [`crate::connection`] owns the socket.
+//! No I/O here; the writer task in [`crate::net::connection`] owns the socket.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

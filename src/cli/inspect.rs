@@ -1,7 +1,7 @@
 //! `outboxd inspect`, `outboxd backup` and `outboxd restore`: the operator's view of the store.
 //!
 //! Every view comes from one of two sources that answer with the same shapes
-//! ([`crate::report`]): a data directory read offline through [`crate::store::Inspector`]
+//! ([`crate::views`]): a data directory read offline through [`crate::store::Inspector`]
 //! (which never writes to it), or a running broker's admin API. Printing is separate from
 //! fetching: human tables (payload previews cut to the terminal width) or `--json` (one JSON
 //! document; NDJSON for message dumps).
@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError};
-use crate::report::{ClientView, OutboxPage, SortBy, StatsView, TopicView};
 use crate::store::{Inspector, StoreError};
+use crate::views::{ClientView, OutboxPage, SortBy, StatsView, TopicView};
 
 #[derive(Debug, Error)]
 pub enum ToolError {

@@ -3,6 +3,9 @@
 //! `main` only calls [`main`] here; everything a subcommand does lives in the library so the
 //! tests drive the same code.
 
+pub mod inspect;
+pub mod pubsub;
+
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{Config, Flag};
-use crate::server::{self, Faults, ServeError};
+use crate::net::{self, Faults, ServeError};
 
 /// outboxd: a WebSocket message broker that never loses a message.
 ///
@@ -42,15 +45,15 @@ enum Command {
     /// Offline (--data DIR, or storage.data_dir from the config) it reads a private copy of a
     /// data directory that no broker holds, and never changes it. Online (--admin URL) it asks
     /// a running broker's admin API. Human tables by default; --json for scripts.
-    Inspect(crate::inspect::InspectArgs),
+    Inspect(crate::cli::inspect::InspectArgs),
     /// Write a consistent copy of the store to a new directory.
     ///
     /// Online (--admin URL) the running broker writes it between two writes (the path is on the
     /// broker's machine); offline (--data DIR) it is copied from a directory no broker holds.
     /// The copy is a data directory: start a broker on it, or use `outboxd restore`.
-    Backup(crate::inspect::BackupArgs),
+    Backup(crate::cli::inspect::BackupArgs),
     /// Make a data directory from a backup (offline; the target must be new or empty).
-    Restore(crate::inspect::RestoreArgs),
+    Restore(crate::cli::inspect::RestoreArgs),
     /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
     ///
     /// Every start checks the store: that sled recovered every confirmed commit (the seal),
@@ -58,7 +61,7 @@ enum Command {
     /// either restore the last backup, or run this with --accept-loss: every outbox moves to a
     /// new epoch, so each client learns at its next connect that its position no longer holds.
     /// Exit status: 0 whole or repaired, 4 damaged (and not repaired), 1 other errors.
-    Repair(crate::inspect::RepairArgs),
+    Repair(crate::cli::inspect::RepairArgs),
     /// Mint a JWT for a client from the configured auth.hmac_secret (for development).
     ///
     /// Prints the token on stdout. Production tokens should come from your own identity
@@ -70,12 +73,12 @@ enum Command {
     /// the same idempotency key, so a message is written once. PAYLOAD that parses as JSON is
     /// sent as that JSON value, any other text as a string; `-` reads stdin, one message per
     /// line. See docs/clients.md.
-    Pub(crate::tools::PubArgs),
+    Pub(crate::cli::pubsub::PubArgs),
     /// Print the messages of a client's outbox as they arrive, acking each after printing.
     ///
     /// Resumes across disconnects and broker restarts, and across runs (the position is kept
     /// in a file), printing every message once and in order. See docs/clients.md.
-    Sub(crate::tools::SubArgs),
+    Sub(crate::cli::pubsub::SubArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -195,13 +198,13 @@ pub fn main() -> ExitCode {
     });
     match command {
         Command::Serve(args) => serve(args),
-        Command::Inspect(args) => crate::inspect::inspect(args),
-        Command::Backup(args) => crate::inspect::backup(args),
-        Command::Restore(args) => crate::inspect::restore(args),
-        Command::Repair(args) => crate::inspect::repair(args),
+        Command::Inspect(args) => crate::cli::inspect::inspect(args),
+        Command::Backup(args) => crate::cli::inspect::backup(args),
+        Command::Restore(args) => crate::cli::inspect::restore(args),
+        Command::Repair(args) => crate::cli::inspect::repair(args),
         Command::Token(args) => token(args),
-        Command::Pub(args) => crate::tools::publish(args),
-        Command::Sub(args) => crate::tools::subscribe(args),
+        Command::Pub(args) => crate::cli::pubsub::publish(args),
+        Command::Sub(args) => crate::cli::pubsub::subscribe(args),
     }
 }
 
@@ -289,7 +292,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
         let scheme = if cfg.tls.enabled() { "wss" } else { "ws" };
-        let r = server::serve(cfg, faults, shutdown, |addr| {
+        let r = net::serve(cfg, faults, shutdown, |addr| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "outboxd ready: {scheme}://{addr}/ws");
             let _ = out.flush();
@@ -307,7 +310,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(ServeError::Store(e @ crate::store::StoreError::Damaged { .. })) => {
             error!(error = %e, "outboxd refused to serve a damaged store");
             eprintln!("outboxd: {e}");
-            ExitCode::from(crate::inspect::DAMAGED_EXIT)
+            ExitCode::from(crate::cli::inspect::DAMAGED_EXIT)
         }
         Err(e) => {
             error!(error = %e, "outboxd stopped");

@@ -39,14 +39,14 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::broker::registry::Kick;
 use crate::broker::{publish_answer, store_error_message, PublishRefusal, Shared};
 use crate::metrics::{Metrics, ScrapeGauges};
 use crate::model::ClientId;
 use crate::model::Target;
 use crate::protocol::{self, ClientFrame, ErrorCode};
-use crate::registry::Kick;
-use crate::report::{ClientView, SortBy};
 use crate::store::{Inspector, PublishRequest, StoreError};
+use crate::views::{ClientView, SortBy};
 
 /// Messages per outbox page when the request names no `limit`.
 pub const DEFAULT_PAGE: usize = 100;
@@ -203,7 +203,7 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) {
     let app = router(shared);
     let shutdown = shared.shutdown.clone();
     let tls = shared.tls.clone().filter(|_| shared.cfg.tls.admin);
-    let listener = crate::tls::Listener::new(listener, tls, shared.cfg.hello_timeout());
+    let listener = crate::net::tls::Listener::new(listener, tls, shared.cfg.hello_timeout());
     shared.tracker.spawn(async move {
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -483,13 +483,13 @@ async fn purge(
 
 async fn topics(
     State(st): State<AdminState>,
-) -> Result<Json<Vec<crate::report::TopicView>>, AdminError> {
+) -> Result<Json<Vec<crate::views::TopicView>>, AdminError> {
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
     Ok(Json(blocking(move || inspector.topics()).await?))
 }
 
-async fn stats(State(st): State<AdminState>) -> Result<Json<crate::report::StatsView>, AdminError> {
+async fn stats(State(st): State<AdminState>) -> Result<Json<crate::views::StatsView>, AdminError> {
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
     Ok(Json(blocking(move || inspector.stats()).await?))
