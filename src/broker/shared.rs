@@ -1,7 +1,8 @@
 //! The state every connection and the admin API share, behind one `Arc`: configuration, the
 //! store, the registry of sessions, the shutdown signal and task tracker, metrics, token checks,
-//! per-address counts and the TLS config. The listener (`net`) builds it; the transports only
-//! read it.
+//! and per-address counts. The listener (`net`) builds it; the transports only read it. It holds
+//! nothing of a transport: the TLS config stays with the listener, which hands it to each
+//! connection's handshake and to the admin API.
 
 use std::sync::Arc;
 
@@ -25,6 +26,4 @@ pub struct Shared {
     pub auth: Option<crate::auth::Verifier>,
     /// Open connections per client address (`server.max_connections_per_ip`).
     pub per_ip: crate::broker::registry::PerIp,
-    /// The TLS config new connections get; None when TLS is off (`tls.cert_file` empty).
-    pub tls: Option<crate::net::tls::Tls>,
 }

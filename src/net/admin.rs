@@ -44,6 +44,7 @@ use crate::broker::{publish_answer, store_error_message, PublishRefusal, Shared}
 use crate::metrics::{Metrics, ScrapeGauges};
 use crate::model::ClientId;
 use crate::model::Target;
+use crate::net::tls::Tls;
 use crate::protocol::{self, ClientFrame, ErrorCode};
 use crate::store::{Inspector, PublishRequest, StoreError};
 use crate::views::{ClientView, SortBy};
@@ -199,10 +200,10 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AdminSt
 /// shutdown token is cancelled; requests in flight then get [`SHUTDOWN_GRACE`] to finish.
 /// With `tls.admin` it speaks HTTPS with the broker's certificate (reloaded with it); each
 /// TLS handshake runs in its connection's task and must finish within `server.hello_timeout_ms`.
-pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) {
+pub fn spawn(listener: TcpListener, tls: Option<Tls>, shared: &Arc<Shared>) {
     let app = router(shared);
     let shutdown = shared.shutdown.clone();
-    let tls = shared.tls.clone().filter(|_| shared.cfg.tls.admin);
+    let tls = tls.filter(|_| shared.cfg.tls.admin);
     let listener = crate::net::tls::Listener::new(listener, tls, shared.cfg.hello_timeout());
     shared.tracker.spawn(async move {
         let server = axum::serve(listener, app)

@@ -36,6 +36,7 @@ use crate::broker::session::{Beat, Liveness, RateLimit, Window};
 use crate::broker::{publish_answer, store_error_message, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use crate::model::ClientId;
+use crate::net::tls::Tls;
 use crate::net::write_queue::{self, TrySendError};
 use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
@@ -232,6 +233,7 @@ pub async fn serve(
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
     ip_slot: Option<crate::broker::registry::IpSlot>,
+    tls: Option<Tls>,
     shared: Arc<Shared>,
 ) {
     let deadline = tokio::time::Instant::now() + shared.cfg.hello_timeout();
@@ -247,7 +249,10 @@ pub async fn serve(
             (true, false) => CloseReason::OverIpLimit,
         },
     );
-    let Some(ws) = Box::pin(handshake(tcp, peer, has_permit, ip_ok, &shared, deadline)).await
+    let Some(ws) = Box::pin(handshake(
+        tcp, peer, has_permit, ip_ok, tls, &shared, deadline,
+    ))
+    .await
     else {
         return;
     };
@@ -322,6 +327,7 @@ async fn handshake(
     peer: SocketAddr,
     has_permit: bool,
     ip_ok: bool,
+    tls: Option<Tls>,
     shared: &Shared,
     deadline: tokio::time::Instant,
 ) -> Option<Ws> {
@@ -411,7 +417,7 @@ async fn handshake(
     let shutdown = shared.shutdown.clone();
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return None,
-        r = crate::net::tls::accept(shared.tls.as_ref(), tcp, deadline) => match r {
+        r = crate::net::tls::accept(tls.as_ref(), tcp, deadline) => match r {
             Ok(s) => s,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");

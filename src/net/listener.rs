@@ -155,7 +155,6 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         auth,
         per_ip,
-        tls,
         cfg,
         store,
         registry: Registry::default(),
@@ -165,16 +164,16 @@ pub async fn serve(
     });
     shared.tracker.spawn(crate::net::tls::reload_on_sighup(
         hangup,
-        shared.tls.clone(),
+        tls.clone(),
         shutdown.clone(),
     ));
-    if let Some(tls) = &shared.tls {
+    if let Some(tls) = &tls {
         info!(cert_file = %tls.cert_file().display(), admin = shared.cfg.tls.admin,
               "TLS on; SIGHUP reloads the certificate and key");
     }
     match admin {
         Some((admin, bound)) => {
-            crate::net::admin::spawn(admin, &shared);
+            crate::net::admin::spawn(admin, tls.clone(), &shared);
             info!(admin = %bound, auth = !shared.cfg.admin.token.is_empty(), "admin API serving");
             // Part of the contract, like the ready line, and printed before it: a supervisor
             // (or the test harness) that waits for the ready line has both.
@@ -212,6 +211,7 @@ pub async fn serve(
                         peer,
                         permit,
                         ip_slot,
+                        tls.clone(),
                         Arc::clone(&shared),
                     ));
                 }
