@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Longest client id in bytes.
@@ -88,7 +88,7 @@ impl fmt::Display for Topic {
 }
 
 /// Where a client says it stands: its last acked seq within an epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
     pub epoch: String,
     pub last_seq: u64,

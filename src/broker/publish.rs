@@ -77,7 +77,7 @@ pub(crate) fn publish_answer(
                     .iter()
                     .map(|c| protocol::Refused {
                         client_id: c.as_str().to_owned(),
-                        code: ErrorCode::OutboxFull.as_str(),
+                        code: ErrorCode::OutboxFull.as_str().to_owned(),
                     })
                     .collect();
                 metrics.refused_n(

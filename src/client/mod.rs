@@ -507,7 +507,7 @@ impl PublishRequest {
 
     #[allow(clippy::type_complexity)]
     fn check(self) -> Result<(Publisher, RequestKind, Option<Duration>, String), RequestError> {
-        Target::parse(&self.to).map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let to = Target::parse(&self.to).map_err(|e| RequestError::Invalid(e.to_string()))?;
         if let Some(k) = &self.key {
             if k.is_empty() || k.len() > MAX_KEY_LEN {
                 return Err(RequestError::Invalid(format!(
@@ -526,7 +526,7 @@ impl PublishRequest {
             .ttl
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
         let kind = RequestKind::Publish {
-            to: self.to,
+            to,
             payload: self.payload,
             key: key.clone(),
             ttl_ms,

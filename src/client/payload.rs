@@ -3,20 +3,17 @@
 //! JSON stays text so that what a publisher sent reaches the subscriber byte for byte (key
 //! order, number spelling); parse it with [`Payload::to_json`] when you need a value.
 
-use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::model::Payload as Body;
+
 /// A message body: a JSON value (as text) or binary data (`payload_b64` on the wire).
+///
+/// Its JSON text is always valid JSON: every constructor checks or produces it (the codec
+/// reads it from a frame that parsed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload(Body);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Body {
-    /// Always valid JSON text: every constructor checks or produces it.
-    Json(String),
-    Binary(Vec<u8>),
-}
 
 impl Payload {
     /// A JSON payload from text; refuses text that is not one JSON value.
@@ -62,10 +59,7 @@ impl Payload {
 
     /// Size in bytes as the broker counts it (JSON text, or the decoded bytes).
     pub fn len(&self) -> usize {
-        match &self.0 {
-            Body::Json(t) => t.len(),
-            Body::Binary(b) => b.len(),
-        }
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -78,31 +72,14 @@ impl Payload {
         self.as_json_text().map(crate::protocol::compact_json)
     }
 
-    /// The `"payload":…` or `"payload_b64":"…"` member of a frame.
-    pub(crate) fn frame_member(&self) -> String {
-        match &self.0 {
-            Body::Json(t) => format!(r#""payload":{t}"#),
-            Body::Binary(b) => format!(
-                r#""payload_b64":"{}""#,
-                base64::engine::general_purpose::STANDARD.encode(b)
-            ),
-        }
+    /// A body the codec read from a frame.
+    pub(crate) fn from_wire(body: Body) -> Payload {
+        Payload(body)
     }
 
-    /// From the frame's fields, as the broker sent them.
-    pub(crate) fn from_frame(
-        json: Option<&serde_json::value::RawValue>,
-        b64: Option<&str>,
-    ) -> Result<Payload, String> {
-        match (json, b64) {
-            (Some(raw), None) => Ok(Payload(Body::Json(raw.get().to_owned()))),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b.as_bytes())
-                .map(Payload::binary)
-                .map_err(|e| format!("payload_b64 is not base64: {e}")),
-            (Some(_), Some(_)) => Err("msg has both payload and payload_b64".into()),
-            (None, None) => Err("msg has no payload".into()),
-        }
+    /// The body as the codec writes it.
+    pub(crate) fn wire(&self) -> &Body {
+        &self.0
     }
 }
 
@@ -163,11 +140,8 @@ mod tests {
     }
 
     #[test]
-    fn binary_round_trips_through_the_frame_member() {
+    fn a_binary_payload_is_not_json() {
         let p = Payload::binary(vec![0u8, 255, 1]);
-        assert_eq!(p.frame_member(), r#""payload_b64":"AP8B""#);
-        assert_eq!(Payload::from_frame(None, Some("AP8B")).unwrap(), p);
-        assert!(Payload::from_frame(None, Some("!!")).is_err());
         assert!(p.to_json::<u8>().is_err());
     }
 }

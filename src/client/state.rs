@@ -24,15 +24,15 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::{RequestError, StopReason};
 use super::payload::Payload;
 use super::position::{Epoch, Position};
-use crate::model::{ClientId, Topic};
-use crate::protocol::close;
+use crate::model::{Ack, ClientId, Resume, Target, Topic};
+use crate::protocol::{
+    self, close, BrokerFrame, BrokerFrameError, ErrorFrame, MsgFrame, OkFrame, WelcomeFrame,
+};
 
 /// A message the broker delivered, as handed to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,17 +105,13 @@ pub struct Published {
 }
 
 /// A subscriber a topic publish skipped, and why (e.g. `outbox_full`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct RefusedRecipient {
-    pub client_id: String,
-    pub code: String,
-}
+pub use crate::protocol::Refused as RefusedRecipient;
 
 /// A request waiting for the broker's answer.
 #[derive(Debug, Clone)]
 pub(crate) enum RequestKind {
     Publish {
-        to: String,
+        to: Target,
         payload: Payload,
         key: String,
         ttl_ms: Option<u64>,
@@ -253,47 +249,6 @@ impl LossBook {
     }
 }
 
-#[derive(Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(rename = "ref")]
-    reference: Option<Value>,
-    client_id: Option<String>,
-    epoch: Option<String>,
-    resumed: Option<bool>,
-    reason: Option<String>,
-    last_seq: Option<u64>,
-    pending: Option<u64>,
-    missed: Option<u64>,
-    heartbeat_ms: Option<u64>,
-    max_inflight: Option<u64>,
-    seq: Option<u64>,
-    id: Option<String>,
-    ts: Option<u64>,
-    from: Option<String>,
-    topic: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Box<RawValue>>,
-    payload_b64: Option<String>,
-    redelivered: Option<bool>,
-    recipients: Option<u64>,
-    duplicate: Option<bool>,
-    #[serde(default)]
-    refused: Vec<RefusedRecipient>,
-    code: Option<String>,
-    message: Option<String>,
-}
-
-/// Keeps a JSON `null` payload as a value (plain `Option` would read it as absent).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
-}
-
-fn json_str(s: &str) -> String {
-    Value::String(s.to_owned()).to_string()
-}
-
 /// The `exp` claim (Unix seconds) of a JSON Web Token, read without checking the signature
 /// (only the broker can check it; the client only needs to know when to renew). None when the
 /// token is not a JWT or has no numeric `exp`.
@@ -309,16 +264,6 @@ pub(crate) fn token_expiry(token: &str) -> Option<u64> {
         .or_else(|| exp.as_f64().filter(|e| *e >= 0.0).map(|e| e as u64))
 }
 
-fn ack_seq_frame(seq: u64) -> String {
-    format!(r#"{{"type":"ack","seq":{seq}}}"#)
-}
-
-fn ack_upto_frame(upto: u64) -> String {
-    format!(r#"{{"type":"ack","upto":{upto}}}"#)
-}
-
-const PONG: &str = r#"{"type":"pong"}"#;
-
 fn request_frame(id: u64, kind: &RequestKind) -> String {
     match kind {
         RequestKind::Publish {
@@ -326,25 +271,9 @@ fn request_frame(id: u64, kind: &RequestKind) -> String {
             payload,
             key,
             ttl_ms,
-        } => {
-            let ttl = ttl_ms
-                .map(|t| format!(r#","ttl_ms":{t}"#))
-                .unwrap_or_default();
-            format!(
-                r#"{{"type":"publish","ref":{id},"to":{},"key":{}{ttl},{}}}"#,
-                json_str(to),
-                json_str(key),
-                payload.frame_member()
-            )
-        }
-        RequestKind::Subscribe(t) => format!(
-            r#"{{"type":"subscribe","ref":{id},"topic":{}}}"#,
-            json_str(t.as_str())
-        ),
-        RequestKind::Unsubscribe(t) => format!(
-            r#"{{"type":"unsubscribe","ref":{id},"topic":{}}}"#,
-            json_str(t.as_str())
-        ),
+        } => protocol::encode_publish(id, to, Some(key), *ttl_ms, payload.wire()),
+        RequestKind::Subscribe(t) => protocol::encode_subscribe(id, t),
+        RequestKind::Unsubscribe(t) => protocol::encode_unsubscribe(id, t),
     }
 }
 
@@ -414,9 +343,7 @@ impl Machine {
     /// `ref`: the broker's `ok` needs no answer, and a refusal is logged (the session then ends
     /// at the old token's expiry, and the next `hello` carries the new token).
     pub fn renew_token(&mut self, token: String) -> Option<String> {
-        let frame = self
-            .is_up()
-            .then(|| format!(r#"{{"type":"refresh","token":{}}}"#, json_str(&token)));
+        let frame = self.is_up().then(|| protocol::encode_refresh(&token));
         self.token = Some(token);
         frame
     }
@@ -450,57 +377,73 @@ impl Machine {
     pub fn hello(&mut self) -> String {
         self.drop_sends();
         let resume = self.position();
-        let mut frame = serde_json::json!({"type": "hello", "client_id": self.client_id.as_str()});
-        if let Some(token) = &self.token {
-            frame["token"] = Value::String(token.clone());
-        }
-        if let Some(p) = &resume {
-            frame["resume"] =
-                serde_json::json!({"epoch": p.epoch.as_str(), "last_seq": p.last_seq});
-        }
+        let frame = protocol::encode_hello(
+            &self.client_id,
+            self.token.as_deref(),
+            resume
+                .as_ref()
+                .map(|p| Resume {
+                    epoch: p.epoch.as_str().to_owned(),
+                    last_seq: p.last_seq,
+                })
+                .as_ref(),
+        );
         self.conn = Conn::Hello(resume);
-        frame.to_string()
+        frame
     }
 
     /// A text frame from the broker.
     pub fn on_text(&mut self, text: &str) -> Result<(), Ended> {
-        let f: Frame = serde_json::from_str(text).map_err(|e| {
-            Ended::Reconnect(format!("the broker sent a frame that is not valid: {e}"))
-        })?;
-        match f.kind.as_str() {
-            "welcome" => self.on_welcome(f),
-            "msg" => self.on_msg(f),
-            "ok" => {
-                self.on_answer(f, true);
+        let frame = match protocol::parse_broker_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => return Err(Ended::Reconnect(self.unreadable(e))),
+        };
+        match frame {
+            BrokerFrame::Welcome(w) => self.on_welcome(w),
+            BrokerFrame::Msg(m) => self.on_msg(m),
+            BrokerFrame::Ok(ok) => {
+                let id = ok.reference.as_ref().and_then(Value::as_u64);
+                self.on_answer(id, Ok(ok));
                 Ok(())
             }
-            "error" => self.on_error(f),
-            "ping" => {
+            BrokerFrame::Error(e) => self.on_error(e),
+            BrokerFrame::Ping => {
                 if !matches!(self.conn, Conn::Down) {
-                    self.out.push_back(Action::Send(PONG.to_owned()));
+                    self.out.push_back(Action::Send(protocol::PONG.to_owned()));
                 }
                 Ok(())
             }
-            "pong" => Ok(()),
-            other => {
+            BrokerFrame::Pong => Ok(()),
+            BrokerFrame::Unknown(kind) => {
                 // A newer broker may say more; nothing in v1 requires an answer to it.
-                tracing::debug!(frame_type = other, "ignoring a frame of unknown type");
+                tracing::debug!(frame_type = kind, "ignoring a frame of unknown type");
                 Ok(())
             }
         }
     }
 
-    fn on_welcome(&mut self, f: Frame) -> Result<(), Ended> {
+    /// Why a frame the codec could not read ends the connection. A welcome or msg out of turn
+    /// is named for that first, whatever else is wrong with it.
+    fn unreadable(&self, e: BrokerFrameError) -> String {
+        match e {
+            BrokerFrameError::IncompleteWelcome if !matches!(self.conn, Conn::Hello(_)) => {
+                "welcome out of turn".into()
+            }
+            BrokerFrameError::MsgWithoutSeq
+                if !matches!(self.conn, Conn::Up(_)) || self.epoch.is_none() =>
+            {
+                "msg before welcome".into()
+            }
+            e => e.to_string(),
+        }
+    }
+
+    fn on_welcome(&mut self, f: WelcomeFrame) -> Result<(), Ended> {
         let Conn::Hello(claimed) = std::mem::replace(&mut self.conn, Conn::Down) else {
             return Err(Ended::Reconnect("welcome out of turn".into()));
         };
-        let (Some(epoch), Some(resumed), Some(last_seq), Some(heartbeat_ms)) =
-            (f.epoch, f.resumed, f.last_seq, f.heartbeat_ms)
-        else {
-            return Err(Ended::Reconnect(
-                "welcome without epoch, resumed, last_seq or heartbeat_ms".into(),
-            ));
-        };
+        let (epoch, resumed, last_seq, heartbeat_ms) =
+            (f.epoch, f.resumed, f.last_seq, f.heartbeat_ms);
         if f.client_id.as_deref() != Some(self.client_id.as_str()) {
             return Err(Ended::Reconnect(format!(
                 "welcome names client {:?}, not {:?}",
@@ -512,14 +455,15 @@ impl Machine {
         self.out.push_back(Action::Event(Event::Connected {
             epoch: epoch.clone(),
             resumed,
-            pending: f.pending.unwrap_or(0),
+            pending: f.pending,
         }));
         let accepted = resumed && claimed.as_ref().is_some_and(|p| p.epoch == epoch);
         if accepted {
             // Same incarnation: the dedup state stands. Acks made while the hello was on its
             // way are not in the resume: state them now.
             if self.acked > last_seq {
-                self.out.push_back(Action::Send(ack_upto_frame(self.acked)));
+                self.out
+                    .push_back(Action::Send(protocol::encode_ack(Ack::Upto(self.acked))));
             }
         } else {
             if let Some(previous) = claimed {
@@ -538,16 +482,14 @@ impl Machine {
             self.generation = self.generation.wrapping_add(1);
             self.save_due = true;
         }
-        let news = self.losses.welcome(last_seq, f.missed.unwrap_or(0));
+        let news = self.losses.welcome(last_seq, f.missed);
         if news > 0 {
             self.out
                 .push_back(Action::Event(Event::Missed { count: news, epoch }));
         }
         self.conn = Conn::Up(Up {
             heartbeat: Duration::from_millis(heartbeat_ms),
-            max_inflight: usize::try_from(f.max_inflight.unwrap_or(1))
-                .unwrap_or(usize::MAX)
-                .max(1),
+            max_inflight: usize::try_from(f.max_inflight).unwrap_or(usize::MAX).max(1),
             base: last_seq,
             max_seen: None,
             unanswered: 0,
@@ -556,13 +498,11 @@ impl Machine {
         Ok(())
     }
 
-    fn on_msg(&mut self, f: Frame) -> Result<(), Ended> {
+    fn on_msg(&mut self, f: MsgFrame) -> Result<(), Ended> {
         let (Conn::Up(up), Some(epoch)) = (&mut self.conn, &self.epoch) else {
             return Err(Ended::Reconnect("msg before welcome".into()));
         };
-        let Some(seq) = f.seq else {
-            return Err(Ended::Reconnect("msg without seq".into()));
-        };
+        let seq = f.seq;
         let epoch = epoch.clone();
         let previous = up.max_seen.unwrap_or(up.base);
         up.max_seen = Some(previous.max(seq));
@@ -581,32 +521,33 @@ impl Machine {
         if seq <= self.delivered {
             if !self.outstanding.contains(&seq) {
                 // Processed and acked before; that ack was lost on the way.
-                self.out.push_back(Action::Send(ack_seq_frame(seq)));
+                self.out
+                    .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq))));
             }
             return Ok(());
         }
-        let payload = Payload::from_frame(f.payload.as_deref(), f.payload_b64.as_deref())
-            .map_err(Ended::Reconnect)?;
+        let payload = Payload::from_wire(f.payload.map_err(Ended::Reconnect)?);
         self.delivered = seq;
         self.outstanding.insert(seq);
         self.out.push_back(Action::Deliver(
             Message {
                 epoch,
                 seq,
-                id: f.id.unwrap_or_default(),
-                ts: f.ts.unwrap_or(0),
+                id: f.id,
+                ts: f.ts,
                 from: f.from,
                 topic: f.topic,
                 payload,
-                redelivered: f.redelivered.unwrap_or(false),
+                redelivered: f.redelivered,
             },
             self.generation,
         ));
         Ok(())
     }
 
-    fn on_answer(&mut self, f: Frame, ok: bool) {
-        let Some(id) = f.reference.as_ref().and_then(Value::as_u64) else {
+    /// The broker answered request `id` (the `ref` of its answer, when it is a number).
+    fn on_answer(&mut self, id: Option<u64>, answer: Result<OkFrame, ErrorFrame>) {
+        let Some(id) = id else {
             return;
         };
         if !self.requests.get(&id).is_some_and(|p| p.sent) {
@@ -619,29 +560,28 @@ impl Machine {
             up.unanswered = up.unanswered.saturating_sub(1);
         }
         if !p.cancelled {
-            let result = if ok {
-                Ok(match p.kind {
+            let result = match answer {
+                Ok(f) => Ok(match p.kind {
                     RequestKind::Publish { key, .. } => Reply::Published(Published {
                         id: f.id.unwrap_or_default(),
                         recipients: f.recipients.unwrap_or(0),
-                        duplicate: f.duplicate.unwrap_or(false),
+                        duplicate: f.duplicate,
                         refused: f.refused,
                         key,
                     }),
                     RequestKind::Subscribe(_) | RequestKind::Unsubscribe(_) => Reply::Done,
-                })
-            } else {
-                Err(RequestError::Refused {
+                }),
+                Err(f) => Err(RequestError::Refused {
                     code: f.code.unwrap_or_else(|| "internal".into()),
                     message: f.message.unwrap_or_default(),
-                })
+                }),
             };
             self.out.push_back(Action::Complete(id, result));
         }
         self.pump_requests();
     }
 
-    fn on_error(&mut self, f: Frame) -> Result<(), Ended> {
+    fn on_error(&mut self, f: ErrorFrame) -> Result<(), Ended> {
         if matches!(self.conn, Conn::Hello(_)) {
             let code = f.code.unwrap_or_else(|| "internal".into());
             let message = f.message.unwrap_or_default();
@@ -661,7 +601,8 @@ impl Machine {
             );
             return Ok(());
         }
-        self.on_answer(f, false);
+        let id = f.reference.as_ref().and_then(Value::as_u64);
+        self.on_answer(id, Err(f));
         Ok(())
     }
 
@@ -766,7 +707,8 @@ impl Machine {
         }
         if seq > self.acked && self.is_up() {
             // Out of order: the position cannot cover it yet, the broker can delete it now.
-            self.out.push_back(Action::Send(ack_seq_frame(seq)));
+            self.out
+                .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq))));
         }
     }
 
@@ -819,7 +761,8 @@ impl Machine {
             if let Some(position) = self.position() {
                 self.save_due = false;
                 if let Some(upto) = self.upto_after_save.take() {
-                    self.out.push_front(Action::Send(ack_upto_frame(upto)));
+                    self.out
+                        .push_front(Action::Send(protocol::encode_ack(Ack::Upto(upto))));
                 }
                 return Some(Action::Save(position));
             }
@@ -1076,7 +1019,7 @@ mod tests {
         m.request(
             id,
             RequestKind::Publish {
-                to: "client:alice".into(),
+                to: Target::parse("client:alice").unwrap(),
                 payload: Payload::from(json!({"n": id})),
                 key: key.into(),
                 ttl_ms: None,
@@ -1280,7 +1223,7 @@ mod tests {
         m.request(
             2,
             RequestKind::Publish {
-                to: "client:alice".into(),
+                to: Target::parse("client:alice").unwrap(),
                 payload: Payload::from("x".repeat(500)),
                 key: "big".into(),
                 ttl_ms: None,

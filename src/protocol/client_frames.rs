@@ -1,74 +1,17 @@
-//! The v1 wire format: JSON text frames in, JSON text frames out. No I/O.
+//! The frames a client sends: `hello`, `ack`, `publish`, `subscribe`, `unsubscribe`,
+//! `refresh`, `ping` and `pong`.
 //!
-//! Parsing turns a frame into a typed [`ClientFrame`] or a [`FrameError`] carrying the stable
-//! error code the peer is told; encoding turns broker events into frame text. Keeping this free
-//! of sockets and storage lets every rule of `docs/protocol.md` be unit-tested here.
+//! The broker parses them into a validated [`ClientFrame`] or a [`FrameError`] carrying the
+//! stable error code the peer is told; the Rust client writes them with the `encode_*`
+//! functions, which only ever write what the parser accepts (the round trips below).
 
 use std::fmt::Write as _;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::{present, read_body, write_body, write_json_string, BodyError, ErrorCode, MAX_KEY_LEN};
 use crate::model::{Ack, ClientId, NameError, Payload, Resume, Target, TargetError, Topic};
-
-/// The subprotocol the broker speaks (and answers with when the client offers none).
-pub const SUBPROTOCOL: &str = "outboxd.v1.json";
-/// Longest idempotency key in bytes.
-pub const MAX_KEY_LEN: usize = 256;
-
-/// Stable, snake_case error codes: clients branch on these, so they never change meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadFrame,
-    /// An ack naming a seq the outbox has not assigned (extension of the v1 contract).
-    BadAck,
-    UnknownType,
-    BadClientId,
-    BadTopic,
-    Unauthorized,
-    Forbidden,
-    OutboxFull,
-    PayloadTooLarge,
-    RateLimited,
-    Internal,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::BadAck => "bad_ack",
-            ErrorCode::UnknownType => "unknown_type",
-            ErrorCode::BadClientId => "bad_client_id",
-            ErrorCode::BadTopic => "bad_topic",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::OutboxFull => "outbox_full",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
-
-/// WebSocket close codes of the contract.
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame that is not UTF-8 (RFC 6455: data inconsistent with its type).
-    pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-    pub const REPLACED: u16 = 4000;
-    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
-    /// An operator purged the client's outbox (extension of the v1 contract).
-    pub const PURGED: u16 = 4002;
-    pub const NO_HELLO: u16 = 4008;
-    pub const TOO_SLOW: u16 = 4029;
-}
 
 /// A frame the broker could not accept, with what to tell the peer.
 #[derive(Debug)]
@@ -132,14 +75,6 @@ pub enum ClientFrame {
         reference: Option<Box<RawValue>>,
         token: String,
     },
-}
-
-/// Keeps an explicit JSON `null` as a value (plain `Option` would turn it into "absent").
-fn present<'de, D>(d: D) -> Result<Option<Box<RawValue>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -226,23 +161,18 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
                     ))
                 }
             };
-            let payload = match (raw.payload, raw.payload_b64) {
-                (Some(json), None) => Payload::Json(json.get().to_owned()),
-                (None, Some(b64)) => {
-                    match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) {
-                        Ok(bytes) => Payload::Binary(bytes),
-                        Err(e) => {
-                            return Err(bad(&format!("payload_b64 is not base64: {e}"), reference))
-                        }
-                    }
+            let payload = match read_body(raw.payload, raw.payload_b64) {
+                Ok(payload) => payload,
+                Err(BodyError::Base64(e)) => {
+                    return Err(bad(&format!("payload_b64 is not base64: {e}"), reference))
                 }
-                (Some(_), Some(_)) => {
+                Err(BodyError::Both) => {
                     return Err(bad(
                         "publish takes `payload` or `payload_b64`, not both",
                         reference,
                     ))
                 }
-                (None, None) => {
+                Err(BodyError::Neither) => {
                     return Err(bad("publish needs `payload` or `payload_b64`", reference))
                 }
             };
@@ -306,186 +236,95 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
     }
 }
 
-/// What the broker tells a client after `hello`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Welcome {
-    pub client_id: String,
-    pub epoch: String,
-    pub resumed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
-    pub last_seq: u64,
-    pub next_seq: u64,
-    pub pending: u64,
-    pub missed: u64,
-    pub heartbeat_ms: u64,
-    pub max_inflight: u32,
-}
-
-#[derive(Serialize)]
-struct Tagged<'a, T> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    #[serde(flatten)]
-    body: T,
-}
-
-pub fn encode_welcome(w: &Welcome) -> String {
-    serde_json::to_string(&Tagged {
-        kind: "welcome",
-        body: w,
+/// `hello`: who the client is, its token, and the position it resumes from.
+///
+/// Its keys go out in alphabetical order, the order the Rust client has always written them.
+pub fn encode_hello(client_id: &ClientId, token: Option<&str>, resume: Option<&Resume>) -> String {
+    #[derive(Serialize)]
+    struct Hello<'a> {
+        client_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume: Option<&'a Resume>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<&'a str>,
+        #[serde(rename = "type")]
+        kind: &'static str,
+    }
+    serde_json::to_string(&Hello {
+        client_id: client_id.as_str(),
+        resume,
+        token,
+        kind: "hello",
     })
-    .unwrap_or_else(|_| String::from(r#"{"type":"welcome"}"#))
+    .unwrap_or_else(|_| String::from(r#"{"type":"hello"}"#))
 }
 
-/// One recipient a topic publish could not be written for.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Refused {
-    pub client_id: String,
-    pub code: &'static str,
+/// `ack` of one seq, or of every seq up to one.
+pub fn encode_ack(ack: Ack) -> String {
+    match ack {
+        Ack::Seq(seq) => format!(r#"{{"type":"ack","seq":{seq}}}"#),
+        Ack::Upto(upto) => format!(r#"{{"type":"ack","upto":{upto}}}"#),
+    }
 }
 
-#[derive(Serialize)]
-struct OkFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-    reference: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    recipients: Option<u64>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    duplicate: bool,
-    #[serde(skip_serializing_if = "<[Refused]>::is_empty")]
-    refused: &'a [Refused],
-}
-
-/// `ok` for subscribe / unsubscribe.
-pub fn encode_ok(reference: Option<&RawValue>) -> String {
-    serde_json::to_string(&OkFrame {
-        kind: "ok",
-        reference,
-        id: None,
-        recipients: None,
-        duplicate: false,
-        refused: &[],
-    })
-    .unwrap_or_else(|_| String::from(r#"{"type":"ok"}"#))
-}
-
-/// `ok` for a publish that is durable in every recipient's outbox it names.
-pub fn encode_publish_ok(
-    reference: Option<&RawValue>,
-    id: &str,
-    recipients: u64,
-    duplicate: bool,
-    refused: &[Refused],
+/// `publish`, numbered `reference`. Written by hand, like `msg`: the JSON payload is copied
+/// once, as it is.
+pub fn encode_publish(
+    reference: u64,
+    to: &Target,
+    key: Option<&str>,
+    ttl_ms: Option<u64>,
+    payload: &Payload,
 ) -> String {
-    serde_json::to_string(&OkFrame {
-        kind: "ok",
-        reference,
-        id: Some(id),
-        recipients: Some(recipients),
-        duplicate,
-        refused,
-    })
-    .unwrap_or_else(|_| String::from(r#"{"type":"ok"}"#))
-}
-
-#[derive(Serialize)]
-struct ErrorFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-    reference: Option<&'a RawValue>,
-    code: &'static str,
-    message: &'a str,
-}
-
-pub fn encode_error(reference: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
-    serde_json::to_string(&ErrorFrame {
-        kind: "error",
-        reference,
-        code: code.as_str(),
-        message,
-    })
-    .unwrap_or_else(|_| String::from(r#"{"type":"error","code":"internal","message":""}"#))
-}
-
-pub const PING: &str = r#"{"type":"ping"}"#;
-pub const PONG: &str = r#"{"type":"pong"}"#;
-
-/// The parts of a `msg` frame.
-pub struct MsgView<'a> {
-    pub seq: u64,
-    pub id: &'a str,
-    pub ts: u64,
-    pub from: Option<&'a str>,
-    pub topic: Option<&'a str>,
-    pub payload: &'a Payload,
-    pub redelivered: bool,
-}
-
-/// Encodes a `msg` frame. Written by hand because it is the hot path: the JSON payload is
-/// stored verbatim and copied once, and `id`, `from` and `topic` come from alphabets that need
-/// no escaping (checked in debug builds).
-pub fn encode_msg(m: &MsgView<'_>) -> String {
-    debug_assert!(m.id.bytes().all(|b| b.is_ascii_alphanumeric()));
-    let mut out = String::with_capacity(96 + m.payload.len() * 4 / 3);
-    let _ = write!(
-        out,
-        r#"{{"type":"msg","seq":{},"id":"{}","ts":{}"#,
-        m.seq, m.id, m.ts
-    );
-    if let Some(from) = m.from {
-        let _ = write!(out, r#","from":"{from}""#);
+    let mut out = String::with_capacity(80 + payload.len() * 4 / 3);
+    let _ = write!(out, r#"{{"type":"publish","ref":{reference},"to":"#);
+    write_json_string(&mut out, &to.wire());
+    if let Some(key) = key {
+        out.push_str(r#","key":"#);
+        write_json_string(&mut out, key);
     }
-    if let Some(topic) = m.topic {
-        let _ = write!(out, r#","topic":"{topic}""#);
+    if let Some(ttl) = ttl_ms {
+        let _ = write!(out, r#","ttl_ms":{ttl}"#);
     }
-    if m.redelivered {
-        out.push_str(r#","redelivered":true"#);
-    }
-    match m.payload {
-        Payload::Json(raw) => {
-            out.push_str(r#","payload":"#);
-            out.push_str(raw);
-        }
-        Payload::Binary(bytes) => {
-            out.push_str(r#","payload_b64":""#);
-            base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
-            out.push('"');
-        }
-    }
+    out.push(',');
+    write_body(&mut out, payload);
     out.push('}');
     out
 }
 
-/// JSON text without the whitespace between its tokens (inside strings everything stays).
-/// Strings cannot hold raw control characters, so the result has no line breaks: one line of
-/// NDJSON. Meant for valid JSON; it does not check.
-pub fn compact_json(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
-        }
-    }
+#[derive(Serialize)]
+struct TopicRequest<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "ref")]
+    reference: u64,
+    topic: &'a str,
+}
+
+fn encode_topic_request(kind: &'static str, reference: u64, topic: &Topic) -> String {
+    serde_json::to_string(&TopicRequest {
+        kind,
+        reference,
+        topic: topic.as_str(),
+    })
+    .unwrap_or_else(|_| format!(r#"{{"type":"{kind}"}}"#))
+}
+
+/// `subscribe` to `topic`, numbered `reference`.
+pub fn encode_subscribe(reference: u64, topic: &Topic) -> String {
+    encode_topic_request("subscribe", reference, topic)
+}
+
+/// `unsubscribe` from `topic`, numbered `reference`.
+pub fn encode_unsubscribe(reference: u64, topic: &Topic) -> String {
+    encode_topic_request("unsubscribe", reference, topic)
+}
+
+/// `refresh` with a new token, without a `ref` (the Rust client needs no answer to it).
+pub fn encode_refresh(token: &str) -> String {
+    let mut out = String::from(r#"{"type":"refresh","token":"#);
+    write_json_string(&mut out, token);
+    out.push('}');
     out
 }
 
@@ -623,55 +462,95 @@ mod tests {
     }
 
     #[test]
-    fn msg_frame_is_valid_json_with_the_contract_fields() {
-        let p = Payload::Json(r#"{"hi":"there"}"#.into());
-        let s = encode_msg(&MsgView {
-            seq: 5,
-            id: "00ab",
-            ts: 77,
-            from: Some("alice"),
-            topic: Some("news/eu"),
-            payload: &p,
-            redelivered: true,
-        });
-        let v: Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v["type"], "msg");
-        assert_eq!(v["seq"], 5);
-        assert_eq!(v["id"], "00ab");
-        assert_eq!(v["from"], "alice");
-        assert_eq!(v["topic"], "news/eu");
-        assert_eq!(v["redelivered"], true);
-        assert_eq!(v["payload"]["hi"], "there");
-        let b = Payload::Binary(vec![0, 255, 1]);
-        let s = encode_msg(&MsgView {
-            seq: 1,
-            id: "1",
-            ts: 0,
-            from: None,
-            topic: None,
-            payload: &b,
-            redelivered: false,
-        });
-        let v: Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v["payload_b64"], "AP8B");
-        assert!(v.get("redelivered").is_none() && v.get("from").is_none());
+    fn hello_round_trips_with_and_without_token_and_resume() {
+        let bob = ClientId::new("bob").unwrap();
+        let resume = Resume {
+            epoch: "E".into(),
+            last_seq: 41,
+        };
+        for (token, resume) in [(None, None), (Some("t\"0k"), Some(&resume))] {
+            match parse(&encode_hello(&bob, token, resume)).unwrap() {
+                ClientFrame::Hello {
+                    client_id,
+                    token: t,
+                    resume: r,
+                } => {
+                    assert_eq!(client_id, bob);
+                    assert_eq!(t.as_deref(), token);
+                    assert_eq!(r.as_ref(), resume);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            encode_hello(&bob, Some("t"), Some(&resume)),
+            r#"{"client_id":"bob","resume":{"epoch":"E","last_seq":41},"token":"t","type":"hello"}"#
+        );
     }
 
     #[test]
-    fn ok_and_error_frames_echo_the_ref() {
-        let r = RawValue::from_string("\"x\"".into()).unwrap();
-        let v: Value =
-            serde_json::from_str(&encode_publish_ok(Some(&r), "9", 2, true, &[])).unwrap();
+    fn acks_round_trip() {
+        for ack in [Ack::Seq(3), Ack::Upto(u64::MAX)] {
+            assert!(matches!(parse(&encode_ack(ack)), Ok(ClientFrame::Ack(a)) if a == ack));
+        }
+        assert_eq!(encode_ack(Ack::Upto(2)), r#"{"type":"ack","upto":2}"#);
+    }
+
+    #[test]
+    fn publish_round_trips_json_verbatim_and_binary() {
+        let to = Target::parse("topic:news/eu").unwrap();
+        for (key, ttl_ms, payload) in [
+            (
+                Some("k\"1"),
+                Some(5),
+                Payload::Json(r#"{"b": 1, "a": [2.50]}"#.into()),
+            ),
+            (None, None, Payload::Binary(vec![0, 255, 1])),
+            (Some("k"), None, Payload::Json("null".into())),
+        ] {
+            let text = encode_publish(7, &to, key, ttl_ms, &payload);
+            match parse(&text).unwrap() {
+                ClientFrame::Publish(p) => {
+                    assert_eq!(p.reference.unwrap().get(), "7");
+                    assert_eq!(p.to, to);
+                    assert_eq!(p.key.as_deref(), key);
+                    assert_eq!(p.ttl_ms, ttl_ms);
+                    assert_eq!(p.payload, payload);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         assert_eq!(
-            v,
-            serde_json::json!({"type":"ok","ref":"x","id":"9","recipients":2,"duplicate":true})
+            encode_publish(1, &to, Some("k"), Some(9), &Payload::Json("1".into())),
+            r#"{"type":"publish","ref":1,"to":"topic:news/eu","key":"k","ttl_ms":9,"payload":1}"#
         );
-        let v: Value =
-            serde_json::from_str(&encode_error(None, ErrorCode::OutboxFull, "full")).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"type":"error","code":"outbox_full","message":"full"})
-        );
+    }
+
+    #[test]
+    fn subscribe_unsubscribe_refresh_and_pong_round_trip() {
+        let t = Topic::new("news/eu").unwrap();
+        match parse(&encode_subscribe(3, &t)).unwrap() {
+            ClientFrame::Subscribe { reference, topic } => {
+                assert_eq!(reference.unwrap().get(), "3");
+                assert_eq!(topic, t);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&encode_unsubscribe(4, &t)).unwrap() {
+            ClientFrame::Unsubscribe { reference, topic } => {
+                assert_eq!(reference.unwrap().get(), "4");
+                assert_eq!(topic, t);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&encode_refresh("t\"2")).unwrap() {
+            ClientFrame::Refresh { reference, token } => {
+                assert!(reference.is_none());
+                assert_eq!(token, "t\"2");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(super::super::PONG), Ok(ClientFrame::Pong)));
     }
 
     mod fuzz {
