@@ -22,10 +22,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::de::DeValue;
 
-/// The largest payload a broker may accept. The store sizes sled's segments so that a tree leaf
-/// of sixteen such messages stays a record in sled's log; anything bigger would be written to
-/// a separate blob file, which sled never syncs (`store::SEGMENT_BYTES`).
-pub const PAYLOAD_CEILING: u64 = 65_536;
+use crate::protocol::PAYLOAD_CEILING;
 
 /// Why a configuration was refused. Every variant about a setting names it.
 #[derive(Debug, Error)]

@@ -35,7 +35,7 @@
 //!
 //! Layout: `state` is the protocol state machine (no I/O, unit-tested), `driver` the one
 //! background task that runs it, `position` the position stores, `payload` message bodies,
-//! `backoff` reconnect delays.
+//! `backoff` reconnect delays, `tls` whom a `wss://` connection trusts.
 
 mod backoff;
 mod driver;
@@ -43,6 +43,7 @@ mod error;
 mod payload;
 mod position;
 mod state;
+mod tls;
 
 use std::future::{Future, IntoFuture};
 use std::ops::Deref;
@@ -68,10 +69,8 @@ pub(crate) use backoff::Rng;
 use driver::{Command, Driver, Settings, Wiring};
 use state::{Machine, Reply, RequestKind};
 
-use crate::config::PAYLOAD_CEILING;
-use crate::model::Target;
-use crate::model::{ClientId, Topic};
-use crate::protocol::MAX_KEY_LEN;
+use crate::model::{ClientId, Target, Topic};
+use crate::protocol::{MAX_KEY_LEN, PAYLOAD_CEILING};
 
 /// Settings for a [`Client`]; [`ClientBuilder::connect`] starts it.
 pub struct ClientBuilder {
@@ -183,7 +182,7 @@ impl ClientBuilder {
         })?;
         let tls = match request.uri().scheme_str() {
             Some("wss") => Some(
-                crate::net::tls::client_config(&self.tls_ca_files)
+                tls::client_config(&self.tls_ca_files)
                     .map_err(|e| ClientError::Tls(e.to_string()))?,
             ),
             _ => None,

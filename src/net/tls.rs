@@ -1,7 +1,7 @@
 //! TLS for the WebSocket listener and (with `tls.admin`) the admin HTTP listener: the
 //! certificate chain and key named in `[tls]`, the rustls server config both listeners share,
-//! its reload on SIGHUP, and the stream types the listeners hand to their connections. Also
-//! the client side: the rustls config the project's client uses for `wss://` URLs.
+//! its reload on SIGHUP, and the stream types the listeners hand to their connections. (The
+//! client's side of TLS is `client::tls`.)
 //!
 //! The config in force is one `Arc<ServerConfig>` behind a lock. Each connection takes the
 //! current one when its handshake starts and keeps it, so a reload changes what *new*
@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -63,14 +63,6 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
     NoKey { path: PathBuf },
-    /// A certificate the client was told to trust cannot be used as a root.
-    #[error("cannot trust the certificate in {}: {source}", path.display())]
-    BadCa {
-        path: PathBuf,
-        source: rustls::Error,
-    },
-    #[error("cannot set up the client's TLS: {0}")]
-    Client(rustls::Error),
     /// rustls refused the pair, e.g. a key that does not belong to the certificate.
     #[error("cannot use {} with {}: {source}", cert.display(), key_file.display())]
     Rejected {
@@ -87,7 +79,6 @@ impl TlsError {
             TlsError::Read { key, .. } | TlsError::Pem { key, .. } => key,
             TlsError::NoCertificate { .. } | TlsError::Rejected { .. } => "tls.cert_file",
             TlsError::NoKey { .. } => "tls.key_file",
-            TlsError::BadCa { .. } | TlsError::Client(_) => "--ca",
         }
     }
 }
@@ -164,29 +155,6 @@ impl Tls {
     pub fn cert_file(&self) -> &Path {
         &self.inner.cert_file
     }
-}
-
-/// The TLS settings of the project's client for `wss://` URLs: the public certificate
-/// authorities (Mozilla's list, built in), plus every certificate in the PEM files `ca_files`
-/// (a private CA, or a broker's self-signed certificate).
-pub(crate) fn client_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for path in ca_files {
-        for cert in read_certs("--ca", path)? {
-            roots.add(cert).map_err(|source| TlsError::BadCa {
-                path: path.clone(),
-                source,
-            })?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Client)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// Builds a server config from a PEM certificate chain (leaf first) and a PEM private key.

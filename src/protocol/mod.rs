@@ -31,6 +31,11 @@ pub use client_frames::{
 pub const SUBPROTOCOL: &str = "outboxd.v1.json";
 /// Longest idempotency key in bytes.
 pub const MAX_KEY_LEN: usize = 256;
+/// The largest payload a broker may accept (`limits.max_payload_bytes` is at most this). The
+/// store sizes sled's segments so that a tree leaf of sixteen such messages stays a record in
+/// sled's log; anything bigger would be written to a separate blob file, which sled never
+/// syncs (`store::SEGMENT_BYTES`).
+pub const PAYLOAD_CEILING: u64 = 65_536;
 /// `pong`, sent by either side to answer a `ping`.
 pub const PONG: &str = r#"{"type":"pong"}"#;
 

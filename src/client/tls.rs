@@ -1,0 +1,103 @@
+//! The client's TLS settings for `wss://` URLs: whom it trusts.
+//!
+//! rustls with the `ring` provider, chosen explicitly (as the broker does), so the build never
+//! depends on which provider features other crates happen to enable. The files are read once,
+//! when the client is built.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+
+/// Why the client's TLS settings could not be made. Each names the file at fault.
+#[derive(Debug, Error)]
+pub(crate) enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} is not valid PEM: {reason}", path.display())]
+    Pem { path: PathBuf, reason: String },
+    #[error("{} holds no PEM certificate (\"BEGIN CERTIFICATE\")", path.display())]
+    NoCertificate { path: PathBuf },
+    /// A certificate the client was told to trust cannot be used as a root.
+    #[error("cannot trust the certificate in {}: {source}", path.display())]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("cannot set up the client's TLS: {0}")]
+    Setup(rustls::Error),
+}
+
+/// The public certificate authorities (Mozilla's list, built in), plus every certificate in
+/// the PEM files `ca_files` (a private CA, or a broker's self-signed certificate). Reads files.
+pub(crate) fn client_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for path in ca_files {
+        for cert in read_certs(path)? {
+            roots.add(cert).map_err(|source| TlsError::BadCa {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The certificates in the PEM file `path`: at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_roots_alone_and_a_ca_file_make_a_config() {
+        assert!(client_config(&[]).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(&ca, c.cert.pem()).unwrap();
+        assert!(client_config(std::slice::from_ref(&ca)).is_ok());
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = client_config(std::slice::from_ref(&missing)).unwrap_err();
+        assert!(matches!(e, TlsError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no pem here").unwrap();
+        let e = client_config(std::slice::from_ref(&empty)).unwrap_err();
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
+    }
+}
