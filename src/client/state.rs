@@ -394,10 +394,8 @@ impl Machine {
 
     /// A text frame from the broker.
     pub fn on_text(&mut self, text: &str) -> Result<(), Ended> {
-        let frame = match protocol::parse_broker_frame(text) {
-            Ok(frame) => frame,
-            Err(e) => return Err(Ended::Reconnect(self.unreadable(e))),
-        };
+        let frame =
+            protocol::parse_broker_frame(text).map_err(|e| Ended::Reconnect(self.unreadable(e)))?;
         match frame {
             BrokerFrame::Welcome(w) => self.on_welcome(w),
             BrokerFrame::Msg(m) => self.on_msg(m),
@@ -442,12 +440,21 @@ impl Machine {
         let Conn::Hello(claimed) = std::mem::replace(&mut self.conn, Conn::Down) else {
             return Err(Ended::Reconnect("welcome out of turn".into()));
         };
-        let (epoch, resumed, last_seq, heartbeat_ms) =
-            (f.epoch, f.resumed, f.last_seq, f.heartbeat_ms);
-        if f.client_id.as_deref() != Some(self.client_id.as_str()) {
+        let WelcomeFrame {
+            client_id,
+            epoch,
+            resumed,
+            reason,
+            last_seq,
+            pending,
+            missed,
+            heartbeat_ms,
+            max_inflight,
+        } = f;
+        if client_id.as_deref() != Some(self.client_id.as_str()) {
             return Err(Ended::Reconnect(format!(
                 "welcome names client {:?}, not {:?}",
-                f.client_id,
+                client_id,
                 self.client_id.as_str()
             )));
         }
@@ -455,7 +462,7 @@ impl Machine {
         self.out.push_back(Action::Event(Event::Connected {
             epoch: epoch.clone(),
             resumed,
-            pending: f.pending,
+            pending,
         }));
         let accepted = resumed && claimed.as_ref().is_some_and(|p| p.epoch == epoch);
         if accepted {
@@ -470,7 +477,7 @@ impl Machine {
                 self.out.push_back(Action::Event(Event::Reset {
                     previous,
                     epoch: epoch.clone(),
-                    reason: f.reason.unwrap_or_else(|| "not resumed".into()),
+                    reason: reason.unwrap_or_else(|| "not resumed".into()),
                 }));
             }
             self.epoch = Some(epoch.clone());
@@ -482,14 +489,14 @@ impl Machine {
             self.generation = self.generation.wrapping_add(1);
             self.save_due = true;
         }
-        let news = self.losses.welcome(last_seq, f.missed);
+        let news = self.losses.welcome(last_seq, missed);
         if news > 0 {
             self.out
                 .push_back(Action::Event(Event::Missed { count: news, epoch }));
         }
         self.conn = Conn::Up(Up {
             heartbeat: Duration::from_millis(heartbeat_ms),
-            max_inflight: usize::try_from(f.max_inflight).unwrap_or(usize::MAX).max(1),
+            max_inflight: usize::try_from(max_inflight).unwrap_or(usize::MAX).max(1),
             base: last_seq,
             max_seen: None,
             unanswered: 0,
@@ -1323,6 +1330,37 @@ mod tests {
         let a = receive(&mut m, &[1, 2, 3, 1, 2, 4]);
         assert_eq!(delivered(&a), vec![1, 2, 3, 4]);
         assert!(missed_counts(&a).is_empty());
+    }
+
+    #[test]
+    fn a_frame_out_of_turn_is_refused_for_that_before_its_missing_fields() {
+        let mut m = machine(None);
+        m.hello();
+        assert_eq!(
+            m.on_text(r#"{"type":"msg"}"#),
+            Err(Ended::Reconnect("msg before welcome".into()))
+        );
+        m.on_lost();
+        connect(&mut m, welcome("E", false, 0));
+        assert_eq!(
+            m.on_text(r#"{"type":"welcome"}"#),
+            Err(Ended::Reconnect("welcome out of turn".into()))
+        );
+    }
+
+    #[test]
+    fn a_duplicate_is_acked_again_without_reading_its_body() {
+        let mut m = machine(None);
+        connect(&mut m, welcome("E", false, 0));
+        receive(&mut m, &[1]);
+        ack(&mut m, 1);
+        m.on_text(r#"{"type":"msg","seq":1,"payload_b64":"!!"}"#)
+            .unwrap();
+        assert_eq!(sends(&drain(&mut m)), vec![json!({"type":"ack","seq":1})]);
+        assert!(matches!(
+            m.on_text(r#"{"type":"msg","seq":2,"payload_b64":"!!"}"#),
+            Err(Ended::Reconnect(_))
+        ));
     }
 
     #[test]
