@@ -15,7 +15,8 @@ use thiserror::Error;
 use super::{present, read_body, write_body, BodyError, ErrorCode};
 use crate::model::Payload;
 
-/// What the broker tells a client after `hello`.
+/// What the broker tells a client after `hello`, as the broker writes it (the client reads it
+/// as a [`WelcomeFrame`]).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Welcome {
     pub client_id: String,
@@ -125,7 +126,8 @@ pub fn encode_error(reference: Option<&RawValue>, code: ErrorCode, message: &str
 
 pub const PING: &str = r#"{"type":"ping"}"#;
 
-/// The parts of a `msg` frame.
+/// The parts of a `msg` frame, as the broker writes it (the client reads it as a
+/// [`MsgFrame`]).
 pub struct MsgView<'a> {
     pub seq: u64,
     pub id: &'a str,
