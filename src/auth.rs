@@ -14,11 +14,12 @@
 //! file at start, and is unit-tested on its own.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::model::now_ms;
 
 /// `[auth]` in config.toml.
 #[derive(Clone, Default, Deserialize)]
@@ -177,13 +178,6 @@ fn allowed(patterns: Option<&[String]>, name: &str) -> bool {
             None => p == name,
         }),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Checks tokens against the configured key.

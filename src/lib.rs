@@ -20,6 +20,8 @@ pub mod codec;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+pub mod faults;
+#[cfg(feature = "server")]
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "server")]

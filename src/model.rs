@@ -87,6 +87,15 @@ impl fmt::Display for Topic {
     }
 }
 
+/// The wall clock in Unix milliseconds: the unit of every timestamp the broker stores, sends
+/// and checks (publish times, expiries, last seen, token lifetimes). 0 before 1970.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Where a client says it stands: its last acked seq within an epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {

@@ -9,13 +9,13 @@
 use std::io::{IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError};
+use crate::model::now_ms;
 use crate::store::{Inspector, StoreError};
 use crate::views::{ClientView, OutboxPage, SortBy, StatsView, TopicView};
 
@@ -544,13 +544,6 @@ fn report_copy(json: bool, to: &Path, records: u64, bytes: u64) -> Result<(), To
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The width to cut lines at: the terminal's, or $COLUMNS, or no cut when piped.

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{Config, Flag};
-use crate::net::{self, Faults, ServeError};
+use crate::faults::Faults;
+use crate::net::{self, ServeError};
 
 /// outboxd: a WebSocket message broker that never loses a message.
 ///
@@ -257,22 +258,8 @@ fn serve(args: ServeArgs) -> ExitCode {
                 "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
         }
     }
-    let fault = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let faults = Faults {
-        fail_fsync_after: fault("OUTBOXD_FAULT_FSYNC_FAIL_AFTER"),
-        fail_flush_after: fault("OUTBOXD_FAULT_FLUSH_FAIL_AFTER"),
-        fail_write_after: fault("OUTBOXD_FAULT_WRITE_FAIL_AFTER"),
-        crash_before_apply_after: fault("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER"),
-        segment_bytes: std::env::var("OUTBOXD_FAULT_SEGMENT_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok()),
-    };
-    if faults.fail_fsync_after.is_some()
-        || faults.fail_flush_after.is_some()
-        || faults.fail_write_after.is_some()
-        || faults.crash_before_apply_after.is_some()
-        || faults.segment_bytes.is_some()
-    {
+    let faults = Faults::from_env();
+    if faults.any() {
         tracing::warn!(
             ?faults,
             "fault injection is on (OUTBOXD_FAULT_*): for tests only"

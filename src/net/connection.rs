@@ -742,10 +742,7 @@ struct Conn {
 /// The instant a token that expires at Unix ms `at` runs out.
 fn expiry_instant(at: Option<u64>) -> Option<Instant> {
     let at = at?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
+    let now_ms = crate::model::now_ms();
     Some(Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)))
 }
 

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::broker::registry::Registry;
 use crate::broker::Shared;
 use crate::config::{Config, ConfigError};
+use crate::faults::Faults;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -47,18 +48,6 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
     #[error("the store refused writes after a storage failure; fix the disk and restart")]
     Latched,
-}
-
-/// Test hooks that are not configuration.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Faults {
-    pub fail_fsync_after: Option<u64>,
-    pub fail_flush_after: Option<u64>,
-    pub fail_write_after: Option<u64>,
-    pub crash_before_apply_after: Option<u64>,
-    /// sled segment size for a new data dir, instead of [`crate::store::SEGMENT_BYTES`]: a
-    /// small one brings back sled's blob files, for the durability audit to see.
-    pub segment_bytes: Option<usize>,
 }
 
 /// What a refusal of a listen address says about the bind error.
@@ -93,13 +82,7 @@ pub async fn serve(
         })?;
     let metrics = Arc::new(Metrics::default());
     let mut opts = StoreOptions::from_config(&cfg);
-    opts.fail_fsync_after = faults.fail_fsync_after;
-    opts.fail_flush_after = faults.fail_flush_after;
-    opts.fail_write_after = faults.fail_write_after;
-    opts.crash_before_apply_after = faults.crash_before_apply_after;
-    if let Some(b) = faults.segment_bytes {
-        opts.segment_bytes = b;
-    }
+    opts.faults = faults;
     opts.metrics = Arc::clone(&metrics);
     let (store, writer) = match tokio::task::spawn_blocking(move || Store::open(opts)).await? {
         Ok(opened) => opened,

@@ -9,4 +9,4 @@ mod listener;
 pub mod tls;
 pub mod write_queue;
 
-pub use listener::{serve, Faults, ServeError};
+pub use listener::{serve, ServeError};

@@ -47,8 +47,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage, StoredPayload};
 use crate::config::{Config, Durability};
+use crate::faults::Faults;
 use crate::metrics::Metrics;
-use crate::model::{Ack, Payload, Resume, Target};
+use crate::model::{now_ms, Ack, Payload, Resume, Target};
 use crate::model::{ClientId, Topic};
 use chunks::Entries;
 
@@ -161,18 +162,8 @@ pub struct StoreOptions {
     pub max_subscriptions: u32,
     pub message_ttl_ms: u64,
     pub dedup_window_ms: u64,
-    /// Test hook: the commit after this many successful ones fails its fsync.
-    pub fail_fsync_after: Option<u64>,
-    /// Test hook: the commit after this many successful ones fails its flush.
-    pub fail_flush_after: Option<u64>,
-    /// Test hook: the publish after this many fails its write to the tree.
-    pub fail_write_after: Option<u64>,
-    /// Test hook: the first journaled commit after this many commits aborts the process once it
-    /// is durable, before its writes reach the tree (a crash at the one moment only the
-    /// journal holds a group).
-    pub crash_before_apply_after: Option<u64>,
-    /// sled segment size for a new data dir ([`SEGMENT_BYTES`] unless a test says otherwise).
-    pub segment_bytes: usize,
+    /// Test hooks (`OUTBOXD_FAULT_*`); none by default.
+    pub faults: Faults,
     /// Where the writer counts commits, acks and errors (shared with the rest of the broker).
     pub metrics: Arc<Metrics>,
 }
@@ -189,11 +180,7 @@ impl StoreOptions {
             max_subscriptions: cfg.limits.max_subscriptions,
             message_ttl_ms: cfg.limits.message_ttl_ms,
             dedup_window_ms: cfg.limits.dedup_window_ms,
-            fail_fsync_after: None,
-            fail_flush_after: None,
-            fail_write_after: None,
-            crash_before_apply_after: None,
-            segment_bytes: SEGMENT_BYTES,
+            faults: Faults::default(),
             metrics: Arc::new(Metrics::default()),
         }
     }
@@ -444,13 +431,6 @@ fn recv_before(
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn new_epoch(cid: u64) -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let nanos = SystemTime::now()
@@ -666,7 +646,9 @@ impl Store {
             other => other,
         })?;
         integrity::check_conf(&dir).map_err(|d| damaged(&dir, d))?;
-        let segment = existing_segment_bytes(&dir).unwrap_or(opts.segment_bytes);
+        let segment = existing_segment_bytes(&dir)
+            .or(opts.faults.segment_bytes())
+            .unwrap_or(SEGMENT_BYTES);
         if segment * 4 < SEGMENT_BYTES {
             warn!(
                 dir = %dir.display(),
@@ -1376,12 +1358,7 @@ impl WriterState {
                     if self.opts.durability == Durability::Fsync {
                         self.sync()?;
                     }
-                    if journaled.is_some()
-                        && self
-                            .opts
-                            .crash_before_apply_after
-                            .is_some_and(|n| self.commits > n)
-                    {
+                    if journaled.is_some() && self.opts.faults.crash_before_apply(self.commits) {
                         error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
                         std::process::abort();
                     }
@@ -1518,18 +1495,12 @@ impl WriterState {
 
     fn sync(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        if self
-            .opts
-            .fail_flush_after
-            .is_some_and(|n| self.commits >= n)
-        {
-            return Err("flush failed: injected fault (OUTBOXD_FAULT_FLUSH_FAIL_AFTER)".into());
+        if let Some(e) = self.opts.faults.flush_error(self.commits) {
+            return Err(e);
         }
         self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
-        if let Some(n) = self.opts.fail_fsync_after {
-            if self.commits >= n {
-                return Err("fsync failed: injected fault (OUTBOXD_FAULT_FSYNC_FAIL_AFTER)".into());
-            }
+        if let Some(e) = self.opts.faults.fsync_error(self.commits) {
+            return Err(e);
         }
         self.blobs
             .sync_new()
@@ -1750,14 +1721,8 @@ impl WriterState {
     fn publish(&mut self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
         self.check_writable()?;
         // `published` already counts this publish.
-        if self
-            .opts
-            .fail_write_after
-            .is_some_and(|n| self.published > n)
-        {
-            return Err(StoreError::Io(std::io::Error::other(
-                "write failed: injected fault (OUTBOXD_FAULT_WRITE_FAIL_AFTER)",
-            )));
+        if let Some(e) = self.opts.faults.write_error(self.published) {
+            return Err(StoreError::Io(e));
         }
         let now = now_ms();
         let dedup_body = req
@@ -2337,11 +2302,7 @@ mod tests {
             max_subscriptions: 0,
             message_ttl_ms: 0,
             dedup_window_ms: 50,
-            fail_fsync_after: None,
-            fail_flush_after: None,
-            fail_write_after: None,
-            crash_before_apply_after: None,
-            segment_bytes: SEGMENT_BYTES,
+            faults: Faults::default(),
             metrics: Arc::new(Metrics::default()),
         }
     }
