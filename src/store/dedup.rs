@@ -23,7 +23,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{decode, keys, StoreError};
+use super::records::decode;
+use super::{keys, StoreError};
 use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
 
 /// The most keys one run holds.
@@ -235,7 +236,7 @@ pub(super) fn newest(run: &DedupRun) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::encode;
+    use crate::store::records::encode;
 
     fn tree() -> sled::Tree {
         let db = sled::Config::new().temporary(true).open().unwrap();

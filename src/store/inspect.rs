@@ -14,7 +14,9 @@ use std::time::Instant;
 use base64::Engine;
 use tracing::{debug, info};
 
-use super::{chunks, decode, keys, payload_len, remove_stale_snapshots, StoreError};
+use super::open::{remove_stale_snapshots, sled_config};
+use super::records::{decode, payload_len};
+use super::{chunks, keys, StoreError};
 use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
 use crate::views::{ClientView, JsonText, MessageView, OutboxPage, StatsView, TopicView};
 
@@ -78,9 +80,8 @@ impl Inspector {
             path: data_dir.to_path_buf(),
             damage: d,
         })?;
-        let opened =
-            super::integrity::guarded("recovering it", || super::sled_config(copy.path()).open())
-                .map_err(|d| StoreError::Damaged {
+        let opened = super::integrity::guarded("recovering it", || sled_config(copy.path()).open())
+            .map_err(|d| StoreError::Damaged {
                 path: data_dir.to_path_buf(),
                 damage: d,
             })?;

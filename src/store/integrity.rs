@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{chunks, keys, payload_len, StoreError};
+use super::open::{remove_stale_snapshots, sled_config};
+use super::records::{decode, encode, fresh_meta, new_epoch, payload_len};
+use super::{chunks, keys, StoreError};
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, DedupRun};
 
 /// The seal's file name in the data dir.
@@ -55,6 +57,14 @@ pub struct Damage(pub String);
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The error for a store in `dir` that lost what it confirmed.
+pub(super) fn damaged(dir: &Path, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Damaged {
+        path: dir.to_path_buf(),
+        damage: Damage(what.to_string()),
     }
 }
 
@@ -208,7 +218,7 @@ pub fn check_conf(dir: &Path) -> Result<(), Damage> {
 /// The number of the last commit sled recovered (record `C`), None in a store without one.
 pub fn stored_commit(outbox: &sled::Tree) -> Result<Option<u64>, StoreError> {
     match outbox.get(keys::commit())? {
-        Some(v) => Ok(Some(super::decode(&keys::commit(), &v)?)),
+        Some(v) => Ok(Some(decode(&keys::commit(), &v)?)),
         None => Ok(None),
     }
 }
@@ -432,14 +442,14 @@ pub fn repair_dir(dir: &Path) -> Result<RepairReport, StoreError> {
             reason: "no outboxd store here (no `db` file); check --data or storage.data_dir".into(),
         });
     }
-    super::remove_stale_snapshots(dir)?;
+    remove_stale_snapshots(dir)?;
     let unrepairable = |what: String| StoreError::Damaged {
         path: dir.to_path_buf(),
         damage: Damage(format!("{what}; this cannot be repaired in place")),
     };
     check_conf(dir).map_err(|d| unrepairable(d.0))?;
-    let opened = guarded("recovering it", || super::sled_config(dir).open())
-        .map_err(|d| unrepairable(d.0))?;
+    let opened =
+        guarded("recovering it", || sled_config(dir).open()).map_err(|d| unrepairable(d.0))?;
     let db = opened.map_err(|e| match e {
         sled::Error::Io(io)
             if io.kind() == io::ErrorKind::WouldBlock
@@ -600,7 +610,7 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
         let Ok(id) = crate::model::ClientId::new(&name) else {
             continue;
         };
-        let mut meta = old.clone().unwrap_or_else(|| super::fresh_meta(&id, cid));
+        let mut meta = old.clone().unwrap_or_else(|| fresh_meta(&id, cid));
         // Countable: a count that says more than was found, placed at seqs of the records lost.
         let short = old
             .as_ref()
@@ -616,12 +626,12 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
             }
         }
         report.counted_missed += counted;
-        meta.epoch = super::new_epoch(cid);
+        meta.epoch = new_epoch(cid);
         meta.pending = f.messages;
         meta.bytes = f.bytes;
         meta.next_seq = meta.next_seq.max(f.max_seq.saturating_add(1));
         meta.acked = meta.acked.min(meta.next_seq.saturating_sub(1));
-        batch.insert(&keys::meta(cid), super::encode(&meta)?);
+        batch.insert(&keys::meta(cid), encode(&meta)?);
         report.outboxes += 1;
         report.messages += f.messages;
         info!(client = %name, epoch = %meta.epoch, messages = f.messages, counted_missed = counted, "outbox repaired: new epoch");
@@ -631,7 +641,7 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
         _ => 0,
     };
     let next = commit.max(seal).saturating_add(1);
-    batch.insert(&keys::commit(), super::encode(&next)?);
+    batch.insert(&keys::commit(), encode(&next)?);
     outbox.apply_batch(batch)?;
     db.flush()?;
     File::open(dir.join("db"))?.sync_all()?;

@@ -25,7 +25,8 @@
 use sled::IVec;
 
 use super::group::Writes;
-use super::{encode, StoreError};
+use super::records::encode;
+use super::StoreError;
 use crate::codec::{self, JournalRecord};
 
 /// The key of the one journal record; no other key in the outbox tree starts with its byte.

@@ -1,0 +1,357 @@
+//! The durability barrier, and the latch that every write passes through.
+//!
+//! [`Disk`] owns the db, its trees, sled's log file, the commit seal and the group of writes
+//! not yet applied. A commit numbers the group (record `C`), writes it (the journal record or
+//! one batch, see `journal`), flushes and fdatasyncs the log (and sled's blob files, see
+//! `blobs`), applies a journaled group to the tree, and only then advances the seal. Nothing
+//! is confirmed before that sequence returns.
+//!
+//! A failed write, flush or fsync latches the store: after a failed fsync the kernel may have
+//! dropped the dirty pages, so a retry could confirm what is not on disk. The latch lives here
+//! and nowhere else: the group is reached for writing only through [`Disk::group_mut`] and the
+//! trees only through [`Disk`]'s own write methods, and each refuses with
+//! [`StoreError::Latched`] once the latch is set (redb's `CheckedBackend` is the model). The
+//! writer decides only what a refusal means for a command: a publish fails, a hello still
+//! answers from what is durable, an ack is dropped.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, error};
+
+use super::outboxes::Clients;
+use super::records::encode;
+use super::{blobs, dedup, group, integrity, journal, keys, StoreError};
+use crate::codec::DedupEntry;
+use crate::config::Durability;
+use crate::faults::Faults;
+use crate::metrics::Metrics;
+use crate::model::ClientId;
+
+/// The store's files and the writes on their way to them. Only the writer thread holds one.
+pub(super) struct Disk {
+    db: sled::Db,
+    clients: sled::Tree,
+    outbox: sled::Tree,
+    log: File,
+    /// The commit seal (see `integrity`), advanced after each commit's fdatasync.
+    seal: integrity::Seal,
+    /// The number of the last commit group written (record `C`).
+    commit_no: u64,
+    /// sled's blob files, which the commit must fsync besides the log.
+    blobs: blobs::BlobSync,
+    /// The group's writes, applied as one batch at its commit.
+    group: group::Group,
+    /// When the group was last applied to the tree.
+    applied_at: Instant,
+    /// Successful fsync commits.
+    commits: u64,
+    /// Why writes are refused, once they are.
+    latch: Option<String>,
+    /// The latch as the rest of the broker sees it ([`super::Store::is_latched`]).
+    latched: Arc<AtomicBool>,
+    durability: Durability,
+    faults: Faults,
+    metrics: Arc<Metrics>,
+}
+
+/// What [`Disk::new`] takes: the opened db, its trees, sled's log file and the seal.
+pub(super) struct Files {
+    pub db: sled::Db,
+    pub clients: sled::Tree,
+    pub outbox: sled::Tree,
+    pub log: File,
+    pub seal: integrity::Seal,
+}
+
+impl Disk {
+    pub(super) fn new(
+        files: Files,
+        data_dir: &std::path::Path,
+        durability: Durability,
+        faults: Faults,
+        metrics: Arc<Metrics>,
+        latched: Arc<AtomicBool>,
+    ) -> Disk {
+        Disk {
+            db: files.db,
+            clients: files.clients,
+            outbox: files.outbox,
+            log: files.log,
+            commit_no: files.seal.sealed(),
+            seal: files.seal,
+            blobs: blobs::BlobSync::new(data_dir),
+            group: group::Group::default(),
+            applied_at: Instant::now(),
+            commits: 0,
+            latch: None,
+            latched,
+            durability,
+            faults,
+            metrics,
+        }
+    }
+
+    /// The outbox tree, to read. Writes go through [`Disk::insert`], [`Disk::remove`],
+    /// [`Disk::apply_batch`] or the group.
+    pub(super) fn tree(&self) -> &sled::Tree {
+        &self.outbox
+    }
+
+    pub(super) fn clients_tree(&self) -> &sled::Tree {
+        &self.clients
+    }
+
+    pub(super) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The group gathered so far, to read (the writer's reads look at it before the tree).
+    pub(super) fn group(&self) -> &group::Group {
+        &self.group
+    }
+
+    /// Successful fsync commits so far.
+    pub(super) fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// When the group was last applied to the tree.
+    pub(super) fn applied_at(&self) -> Instant {
+        self.applied_at
+    }
+
+    /// Ok while writes are accepted; [`StoreError::Latched`] after a failure.
+    pub(super) fn writable(&self) -> Result<(), StoreError> {
+        match &self.latch {
+            Some(r) => Err(StoreError::Latched(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn is_latched(&self) -> bool {
+        self.latch.is_some()
+    }
+
+    /// The group, to add writes to; refused once latched.
+    pub(super) fn group_mut(&mut self) -> Result<&mut group::Group, StoreError> {
+        self.writable()?;
+        Ok(&mut self.group)
+    }
+
+    /// Inserts into the outbox tree at once (not durable before the next commit).
+    pub(super) fn insert(&self, key: impl AsRef<[u8]>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.writable()?;
+        self.outbox.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes from the outbox tree at once (not durable before the next commit).
+    pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
+        self.writable()?;
+        self.outbox.remove(key)?;
+        Ok(())
+    }
+
+    /// Applies `batch` to the outbox tree at once (not durable before the next commit).
+    pub(super) fn apply_batch(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.writable()?;
+        self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Writes a new client's name and number, before anything that uses the number.
+    pub(super) fn name_client(&self, name: &ClientId, cid: u64) -> Result<(), StoreError> {
+        self.writable()?;
+        self.clients
+            .insert(name.as_str().as_bytes(), &cid.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Refuses every write from now on; nothing further is confirmed.
+    pub(super) fn latch(&mut self, reason: &str) {
+        if self.latch.is_none() {
+            error!(
+                reason,
+                "STORE LATCHED: refusing every write from now on; nothing further is confirmed. \
+                 Check the disk, then restart the broker: everything confirmed so far is on disk."
+            );
+            self.latch = Some(reason.to_string());
+            self.latched.store(true, Ordering::Release);
+        }
+    }
+
+    /// Once latched, drops the group (it would never be applied) and returns true.
+    pub(super) fn drop_group_if_latched(&mut self) -> bool {
+        if self.latch.is_some() {
+            self.group.discard();
+        }
+        self.latch.is_some()
+    }
+
+    /// Makes everything applied so far durable: numbers the group, writes it, flushes and
+    /// fsyncs (unless `durability = "relaxed"`), applies a journaled group to the tree and
+    /// advances the seal. Err (the reason, the store latched by the caller) when any step
+    /// fails or the store was latched before.
+    pub(super) fn commit(&mut self, clients: &Clients) -> Result<(), String> {
+        if let Some(r) = &self.latch {
+            self.group.discard();
+            return Err(r.clone());
+        }
+        let journaled = self
+            .number_group()
+            .and_then(|()| self.write_group(clients))
+            .map_err(|e| format!("writing the commit group failed: {e}"))?;
+        if self.durability == Durability::Fsync {
+            self.sync()?;
+        }
+        if journaled.is_some() && self.faults.crash_before_apply(self.commits) {
+            error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
+            std::process::abort();
+        }
+        if let Some(writes) = journaled {
+            journal::apply(&self.outbox, writes)
+                .map_err(|e| format!("applying the commit group failed: {e}"))?;
+        }
+        if self.durability == Durability::Fsync {
+            // Only now is commit `commit_no` on disk: the seal may say so.
+            self.seal
+                .advance(self.commit_no)
+                .map_err(|e| format!("writing the commit seal failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The last flush and fsync at shutdown, and the seal's last word. Skipped once latched:
+    /// after a failed write sled's flush can wait forever (it waits for a write that never
+    /// completes), and nothing after the latch was confirmed.
+    pub(super) fn close(&mut self) {
+        if let Some(reason) = &self.latch {
+            tracing::warn!(reason = %reason, "store latched: skipping the final flush");
+        } else if let Err(e) = self.db.flush() {
+            error!(error = %e, "final flush failed");
+        } else if let Err(e) = self.blobs.sync_new().and_then(|_| self.log.sync_data()) {
+            error!(error = %e, "final fsync failed");
+        } else if let Err(e) = self
+            .seal
+            .advance(self.commit_no)
+            .and_then(|()| self.seal.sync())
+        {
+            error!(error = %e, "writing the commit seal failed");
+        }
+    }
+
+    /// Numbers the group about to be committed: record `C` changes with its writes, so the
+    /// seal can tell at the next open whether sled recovered it (see `integrity`).
+    fn number_group(&mut self) -> Result<(), StoreError> {
+        self.commit_no += 1;
+        self.group.insert(keys::commit(), encode(&self.commit_no)?);
+        Ok(())
+    }
+
+    /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
+    /// meta of every client it changed.
+    pub(super) fn apply_group(&mut self, clients: &Clients) -> Result<(), StoreError> {
+        if let Some(writes) = self.take_group(clients)? {
+            self.writable()?;
+            self.outbox.apply_batch(journal::to_batch(writes))?;
+        }
+        Ok(())
+    }
+
+    /// The commit's write: a small group goes to the journal, and is returned to be applied to
+    /// the tree once the commit has synced it; a large one is applied as one batch (see
+    /// `journal`). Neither is durable before the sync.
+    fn write_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
+        let Some(writes) = self.take_group(clients)? else {
+            return Ok(None);
+        };
+        self.writable()?;
+        if journal::fits(&writes) {
+            journal::write(&self.outbox, &writes)?;
+            Ok(Some(writes))
+        } else {
+            self.outbox.apply_batch(journal::to_batch(writes))?;
+            Ok(None)
+        }
+    }
+
+    /// Adds to the group the idempotency keys it stored, as `dedup::place` puts them, and the
+    /// records that list them for retention: `G` for the keys stored one per record, `H` for
+    /// the runs, each under the newest time it lists and the group's first message id.
+    fn store_dedup_keys(
+        &mut self,
+        new: std::collections::BTreeMap<Vec<u8>, DedupEntry>,
+        id: u64,
+    ) -> Result<(), StoreError> {
+        let placed = dedup::place(&self.outbox, new)?;
+        let mut singles: group::Expiring = Vec::with_capacity(placed.singles.len());
+        for (body, entry) in placed.singles {
+            self.group.insert(keys::dedup(&body), encode(&entry)?);
+            singles.push((entry.ts, body));
+        }
+        let mut runs: group::Expiring = Vec::with_capacity(placed.runs.len());
+        for (body, run) in placed.runs {
+            self.group.insert(keys::dedup_run(&body), encode(&run)?);
+            runs.push((dedup::newest(&run), body));
+        }
+        for (list, kind) in [(singles, keys::DEDUP_LIST), (runs, keys::DEDUP_RUN_LIST)] {
+            if let Some(newest) = list.iter().map(|(ts, _)| *ts).max() {
+                self.group
+                    .insert(keys::group_list(kind, newest, id), encode(&list)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over the group gathered so far, with the meta of every client it changed.
+    fn take_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
+        self.applied_at = Instant::now();
+        if let Some((new, id)) = self.group.take_dedup() {
+            if let Err(e) = self.store_dedup_keys(new, id) {
+                // The group's messages must not be committed without their keys (a retry would
+                // be written twice), and the keys are gone from the group: stop writing.
+                self.latch(&format!("storing the group's idempotency keys failed: {e}"));
+                return Err(e);
+            }
+        }
+        let Some((mut writes, dirty)) = self.group.take() else {
+            return Ok(None);
+        };
+        for cid in dirty {
+            let meta = encode(clients.meta_of(cid)?)?;
+            writes.insert(sled::IVec::from(&keys::meta(cid)[..]), Some(meta.into()));
+        }
+        Ok(Some(writes))
+    }
+
+    /// Flush, then fdatasync of sled's log and blob files (sled's flush alone issues
+    /// `sync_file_range`, which is not a durability barrier).
+    fn sync(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        if let Some(e) = self.faults.flush_error(self.commits) {
+            return Err(e);
+        }
+        self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+        if let Some(e) = self.faults.fsync_error(self.commits) {
+            return Err(e);
+        }
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
+        self.log
+            .sync_data()
+            .map_err(|e| format!("fsync of the store log failed: {e}"))?;
+        // Blobs another thread wrote while the log was syncing (see store::blobs).
+        self.blobs
+            .sync_new()
+            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
+        self.commits += 1;
+        let took = started.elapsed();
+        self.metrics.commit_seconds.observe_duration(took);
+        debug!(took_us = took.as_micros() as u64, "commit");
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Opening a data directory: the sled config it was made with (its own segment size, see
+//! [`SEGMENT_BYTES`]), the leftovers of a crash removed, sled's recovery guarded against its
+//! panics on damaged records, the last small commit group replayed from the journal, the open
+//! check (`integrity`), and then the writer thread started over what was read.
+//!
+//! The same steps, each with its own answer to a damaged store, serve `Inspector::open_offline`
+//! and `outboxd repair`, which take the helpers from here.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::commit::Files;
+use super::integrity::{self, damaged};
+use super::writer::WriterState;
+use super::{
+    journal, Handles, Store, StoreError, StoreOptions, Writer, QUEUE_DEPTH, SEGMENT_BYTES,
+};
+
+/// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
+///
+/// Errors: [`StoreError::Unusable`] when the directory cannot be created or used (the
+/// broker reports it as a configuration error); [`StoreError::Open`] when another process
+/// holds it or sled cannot recover it; a stored record that does not decode.
+pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
+    let dir = opts.data_dir.clone();
+    let unusable = |source| StoreError::Unusable {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(unusable)?;
+    remove_stale_snapshots(&dir).map_err(|e| match e {
+        StoreError::Io(source) => unusable(source),
+        other => other,
+    })?;
+    integrity::check_conf(&dir).map_err(|d| damaged(&dir, d))?;
+    let segment = existing_segment_bytes(&dir)
+        .or(opts.faults.segment_bytes())
+        .unwrap_or(SEGMENT_BYTES);
+    if segment * 4 < SEGMENT_BYTES {
+        warn!(
+            dir = %dir.display(),
+            segment_bytes = segment,
+            "this data dir was created with small sled segments: a leaf of large messages is \
+             stored as a blob file, which the commit fsyncs but sled's own flush does not. \
+             To move it to the current layout, stop the broker, `outboxd backup --to NEW` \
+             and `outboxd restore` from NEW into an empty data dir"
+        );
+    }
+    let opened = integrity::guarded("recovering it", || {
+        sled::Config::new()
+            .path(&dir)
+            .segment_size(segment)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+    })
+    .map_err(|d| damaged(&dir, d))?;
+    let db = opened.map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                StoreError::Open {
+                    path: dir.clone(),
+                    reason: "another process (a running outboxd?) holds it; stop it or pick another data_dir".to_string(),
+                }
+            }
+            sled::Error::Io(io) => unusable(io),
+            sled::Error::Corruption { .. } => damaged(&dir, format!("sled cannot recover it: {e}")),
+            other => StoreError::Open {
+                path: dir.clone(),
+                reason: other.to_string(),
+            },
+        })?;
+    let clients = db.open_tree("clients")?;
+    let outbox = db.open_tree("outbox")?;
+    match journal::replay(&outbox) {
+        Ok(Some(writes)) => info!(
+            writes,
+            "finished the last commit group, which a crash had cut short"
+        ),
+        Ok(None) => {}
+        Err(e @ StoreError::Corrupt { .. }) => return Err(damaged(&dir, e)),
+        Err(e) => return Err(e),
+    }
+    let commit = integrity::check_seal(&dir, &outbox)?.map_err(|d| damaged(&dir, d))?;
+    let checked = Instant::now();
+    integrity::verify(&clients, &outbox).map_err(|d| damaged(&dir, d))?;
+    info!(
+        took_ms = checked.elapsed().as_millis() as u64,
+        commit, "store checked: every record reads back and every outbox is whole"
+    );
+    // Our own handle on sled's log, for the fdatasync its flush does not do.
+    let log = File::open(dir.join("db"))?;
+    // What sled recovered may so far be only in the page cache (a crash between a write and
+    // its fsync): make it durable before the seal vouches for it.
+    log.sync_data()?;
+    let seal = integrity::Seal::open(&dir, commit)?;
+    let latched = Arc::new(AtomicBool::new(false));
+    let handles = Handles::default();
+    let files = Files {
+        db: db.clone(),
+        clients: clients.clone(),
+        outbox: outbox.clone(),
+        log,
+        seal,
+    };
+    let state = WriterState::load(files, opts, Arc::clone(&latched), Arc::clone(&handles))?;
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let thread = std::thread::Builder::new()
+        .name("outboxd-writer".into())
+        .spawn(move || state.run(rx))?;
+    Ok((
+        Store {
+            tx,
+            db: std::mem::ManuallyDrop::new(db),
+            clients: std::mem::ManuallyDrop::new(clients),
+            outbox: std::mem::ManuallyDrop::new(outbox),
+            dir,
+            latched,
+            handles,
+        },
+        Writer {
+            thread: Some(thread),
+        },
+    ))
+}
+
+/// The segment size recorded in an existing sled data dir (its `conf` file: text lines such as
+/// `segment_size: 524288`, then a checksum); None for a new one.
+pub(crate) fn existing_segment_bytes(dir: &Path) -> Option<usize> {
+    let raw = std::fs::read(dir.join("conf")).ok()?;
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// sled's config for a data dir: its own segment size if it exists, else [`SEGMENT_BYTES`].
+pub(crate) fn sled_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .segment_size(existing_segment_bytes(dir).unwrap_or(SEGMENT_BYTES))
+}
+
+/// Removes `snap.*.generating` files a crash during a snapshot left behind: sled refuses to
+/// open with them present although the data is intact.
+pub(super) fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            warn!(file = %entry.path().display(), "removing an unfinished snapshot left by a crash");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}

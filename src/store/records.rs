@@ -1,0 +1,66 @@
+//! The records under the store's keys, as the store's code handles them: values encoded and
+//! decoded through `codec` with an error that names the key of a record that does not read
+//! back, the meta of a new outbox, a payload as it is stored and counted.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::StoreError;
+use crate::codec::{self, ClientMeta, StoredPayload};
+use crate::model::{ClientId, Payload};
+
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    codec::decode(bytes).map_err(|source| StoreError::Corrupt {
+        key: format!("{key:02x?}"),
+        source,
+    })
+}
+
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    codec::encode(value).map_err(StoreError::Encode)
+}
+
+/// A new, random epoch for outbox `cid`.
+pub(super) fn new_epoch(cid: u64) -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u64(cid);
+    format!("{:016x}", h.finish())
+}
+
+/// The meta of a new, empty outbox.
+pub(super) fn fresh_meta(name: &ClientId, cid: u64) -> ClientMeta {
+    ClientMeta {
+        name: name.as_str().to_owned(),
+        epoch: new_epoch(cid),
+        next_seq: 1,
+        acked: 0,
+        pending: 0,
+        bytes: 0,
+        last_seen: 0,
+    }
+}
+
+/// A payload's size as outbox quotas count it.
+pub(super) fn payload_len(p: &StoredPayload) -> u64 {
+    let n = match p {
+        StoredPayload::Json(s) => s.len(),
+        StoredPayload::Binary(b) => b.len(),
+    };
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// A payload as it is stored.
+pub(super) fn stored_payload(p: Payload) -> StoredPayload {
+    match p {
+        Payload::Json(s) => StoredPayload::Json(s),
+        Payload::Binary(b) => StoredPayload::Binary(b),
+    }
+}

@@ -1,0 +1,191 @@
+//! Retention: messages past their TTL are removed unacked (a tombstone under `X` tells the
+//! client, in `missed`), and idempotency keys older than the dedup window are forgotten.
+//!
+//! It runs on the writer thread between commands ([`SWEEP_EVERY`] when idle), removes at most
+//! [`SWEEP_BATCH`] records per sweep so a backlog never stalls the writer, and writes into the
+//! commit group like every other command. The dedup expiry index is one record per commit
+//! group (`G` for keys stored one per record, `H` for runs; `D` per key in data dirs from
+//! before), so forgetting a group's keys is one range scan.
+
+use std::time::Duration;
+
+use tracing::info;
+
+use super::records::{decode, payload_len};
+use super::writer::WriterState;
+use super::{chunks, group, keys, StoreError};
+use crate::codec::DedupEntry;
+use crate::model::now_ms;
+
+/// How often retention (TTL and dedup expiry) runs when the writer is idle.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// The most messages, or idempotency keys, one retention sweep removes: a backlog of expired
+/// records is worked off over several sweeps instead of stalling the writer in one.
+const SWEEP_BATCH: usize = 10_000;
+
+impl WriterState {
+    /// Retention: expire messages past their TTL (leaving a tombstone so the client is told)
+    /// and forget idempotency keys older than the dedup window. Its writes join the group.
+    pub(super) fn sweep(&mut self) -> Result<(), StoreError> {
+        // Retention only writes: a latched store keeps what it has.
+        if self.disk.is_latched() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let horizon = now.saturating_sub(self.opts.dedup_window_ms);
+        if self.due_expiries(now)?.is_empty() && !self.any_stale_dedup(horizon)? {
+            return Ok(());
+        }
+        // The scans must not see what this group's acks already deleted.
+        self.apply_group()?;
+        for (at, cid, seq) in self.due_expiries(now)? {
+            self.disk.group_mut()?.remove(keys::expiry(at, cid, seq));
+            let Some((key, mut entries)) = self.chunk_holding(cid, seq)? else {
+                continue;
+            };
+            let Some(i) = entries.iter().position(|(s, _)| *s == seq) else {
+                continue;
+            };
+            let (_, body) = entries.remove(i);
+            let m = chunks::message(&key, &body)?;
+            self.disk.group_mut()?.put_chunk(key, entries);
+            self.disk
+                .group_mut()?
+                .insert(keys::seq_key(keys::MISSED, cid, seq), &[][..]);
+            if let Some(c) = self.clients.state_mut(cid) {
+                c.meta.pending = c.meta.pending.saturating_sub(1);
+                c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
+                self.disk.group_mut()?.touch_meta(cid);
+            }
+            self.opts.metrics.expired.inc();
+            info!(
+                cid,
+                seq, "message expired unacked (TTL); the client will see it in `missed`"
+            );
+        }
+        for (record, listed) in self.stale_dedups(horizon)? {
+            for (ts, body) in listed {
+                let dk = keys::dedup(&body);
+                if let Some(v) = self.disk.tree().get(&dk)? {
+                    let e: DedupEntry = decode(&dk, &v)?;
+                    // A later publish under the same key (after the window) owns it now.
+                    if e.ts == ts {
+                        self.disk.group_mut()?.remove(dk);
+                    }
+                }
+            }
+            self.disk.group_mut()?.remove(record);
+        }
+        for (record, listed) in self.stale_lists(keys::DEDUP_RUN_LIST, horizon)?.0 {
+            // A run is never rewritten, and no other run can take its key while it exists (that
+            // key is inside its range), so the run a list names is the one it listed.
+            for (_, body) in listed {
+                self.disk.group_mut()?.remove(keys::dedup_run(&body));
+            }
+            self.disk.group_mut()?.remove(record);
+        }
+        // The tombstones just written must be in the tree for the next hello's `missed` count
+        // (the overlay does not show inserts), so this group is not held back.
+        self.apply_group()
+    }
+
+    /// Expiry entries due at `now`, oldest first (at most [`SWEEP_BATCH`] per sweep).
+    fn due_expiries(&self, now: u64) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let mut due = Vec::new();
+        for item in self
+            .disk
+            .tree()
+            .range([keys::EXPIRY].as_slice()..keys::expiry(now, 0, 0).as_slice())
+            .keys()
+        {
+            if let Some(e) = keys::parse_expiry(&item?) {
+                due.push(e);
+            }
+            if due.len() >= SWEEP_BATCH {
+                break;
+            }
+        }
+        Ok(due)
+    }
+
+    /// True when some dedup expiry record is older than `horizon`.
+    fn any_stale_dedup(&self, horizon: u64) -> Result<bool, StoreError> {
+        let mut legacy = vec![keys::DEDUP_EXPIRY];
+        legacy.extend_from_slice(&0u64.to_be_bytes());
+        let stale = |kind| keys::group_list(kind, 0, 0)..keys::group_list(kind, horizon, 0);
+        Ok(self
+            .disk
+            .tree()
+            .range(stale(keys::DEDUP_LIST))
+            .next()
+            .transpose()?
+            .is_some()
+            || self
+                .disk
+                .tree()
+                .range(stale(keys::DEDUP_RUN_LIST))
+                .next()
+                .transpose()?
+                .is_some()
+            || self
+                .disk
+                .tree()
+                .range(legacy..keys::dedup_expiry(horizon, &[]))
+                .next()
+                .transpose()?
+                .is_some())
+    }
+
+    /// A group's dedup lists of one kind (`G` or `H`, see [`keys::group_list`]) older than
+    /// `horizon`, listing at most about [`SWEEP_BATCH`] entries and at least one list: each
+    /// list's key and what it lists, and how many entries that is. A list names many records,
+    /// so the bound is on the entries and one sweep stays short.
+    fn stale_lists(
+        &self,
+        kind: u8,
+        horizon: u64,
+    ) -> Result<(Vec<(sled::IVec, group::Expiring)>, usize), StoreError> {
+        let mut stale = Vec::new();
+        let mut listed = 0usize;
+        let range = keys::group_list(kind, 0, 0)..keys::group_list(kind, horizon, 0);
+        for item in self.disk.tree().range(range) {
+            let (k, v) = item?;
+            let entries: group::Expiring = decode(&k, &v)?;
+            listed += entries.len();
+            stale.push((k, entries));
+            if listed >= SWEEP_BATCH {
+                break;
+            }
+        }
+        Ok((stale, listed))
+    }
+
+    /// Dedup expiry records older than `horizon` (listing at most about [`SWEEP_BATCH`] keys
+    /// per sweep, and at least one record): each record's key
+    /// and the (time, scope + key) of the idempotency keys it lists. A group's record (`G`)
+    /// lists all the keys it stored; data dirs from before hold one `D` record per key.
+    fn stale_dedups(&self, horizon: u64) -> Result<Vec<(sled::IVec, group::Expiring)>, StoreError> {
+        let (mut stale, keys_listed) = self.stale_lists(keys::DEDUP_LIST, horizon)?;
+        if keys_listed >= SWEEP_BATCH {
+            return Ok(stale);
+        }
+        let mut lo = vec![keys::DEDUP_EXPIRY];
+        lo.extend_from_slice(&0u64.to_be_bytes());
+        let hi = keys::dedup_expiry(horizon, &[]);
+        for item in self.disk.tree().range(lo..hi).keys() {
+            let k = item?;
+            let ts = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            if let (Some(ts), Some(body)) = (ts, k.get(9..)) {
+                let listed = vec![(ts, body.to_vec())];
+                stale.push((k, listed));
+            }
+            if keys_listed + stale.len() >= SWEEP_BATCH {
+                break;
+            }
+        }
+        Ok(stale)
+    }
+}
