@@ -1,12 +1,16 @@
 //! What operators see of the stored state: one set of shapes for the admin API's JSON and for
 //! `outboxd inspect --json`, so the online and the offline view of a data directory read alike.
 //!
-//! These are plain data: the store fills them ([`crate::store::Inspector`]), the admin API adds
-//! what only a running broker knows (who is connected, delivery counts), and the inspect
-//! command prints them.
+//! These are plain data: made from what the store reads ([`crate::store::Inspector`]), the
+//! admin API adds what only a running broker knows (who is connected, delivery counts), and
+//! the inspect command prints them.
 
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+use crate::model::Payload;
+use crate::store::{Delivery, OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
 
 /// One client's outbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +31,23 @@ pub struct ClientView {
     /// Whether a connection holds this client now; None when not known (offline inspection).
     pub connected: Option<bool>,
     pub subscriptions: Vec<String>,
+}
+
+impl From<OutboxSummary> for ClientView {
+    fn from(o: OutboxSummary) -> Self {
+        ClientView {
+            client_id: o.client_id,
+            epoch: o.epoch,
+            pending: o.pending,
+            bytes: o.bytes,
+            next_seq: o.next_seq,
+            acked: o.acked,
+            oldest_unacked_ts: o.oldest_unacked_ts,
+            last_seen: o.last_seen,
+            connected: None,
+            subscriptions: o.subscriptions,
+        }
+    }
 }
 
 /// One stored message, with the fields of a `msg` frame.
@@ -54,6 +75,37 @@ pub struct MessageView {
     pub expires_at: Option<u64>,
     /// Times the running broker has sent it since it started; None offline (not stored).
     pub deliveries: Option<u64>,
+}
+
+impl From<Delivery> for MessageView {
+    fn from(m: Delivery) -> Self {
+        let size = u64::try_from(m.payload.len()).unwrap_or(u64::MAX);
+        let (payload, payload_b64, payload_text) = match m.payload {
+            Payload::Json(text) => match JsonText::from_stored(text) {
+                Ok(json) => (Some(json), None, None),
+                // Stored payloads were valid JSON when published; the text otherwise, marked so.
+                Err(text) => (None, None, Some(text)),
+            },
+            Payload::Binary(b) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(b)),
+                None,
+            ),
+        };
+        MessageView {
+            seq: m.seq,
+            id: m.id,
+            ts: m.ts,
+            from: m.from,
+            topic: m.topic,
+            payload,
+            payload_b64,
+            payload_text,
+            size,
+            expires_at: m.expires_at,
+            deliveries: None,
+        }
+    }
 }
 
 /// A JSON payload in a view: the stored text, embedded as the JSON it is. It is never parsed
@@ -99,11 +151,31 @@ pub struct OutboxPage {
     pub next_from: Option<u64>,
 }
 
+impl From<OutboxListing> for OutboxPage {
+    fn from(l: OutboxListing) -> Self {
+        OutboxPage {
+            client_id: l.client_id,
+            epoch: l.epoch,
+            messages: l.messages.into_iter().map(MessageView::from).collect(),
+            next_from: l.next_from,
+        }
+    }
+}
+
 /// A topic and its durable subscribers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopicView {
     pub topic: String,
     pub subscribers: Vec<String>,
+}
+
+impl From<TopicSubscribers> for TopicView {
+    fn from(t: TopicSubscribers) -> Self {
+        TopicView {
+            topic: t.topic,
+            subscribers: t.subscribers,
+        }
+    }
 }
 
 /// Totals over the whole data directory.
@@ -125,6 +197,25 @@ pub struct StatsView {
     pub live_bytes: u64,
     /// What the data directory takes on disk.
     pub disk_bytes: u64,
+}
+
+impl From<StoreStats> for StatsView {
+    fn from(s: StoreStats) -> Self {
+        StatsView {
+            data_dir: s.data_dir.display().to_string(),
+            format_version: s.format_version,
+            clients: s.clients,
+            topics: s.topics,
+            subscriptions: s.subscriptions,
+            pending_messages: s.pending_messages,
+            pending_bytes: s.pending_bytes,
+            max_pending_messages: s.max_pending_messages,
+            max_pending_bytes: s.max_pending_bytes,
+            oldest_message_ts: s.oldest_message_ts,
+            live_bytes: s.live_bytes,
+            disk_bytes: s.disk_bytes,
+        }
+    }
 }
 
 /// How a list of clients is ordered.

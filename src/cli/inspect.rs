@@ -271,7 +271,11 @@ impl Source {
 
     fn clients(&self, sort: SortBy, limit: usize) -> Result<Vec<ClientView>, ToolError> {
         let mut clients = match self {
-            Source::Offline(i) => i.clients()?,
+            Source::Offline(i) => i
+                .clients()?
+                .into_iter()
+                .map(ClientView::from)
+                .collect::<Vec<_>>(),
             Source::Online(a) => {
                 a.get(&format!("/v1/clients?sort={}&limit={limit}", sort.as_str()))?
             }
@@ -288,6 +292,7 @@ impl Source {
         match self {
             Source::Offline(i) => i
                 .outbox(client, from, limit)?
+                .map(OutboxPage::from)
                 .ok_or_else(|| ToolError::NoSuchClient(client.to_string())),
             Source::Online(a) => {
                 // Page through the API so a large dump does not need one huge response.
@@ -319,14 +324,14 @@ impl Source {
 
     fn topics(&self) -> Result<Vec<TopicView>, ToolError> {
         match self {
-            Source::Offline(i) => Ok(i.topics()?),
+            Source::Offline(i) => Ok(i.topics()?.into_iter().map(TopicView::from).collect()),
             Source::Online(a) => a.get("/v1/topics"),
         }
     }
 
     fn stats(&self) -> Result<StatsView, ToolError> {
         match self {
-            Source::Offline(i) => Ok(i.stats()?),
+            Source::Offline(i) => Ok(i.stats()?.into()),
             Source::Online(a) => a.get("/v1/stats"),
         }
     }

@@ -398,7 +398,11 @@ async fn clients(
     let by = sort_by(q.sort.as_deref())?;
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
-    let mut list = blocking(move || inspector.clients()).await?;
+    let mut list: Vec<ClientView> = blocking(move || inspector.clients())
+        .await?
+        .into_iter()
+        .map(ClientView::from)
+        .collect();
     by.sort(&mut list);
     if let Some(n) = q.limit.filter(|n| *n > 0) {
         list.truncate(n);
@@ -419,6 +423,7 @@ async fn client(
     let name = id.as_str().to_owned();
     let mut view = blocking(move || inspector.client(&name))
         .await?
+        .map(ClientView::from)
         .ok_or_else(|| AdminError::NoSuchClient(id.to_string()))?;
     mark_connected(&shared, &mut view);
     Ok(Json(view))
@@ -454,8 +459,13 @@ async fn outbox(
     let name = id.as_str().to_owned();
     let mut page = blocking(move || inspector.outbox(&name, from, limit))
         .await?
+        .map(crate::views::OutboxPage::from)
         .ok_or_else(|| AdminError::NoSuchClient(id.to_string()))?;
-    shared.store.fill_deliveries(&mut page);
+    // How often this process has sent each message (0 when never, or not since it started).
+    let handle = shared.store.outbox(&id);
+    for m in &mut page.messages {
+        m.deliveries = Some(handle.as_ref().map_or(0, |h| u64::from(h.sends_of(m.seq))));
+    }
     Ok(Json(page).into_response())
 }
 
@@ -487,13 +497,14 @@ async fn topics(
 ) -> Result<Json<Vec<crate::views::TopicView>>, AdminError> {
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
-    Ok(Json(blocking(move || inspector.topics()).await?))
+    let topics = blocking(move || inspector.topics()).await?;
+    Ok(Json(topics.into_iter().map(Into::into).collect()))
 }
 
 async fn stats(State(st): State<AdminState>) -> Result<Json<crate::views::StatsView>, AdminError> {
     let shared = st.shared()?;
     let inspector = shared.store.inspector();
-    Ok(Json(blocking(move || inspector.stats()).await?))
+    Ok(Json(blocking(move || inspector.stats()).await?.into()))
 }
 
 /// Turns a `POST /v1/publish` body into the store's request, with the WebSocket protocol's

@@ -42,7 +42,7 @@ use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
 };
-use crate::store::{to_wire, OutboxHandle, PublishRequest, StoreError};
+use crate::store::{Delivery, OutboxHandle, PublishRequest, ResumeRefused, StoreError};
 
 type Ws = WebSocketStream<crate::net::tls::Stream>;
 type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
@@ -680,14 +680,15 @@ async fn open(
     }
     let gen = ticket.gen;
     let span = tracing::info_span!("session", client = %client, gen = gen.0);
-    info!(parent: &span, %peer, resumed = outcome.resumed, reason = outcome.reason.unwrap_or(""),
+    let reason = outcome.reason.map(resume_refusal);
+    info!(parent: &span, %peer, resumed = outcome.resumed, reason = reason.unwrap_or(""),
           last_seq = outcome.last_seq, next_seq = outcome.next_seq, pending = outcome.pending, missed = outcome.missed,
           replaced, "client connected");
     let welcome = Welcome {
         client_id: client.as_str().to_owned(),
         epoch: outcome.epoch.clone(),
         resumed: outcome.resumed,
-        reason: outcome.reason,
+        reason,
         last_seq: outcome.last_seq,
         next_seq: outcome.next_seq,
         pending: outcome.pending,
@@ -737,6 +738,14 @@ struct Conn {
     /// When the token expires and the session ends unless refreshed.
     expires: Option<Instant>,
     rate: Option<RateLimit>,
+}
+
+/// The wire's name for why a hello's resume position does not hold (`welcome.reason`).
+fn resume_refusal(r: ResumeRefused) -> &'static str {
+    match r {
+        ResumeRefused::EpochMismatch => "epoch_mismatch",
+        ResumeRefused::Ahead => "ahead",
+    }
 }
 
 /// The instant a token that expires at Unix ms `at` runs out.
@@ -853,7 +862,7 @@ impl Conn {
             let got = batch.items.len();
             for d in batch.items {
                 let redelivered = self.handle.was_sent(d.seq);
-                self.send_msg(d.seq, &d.message, redelivered)?;
+                self.send_msg(d.seq, &d, redelivered)?;
                 self.window.sent(d.seq, now);
             }
             self.window.skip_to(batch.covered_to);
@@ -864,21 +873,14 @@ impl Conn {
         Ok(false)
     }
 
-    fn send_msg(
-        &mut self,
-        seq: u64,
-        m: &crate::codec::StoredMessage,
-        redelivered: bool,
-    ) -> Result<(), End> {
-        let payload = to_wire(&m.payload);
-        let id = format!("{:x}", m.id);
+    fn send_msg(&mut self, seq: u64, m: &Delivery, redelivered: bool) -> Result<(), End> {
         let frame = encode_msg(&MsgView {
             seq,
-            id: &id,
+            id: &m.id,
             ts: m.ts,
             from: m.from.as_deref(),
             topic: m.topic.as_deref(),
-            payload: &payload,
+            payload: &m.payload,
             redelivered,
         });
         self.out.text(frame)?;

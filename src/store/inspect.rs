@@ -1,5 +1,9 @@
 //! Read-only views of the stored outboxes, for the admin API and `outboxd inspect`.
 //!
+//! The views are the store's own values ([`OutboxSummary`], [`OutboxListing`],
+//! [`TopicSubscribers`], [`StoreStats`]); what an operator is shown of them, and how, is
+//! `crate::views`'s business.
+//!
 //! An [`Inspector`] reads the same trees the writer writes, and never writes. A running broker
 //! hands one out over its open db ([`super::Store::inspector`]). Offline, on a data directory no
 //! broker holds, [`Inspector::open_offline`] first proves the directory is free (sled's own
@@ -11,14 +15,72 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use base64::Engine;
 use tracing::{debug, info};
 
 use super::open::{remove_stale_snapshots, sled_config};
-use super::records::{decode, payload_len};
+use super::records::decode;
+use super::records::delivery;
+use super::Delivery;
 use super::{chunks, keys, StoreError};
-use crate::codec::{ClientMeta, StoredMessage, StoredPayload, FORMAT_VERSION};
-use crate::views::{ClientView, JsonText, MessageView, OutboxPage, StatsView, TopicView};
+use crate::codec::{ClientMeta, StoredMessage, FORMAT_VERSION};
+
+/// One client's outbox, from its stored meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSummary {
+    pub client_id: String,
+    pub epoch: String,
+    /// Stored (unacked) messages and their payload bytes.
+    pub pending: u64,
+    pub bytes: u64,
+    /// The seq the next message gets.
+    pub next_seq: u64,
+    /// Cumulative acked position: nothing at or below it is stored.
+    pub acked: u64,
+    /// Publish time (Unix ms) of the oldest stored message, if any.
+    pub oldest_unacked_ts: Option<u64>,
+    /// Unix ms of the client's last hello; None when it never connected.
+    pub last_seen: Option<u64>,
+    pub subscriptions: Vec<String>,
+}
+
+/// A page of one outbox's stored messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxListing {
+    pub client_id: String,
+    pub epoch: String,
+    pub messages: Vec<Delivery>,
+    /// The seq to pass as `from` for the next page; None at the end.
+    pub next_from: Option<u64>,
+}
+
+/// A topic and its durable subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSubscribers {
+    pub topic: String,
+    pub subscribers: Vec<String>,
+}
+
+/// Totals over the whole data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    pub data_dir: PathBuf,
+    /// `codec::FORMAT_VERSION` of the records this broker writes.
+    pub format_version: u8,
+    pub clients: u64,
+    pub topics: u64,
+    pub subscriptions: u64,
+    pub pending_messages: u64,
+    /// Payload bytes of the stored messages.
+    pub pending_bytes: u64,
+    pub max_pending_messages: u64,
+    pub max_pending_bytes: u64,
+    /// Publish time (Unix ms) of the oldest stored message, if any.
+    pub oldest_message_ts: Option<u64>,
+    /// Keys and values held by the store now.
+    pub live_bytes: u64,
+    /// What the data directory takes on disk.
+    pub disk_bytes: u64,
+}
 
 /// A read-only view of one data directory.
 pub struct Inspector {
@@ -170,12 +232,12 @@ impl Inspector {
         name: String,
         cid: u64,
         subs: &mut HashMap<u64, Vec<String>>,
-    ) -> Result<Option<ClientView>, StoreError> {
+    ) -> Result<Option<OutboxSummary>, StoreError> {
         let Some(meta) = self.meta(cid)? else {
             return Ok(None);
         };
         let oldest = self.oldest(cid)?;
-        Ok(Some(ClientView {
+        Ok(Some(OutboxSummary {
             client_id: name,
             epoch: meta.epoch,
             pending: meta.pending,
@@ -184,13 +246,12 @@ impl Inspector {
             acked: meta.acked,
             oldest_unacked_ts: oldest.map(|m| m.ts),
             last_seen: (meta.last_seen > 0).then_some(meta.last_seen),
-            connected: None,
             subscriptions: subs.remove(&cid).unwrap_or_default(),
         }))
     }
 
     /// Every client with an outbox, in name order.
-    pub fn clients(&self) -> Result<Vec<ClientView>, StoreError> {
+    pub fn clients(&self) -> Result<Vec<OutboxSummary>, StoreError> {
         let mut subs = self.subscriptions()?;
         let mut out = Vec::new();
         for item in self.clients.iter() {
@@ -207,7 +268,7 @@ impl Inspector {
     }
 
     /// One client, or None when it has no outbox.
-    pub fn client(&self, client: &str) -> Result<Option<ClientView>, StoreError> {
+    pub fn client(&self, client: &str) -> Result<Option<OutboxSummary>, StoreError> {
         let Some(cid) = self.cid_of(client)? else {
             return Ok(None);
         };
@@ -222,7 +283,7 @@ impl Inspector {
         client: &str,
         from: u64,
         limit: usize,
-    ) -> Result<Option<OutboxPage>, StoreError> {
+    ) -> Result<Option<OutboxListing>, StoreError> {
         let Some(cid) = self.cid_of(client)? else {
             return Ok(None);
         };
@@ -232,11 +293,8 @@ impl Inspector {
         let mut found = chunks::read(&self.outbox, cid, from, u64::MAX, limit.saturating_add(1))?;
         let next_from = (found.len() > limit).then(|| found[limit].0);
         found.truncate(limit);
-        let messages = found
-            .into_iter()
-            .map(|(seq, m)| message_view(seq, m))
-            .collect();
-        Ok(Some(OutboxPage {
+        let messages = found.into_iter().map(|(seq, m)| delivery(seq, m)).collect();
+        Ok(Some(OutboxListing {
             client_id: client.to_owned(),
             epoch: meta.epoch,
             messages,
@@ -245,7 +303,7 @@ impl Inspector {
     }
 
     /// Every topic with at least one subscriber, in name order.
-    pub fn topics(&self) -> Result<Vec<TopicView>, StoreError> {
+    pub fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
         let mut names: HashMap<u64, String> = HashMap::new();
         for item in self.clients.iter() {
             let (k, v) = item?;
@@ -268,7 +326,7 @@ impl Inspector {
             .into_iter()
             .map(|(topic, mut subscribers)| {
                 subscribers.sort();
-                TopicView { topic, subscribers }
+                TopicSubscribers { topic, subscribers }
             })
             .collect())
     }
@@ -280,7 +338,7 @@ impl Inspector {
     }
 
     /// Totals over the directory.
-    pub fn stats(&self) -> Result<StatsView, StoreError> {
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let clients = self.clients()?;
         let topics = self.topics()?;
         let mut live_bytes = 0u64;
@@ -290,8 +348,8 @@ impl Inspector {
                 live_bytes += (k.len() + v.len()) as u64;
             }
         }
-        Ok(StatsView {
-            data_dir: self.dir.display().to_string(),
+        Ok(StoreStats {
+            data_dir: self.dir.clone(),
             format_version: FORMAT_VERSION,
             clients: clients.len() as u64,
             topics: topics.len() as u64,
@@ -304,35 +362,6 @@ impl Inspector {
             live_bytes,
             disk_bytes: dir_size(&self.dir)?,
         })
-    }
-}
-
-fn message_view(seq: u64, m: StoredMessage) -> MessageView {
-    let size = payload_len(&m.payload);
-    let (payload, payload_b64, payload_text) = match m.payload {
-        StoredPayload::Json(text) => match JsonText::from_stored(text) {
-            Ok(json) => (Some(json), None, None),
-            // Stored payloads were valid JSON when published; the text otherwise, marked so.
-            Err(text) => (None, None, Some(text)),
-        },
-        StoredPayload::Binary(b) => (
-            None,
-            Some(base64::engine::general_purpose::STANDARD.encode(b)),
-            None,
-        ),
-    };
-    MessageView {
-        seq,
-        id: format!("{:x}", m.id),
-        ts: m.ts,
-        from: m.from,
-        topic: m.topic,
-        payload,
-        payload_b64,
-        payload_text,
-        size,
-        expires_at: (m.expires_at > 0).then_some(m.expires_at),
-        deliveries: None,
     }
 }
 

@@ -45,7 +45,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
-use crate::codec::{ClientMeta, CodecError, StoredMessage, StoredPayload};
+use crate::codec::{ClientMeta, CodecError};
 use crate::config::{Config, Durability};
 use crate::faults::Faults;
 use crate::metrics::Metrics;
@@ -67,7 +67,7 @@ mod outboxes;
 mod records;
 mod retention;
 mod writer;
-pub use inspect::Inspector;
+pub use inspect::{Inspector, OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
 
 #[cfg(test)]
 mod tests;
@@ -248,13 +248,24 @@ impl OutboxHandle {
 pub struct HelloOutcome {
     pub epoch: String,
     pub resumed: bool,
-    pub reason: Option<&'static str>,
+    /// Why a resume position was not taken (None when it was, or none was given).
+    pub reason: Option<ResumeRefused>,
     /// The position in force for this connection.
     pub last_seq: u64,
     pub next_seq: u64,
     pub pending: u64,
     pub missed: u64,
     pub handle: Arc<OutboxHandle>,
+}
+
+/// Why a hello's resume position does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefused {
+    /// The outbox has another epoch (it was purged or repaired, or the client is confused):
+    /// the seqs the client holds mean nothing here.
+    EpochMismatch,
+    /// The position is at or past the durable frontier: nothing there was ever sent.
+    Ahead,
 }
 
 /// A publish as the store sees it.
@@ -286,11 +297,19 @@ pub struct ReadBatch {
     pub covered_to: u64,
 }
 
-/// A message read back for delivery.
-#[derive(Debug, Clone)]
+/// A stored message, as the store hands it out for delivery or inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub seq: u64,
-    pub message: StoredMessage,
+    /// The message id, shared by every outbox one publish wrote (as in [`PublishOutcome`]).
+    pub id: String,
+    /// Publish time, Unix ms.
+    pub ts: u64,
+    pub from: Option<String>,
+    pub topic: Option<String>,
+    pub payload: Payload,
+    /// Unix ms at which retention removes it unacked; None when it never expires.
+    pub expires_at: Option<u64>,
 }
 
 /// What a purge removed.
@@ -394,21 +413,14 @@ impl Store {
         backup::check_target(&self.dir, to)
     }
 
-    /// How often this process has sent each of `client`'s messages in `page` (see
-    /// [`OutboxHandle::sends_of`]); fills `deliveries`.
-    pub fn fill_deliveries(&self, page: &mut crate::views::OutboxPage) {
-        let Ok(id) = ClientId::new(&page.client_id) else {
-            return;
-        };
-        let handle = self
-            .handles
+    /// The live handle of `client`'s outbox (for its send counts, see
+    /// [`OutboxHandle::sends_of`]); None when it has no outbox.
+    pub fn outbox(&self, client: &ClientId) -> Option<Arc<OutboxHandle>> {
+        self.handles
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
-        for m in &mut page.messages {
-            m.deliveries = Some(handle.as_ref().map_or(0, |h| u64::from(h.sends_of(m.seq))));
-        }
+            .get(client)
+            .cloned()
     }
 
     /// A read-only view of the stored outboxes, as they are now.
@@ -542,7 +554,7 @@ impl Store {
         }
         batch.items = chunks::read(&self.outbox, handle.cid, start, frontier, limit)?
             .into_iter()
-            .map(|(seq, message)| Delivery { seq, message })
+            .map(|(seq, m)| records::delivery(seq, m))
             .collect();
         batch.covered_to = match batch.items.last() {
             Some(last) if batch.items.len() == limit => last.seq,
@@ -552,22 +564,10 @@ impl Store {
     }
 
     /// Reads one durable message, `None` when it is gone (acked or expired).
-    pub fn get(
-        &self,
-        handle: &OutboxHandle,
-        seq: u64,
-    ) -> Result<Option<StoredMessage>, StoreError> {
+    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<Delivery>, StoreError> {
         if seq >= *handle.durable.borrow() {
             return Ok(None);
         }
-        chunks::get(&self.outbox, handle.cid, seq)
-    }
-}
-
-/// Stored payload <-> wire payload.
-pub fn to_wire(p: &StoredPayload) -> Payload {
-    match p {
-        StoredPayload::Json(s) => Payload::Json(s.clone()),
-        StoredPayload::Binary(b) => Payload::Binary(b.clone()),
+        Ok(chunks::get(&self.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
     }
 }

@@ -18,7 +18,7 @@ use super::chunks::{self, Entries};
 use super::records::{decode, encode, fresh_meta, new_epoch, payload_len, stored_payload};
 use super::writer::WriterState;
 use super::{dedup, keys, Handles, OutboxHandle, StoreError};
-use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome};
+use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage};
 use crate::model::{now_ms, Ack, ClientId, Resume, Target, Topic};
 
@@ -143,9 +143,9 @@ impl WriterState {
             (c.meta.epoch.clone(), c.durable_next(), c.meta.acked)
         };
         let (resumed, reason, last_seq) = match resume {
-            Some(r) if r.epoch != epoch => (false, Some("epoch_mismatch"), acked),
+            Some(r) if r.epoch != epoch => (false, Some(ResumeRefused::EpochMismatch), acked),
             // Nothing at or past the durable frontier has been sent to anyone.
-            Some(r) if r.last_seq >= durable_next => (false, Some("ahead"), acked),
+            Some(r) if r.last_seq >= durable_next => (false, Some(ResumeRefused::Ahead), acked),
             Some(r) => {
                 // A latched store still answers a hello from what is durable; the position
                 // it states is not applied.

@@ -1,12 +1,13 @@
 //! The records under the store's keys, as the store's code handles them: values encoded and
 //! decoded through `codec` with an error that names the key of a record that does not read
-//! back, the meta of a new outbox, a payload as it is stored and counted.
+//! back, the meta of a new outbox, a payload as it is stored and counted, and a stored message
+//! as the [`Delivery`] the store hands out (model types: the record never leaves the store).
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::StoreError;
-use crate::codec::{self, ClientMeta, StoredPayload};
+use super::{Delivery, StoreError};
+use crate::codec::{self, ClientMeta, StoredMessage, StoredPayload};
 use crate::model::{ClientId, Payload};
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(
@@ -62,5 +63,21 @@ pub(super) fn stored_payload(p: Payload) -> StoredPayload {
     match p {
         Payload::Json(s) => StoredPayload::Json(s),
         Payload::Binary(b) => StoredPayload::Binary(b),
+    }
+}
+
+/// The stored message `m` under `seq`, as the store hands it out.
+pub(super) fn delivery(seq: u64, m: StoredMessage) -> Delivery {
+    Delivery {
+        seq,
+        id: format!("{:x}", m.id),
+        ts: m.ts,
+        from: m.from,
+        topic: m.topic,
+        payload: match m.payload {
+            StoredPayload::Json(s) => Payload::Json(s),
+            StoredPayload::Binary(b) => Payload::Binary(b),
+        },
+        expires_at: (m.expires_at > 0).then_some(m.expires_at),
     }
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::open::sled_config;
+use super::records::delivery;
 use super::records::payload_len;
 use super::*;
-use crate::codec::{self, DedupEntry};
+use crate::codec::{self, DedupEntry, StoredMessage, StoredPayload};
 
 fn options(dir: &Path) -> StoreOptions {
     StoreOptions {
@@ -96,7 +97,7 @@ fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks(
         assert_eq!((hello.pending, hello.next_seq), (3, 4));
         let h = &hello.handle;
         assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 2, 3]);
-        assert_eq!(store.get(h, 2).unwrap(), Some(old_message(2)));
+        assert_eq!(store.get(h, 2).unwrap(), Some(delivery(2, old_message(2))));
 
         // New messages go to one chunk beside the old records; acks reach both kinds.
         let publish = |key: &str| PublishRequest {
@@ -126,7 +127,7 @@ fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks(
         assert_eq!((again.pending, again.last_seq), (3, 0));
         let h = &again.handle;
         assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 3, 6]);
-        assert_eq!(store.get(h, 6).unwrap().map(|m| m.id > 0), Some(true));
+        assert_eq!(store.get(h, 6).unwrap().map(|m| m.id != "0"), Some(true));
         assert_eq!(store.get(h, 5).unwrap(), None);
         assert_eq!(store.read(h, 3, 10).unwrap().items[0].seq, 6);
 
@@ -298,7 +299,7 @@ proptest::proptest! {
                 assert_eq!(seqs(store.read(h, 0, 100_000).unwrap()), want);
                 for s in want.iter().take(3).chain(want.iter().rev().take(3)) {
                     let m = store.get(h, *s).unwrap().expect("a stored seq reads back");
-                    assert_eq!(m.payload, StoredPayload::Json(format!("{s}")));
+                    assert_eq!(m.payload, Payload::Json(format!("{s}")));
                 }
             };
             for op in ops {
