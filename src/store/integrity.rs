@@ -260,10 +260,20 @@ struct Counted {
     max_seq: u64,
 }
 
+/// What the check read of the outboxes, so that the writer starts from it instead of reading
+/// the client table and every meta a second time.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// The client table in key order: name (as stored) and client number.
+    pub clients: Vec<(sled::IVec, u64)>,
+    /// Every outbox's meta by client number.
+    pub metas: BTreeMap<u64, ClientMeta>,
+}
+
 /// Reads every record of both trees and checks them against each other. sled checks each page
 /// it reads; the codec checks each record. A panic inside sled on a damaged page is reported as
 /// damage too.
-pub fn verify(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage> {
+pub fn verify(clients: &sled::Tree, outbox: &sled::Tree) -> Result<Checked, Damage> {
     guarded("reading it", || verify_trees(clients, outbox))?
 }
 
@@ -271,8 +281,9 @@ fn unreadable(what: &str, e: &dyn std::fmt::Display) -> Damage {
     Damage(format!("a page of {what} cannot be read: {e}"))
 }
 
-fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage> {
+fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<Checked, Damage> {
     let mut names: HashMap<u64, String> = HashMap::new();
+    let mut table = Vec::new();
     for item in clients.iter() {
         let (k, v) = item.map_err(|e| unreadable("the client table", &e))?;
         let name = String::from_utf8_lossy(&k).into_owned();
@@ -280,6 +291,7 @@ fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage>
             .map(u64::from_be_bytes)
             .map_err(|_| Damage(format!("the client table's entry for {name:?} is damaged")))?;
         names.insert(cid, name);
+        table.push((k, cid));
     }
     let mut metas: BTreeMap<u64, ClientMeta> = BTreeMap::new();
     for item in outbox.scan_prefix([keys::META]) {
@@ -339,7 +351,10 @@ fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<(), Damage>
             c.messages
         )));
     }
-    Ok(())
+    Ok(Checked {
+        clients: table,
+        metas,
+    })
 }
 
 fn bad(k: &[u8], e: &dyn std::fmt::Display) -> Damage {
@@ -496,7 +511,7 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
     let outbox = db.open_tree("outbox")?;
     let sealed = check_seal(dir, &outbox)?;
     let damage = match (sealed, verify(&clients, &outbox)) {
-        (Ok(_), Ok(())) => return Ok(RepairReport::default()),
+        (Ok(_), Ok(_)) => return Ok(RepairReport::default()),
         (Err(d), _) | (Ok(_), Err(d)) => d,
     };
     warn!(damage = %damage, "repairing a damaged store: accepting the loss");

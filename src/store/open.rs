@@ -90,10 +90,10 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
         Err(e) => return Err(e),
     }
     let commit = integrity::check_seal(&dir, &outbox)?.map_err(|d| damaged(&dir, d))?;
-    let checked = Instant::now();
-    integrity::verify(&clients, &outbox).map_err(|d| damaged(&dir, d))?;
+    let started = Instant::now();
+    let checked = integrity::verify(&clients, &outbox).map_err(|d| damaged(&dir, d))?;
     info!(
-        took_ms = checked.elapsed().as_millis() as u64,
+        took_ms = started.elapsed().as_millis() as u64,
         commit, "store checked: every record reads back and every outbox is whole"
     );
     // Our own handle on sled's log, for the fdatasync its flush does not do.
@@ -111,7 +111,13 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
         log,
         seal,
     };
-    let state = WriterState::load(files, opts, Arc::clone(&latched), Arc::clone(&handles))?;
+    let state = WriterState::load(
+        files,
+        checked,
+        opts,
+        Arc::clone(&latched),
+        Arc::clone(&handles),
+    )?;
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let thread = std::thread::Builder::new()
         .name("outboxd-writer".into())

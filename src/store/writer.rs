@@ -22,11 +22,11 @@ use tracing::{error, info, warn};
 
 use super::commit::{Disk, Files};
 use super::outboxes::Clients;
-use super::records::{decode, encode, fresh_meta};
+use super::records::{encode, fresh_meta};
 use super::retention::SWEEP_EVERY;
-use super::{backup, group, keys, Handles, StoreError, StoreOptions};
+use super::{backup, group, integrity, keys, Handles, StoreError, StoreOptions};
 use super::{BackupOutcome, HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome};
-use crate::codec::{ClientMeta, CodecError};
+use crate::codec::CodecError;
 use crate::model::{Ack, ClientId, Resume, Target, Topic};
 
 /// The most commands applied before one commit.
@@ -180,27 +180,16 @@ fn recv_before(
 }
 
 impl WriterState {
-    /// The writer's state over the opened `files`: every outbox's meta and the subscription
-    /// table, read once into memory.
+    /// The writer's state over the opened `files`, from what the open check read of them
+    /// (`checked`: the client table and every outbox's meta) and the subscription table.
     pub(super) fn load(
         files: Files,
+        checked: integrity::Checked,
         opts: StoreOptions,
         latched: Arc<AtomicBool>,
         handles: Handles,
     ) -> Result<Self, StoreError> {
-        let mut metas: HashMap<u64, ClientMeta> = HashMap::new();
-        for item in files.outbox.scan_prefix([keys::META]) {
-            let (k, v) = item?;
-            let cid = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: format!("{k:02x?}"),
-                    source: CodecError::Empty,
-                })?;
-            metas.insert(cid, decode(&k, &v)?);
-        }
+        let integrity::Checked { clients, mut metas } = checked;
         let disk = Disk::new(
             files,
             &opts.data_dir,
@@ -224,13 +213,11 @@ impl WriterState {
             uptos: HashMap::new(),
         };
         let mut orphans = Vec::new();
-        for item in st.disk.clients_tree().iter() {
-            let (k, v) = item?;
-            let name = std::str::from_utf8(&k)
+        for (k, cid) in clients {
+            let Some(name) = std::str::from_utf8(&k)
                 .ok()
-                .and_then(|s| ClientId::new(s).ok());
-            let cid: Option<u64> = v.as_ref().try_into().ok().map(u64::from_be_bytes);
-            let (Some(name), Some(cid)) = (name, cid) else {
+                .and_then(|s| ClientId::new(s).ok())
+            else {
                 return Err(StoreError::Corrupt {
                     key: format!("clients/{k:02x?}"),
                     source: CodecError::Empty,
