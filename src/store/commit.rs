@@ -8,11 +8,14 @@
 //!
 //! A failed write, flush or fsync latches the store: after a failed fsync the kernel may have
 //! dropped the dirty pages, so a retry could confirm what is not on disk. The latch lives here
-//! and nowhere else: the group is reached for writing only through [`Disk::group_mut`] and the
-//! trees only through [`Disk`]'s own write methods, and each refuses with
-//! [`StoreError::Latched`] once the latch is set (redb's `CheckedBackend` is the model). The
-//! writer decides only what a refusal means for a command: a publish fails, a hello still
-//! answers from what is durable, an ack is dropped.
+//! and nowhere else (redb's `CheckedBackend` is the model): the writer reaches the group for
+//! writing only through [`Disk::group_mut`] and writes the trees only through [`Disk`]'s own
+//! methods ([`Disk::insert`], [`Disk::remove`], [`Disk::apply_batch`], [`Disk::name_client`]),
+//! each of which refuses with [`StoreError::Latched`] once the latch is set; a group taken
+//! after it is dropped, and a commit is refused. The trees are handed out only to be read.
+//! The commands decide only what the latch means for them: a publish, purge or subscribe is
+//! refused whole ([`Disk::writable`]), a hello still answers from what is durable, an ack is
+//! dropped, retention pauses.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,7 +187,7 @@ impl Disk {
     }
 
     /// Once latched, drops the group (it would never be applied) and returns true.
-    pub(super) fn drop_group_if_latched(&mut self) -> bool {
+    fn drop_group_if_latched(&mut self) -> bool {
         if self.latch.is_some() {
             self.group.discard();
         }
@@ -193,13 +196,20 @@ impl Disk {
 
     /// Makes everything applied so far durable: numbers the group, writes it, flushes and
     /// fsyncs (unless `durability = "relaxed"`), applies a journaled group to the tree and
-    /// advances the seal. Err (the reason, the store latched by the caller) when any step
-    /// fails or the store was latched before.
+    /// advances the seal. Err with the reason when any step fails (the store is then latched)
+    /// or the store was latched before; nothing in the group is confirmed then.
     pub(super) fn commit(&mut self, clients: &Clients) -> Result<(), String> {
         if let Some(r) = &self.latch {
             self.group.discard();
             return Err(r.clone());
         }
+        self.write_and_sync(clients).inspect_err(|reason| {
+            self.metrics.store_errors.inc();
+            self.latch(reason);
+        })
+    }
+
+    fn write_and_sync(&mut self, clients: &Clients) -> Result<(), String> {
         let journaled = self
             .number_group()
             .and_then(|()| self.write_group(clients))
@@ -252,10 +262,13 @@ impl Disk {
     }
 
     /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
-    /// meta of every client it changed.
+    /// meta of every client it changed. Once latched, the group is dropped instead: nothing
+    /// reaches the tree after a failure, and nobody was told the group is stored.
     pub(super) fn apply_group(&mut self, clients: &Clients) -> Result<(), StoreError> {
+        if self.drop_group_if_latched() {
+            return Ok(());
+        }
         if let Some(writes) = self.take_group(clients)? {
-            self.writable()?;
             self.outbox.apply_batch(journal::to_batch(writes))?;
         }
         Ok(())

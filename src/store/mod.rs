@@ -72,8 +72,6 @@ pub use inspect::{Inspector, OutboxListing, OutboxSummary, StoreStats, TopicSubs
 #[cfg(test)]
 mod tests;
 
-/// How many commands the writer queue holds before senders wait.
-const QUEUE_DEPTH: usize = 8192;
 /// sled's segment size for a new data dir. sled writes any log record over a quarter of a
 /// segment to a separate blob file that it never fsyncs; with its default 512 KiB segments a
 /// consolidated leaf (up to 16 values) of 16 KiB messages is already one. A quarter of 8 MiB

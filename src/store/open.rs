@@ -17,10 +17,8 @@ use tracing::{info, warn};
 
 use super::commit::Files;
 use super::integrity::{self, damaged};
-use super::writer::WriterState;
-use super::{
-    journal, Handles, Store, StoreError, StoreOptions, Writer, QUEUE_DEPTH, SEGMENT_BYTES,
-};
+use super::writer::{WriterState, QUEUE_DEPTH};
+use super::{journal, Handles, Store, StoreError, StoreOptions, Writer, SEGMENT_BYTES};
 
 /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
 ///

@@ -108,10 +108,9 @@ impl WriterState {
         if let Some(c) = self.clients.get(name) {
             return Ok(c.handle.cid);
         }
-        self.disk.writable()?;
         let cid = self.next_cid;
-        self.next_cid += 1;
         self.disk.name_client(name, cid)?;
+        self.next_cid += 1;
         let meta = fresh_meta(name, cid);
         self.disk.insert(keys::meta(cid), encode(&meta)?)?;
         info!(client = %name, cid, epoch = %meta.epoch, "outbox created");

@@ -29,6 +29,8 @@ use super::{BackupOutcome, HelloOutcome, PublishOutcome, PublishRequest, PurgeOu
 use crate::codec::CodecError;
 use crate::model::{Ack, ClientId, Resume, Target, Topic};
 
+/// How many commands the writer queue holds before senders wait.
+pub(super) const QUEUE_DEPTH: usize = 8192;
 /// The most commands applied before one commit.
 const MAX_GROUP: usize = 4096;
 
@@ -328,11 +330,9 @@ impl WriterState {
         }
         self.settle_acks();
         self.commit();
-        if !self.disk.drop_group_if_latched() {
-            if let Err(e) = self.apply_group() {
-                self.opts.metrics.store_errors.inc();
-                self.disk.latch(&format!("writing acks failed: {e}"));
-            }
+        if let Err(e) = self.apply_group() {
+            self.opts.metrics.store_errors.inc();
+            self.disk.latch(&format!("writing acks failed: {e}"));
         }
         self.disk.close();
         let commits = self.disk.commits();
@@ -363,9 +363,8 @@ impl WriterState {
             // commit), then go to the tree and reach the disk with the next commit or sled's
             // background flush; a crash before that means a redelivery, which the contract
             // allows.
-            if !self.disk.drop_group_if_latched()
-                && (self.disk.group().writes() >= ACK_APPLY_WRITES
-                    || self.disk.applied_at().elapsed() >= ACK_APPLY_EVERY)
+            if self.disk.group().writes() >= ACK_APPLY_WRITES
+                || self.disk.applied_at().elapsed() >= ACK_APPLY_EVERY
             {
                 if let Err(e) = self.apply_group() {
                     self.opts.metrics.store_errors.inc();
@@ -375,12 +374,7 @@ impl WriterState {
             return;
         }
         let tally = std::mem::take(&mut self.tally);
-        let was_latched = self.disk.is_latched();
-        let result = self.disk.commit(&self.clients);
-        if result.is_err() && !was_latched {
-            self.opts.metrics.store_errors.inc();
-        }
-        match result {
+        match self.disk.commit(&self.clients) {
             Ok(()) => {
                 // Counted before the replies go out, so a publisher that has its `ok` (or a
                 // scrape after it) sees its publish in the metrics.
@@ -402,7 +396,6 @@ impl WriterState {
                 }
             }
             Err(reason) => {
-                self.disk.latch(&reason);
                 self.touched.clear();
                 for p in self.pending.drain(..) {
                     p.fail(&reason);
