@@ -104,7 +104,7 @@ impl Clients {
 impl WriterState {
     /// Finds or creates the client's outbox. Creation writes the name first, so a client number
     /// on disk always has its name.
-    pub(super) fn ensure_client(&mut self, name: &ClientId) -> Result<u64, StoreError> {
+    fn ensure_client(&mut self, name: &ClientId) -> Result<u64, StoreError> {
         if let Some(c) = self.clients.get(name) {
             return Ok(c.handle.cid);
         }
@@ -119,7 +119,8 @@ impl WriterState {
         Ok(cid)
     }
 
-    pub(super) fn count_missed(&self, cid: u64, after: u64) -> Result<u64, StoreError> {
+    /// Tombstones of `cid` above `after`: messages retention removed unacked, for `missed`.
+    fn count_missed(&self, cid: u64, after: u64) -> Result<u64, StoreError> {
         let lo = keys::seq_key(keys::MISSED, cid, after.saturating_add(1));
         let hi = keys::seq_key(keys::MISSED, cid, u64::MAX);
         let mut n = 0;
@@ -131,6 +132,8 @@ impl WriterState {
         Ok(n)
     }
 
+    /// Creates the outbox when new and applies the resume position (a cumulative ack) when it
+    /// holds; answers with the position in force and what was missed.
     pub(super) fn hello(
         &mut self,
         client: &ClientId,
@@ -179,6 +182,8 @@ impl WriterState {
         })
     }
 
+    /// Writes a publish into the group: one message per recipient under its quota, or the
+    /// answer of the first publish under the same idempotency key.
     pub(super) fn publish(&mut self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
         self.disk.writable()?;
         // `published` already counts this publish.
@@ -281,11 +286,7 @@ impl WriterState {
     /// The entry of an idempotency key (scope + key) stored within the dedup window, from this
     /// group, a record of its own or a run. A key named again after its window has a newer
     /// record of its own beside its old entry, which only retention has yet to delete.
-    pub(super) fn find_dedup(
-        &self,
-        body: &[u8],
-        now: u64,
-    ) -> Result<Option<DedupEntry>, StoreError> {
+    fn find_dedup(&self, body: &[u8], now: u64) -> Result<Option<DedupEntry>, StoreError> {
         let fresh = |e: &DedupEntry| e.ts.saturating_add(self.opts.dedup_window_ms) > now;
         if let Some(e) = self.disk.group().dedup(body) {
             return Ok(Some(e.clone()));
@@ -301,7 +302,7 @@ impl WriterState {
     }
 
     /// Adds to the group the removal of the tombstones at or below `upto`.
-    pub(super) fn drop_tombstones(&mut self, cid: u64, upto: u64) -> Result<(), StoreError> {
+    fn drop_tombstones(&mut self, cid: u64, upto: u64) -> Result<(), StoreError> {
         let range = keys::seq_key(keys::MISSED, cid, 0)..=keys::seq_key(keys::MISSED, cid, upto);
         let found: Vec<sled::IVec> = self
             .disk
@@ -421,7 +422,7 @@ impl WriterState {
     }
 
     /// The stored chunk `key` → `value` as the group leaves it: None when the group deleted it.
-    pub(super) fn as_grouped(
+    fn as_grouped(
         &self,
         key: &[u8],
         value: &sled::IVec,
@@ -438,7 +439,7 @@ impl WriterState {
 
     /// The first chunk of `cid` with a key in `after+1..=to`, as the tree will hold it once the
     /// group is applied.
-    pub(super) fn chunk_after(
+    fn chunk_after(
         &self,
         cid: u64,
         after: u64,
@@ -466,12 +467,7 @@ impl WriterState {
     }
 
     /// The first seq of `cid` stored above `base` and below `end`, once the group is applied.
-    pub(super) fn first_stored_after(
-        &self,
-        cid: u64,
-        base: u64,
-        end: u64,
-    ) -> Result<Option<u64>, StoreError> {
+    fn first_stored_after(&self, cid: u64, base: u64, end: u64) -> Result<Option<u64>, StoreError> {
         let Some(from) = base.checked_add(1).filter(|f| *f < end) else {
             return Ok(None);
         };
@@ -487,6 +483,8 @@ impl WriterState {
             .filter(|s| *s < end))
     }
 
+    /// Removes every stored message of `client` (leaving tombstones) and moves its outbox to a
+    /// new epoch; written at once, since the scan must see every message.
     pub(super) fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
         self.disk.writable()?;
         let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
@@ -527,6 +525,7 @@ impl WriterState {
         Ok(Some(PurgeOutcome { removed, epoch }))
     }
 
+    /// Adds or removes a durable subscription (limited by `limits.max_subscriptions`).
     pub(super) fn subscribe(
         &mut self,
         client: &ClientId,

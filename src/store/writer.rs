@@ -85,7 +85,7 @@ pub(super) enum Command {
 }
 
 /// Replies held back until the commit that covers them.
-pub(super) enum Pending {
+enum Pending {
     Hello(Reply<HelloOutcome>, Result<HelloOutcome, StoreError>),
     Publish(Reply<PublishOutcome>, Result<PublishOutcome, StoreError>),
     Subscribe(Reply<()>, Result<(), StoreError>),
