@@ -19,6 +19,7 @@ use std::ops::Bound;
 
 use sled::IVec;
 
+use super::records::corrupt;
 use super::{keys, StoreError};
 use crate::codec::{self, CodecError, StoredMessage};
 
@@ -31,13 +32,6 @@ pub(super) const MAX_BYTES: usize = 32 << 10;
 
 /// The messages of one chunk: seq and encoded body, in seq order.
 pub(super) type Entries = Vec<(u64, IVec)>;
-
-fn corrupt(key: &[u8], source: CodecError) -> StoreError {
-    StoreError::Corrupt {
-        key: format!("{key:02x?}"),
-        source,
-    }
-}
 
 /// The messages in the chunk stored under `key` (bodies share the record's buffer).
 pub(super) fn split(key: &[u8], value: &IVec) -> Result<Entries, StoreError> {

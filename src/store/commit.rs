@@ -26,7 +26,7 @@ use tracing::{debug, error};
 
 use super::outboxes::Clients;
 use super::records::encode;
-use super::{blobs, dedup, group, integrity, journal, keys, StoreError};
+use super::{blobs, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
 use crate::codec::DedupEntry;
 use crate::config::Durability;
 use crate::faults::Faults;
@@ -70,14 +70,7 @@ pub(super) struct Files {
 }
 
 impl Disk {
-    pub(super) fn new(
-        files: Files,
-        data_dir: &std::path::Path,
-        durability: Durability,
-        faults: Faults,
-        metrics: Arc<Metrics>,
-        latched: Arc<AtomicBool>,
-    ) -> Disk {
+    pub(super) fn new(files: Files, opts: &StoreOptions, latched: Arc<AtomicBool>) -> Disk {
         Disk {
             db: files.db,
             clients: files.clients,
@@ -85,15 +78,15 @@ impl Disk {
             log: files.log,
             commit_no: files.seal.sealed(),
             seal: files.seal,
-            blobs: blobs::BlobSync::new(data_dir),
+            blobs: blobs::BlobSync::new(&opts.data_dir),
             group: group::Group::default(),
             applied_at: Instant::now(),
             commits: 0,
             latch: None,
             latched,
-            durability,
-            faults,
-            metrics,
+            durability: opts.durability,
+            faults: opts.faults,
+            metrics: Arc::clone(&opts.metrics),
         }
     }
 

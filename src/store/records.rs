@@ -7,17 +7,22 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Delivery, StoreError};
-use crate::codec::{self, ClientMeta, StoredMessage, StoredPayload};
+use crate::codec::{self, ClientMeta, CodecError, StoredMessage, StoredPayload};
 use crate::model::{ClientId, Payload};
+
+/// The error for the record under `key` that does not read back.
+pub(super) fn corrupt(key: &[u8], source: CodecError) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{key:02x?}"),
+        source,
+    }
+}
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(
     key: &[u8],
     bytes: &[u8],
 ) -> Result<T, StoreError> {
-    codec::decode(bytes).map_err(|source| StoreError::Corrupt {
-        key: format!("{key:02x?}"),
-        source,
-    })
+    codec::decode(bytes).map_err(|source| corrupt(key, source))
 }
 
 pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {

@@ -192,14 +192,7 @@ impl WriterState {
         handles: Handles,
     ) -> Result<Self, StoreError> {
         let integrity::Checked { clients, mut metas } = checked;
-        let disk = Disk::new(
-            files,
-            &opts.data_dir,
-            opts.durability,
-            opts.faults,
-            Arc::clone(&opts.metrics),
-            latched,
-        );
+        let disk = Disk::new(files, &opts, latched);
         let mut st = WriterState {
             disk,
             opts,
