@@ -164,10 +164,7 @@ fn token(args: TokenArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::model::now_ms() / 1000;
     let claims = crate::auth::Claims {
         sub: args.client,
         exp: now + ttl,
