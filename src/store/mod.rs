@@ -5,7 +5,9 @@
 //! and outcome types of its own, [`OutboxHandle`] (the live side of one outbox that sessions
 //! watch and read), [`StoreOptions`] and [`StoreError`]. They speak the domain's types
 //! (`crate::model`), never the wire's or the disk's, so another engine could stand behind the
-//! same operations.
+//! same operations. The writes (hello, publish, ack, subscribe, purge, backup) are queued
+//! commands answered after their commit, async already; `read` and `get` read the tree directly,
+//! below the durable frontier, and `inspector` and `outbox_totals` are blocking scans.
 //!
 //! All writes go through one writer thread that applies commands in arrival order, then makes
 //! a whole group of them durable with a single commit: sled's `flush()` followed by our own
@@ -383,6 +385,102 @@ impl Store {
         open::open(opts)
     }
 
+    /// Registers a connecting client: creates its outbox when new, applies its resume position.
+    /// Answers after the position is applied. Cancel-safe (an abandoned hello changes nothing
+    /// the contract cares about).
+    pub async fn hello(
+        &self,
+        client: ClientId,
+        resume: Option<Resume>,
+    ) -> Result<HelloOutcome, StoreError> {
+        self.call(|reply| Command::Hello {
+            client,
+            resume,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a publish and returns a receiver that answers once it is durable (or refused).
+    /// Waiting on the queue is the publisher's backpressure.
+    pub async fn submit_publish(
+        &self,
+        req: PublishRequest,
+    ) -> Result<oneshot::Receiver<Result<PublishOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Command::Publish { req, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Publishes and waits until it is durable.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
+        self.submit_publish(req)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues an ack. Not waited on: a lost ack only causes a redelivery.
+    pub async fn ack(&self, handle: &OutboxHandle, ack: Ack) -> Result<(), StoreError> {
+        self.enqueue(Command::Ack {
+            cid: handle.cid,
+            ack,
+        })
+        .await
+    }
+
+    /// Adds or removes a durable subscription; answers once durable.
+    pub async fn subscribe(
+        &self,
+        client: ClientId,
+        topic: Topic,
+        on: bool,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::Subscribe {
+            client,
+            topic,
+            on,
+            reply,
+        })
+        .await
+    }
+
+    /// Reads up to `limit` durable messages with seq greater than `after`, in seq order.
+    /// `covered_to` tells how far the read looked, so the caller skips seqs that are gone.
+    pub fn read(
+        &self,
+        handle: &OutboxHandle,
+        after: u64,
+        limit: usize,
+    ) -> Result<ReadBatch, StoreError> {
+        let frontier = *handle.durable.borrow();
+        let start = after.saturating_add(1);
+        let mut batch = ReadBatch {
+            items: Vec::new(),
+            covered_to: after,
+        };
+        if start >= frontier || limit == 0 {
+            return Ok(batch);
+        }
+        batch.items = chunks::read(&self.outbox, handle.cid, start, frontier, limit)?
+            .into_iter()
+            .map(|(seq, m)| records::delivery(seq, m))
+            .collect();
+        batch.covered_to = match batch.items.last() {
+            Some(last) if batch.items.len() == limit => last.seq,
+            _ => frontier - 1,
+        };
+        Ok(batch)
+    }
+
+    /// Reads one durable message, `None` when it is gone (acked or expired).
+    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<Delivery>, StoreError> {
+        if seq >= *handle.durable.borrow() {
+            return Ok(None);
+        }
+        Ok(chunks::get(&self.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
+    }
+
     /// Removes every stored message of `client` and gives its outbox a new epoch; the removed
     /// messages count in `missed` at the client's next hello. Answers after the commit; None
     /// when the client has no outbox.
@@ -460,33 +558,6 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Registers a connecting client: creates its outbox when new, applies its resume position.
-    /// Answers after the position is applied. Cancel-safe (an abandoned hello changes nothing
-    /// the contract cares about).
-    pub async fn hello(
-        &self,
-        client: ClientId,
-        resume: Option<Resume>,
-    ) -> Result<HelloOutcome, StoreError> {
-        self.call(|reply| Command::Hello {
-            client,
-            resume,
-            reply,
-        })
-        .await
-    }
-
-    /// Queues a publish and returns a receiver that answers once it is durable (or refused).
-    /// Waiting on the queue is the publisher's backpressure.
-    pub async fn submit_publish(
-        &self,
-        req: PublishRequest,
-    ) -> Result<oneshot::Receiver<Result<PublishOutcome, StoreError>>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.enqueue(Command::Publish { req, reply }).await?;
-        Ok(rx)
-    }
-
     /// Queues a command for the writer, waiting while the queue is full. The wait is boxed:
     /// a queued command is the common case, and the futures of connection tasks (which every
     /// idle connection holds) need not carry room for a parked send.
@@ -498,74 +569,5 @@ impl Store {
                 .map_err(|_| StoreError::Closed),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
         }
-    }
-
-    /// Publishes and waits until it is durable.
-    pub async fn publish(&self, req: PublishRequest) -> Result<PublishOutcome, StoreError> {
-        self.submit_publish(req)
-            .await?
-            .await
-            .map_err(|_| StoreError::Closed)?
-    }
-
-    /// Queues an ack. Not waited on: a lost ack only causes a redelivery.
-    pub async fn ack(&self, handle: &OutboxHandle, ack: Ack) -> Result<(), StoreError> {
-        self.enqueue(Command::Ack {
-            cid: handle.cid,
-            ack,
-        })
-        .await
-    }
-
-    /// Adds or removes a durable subscription; answers once durable.
-    pub async fn subscribe(
-        &self,
-        client: ClientId,
-        topic: Topic,
-        on: bool,
-    ) -> Result<(), StoreError> {
-        self.call(|reply| Command::Subscribe {
-            client,
-            topic,
-            on,
-            reply,
-        })
-        .await
-    }
-
-    /// Reads up to `limit` durable messages with seq greater than `after`, in seq order.
-    /// `covered_to` tells how far the read looked, so the caller skips seqs that are gone.
-    pub fn read(
-        &self,
-        handle: &OutboxHandle,
-        after: u64,
-        limit: usize,
-    ) -> Result<ReadBatch, StoreError> {
-        let frontier = *handle.durable.borrow();
-        let start = after.saturating_add(1);
-        let mut batch = ReadBatch {
-            items: Vec::new(),
-            covered_to: after,
-        };
-        if start >= frontier || limit == 0 {
-            return Ok(batch);
-        }
-        batch.items = chunks::read(&self.outbox, handle.cid, start, frontier, limit)?
-            .into_iter()
-            .map(|(seq, m)| records::delivery(seq, m))
-            .collect();
-        batch.covered_to = match batch.items.last() {
-            Some(last) if batch.items.len() == limit => last.seq,
-            _ => frontier - 1,
-        };
-        Ok(batch)
-    }
-
-    /// Reads one durable message, `None` when it is gone (acked or expired).
-    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<Delivery>, StoreError> {
-        if seq >= *handle.durable.borrow() {
-            return Ok(None);
-        }
-        Ok(chunks::get(&self.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
     }
 }
