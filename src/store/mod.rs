@@ -78,8 +78,9 @@ mod tests;
 /// segment to a separate blob file that it never fsyncs; with its default 512 KiB segments a
 /// consolidated leaf (up to 16 values) of 16 KiB messages is already one. A quarter of 8 MiB
 /// holds a leaf of sixteen message chunks, each at most `chunks::MAX_BYTES` plus one message
-/// at the payload cap, so no record the broker writes becomes a blob. An existing data dir keeps the size it was created with
-/// (sled refuses to open it with another); see [`open::sled_config`].
+/// at the payload cap, so no record the broker writes becomes a blob. An existing data dir
+/// keeps the size it was created with (sled refuses to open it with another); see
+/// `open::sled_config`.
 pub const SEGMENT_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Error)]
