@@ -3,7 +3,7 @@
 //!
 //! It is a thin layer: every read goes through the store's read-only [`Inspector`], every write
 //! through the same store calls a WebSocket session uses, and every input is checked by the
-//! protocol's own validators ([`crate::ids`], [`crate::protocol`]). So an HTTP publish has the
+//! protocol's own validators ([`crate::model`], [`crate::protocol`]). So an HTTP publish has the
 //! WebSocket publish's semantics and durability promise: the answer comes only after the fsync
 //! that covers the write.
 //!

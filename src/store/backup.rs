@@ -95,7 +95,7 @@ pub(super) fn copy_trees(
         Err(e) => return Err(e.into()),
     }
     let started = Instant::now();
-    let db = super::open::sled_config(to)
+    let db = super::engine::sled_config(to)
         .open()
         .map_err(|e| refuse(&e.to_string()))?;
     let mut out = BackupOutcome {

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use tracing::{debug, error};
 
-use super::outboxes::Clients;
+use super::clients::Clients;
 use super::records::encode;
 use super::{blobs, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
 use crate::codec::DedupEntry;

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use tracing::{debug, info};
 
-use super::open::{remove_stale_snapshots, sled_config};
+use super::engine::{remove_stale_snapshots, sled_config};
 use super::records::decode;
 use super::records::delivery;
 use super::Delivery;

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::open::{remove_stale_snapshots, sled_config};
+use super::engine::{remove_stale_snapshots, sled_config};
 use super::records::{decode, encode, fresh_meta, new_epoch, payload_len};
 use super::{chunks, keys, StoreError};
 use crate::codec::{self, ClientMeta, CodecError, DedupEntry, DedupRun};

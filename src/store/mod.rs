@@ -57,8 +57,10 @@ use writer::{Command, Reply};
 mod backup;
 mod blobs;
 mod chunks;
+mod clients;
 mod commit;
 mod dedup;
+mod engine;
 mod group;
 mod inspect;
 pub mod integrity;
@@ -80,7 +82,7 @@ mod tests;
 /// holds a leaf of sixteen message chunks, each at most `chunks::MAX_BYTES` plus one message
 /// at the payload cap, so no record the broker writes becomes a blob. An existing data dir
 /// keeps the size it was created with (sled refuses to open it with another); see
-/// `open::sled_config`.
+/// `engine::sled_config`.
 pub const SEGMENT_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Error)]

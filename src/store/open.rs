@@ -1,13 +1,12 @@
-//! Opening a data directory: the sled config it was made with (its own segment size, see
-//! [`SEGMENT_BYTES`]), the leftovers of a crash removed, sled's recovery guarded against its
+//! Opening a data directory for the broker: the sled config it was made with (`engine`), the
+//! leftovers of a crash removed, sled's recovery guarded against its
 //! panics on damaged records, the last small commit group replayed from the journal, the open
 //! check (`integrity`), and then the writer thread started over what was read.
 //!
-//! The same steps, each with its own answer to a damaged store, serve `Inspector::open_offline`
-//! and `outboxd repair`, which take the helpers from here.
+//! `Inspector::open_offline` and `outboxd repair` take the same steps, each with its own answer
+//! to a damaged store, from `engine` and `integrity`.
 
 use std::fs::File;
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::commit::Files;
+use super::engine::{existing_segment_bytes, remove_stale_snapshots};
 use super::integrity::{self, damaged};
 use super::writer::{WriterState, QUEUE_DEPTH};
 use super::{journal, Handles, Store, StoreError, StoreOptions, Writer, SEGMENT_BYTES};
@@ -134,41 +134,4 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
             thread: Some(thread),
         },
     ))
-}
-
-/// The segment size recorded in an existing sled data dir (its `conf` file: text lines such as
-/// `segment_size: 524288`, then a checksum); None for a new one.
-pub(crate) fn existing_segment_bytes(dir: &Path) -> Option<usize> {
-    let raw = std::fs::read(dir.join("conf")).ok()?;
-    String::from_utf8_lossy(&raw)
-        .lines()
-        .find_map(|l| l.strip_prefix("segment_size:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// sled's config for a data dir: its own segment size if it exists, else [`SEGMENT_BYTES`].
-pub(crate) fn sled_config(dir: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(dir)
-        .segment_size(existing_segment_bytes(dir).unwrap_or(SEGMENT_BYTES))
-}
-
-/// Removes `snap.*.generating` files a crash during a snapshot left behind: sled refuses to
-/// open with them present although the data is intact.
-pub(super) fn remove_stale_snapshots(dir: &Path) -> Result<(), StoreError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            warn!(file = %entry.path().display(), "removing an unfinished snapshot left by a crash");
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
 }

@@ -7,99 +7,17 @@
 //! and the commit order are not this module's concern. Reads look at the group before the tree:
 //! until the group is applied, the tree does not show its writes (see `group`).
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use tokio::sync::watch;
 use tracing::info;
 
 use super::chunks::{self, Entries};
 use super::records::{decode, encode, fresh_meta, new_epoch, payload_len, stored_payload};
 use super::writer::WriterState;
-use super::{dedup, keys, Handles, OutboxHandle, StoreError};
+use super::{dedup, keys, StoreError};
 use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
-use crate::codec::{self, ClientMeta, CodecError, DedupEntry, StoredMessage};
+use crate::codec::{self, DedupEntry, StoredMessage};
 use crate::model::{now_ms, Ack, ClientId, Resume, Target, Topic};
-
-/// One outbox as the writer keeps it in memory.
-pub(super) struct ClientState {
-    pub(super) meta: ClientMeta,
-    pub(super) handle: Arc<OutboxHandle>,
-}
-
-impl ClientState {
-    /// `next_seq` as of the last commit: everything below it is durable and may have been sent;
-    /// nothing at or above it has been.
-    fn durable_next(&self) -> u64 {
-        *self.handle.durable.borrow()
-    }
-}
-
-/// Every outbox's meta, by name and by client number: the writer's copy, written with each
-/// group that changes it.
-#[derive(Default)]
-pub(super) struct Clients {
-    by_name: HashMap<ClientId, ClientState>,
-    by_cid: HashMap<u64, ClientId>,
-}
-
-impl Clients {
-    pub(super) fn get(&self, name: &ClientId) -> Option<&ClientState> {
-        self.by_name.get(name)
-    }
-
-    pub(super) fn by_cid(&self, cid: u64) -> Option<&ClientState> {
-        self.by_name.get(self.by_cid.get(&cid)?)
-    }
-
-    pub(super) fn state_mut(&mut self, cid: u64) -> Option<&mut ClientState> {
-        let name = self.by_cid.get(&cid)?;
-        self.by_name.get_mut(name)
-    }
-
-    pub(super) fn meta_of(&self, cid: u64) -> Result<&ClientMeta, StoreError> {
-        self.by_cid(cid)
-            .map(|c| &c.meta)
-            .ok_or_else(|| StoreError::Corrupt {
-                key: format!("client #{cid}"),
-                source: CodecError::Empty,
-            })
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.by_name.len()
-    }
-
-    pub(super) fn pending(&self) -> u64 {
-        self.by_name.values().map(|c| c.meta.pending).sum()
-    }
-
-    /// Adds the outbox `cid` of `name` with `meta`, and its live handle to `handles`.
-    pub(super) fn install(
-        &mut self,
-        handles: &Handles,
-        name: ClientId,
-        cid: u64,
-        meta: ClientMeta,
-    ) {
-        let (durable, _) = watch::channel(meta.next_seq);
-        // Whatever was stored before this start may have been sent before it.
-        let handle = Arc::new(OutboxHandle {
-            cid,
-            name: name.clone(),
-            durable,
-            sent: AtomicU64::new(meta.next_seq.saturating_sub(1)),
-            sends: Default::default(),
-        });
-        handles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), Arc::clone(&handle));
-        self.by_cid.insert(cid, name.clone());
-        self.by_name.insert(name, ClientState { meta, handle });
-    }
-}
 
 impl WriterState {
     /// Finds or creates the client's outbox. Creation writes the name first, so a client number

@@ -1,13 +1,11 @@
 //! Retention: messages past their TTL are removed unacked (a tombstone under `X` tells the
 //! client, in `missed`), and idempotency keys older than the dedup window are forgotten.
 //!
-//! It runs on the writer thread between commands ([`SWEEP_EVERY`] when idle), removes at most
+//! It runs on the writer thread between commands (every `writer::SWEEP_EVERY` when idle), removes at most
 //! [`SWEEP_BATCH`] records per sweep so a backlog never stalls the writer, and writes into the
 //! commit group like every other command. The dedup expiry index is one record per commit
 //! group (`G` for keys stored one per record, `H` for runs; `D` per key in data dirs from
 //! before), so forgetting a group's keys is one range scan.
-
-use std::time::Duration;
 
 use tracing::info;
 
@@ -17,8 +15,6 @@ use super::{chunks, group, keys, StoreError};
 use crate::codec::DedupEntry;
 use crate::model::now_ms;
 
-/// How often retention (TTL and dedup expiry) runs when the writer is idle.
-pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// The most messages, or idempotency keys, one retention sweep removes: a backlog of expired
 /// records is worked off over several sweeps instead of stalling the writer in one.
 const SWEEP_BATCH: usize = 10_000;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::open::sled_config;
+use super::engine::sled_config;
 use super::records::delivery;
 use super::records::payload_len;
 use super::*;

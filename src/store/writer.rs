@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use super::clients::Clients;
 use super::commit::{Disk, Files};
-use super::outboxes::Clients;
 use super::records::{encode, fresh_meta};
-use super::retention::SWEEP_EVERY;
 use super::{backup, group, integrity, keys, Handles, StoreError, StoreOptions};
 use super::{BackupOutcome, HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome};
 use crate::codec::CodecError;
 use crate::model::{Ack, ClientId, Resume, Target, Topic};
+
+/// How often retention (TTL and dedup expiry) runs when the writer is idle.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// How many commands the writer queue holds before senders wait.
 pub(super) const QUEUE_DEPTH: usize = 8192;
