@@ -5,7 +5,7 @@
 //! (and where it came from: the file, an environment variable or a flag) and what the key
 //! accepts, so a typo stops the broker at start instead of misbehaving later.
 //!
-//! Nothing is coerced. Each value is checked against [`KEYS`] before it is deserialized: `1.5`
+//! Nothing is coerced. Each value is checked against `KEYS` before it is deserialized: `1.5`
 //! and `1e3` are not whole numbers, `"yes"` and `1` are not booleans, and a number beyond a
 //! key's range is refused with the range. The file is read with TOML's own parser, which keeps
 //! each number as written (so an integer too large for any type still names its key);
@@ -27,7 +27,7 @@ use crate::protocol::PAYLOAD_CEILING;
 /// Why a configuration was refused. Every variant about a setting names it.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    /// The checked values did not deserialize (a bug in [`KEYS`] if it ever happens).
+    /// The checked values did not deserialize (a bug in `KEYS` if it ever happens).
     #[error("cannot read config: {0}")]
     Load(#[from] config::ConfigError),
     #[error("config file {0} does not exist")]
@@ -121,7 +121,7 @@ pub struct Config {
     origins: BTreeMap<&'static str, Origin>,
 }
 
-/// TLS for the listeners (see [`crate::net::tls`]); an empty `cert_file` means TLS is off.
+/// TLS for the listeners (see `net::tls`); an empty `cert_file` means TLS is off.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {

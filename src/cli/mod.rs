@@ -3,8 +3,8 @@
 //! `main` only calls [`main`] here; everything a subcommand does lives in the library so the
 //! tests drive the same code.
 
-pub mod inspect;
-pub mod pubsub;
+mod inspect;
+mod pubsub;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;

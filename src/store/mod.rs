@@ -197,10 +197,6 @@ pub struct OutboxHandle {
 type Handles = Arc<std::sync::RwLock<HashMap<ClientId, Arc<OutboxHandle>>>>;
 
 impl OutboxHandle {
-    pub fn client_id(&self) -> &ClientId {
-        &self.name
-    }
-
     /// A receiver that changes whenever new messages become durable.
     pub fn watch_durable(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
