@@ -358,9 +358,7 @@ impl Driver {
     /// The current token's time left before its `exp`; None without a token or an `exp`.
     fn token_left(&self) -> Option<Duration> {
         let exp = super::state::token_expiry(self.machine.token()?)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?;
+        let now = Duration::from_millis(crate::model::now_ms());
         Some(Duration::from_secs(exp).saturating_sub(now))
     }
 

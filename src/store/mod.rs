@@ -33,8 +33,10 @@
 //! - `retention`: TTL expiry and the dedup window;
 //! - `group`, `journal`, `chunks`, `dedup`, `blobs`: how a commit group's writes, messages and
 //!   idempotency keys are laid out in sled, and sled's blob files made durable;
+//! - `clients`: the writer's copy of every outbox's meta and live handle;
 //! - `keys` (the key layout of the tree), `records` (the values under it);
-//! - `open`, `integrity`: opening a data dir, the seal and the open check, `outboxd repair`;
+//! - `engine`, `open`, `integrity`: sled's config and crash leftovers, opening a data dir, the
+//!   seal and the open check, `outboxd repair`;
 //! - `inspect`, `backup`: read-only views and consistent copies.
 
 use std::collections::HashMap;
