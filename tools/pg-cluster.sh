@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL for the tests that run several outboxd nodes on PostgreSQL: a primary
-# and, with --standby, a synchronous standby, each a real server from the machine's packages, in a directory the caller gives, on free TCP ports on 127.0.0.1.
+# and, with --standby, a synchronous standby, each a real server from the machine's packages,
+# in a directory the caller gives, on free TCP ports on 127.0.0.1.
 # No mocks: the failover tests SIGKILL the primary and promote the standby with the commands below.
 #
 # The promise the tests lean on is PostgreSQL's: with synchronous_commit = on and
