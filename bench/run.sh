@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs the benchmark suite: outboxd against Mosquitto and NATS JetStream, side by side.
+# Runs the benchmark suite: outboxd against Mosquitto, NATS JetStream and Redis Streams, side by
+# side.
 #
 #   bench/run.sh                 the full suite (about 15 to 20 minutes on 2 cores); writes
 #                                bench/results/latest.json, bench/results/latency.svg and
 #                                docs/benchmarks.md
-#   bench/run.sh --smoke         about 20 s plus the build: saturation 1 -> 1 at 256 B, once per
-#                                system (outboxd, mosquitto, nats over TCP), debug build; writes
+#   bench/run.sh --smoke         about 25 s plus the build: saturation 1 -> 1 at 256 B, once per
+#                                system (outboxd, mosquitto, nats, redis over TCP), debug build; writes
 #                                nothing in the tree; exits non-zero unless every message arrived
 #                                (the CI step)
 #   bench/run.sh ARGS...         extra arguments go to the driver, e.g.
@@ -13,8 +14,8 @@
 #                                (target/release/outboxd-bench --help lists them); --systems
 #                                replaces the default list below
 #
-# Installs the peers from Debian's packages (mosquitto, nats-server; linux-perf to count fsync
-# calls) when they are missing and this runs as root with apt-get. Each case starts its broker
+# Installs the peers from Debian's packages (mosquitto, nats-server, redis-server; linux-perf to
+# count fsync calls) when they are missing and this runs as root with apt-get. Each case starts its broker
 # itself, on 127.0.0.1 with a fresh temp data dir, and stops it afterwards.
 set -euo pipefail
 
@@ -36,14 +37,15 @@ target=${CARGO_TARGET_DIR:-target}
 missing=()
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if (( ! smoke )) && ! command -v perf >/dev/null 2>&1; then
     missing+=(linux-perf)
 fi
 # The peers over TCP, then over their WebSocket listeners; the smoke run keeps to TCP.
 if (( smoke )); then
-    systems=outboxd,mosquitto,nats
+    systems=outboxd,mosquitto,nats,redis
 else
-    systems=outboxd,mosquitto,nats,mosquitto-ws,nats-ws
+    systems=outboxd,mosquitto,nats,redis,mosquitto-ws,nats-ws
 fi
 if (( ${#missing[@]} )); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -3,7 +3,18 @@
 //! - Mosquitto: rumqttc, MQTT 3.1.1, QoS 1, `clean_session = false`, manual acks; over TCP, or
 //!   over WebSocket (`mosquitto-ws`, rumqttc's `websocket` transport);
 //! - NATS JetStream: async-nats, an R1 file stream, durable pull consumers, explicit acks; over
-//!   TCP, or over WebSocket (`nats-ws`, a `ws://` URL).
+//!   TCP, or over WebSocket (`nats-ws`, a `ws://` URL);
+//! - Redis Streams (`appendfsync always`): the bench's own RESP2 client ([`crate::resp`], which
+//!   says why not the `redis` crate). One stream per subscriber, `bench:sub-N`, is its outbox:
+//!   the publisher XADDs to it (pipelined; the XADD's reply is the confirmation, and Redis sends
+//!   it only after the AOF holding the entry is fdatasync'd); the subscriber reads it through a
+//!   consumer group (`XREADGROUP ... COUNT 512 BLOCK`) and, per batch, `XACK`s and `XDEL`s what
+//!   it recorded, so acked messages are gone as from an outbox. Fan-out keeps that shape: one
+//!   stream per subscriber, and the publisher writes every copy in one `MULTI`/`EXEC` (all
+//!   copies or none, confirmed by the EXEC's reply), as outboxd writes one copy per outbox
+//!   before its `ok`. One shared stream with a group per subscriber would write one copy, a
+//!   different (cheaper) promise from the one outboxd keeps, and would leave acked entries in
+//!   the stream until every group acked them.
 //!
 //! A subscriber hands every delivery to its [`SubStats`] and then acks it. A publisher returns
 //! from [`Publisher::send`] once the message is handed to its client library; the broker's
@@ -21,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::brokers::{Protocol, System};
+use crate::resp::{self, Value};
 use crate::stats::{PubStats, SubStats};
 
 /// Same window everywhere: outboxd's default `delivery.max_inflight`.
@@ -30,6 +42,18 @@ const NATS_SUBJECT: &str = "bench.t";
 const MQTT_TOPIC: &str = "bench/t";
 const OUTBOXD_TOPIC: &str = "bench/t";
 const MAX_PACKET: usize = 1 << 20;
+/// The consumer group every Redis subscriber reads its stream through.
+const REDIS_GROUP: &str = "bench";
+/// The set of the streams subscribed to the topic (fan-out).
+const REDIS_TOPIC_SET: &str = "bench:topic";
+/// The field of a stream entry that holds the body.
+const REDIS_FIELD: &str = "b";
+/// Entries one XREADGROUP may return: the subscriber's window of unacked messages.
+const REDIS_READ_COUNT: &str = "512";
+/// How long an XREADGROUP waits for entries, ms (then it asks again).
+const REDIS_BLOCK_MS: &str = "1000";
+/// Bytes of queued commands a Redis publisher writes at once.
+const REDIS_WRITE_BATCH: usize = 1 << 20;
 
 /// Where one publisher's messages go.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +90,16 @@ impl Route {
         }
     }
 
+    /// The subscriber streams a Redis publisher writes to (`None`: those subscribed to the
+    /// topic, read from [`REDIS_TOPIC_SET`]).
+    fn redis_streams(self) -> Option<Vec<String>> {
+        match self {
+            Route::One => Some(vec![redis_stream("sub-0")]),
+            Route::Pair(i) => Some(vec![redis_stream(&format!("sub-{i}"))]),
+            Route::All => None,
+        }
+    }
+
     /// The subject a NATS consumer is filtered on; `None`: the whole stream.
     fn nats_filter(self) -> Option<String> {
         match self {
@@ -91,6 +125,125 @@ pub fn mqtt_connect_options(endpoint: &str, name: &str) -> Result<MqttOptions> {
         .rsplit_once(':')
         .ok_or_else(|| anyhow!("bad MQTT endpoint {endpoint}"))?;
     Ok(MqttOptions::new(name, host, port.parse()?))
+}
+
+/// Subscriber `name`'s stream: its outbox.
+fn redis_stream(name: &str) -> String {
+    format!("bench:{name}")
+}
+
+/// Creates subscriber `name`'s stream and consumer group if missing (and, for the topic, adds
+/// the stream to the topic's set), so messages published from now on are kept for it.
+async fn redis_register(conn: &mut resp::Conn, name: &str, route: Route) -> Result<String> {
+    let stream = redis_stream(name);
+    let created = conn
+        .pipeline(&[&[
+            "XGROUP",
+            "CREATE",
+            stream.as_str(),
+            REDIS_GROUP,
+            "0",
+            "MKSTREAM",
+        ]])
+        .await?;
+    match created.into_iter().next() {
+        Some(Value::Error(e)) if e.starts_with("BUSYGROUP") => {}
+        Some(v) => {
+            v.ok()?;
+        }
+        None => bail!("redis: no reply to XGROUP CREATE"),
+    }
+    if let Route::All = route {
+        conn.call(&["SADD", REDIS_TOPIC_SET, stream.as_str()])
+            .await?;
+    }
+    Ok(stream)
+}
+
+/// One Redis subscriber's life: reads its stream through the group, records every entry, and
+/// acks and deletes each batch in the same write as the next read. Returns on a connection
+/// error (the caller reconnects); entries read but not acked stay pending in the group and are
+/// read again, from `0`, after the reconnect.
+async fn redis_subscribe(conn: &mut resp::Conn, stream: &str, stats: &SubStats) -> Result<()> {
+    // Pending entries first (delivered to an earlier connection, never acked), then new ones.
+    let mut from = "0";
+    let mut done: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut cmds: Vec<Vec<&[u8]>> = Vec::with_capacity(3);
+        if !done.is_empty() {
+            for verb in ["XACK", "XDEL"] {
+                let mut c: Vec<&[u8]> = vec![verb.as_bytes(), stream.as_bytes()];
+                if verb == "XACK" {
+                    c.push(REDIS_GROUP.as_bytes());
+                }
+                c.extend(done.iter().map(|id| id.as_slice()));
+                cmds.push(c);
+            }
+        }
+        cmds.push(
+            [
+                "XREADGROUP",
+                "GROUP",
+                REDIS_GROUP,
+                "c",
+                "COUNT",
+                REDIS_READ_COUNT,
+                "BLOCK",
+                REDIS_BLOCK_MS,
+                "STREAMS",
+                stream,
+                from,
+            ]
+            .iter()
+            .map(|a| a.as_bytes())
+            .collect(),
+        );
+        let refs: Vec<&[&[u8]]> = cmds.iter().map(|c| c.as_slice()).collect();
+        let mut replies = conn.pipeline(&refs).await?;
+        let read = replies
+            .pop()
+            .ok_or_else(|| anyhow!("redis: no reply to XREADGROUP"))?;
+        for r in replies {
+            r.ok()?;
+        }
+        done.clear();
+        // [[stream, [[id, [field, value, ...] or nil], ...]]], or nil when BLOCK timed out.
+        let mut entries = Vec::new();
+        for per_stream in read.into_array()? {
+            let mut parts = per_stream.into_array()?.into_iter();
+            entries.extend(
+                parts
+                    .nth(1)
+                    .map(Value::into_array)
+                    .transpose()?
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        if from == "0" && entries.is_empty() {
+            from = ">";
+        }
+        for entry in entries {
+            let mut parts = entry.into_array()?.into_iter();
+            let id = parts
+                .next()
+                .ok_or_else(|| anyhow!("redis: an entry without an id"))?
+                .into_bytes()?;
+            // A pending entry deleted meanwhile comes back with nil fields: nothing to record.
+            let fields = parts
+                .next()
+                .map(Value::into_array)
+                .transpose()?
+                .unwrap_or_default();
+            let mut it = fields.into_iter();
+            while let (Some(f), Some(v)) = (it.next(), it.next()) {
+                if f.into_bytes()? == REDIS_FIELD.as_bytes() {
+                    stats.on_delivery(&v.into_bytes()?);
+                }
+            }
+            done.push(id);
+        }
+    }
 }
 
 /// Creates what a system needs before anyone subscribes (NATS: the stream).
@@ -218,6 +371,10 @@ pub async fn register_offline(
             let (client, _consumer) = nats_consumer(endpoint, name, route).await?;
             client.flush().await?;
         }
+        Protocol::Redis => {
+            let mut conn = resp::Conn::open(endpoint).await?;
+            redis_register(&mut conn, name, route).await?;
+        }
     }
     Ok(())
 }
@@ -306,6 +463,29 @@ pub async fn subscriber(
             });
             Ok(Subscriber { task, _mqtt: None })
         }
+        Protocol::Redis => {
+            let mut conn = resp::Conn::open(endpoint).await?;
+            let stream = redis_register(&mut conn, name, route).await?;
+            let endpoint = endpoint.to_string();
+            let task = tokio::spawn(async move {
+                loop {
+                    if let Err(e) = redis_subscribe(&mut conn, &stream, &stats).await {
+                        eprintln!("redis subscriber: {e:#}; reconnecting");
+                    }
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        match resp::Conn::open(&endpoint).await {
+                            Ok(c) => {
+                                conn = c;
+                                break;
+                            }
+                            Err(e) => eprintln!("redis subscriber: {e:#}"),
+                        }
+                    }
+                }
+            });
+            Ok(Subscriber { task, _mqtt: None })
+        }
     }
 }
 
@@ -330,6 +510,14 @@ pub enum Publisher {
         js: jetstream::Context,
         subject: String,
         pending: mpsc::UnboundedSender<jetstream::context::PublishAckFuture>,
+        collector: JoinHandle<()>,
+    },
+    Redis {
+        /// The subscribers' streams every message goes to (one, or all of the topic's).
+        streams: Vec<String>,
+        /// Encoded commands, one message's at a time, to the writer task.
+        queue: mpsc::UnboundedSender<Vec<u8>>,
+        writer: JoinHandle<()>,
         collector: JoinHandle<()>,
     },
 }
@@ -418,6 +606,90 @@ impl Publisher {
                     collector,
                 })
             }
+            Protocol::Redis => {
+                let (mut replies, mut write) = resp::connect(endpoint).await?;
+                let streams = match route.redis_streams() {
+                    Some(s) => s,
+                    None => {
+                        let mut conn = resp::Conn::open(endpoint).await?;
+                        let mut s: Vec<String> = conn
+                            .call(&["SMEMBERS", REDIS_TOPIC_SET])
+                            .await?
+                            .into_array()?
+                            .into_iter()
+                            .map(|v| v.into_bytes().map(|b| String::from_utf8_lossy(&b).into()))
+                            .collect::<Result<_>>()?;
+                        s.sort();
+                        s
+                    }
+                };
+                if streams.is_empty() {
+                    bail!("redis: no subscriber streams to publish to");
+                }
+                // One reply per message, or MULTI's +OK, a +QUEUED per copy and EXEC's array.
+                let per_message = if streams.len() == 1 {
+                    1
+                } else {
+                    streams.len() + 2
+                };
+                let (queue, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                // Everything queued since the last write goes out in one write: the pipeline.
+                let writer_stats = Arc::clone(&stats);
+                let writer = tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    while let Some(mut buf) = rx.recv().await {
+                        while buf.len() < REDIS_WRITE_BATCH {
+                            match rx.try_recv() {
+                                Ok(more) => buf.extend_from_slice(&more),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(e) = write.write_all(&buf).await {
+                            writer_stats.fail(format!("redis publisher: writing: {e}"));
+                            return;
+                        }
+                    }
+                });
+                // Replies come back in command order: every `per_message` replies answer one
+                // message, the last of them its confirmation.
+                let collector = tokio::spawn(async move {
+                    let mut failed: Option<String> = None;
+                    let mut at = 0;
+                    loop {
+                        let v = match replies.next().await {
+                            Ok(v) => v,
+                            Err(e) => {
+                                stats.fail(format!("redis publisher: {e:#}"));
+                                return;
+                            }
+                        };
+                        at += 1;
+                        match v {
+                            Value::Error(e) => {
+                                failed.get_or_insert(e);
+                            }
+                            // An EXEC that discarded its transaction.
+                            Value::Array(None) if at == per_message && per_message > 1 => {
+                                failed.get_or_insert("EXEC aborted".into());
+                            }
+                            _ => {}
+                        }
+                        if at == per_message {
+                            match failed.take() {
+                                None => stats.confirm(),
+                                Some(e) => stats.fail(format!("redis: {e}")),
+                            }
+                            at = 0;
+                        }
+                    }
+                });
+                Ok(Publisher::Redis {
+                    streams,
+                    queue,
+                    writer,
+                    collector,
+                })
+            }
         }
     }
 
@@ -468,6 +740,25 @@ impl Publisher {
                     .send(ack)
                     .map_err(|_| anyhow!("the confirmation collector stopped"))?;
             }
+            Publisher::Redis { streams, queue, .. } => {
+                let mut cmd = Vec::with_capacity(streams.len() * (body.len() + 64) + 32);
+                let many = streams.len() > 1;
+                if many {
+                    resp::encode(&["MULTI"], &mut cmd);
+                }
+                for s in streams {
+                    resp::encode(
+                        &[b"XADD", s.as_bytes(), b"*", REDIS_FIELD.as_bytes(), &body],
+                        &mut cmd,
+                    );
+                }
+                if many {
+                    resp::encode(&["EXEC"], &mut cmd);
+                }
+                queue
+                    .send(cmd)
+                    .map_err(|_| anyhow!("the redis writer stopped"))?;
+            }
         }
         Ok(())
     }
@@ -480,6 +771,12 @@ impl Drop for Publisher {
                 collector.abort()
             }
             Publisher::Mqtt { events, .. } => events.abort(),
+            Publisher::Redis {
+                writer, collector, ..
+            } => {
+                writer.abort();
+                collector.abort();
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Starting and stopping the three brokers on fresh data directories (the peers with or
-//! without their WebSocket listener), and reading their processes' CPU, memory, disk writes
-//! and fsync calls.
+//! Starting and stopping the brokers on fresh data directories (outboxd, Mosquitto, NATS
+//! JetStream, Redis; Mosquitto and NATS with or without their WebSocket listener), and reading
+//! their processes' CPU, memory, disk writes and fsync calls.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -26,6 +26,9 @@ pub enum System {
     /// nats-server through its WebSocket listener (async-nats over `ws://`).
     #[serde(rename = "nats-ws")]
     NatsWs,
+    /// Redis Streams with the append-only file fsync'd before every reply (`appendfsync
+    /// always`): a peer that makes outboxd's promise.
+    Redis,
 }
 
 /// The protocol a system speaks, whatever its transport.
@@ -34,6 +37,8 @@ pub enum Protocol {
     Outboxd,
     Mqtt,
     Nats,
+    /// RESP2 over TCP (Redis).
+    Redis,
 }
 
 impl System {
@@ -44,6 +49,7 @@ impl System {
             System::Nats => "nats",
             System::MosquittoWs => "mosquitto-ws",
             System::NatsWs => "nats-ws",
+            System::Redis => "redis",
         }
     }
 
@@ -52,6 +58,7 @@ impl System {
             System::Outboxd => Protocol::Outboxd,
             System::Mosquitto | System::MosquittoWs => Protocol::Mqtt,
             System::Nats | System::NatsWs => Protocol::Nats,
+            System::Redis => Protocol::Redis,
         }
     }
 
@@ -71,12 +78,15 @@ impl System {
             System::Nats | System::NatsWs => {
                 "no (JetStream file store: write() per message, fsync on a timer)"
             }
+            System::Redis => {
+                "yes (appendfsync always: the AOF is written and fdatasync'd before the event loop sends its replies)"
+            }
         }
     }
 
     /// The yes/no of [`System::fsync_before_confirm`], for table cells.
     pub fn fsyncs_before_confirm(self) -> bool {
-        self == System::Outboxd
+        matches!(self, System::Outboxd | System::Redis)
     }
 }
 
@@ -96,7 +106,8 @@ pub struct Broker {
     child: Child,
     pub pid: u32,
     /// outboxd: `ws://HOST:PORT/ws`; mosquitto: `HOST:PORT`; mosquitto-ws:
-    /// `ws://HOST:PORT/mqtt`; nats: `nats://HOST:PORT`; nats-ws: `ws://HOST:PORT`.
+    /// `ws://HOST:PORT/mqtt`; nats: `nats://HOST:PORT`; nats-ws: `ws://HOST:PORT`; redis:
+    /// `HOST:PORT`.
     pub endpoint: String,
     /// outboxd's admin API (`http://HOST:PORT`), for its commit counter.
     pub admin: Option<String>,
@@ -312,7 +323,67 @@ impl Broker {
                     ready_after: started.elapsed(),
                 })
             }
+            System::Redis => Broker::start_redis(dir, log, started),
         }
+    }
+
+    /// Starts redis-server on `dir/redis` (kept across a restart: the AOF is read back) and
+    /// returns once it answers PING, that is once it has loaded its AOF.
+    fn start_redis(dir: &Path, log: fs::File, started: Instant) -> Result<Broker> {
+        let port = free_port()?;
+        let data = dir.join("redis");
+        fs::create_dir_all(&data)?;
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&data)
+            .args([
+                // The promise under test: every write in the AOF, fdatasync'd before the
+                // replies of that event-loop turn are sent.
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                // No RDB snapshots (the AOF is the only persistence).
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                // As many clients as the idle and pairs cases open (Redis lowers it to what
+                // the file limit allows, and says so in its log).
+                "--maxclients",
+                "60000",
+                "--loglevel",
+                "warning",
+                "--logfile",
+                "",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        wait_for_port(port, &mut child, Duration::from_secs(60))?;
+        // Redis accepts connections while it loads the AOF, answering -LOADING until done.
+        let until = Instant::now() + Duration::from_secs(300);
+        while !redis_answers_ping(port) {
+            if let Some(status) = child.try_wait()? {
+                bail!("redis-server exited while loading: {status}");
+            }
+            if Instant::now() > until {
+                bail!("redis-server did not answer PING within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Broker {
+            pid: child.id(),
+            child,
+            endpoint: format!("127.0.0.1:{port}"),
+            admin: None,
+            ready_after: started.elapsed(),
+        })
     }
 
     /// Ends the broker: SIGTERM and a wait (graceful), or SIGKILL.
@@ -359,6 +430,20 @@ fn signal(pid: u32, sig: &str) {
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .status();
+}
+
+/// Whether the Redis on `port` answers `PING` with `+PONG` (not `-LOADING`).
+fn redis_answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
 /// A minimal HTTP/1.0 GET against the loopback admin API (avoids an HTTP client dependency).
@@ -498,6 +583,7 @@ pub fn version(system: System, paths: &Paths) -> String {
         System::Outboxd => Command::new(&paths.outboxd_bin).arg("--version").output(),
         System::Mosquitto | System::MosquittoWs => Command::new("mosquitto").arg("-h").output(),
         System::Nats | System::NatsWs => Command::new("nats-server").arg("--version").output(),
+        System::Redis => Command::new("redis-server").arg("--version").output(),
     };
     match out {
         Ok(o) => {

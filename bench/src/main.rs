@@ -1,5 +1,6 @@
-//! outboxd-bench: one driver, three adapters (outboxd, Mosquitto, NATS JetStream; the peers
-//! over TCP or over their WebSocket listeners), the workloads of issue 7, and the report.
+//! outboxd-bench: one driver, four adapters (outboxd, Mosquitto, NATS JetStream, Redis
+//! Streams; Mosquitto and NATS over TCP or over their WebSocket listeners), the workloads of
+//! issue 7, and the report.
 //! `bench/run.sh` installs the peers, builds, and runs this; see docs/benchmarks.md for the
 //! method and the latest figures.
 
@@ -7,6 +8,7 @@ mod adapters;
 mod brokers;
 mod msg;
 mod report;
+mod resp;
 mod stats;
 mod workloads;
 
@@ -35,7 +37,7 @@ enum Which {
 #[derive(Parser, Debug)]
 #[command(
     name = "outboxd-bench",
-    about = "Side-by-side benchmark: outboxd, Mosquitto, NATS JetStream"
+    about = "Side-by-side benchmark: outboxd, Mosquitto, NATS JetStream, Redis Streams"
 )]
 struct Args {
     /// Systems to measure, in this order within each repetition.
@@ -43,7 +45,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "outboxd,mosquitto,nats,mosquitto-ws,nats-ws"
+        default_value = "outboxd,mosquitto,nats,redis,mosquitto-ws,nats-ws"
     )]
     systems: Vec<System>,
     /// Workloads to run.
@@ -433,7 +435,7 @@ async fn run(args: Args) -> Result<bool> {
         && idle.iter().all(|i| i.failure.is_none())
         && backlog.iter().all(|b| {
             b.failure.is_none()
-                && (b.lost == 0 || (b.restart == "SIGKILL" && b.system != System::Outboxd))
+                && (b.lost == 0 || (b.restart == "SIGKILL" && !b.system.fsyncs_before_confirm()))
         });
     let mut versions = BTreeMap::new();
     let mut fsync = BTreeMap::new();

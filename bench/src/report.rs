@@ -279,7 +279,7 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
     let w = &mut o;
     let _ = writeln!(
         w,
-        "# Benchmarks: outboxd, Mosquitto and NATS JetStream, side by side\n"
+        "# Benchmarks: outboxd, Mosquitto, NATS JetStream and Redis Streams, side by side\n"
     );
     let _ = writeln!(
         w,
@@ -497,7 +497,8 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
             w,
             "outboxd: a topic publish (one copy per subscriber's outbox, written before the \
              `ok`); Mosquitto: one QoS 1 topic, N persistent sessions; NATS: one stream, N \
-             durable pull consumers (interest retention). Closed loop as in saturation, gated \
+             durable pull consumers (interest retention); Redis: one stream per subscriber, \
+             the N XADDs of a message in one MULTI/EXEC. Closed loop as in saturation, gated \
              by the slowest subscriber.\n"
         );
         let mut ns: Vec<usize> = fan.iter().map(|x| x.subscribers).collect();
@@ -567,7 +568,7 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
              subscriber on its own connection (outboxd: a direct publish to `client:sub-i`; \
              Mosquitto: topic `bench/t/i`, QoS 1, `clean_session = false`; NATS: subject \
              `bench.t.i` on the one stream, a durable pull consumer per subscriber filtered on \
-             it). Each publisher sends one message every {period_s} s; the N schedules are \
+             it; Redis: stream `bench:sub-i`, read through a consumer group). Each publisher sends one message every {period_s} s; the N schedules are \
              spread evenly over the period, so N msg/s are offered in total. Latency is from \
              the intended send time, as in the latency table; loss is checked per pair. \
              Connections: publishers + subscribers established, of 2 N.\n"
@@ -739,6 +740,22 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
          order.",
         crate::adapters::DELIVERY_WINDOW
     );
+    if systems.contains(&System::Redis) {
+        let _ = writeln!(
+            w,
+            "- Redis: `redis-server --appendonly yes --appendfsync always --save \"\"` (the AOF \
+             only, fdatasync'd before each event-loop turn's replies; no RDB snapshots), \
+             `--maxclients 60000`, AOF rewrite at its defaults. One stream per subscriber \
+             (`bench:sub-N`, no MAXLEN: nothing is trimmed unread). Client: the bench's own \
+             RESP2 client; the publisher pipelines `XADD` (at most {PUBLISH_WINDOW} \
+             unconfirmed in the closed loop; the reply is the confirmation), N copies in one \
+             `MULTI`/`EXEC` for fan-out; the subscriber reads through a consumer group \
+             (`XREADGROUP COUNT 512 BLOCK 1000`) and sends `XACK` and `XDEL` for each batch \
+             in the same write as its next read. A read that hands out entries changes the \
+             group's state, which Redis appends to the AOF too (as XCLAIM records), so a \
+             delivery is fsync'd in its event-loop turn like a publish."
+        );
+    }
     if systems.contains(&System::MosquittoWs) {
         let _ = writeln!(
             w,
@@ -769,9 +786,10 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
 }
 
 /// Every system outboxd is compared with, over either transport.
-const PEERS: [System; 4] = [
+const PEERS: [System; 5] = [
     System::Mosquitto,
     System::Nats,
+    System::Redis,
     System::MosquittoWs,
     System::NatsWs,
 ];
@@ -910,6 +928,7 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
         System::Nats => "#2ca02c",
         System::MosquittoWs => "#9ecae1",
         System::NatsWs => "#98df8a",
+        System::Redis => "#ff7f0e",
     };
     let lat: Vec<&Summary> = r
         .summary

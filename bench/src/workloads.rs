@@ -31,7 +31,7 @@ use crate::msg;
 use crate::stats::{new_histogram, Gate, PubStats, SubStats};
 
 /// Unconfirmed publishes a closed-loop publisher may have (outboxd's client pipelines freely;
-/// this keeps all three clients alike).
+/// this keeps every system's client alike).
 pub const PUBLISH_WINDOW: usize = 1024;
 /// Published-but-undelivered messages (to the slowest subscriber) a closed-loop publisher may have.
 pub const E2E_WINDOW: u64 = 10_000;
@@ -912,6 +912,24 @@ async fn idle_client(
                 tokio::time::sleep(hb).await;
                 if client.connection_state() != async_nats::connection::State::Connected {
                     dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Protocol::Redis => {
+            // RESP has no heartbeat of its own: the client PINGs every interval.
+            let Ok(mut conn) = crate::resp::Conn::open(endpoint).await else {
+                return;
+            };
+            if conn.call(&["PING"]).await.is_err() {
+                return;
+            }
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            loop {
+                tokio::time::sleep(hb).await;
+                if conn.call(&["PING"]).await.is_err() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
                 }
             }
         }
