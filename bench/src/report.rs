@@ -256,9 +256,23 @@ fn find(
 
 /// Best peer's median for a metric, and which peer.
 fn best_peer(values: &[(System, f64)], higher_is_better: bool) -> Option<(System, f64)> {
+    best_peer_where(values, higher_is_better, |_| true)
+}
+
+/// Best median among the peers that fsync before confirming (the promise outboxd makes), and
+/// which peer.
+fn best_fsync_peer(values: &[(System, f64)], higher_is_better: bool) -> Option<(System, f64)> {
+    best_peer_where(values, higher_is_better, System::fsyncs_before_confirm)
+}
+
+fn best_peer_where(
+    values: &[(System, f64)],
+    higher_is_better: bool,
+    keep: impl Fn(System) -> bool,
+) -> Option<(System, f64)> {
     values
         .iter()
-        .filter(|(s, _)| *s != System::Outboxd)
+        .filter(|(s, _)| *s != System::Outboxd && keep(*s))
         .copied()
         .reduce(|a, b| {
             let better = if higher_is_better {
@@ -272,6 +286,14 @@ fn best_peer(values: &[(System, f64)], higher_is_better: bool) -> Option<(System
                 a
             }
         })
+}
+
+/// "outboxd / best" as `0.86× (nats)`, from medians; `–` when either is missing.
+fn ratio_cell(outboxd: Option<f64>, best: Option<(System, f64)>) -> String {
+    match (outboxd, best) {
+        (Some(o), Some((p, b))) if b > 0.0 => format!("{:.2}× ({})", o / b, p.name()),
+        _ => "–".into(),
+    }
 }
 
 pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> String {
@@ -352,12 +374,15 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
         for sys in systems {
             let _ = write!(w, " {} |", sys.name());
         }
-        let _ = writeln!(w, " outboxd / best peer | loss |");
+        let _ = writeln!(
+            w,
+            " outboxd / best peer | outboxd / best fsync peer | loss |"
+        );
         let _ = write!(w, "| --- |");
         for _ in systems {
             let _ = write!(w, " --- |");
         }
-        let _ = writeln!(w, " --- | --- |");
+        let _ = writeln!(w, " --- | --- | --- |");
         for size in &sizes {
             let _ = write!(w, "| {} |", size_name(*size));
             let mut meds = Vec::new();
@@ -376,15 +401,23 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
                     losses.push(format!("{}: {}", sys.name(), loss_cell(x)));
                 }
             }
-            let ratio = match (
-                meds.iter().find(|(s, _)| *s == System::Outboxd),
-                best_peer(&meds, true),
-            ) {
-                (Some((_, o)), Some((p, b))) if b > 0.0 => format!("{:.2}× ({})", o / b, p.name()),
-                _ => "–".into(),
-            };
-            let _ = writeln!(w, " {ratio} | {} |", losses.join("; "));
+            let o = meds
+                .iter()
+                .find(|(s, _)| *s == System::Outboxd)
+                .map(|m| m.1);
+            let _ = writeln!(
+                w,
+                " {} | {} | {} |",
+                ratio_cell(o, best_peer(&meds, true)),
+                ratio_cell(o, best_fsync_peer(&meds, true)),
+                losses.join("; ")
+            );
         }
+        let _ = writeln!(
+            w,
+            "\nRatios are of medians, outboxd over the best peer: of any kind, and of those that \
+             fsync before confirming (\"yes\" under \"Does it fsync before it confirms?\")."
+        );
         let _ = writeln!(
             w,
             "\nBroker process during the measured window (medians):\n"
@@ -473,6 +506,36 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
                     );
                 }
             }
+        }
+        let _ = writeln!(
+            w,
+            "\np99, outboxd over the best peer (medians; below 1× outboxd is faster): of any \
+             kind, and of those that fsync before confirming.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| rate msg/s | outboxd p99 | outboxd / best peer | outboxd / best fsync peer |\n| --- | --- | --- | --- |"
+        );
+        for rate in &rates {
+            let p99s: Vec<(System, f64)> = systems
+                .iter()
+                .filter_map(|sys| {
+                    find(&r.summary, *sys, Workload::Latency, size, Some(*rate), 1)
+                        .and_then(|x| x.p99_us)
+                        .map(|p| (*sys, p.median))
+                })
+                .collect();
+            let o = p99s
+                .iter()
+                .find(|(s, _)| *s == System::Outboxd)
+                .map(|m| m.1);
+            let _ = writeln!(
+                w,
+                "| {rate} | {} | {} | {} |",
+                o.map(fmt_us).unwrap_or_else(|| "–".into()),
+                ratio_cell(o, best_peer(&p99s, false)),
+                ratio_cell(o, best_fsync_peer(&p99s, false)),
+            );
         }
         let _ = writeln!(
             w,
@@ -940,8 +1003,11 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
     rates.dedup();
     let (pw, ph, ml, mt, mb) = (360.0, 260.0, 70.0, 40.0, 50.0);
     let width = 2.0 * (ml + pw) + 40.0;
-    // Two lines below the panels: the legend, then the note on the dashed lines.
-    let height = mt + ph + mb + 48.0;
+    // Below the panels: the legend (up to LEGEND_PER_ROW systems a line), then the note on the
+    // dashed lines.
+    const LEGEND_PER_ROW: usize = 5;
+    let legend_rows = systems.len().div_ceil(LEGEND_PER_ROW).max(1);
+    let height = mt + ph + mb + 32.0 + 16.0 * legend_rows as f64;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -1074,8 +1140,8 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
                     );
                 }
             }
-            let ly = height - 30.0;
-            let lx = 20.0 + i as f64 * 170.0;
+            let ly = height - 30.0 - 16.0 * (legend_rows - 1 - i / LEGEND_PER_ROW) as f64;
+            let lx = 20.0 + (i % LEGEND_PER_ROW) as f64 * 170.0;
             let _ = writeln!(
                 o,
                 r#"<rect x="{lx}" y="{}" width="14" height="4" fill="{c}"/><text x="{}" y="{ly}">{} ({})</text>"#,
