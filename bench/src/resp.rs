@@ -34,10 +34,12 @@ pub enum Value {
 }
 
 impl Value {
-    /// The elements of an array reply (empty for a null array); an error for anything else.
+    /// The elements of an array reply (empty for a null array or a null bulk string); an error
+    /// for anything else.
     pub fn into_array(self) -> Result<Vec<Value>> {
         match self {
             Value::Array(a) => Ok(a.unwrap_or_default()),
+            Value::Bulk(None) => Ok(Vec::new()),
             Value::Error(e) => bail!("redis: {e}"),
             other => bail!("redis: expected an array, got {other:?}"),
         }
@@ -155,8 +157,8 @@ pub struct Replies {
 
 impl Replies {
     /// The next reply. Errors when the connection ends or sends something that is not RESP2;
-    /// an error reply is `Ok(Value::Error)`. Not cancel-safe across a partial reply (a
-    /// cancelled read loses nothing, but the caller must not drop `self` and expect to resume).
+    /// an error reply is `Ok(Value::Error)`. Cancel-safe: bytes already read stay in the
+    /// buffer for the next call.
     pub async fn next(&mut self) -> Result<Value> {
         loop {
             if let Some((v, used)) = parse(&self.buf[self.start..])? {
@@ -214,6 +216,8 @@ impl Conn {
     }
 
     /// Sends `cmds` in one write and returns their replies in order (error replies included).
+    /// Errors when the connection fails. Not cancel-safe: a cancelled call may leave a
+    /// command half written or its reply unread, so the connection must then be dropped.
     pub async fn pipeline<A: AsRef<[u8]>>(&mut self, cmds: &[&[A]]) -> Result<Vec<Value>> {
         let mut out = Vec::new();
         for c in cmds {
