@@ -216,31 +216,27 @@ fn pub_exits_nonzero_when_the_broker_refuses_the_message() {
     );
 }
 
-#[test]
-fn pub_exits_nonzero_when_no_broker_answers_within_its_timeout() {
-    // Catches a pub that hangs for ever, or exits 0, when it cannot reach the broker.
+/// A loopback URL where nothing listens.
+fn closed_url() -> String {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let url = format!("ws://127.0.0.1:{port}/ws");
+    format!("ws://127.0.0.1:{port}/ws")
+}
+
+#[test]
+fn pub_with_wait_exits_3_when_no_broker_answers_within_the_wait() {
+    // Catches a pub that hangs for ever, or exits 0, when it cannot reach the broker.
+    let url = closed_url();
     let started = Instant::now();
     let out = run(
-        outboxd(&[
-            "pub",
-            "--url",
-            &url,
-            "--to",
-            "client:bob",
-            "--timeout",
-            "1",
-            "x",
-        ]),
+        outboxd(&["pub", "--url", &url, "--to", "client:bob", "--wait=1s", "x"]),
         None,
     );
-    assert_exit(&out, 1, "pub with no broker");
+    assert_exit(&out, 3, "pub --wait=1s with no broker");
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() >= Duration::from_secs(1) && started.elapsed() < Duration::from_secs(10),
         "took {:?}",
         started.elapsed()
     );
@@ -249,6 +245,85 @@ fn pub_exits_nonzero_when_no_broker_answers_within_its_timeout() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn pub_and_sub_fail_at_once_when_nothing_listens_naming_the_url_and_the_os_error() {
+    // Catches a first connection that is retried for 30 s by default (mosquitto_pub fails in
+    // milliseconds), and a failure that does not say where and why.
+    let url = closed_url();
+    for args in [
+        vec!["pub", "--url", &url, "--to", "client:bob", "x"],
+        vec!["sub", "--url", &url, "--client", "bob", "--no-position"],
+    ] {
+        let started = Instant::now();
+        let out = run(outboxd(&args), None);
+        assert_exit(&out, 3, args[0]);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{}: took {:?}",
+            args[0],
+            started.elapsed()
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains(&url), "{}: {err}", args[0]);
+        assert!(err.contains("Connection refused"), "{}: {err}", args[0]);
+    }
+}
+
+#[test]
+fn a_rejected_tls_certificate_is_not_retried_and_is_said_in_words() {
+    // Catches a certificate nobody trusts being retried until --wait runs out, and a message
+    // that names only rustls's variant (UnknownIssuer).
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("generate a test certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
+    let broker = Broker::start(
+        Opts::new()
+            .set("tls", "cert_file", cert_file.display())
+            .set("tls", "key_file", key_file.display()),
+    );
+    assert!(broker.url.starts_with("wss://"), "{}", broker.url);
+    let started = Instant::now();
+    let out = run(
+        outboxd(&[
+            "pub",
+            "--url",
+            &broker.url,
+            "--to",
+            "client:bob",
+            "--wait=20s",
+            "x",
+        ]),
+        None,
+    );
+    assert_exit(&out, 3, "pub to an untrusted certificate");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    assert!(err.contains("not signed by a trusted"), "{err}");
+    // Trusted with --ca, the same broker is reachable.
+    let out = run(
+        outboxd(&[
+            "pub",
+            "--url",
+            &broker.url,
+            "--ca",
+            &cert_file.display().to_string(),
+            "--to",
+            "client:bob",
+            "x",
+        ]),
+        None,
+    );
+    assert_exit(&out, 0, "pub with --ca");
 }
 
 #[test]

@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::client::{
-    Client, ClientBuilder, Event, FilePositionStore, Incoming, Message, Payload, PendingPublish,
-    Published, RequestError, Rng, StopReason,
+    Client, ClientBuilder, ClientError, Event, FilePositionStore, Incoming, Message, Payload,
+    PendingPublish, Published, RequestError, Rng, StopReason,
 };
 use crate::config::Config;
 use crate::model::ClientId;
@@ -55,6 +55,18 @@ pub struct ConnArgs {
     /// (its `exp`), so a long run outlives one token while something else renews the file
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// Retry the first connection for up to DURATION (30s, 5m, 1h; 0 waits for ever) until the
+    /// broker answers. A bare --wait retries for as long as --timeout (pub) or
+    /// --connect-timeout (sub) says. Without it, a first attempt that fails ends the command at
+    /// once (exit status 3). A rejected TLS certificate is never retried
+    #[arg(
+        long,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = ""
+    )]
+    wait: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -66,7 +78,8 @@ Examples:
 
 Exit status: 0 when the broker confirmed every message (durable in every recipient's outbox),
 1 when any was refused, not confirmed within --timeout, or not written for some topic
-subscriber, 2 for invalid arguments.")]
+subscriber, 2 for invalid arguments, 3 when no session with the broker came (nothing was sent:
+the first connection failed, or --wait ran out, or the broker's TLS certificate was rejected).")]
 pub struct PubArgs {
     /// Recipient: client:ID (one client's outbox) or topic:NAME (every subscriber's)
     #[arg(long, value_name = "client:ID|topic:NAME")]
@@ -92,8 +105,8 @@ pub struct PubArgs {
     /// limits.message_ttl_ms)
     #[arg(long, value_name = "MS")]
     ttl_ms: Option<u64>,
-    /// Seconds to wait for the first connection, and for each message's confirmation
-    /// (retrying across reconnects meanwhile); 0 waits for ever
+    /// Seconds to wait for each message's confirmation (retrying across reconnects
+    /// meanwhile), and with a bare --wait for the first connection; 0 waits for ever
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
     /// Print `ok <line> id=<id> recipients=<n>` on stderr for each confirmed message
@@ -119,7 +132,8 @@ Broker restarts, dropped and silent connections are ridden through: `sub` reconn
 backoff and resumes. Losses by retention (TTL) and position resets are reported on stderr.
 Exit status: 0 after --count messages or on SIGINT/SIGTERM; 1 when the client stopped for
 good (e.g. replaced by another connection with the same id) or stdout failed; 2 for invalid
-arguments.")]
+arguments; 3 when no first session came (the first connection failed, or --wait ran out, or
+the broker's TLS certificate was rejected). Once connected, `sub` reconnects for ever.")]
 pub struct SubArgs {
     /// This subscriber's client id: its outbox is what gets printed
     #[arg(long, value_name = "ID")]
@@ -139,7 +153,8 @@ pub struct SubArgs {
     /// Exit 0 after printing (and acking) N messages
     #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// Seconds to wait for the first connection and the subscriptions; 0 waits for ever
+    /// Seconds to wait for the subscriptions, and with a bare --wait for the first connection;
+    /// 0 waits for ever
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     connect_timeout: u64,
     /// Report connections and disconnections on stderr
@@ -151,6 +166,44 @@ pub struct SubArgs {
 
 /// Exit status for invalid arguments (the same as the broker's for a bad config).
 const USAGE: u8 = 2;
+/// Exit status when no first session came: nothing was sent.
+const UNREACHABLE: u8 = 3;
+
+/// How the first connection is made, from `--wait[=DURATION]`: `(fail_fast, connect_timeout)`.
+/// A bare `--wait` keeps `default`, the command's own timeout.
+fn first_connect(
+    wait: Option<&str>,
+    default: Option<Duration>,
+) -> Result<(bool, Option<Duration>), String> {
+    let Some(wait) = wait else {
+        return Ok((true, default));
+    };
+    let limit = match wait {
+        "" => default,
+        "0" => None,
+        w if w.bytes().all(|b| b.is_ascii_digit()) => w.parse().ok().map(Duration::from_secs),
+        w => super::parse_ttl(w).map(Duration::from_secs),
+    };
+    match limit {
+        None if !matches!(wait, "" | "0") => Err(format!(
+            "--wait={wait}: write a number with s, m, h or d, e.g. --wait=30s"
+        )),
+        limit => Ok((false, limit)),
+    }
+}
+
+/// The message and exit status for a client that could not start.
+fn connect_failed(e: ClientError) -> (String, u8) {
+    match e {
+        ClientError::Stopped(StopReason::Unreachable(why)) => (
+            format!("{why} (--wait retries the first connection)"),
+            UNREACHABLE,
+        ),
+        e @ (ClientError::Stopped(StopReason::Certificate { .. })
+        | ClientError::ConnectTimeout { .. }) => (e.to_string(), UNREACHABLE),
+        e => (e.to_string(), 1),
+    }
+}
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
@@ -219,9 +272,11 @@ fn builder(
     (url, own_cert): (String, Option<PathBuf>),
     client: &str,
     conn: ConnArgs,
-    connect_timeout: Option<Duration>,
+    (fail_fast, connect_timeout): (bool, Option<Duration>),
 ) -> ClientBuilder {
-    let mut b = Client::builder(url, client).connect_timeout(connect_timeout);
+    let mut b = Client::builder(url, client)
+        .connect_timeout(connect_timeout)
+        .fail_fast(fail_fast);
     if let Some(token) = conn.token {
         b = b.token(token);
     }
@@ -282,9 +337,16 @@ async fn run_pub(args: PubArgs) -> ExitCode {
         Err(e) => return fail(e, USAGE),
     };
     let timeout = seconds(args.timeout);
-    let client = match builder(url, &client_id, args.conn, timeout).connect().await {
+    let first = match first_connect(args.conn.wait.as_deref(), timeout) {
+        Ok(f) => f,
+        Err(e) => return fail(e, USAGE),
+    };
+    let client = match builder(url, &client_id, args.conn, first).connect().await {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string(), 1),
+        Err(e) => {
+            let (msg, code) = connect_failed(e);
+            return fail(msg, code);
+        }
     };
 
     // Lines (number, text) from the positional payload or stdin.
@@ -476,7 +538,11 @@ async fn run_sub(args: SubArgs) -> ExitCode {
         Err(e) => return fail(e, USAGE),
     };
     let connect_timeout = seconds(args.connect_timeout);
-    let mut b = builder(url, &args.client, args.conn, connect_timeout);
+    let first = match first_connect(args.conn.wait.as_deref(), connect_timeout) {
+        Ok(f) => f,
+        Err(e) => return fail(e, USAGE),
+    };
+    let mut b = builder(url, &args.client, args.conn, first);
     if !args.no_position {
         let path = args
             .position
@@ -486,7 +552,10 @@ async fn run_sub(args: SubArgs) -> ExitCode {
     }
     let mut client = match b.connect().await {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string(), 1),
+        Err(e) => {
+            let (msg, code) = connect_failed(e);
+            return fail(msg, code);
+        }
     };
     for topic in &args.topics {
         let subscribed = match connect_timeout {
@@ -721,6 +790,23 @@ mod tests {
             format_line(&m, true),
             r#"{"epoch":"E","seq":3,"id":"2a","ts":77,"from":"alice","redelivered":true,"payload":{"z":1,"a":2}}"#
         );
+    }
+
+    #[test]
+    fn wait_fails_fast_by_default_and_a_bare_wait_keeps_the_command_timeout() {
+        let thirty = Some(Duration::from_secs(30));
+        assert_eq!(first_connect(None, thirty), Ok((true, thirty)));
+        assert_eq!(first_connect(Some(""), thirty), Ok((false, thirty)));
+        assert_eq!(
+            first_connect(Some("5m"), thirty),
+            Ok((false, Some(Duration::from_secs(300))))
+        );
+        assert_eq!(
+            first_connect(Some("7"), thirty),
+            Ok((false, Some(Duration::from_secs(7))))
+        );
+        assert_eq!(first_connect(Some("0"), thirty), Ok((false, None)));
+        assert!(first_connect(Some("soon"), thirty).is_err());
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub(crate) struct Settings {
     /// For a `wss://` URL: whom to trust.
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     pub token_source: Option<TokenSource>,
+    /// Stop, instead of retrying, when the first connection attempt fails.
+    pub fail_fast: bool,
 }
 
 /// Hands out the token to use (see `ClientBuilder::token_source`).
@@ -105,6 +107,18 @@ pub(crate) struct Driver {
     ever_up: bool,
     /// The last save failed (report the next failure only after a success).
     save_failing: bool,
+}
+
+/// The reason in words when `e` is the broker's certificate failing verification: asking
+/// again would get the same certificate, checked against the same roots.
+fn rejected_certificate(e: &tungstenite::Error) -> Option<String> {
+    let tungstenite::Error::Io(io) = e else {
+        return None;
+    };
+    let tls = io
+        .get_ref()?
+        .downcast_ref::<tokio_rustls::rustls::Error>()?;
+    super::tls::rejection_in_words(tls)
 }
 
 /// Aborts the connection's writer task when the session ends, however it ends.
@@ -148,6 +162,9 @@ impl Driver {
         let reason = loop {
             let why = match self.session().await {
                 Ended::Stop(reason) => break reason,
+                Ended::Reconnect(why) if self.settings.fail_fast && !self.ever_up => {
+                    break StopReason::Unreachable(why)
+                }
                 Ended::Reconnect(why) => why,
             };
             let delay = self.settings.backoff.next_delay(self.rng.next_u64());
@@ -379,6 +396,12 @@ impl Driver {
                 return Ended::Stop(StopReason::Upgrade(text));
             }
             return Ended::Reconnect(format!("the upgrade was refused: {text}"));
+        }
+        if let Some(reason) = rejected_certificate(&e) {
+            return Ended::Stop(StopReason::Certificate {
+                url: self.settings.url.clone(),
+                reason,
+            });
         }
         Ended::Reconnect(format!("cannot connect to {}: {e}", self.settings.url))
     }

@@ -25,6 +25,15 @@ pub enum StopReason {
     Terminated { code: u16, reason: String },
     #[error("the broker refused the WebSocket upgrade: {0}")]
     Upgrade(String),
+    /// The first connection attempt failed and the client was told not to retry it
+    /// ([`ClientBuilder::fail_fast`](super::ClientBuilder::fail_fast)). Names the URL and the
+    /// cause (such as the operating system's "Connection refused").
+    #[error("{0}")]
+    Unreachable(String),
+    /// The broker's TLS certificate was rejected. Never retried: asking again gets the same
+    /// certificate, checked against the same trusted roots.
+    #[error("the TLS certificate of {url} was rejected: {reason}")]
+    Certificate { url: String, reason: String },
 }
 
 /// Why [`ClientBuilder::connect`](super::ClientBuilder::connect) failed.

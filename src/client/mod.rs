@@ -87,6 +87,7 @@ pub struct ClientBuilder {
     write_queue_frames: usize,
     tls_ca_files: Vec<PathBuf>,
     token_source: Option<driver::TokenSource>,
+    fail_fast: bool,
 }
 
 impl ClientBuilder {
@@ -146,6 +147,16 @@ impl ClientBuilder {
     /// gives up; `None` waits for ever. Default 30 s. Later reconnects never give up.
     pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// When `true`, [`connect`](Self::connect) fails as soon as the first connection attempt
+    /// fails (nothing listening, no handshake within the handshake timeout), with
+    /// [`StopReason::Unreachable`] naming the URL and the cause, instead of retrying for up to
+    /// the connect timeout. Reconnects after a first session are retried as always. Default
+    /// `false`. A rejected TLS certificate is never retried, whatever this says.
+    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
+        self.fail_fast = fail_fast;
         self
     }
 
@@ -218,6 +229,7 @@ impl ClientBuilder {
             write_queue_frames: self.write_queue_frames,
             tls,
             token_source: self.token_source,
+            fail_fast: self.fail_fast,
         };
         let mut machine = Machine::new(client_id.clone(), self.token, position);
         if settings.token_source.is_some() {
@@ -581,6 +593,7 @@ impl Client {
             write_queue_frames: 1024,
             tls_ca_files: Vec::new(),
             token_source: None,
+            fail_fast: false,
         }
     }
 

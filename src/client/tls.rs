@@ -54,6 +54,30 @@ pub(crate) fn client_config(ca_files: &[PathBuf]) -> Result<Arc<ClientConfig>, T
     Ok(Arc::new(config))
 }
 
+/// What is wrong with the peer's certificate, in words, when `e` is a certificate rejection;
+/// `None` for every other TLS error. The words name the usual fix (trusting the broker's
+/// certificate or its CA, the host name in the URL), since rustls's own names them only by
+/// variant (`UnknownIssuer`).
+pub(crate) fn rejection_in_words(e: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return None;
+    };
+    Some(match cert {
+        C::UnknownIssuer => "it is not signed by a trusted certificate authority (a self-signed \
+             certificate or a private CA: trust it with --ca FILE, tls_ca_file in the library)"
+            .into(),
+        C::Expired => "it has expired".into(),
+        C::NotValidYet => "it is not valid yet (check this machine's clock)".into(),
+        C::NotValidForName => "it is not issued for the host name in the URL".into(),
+        C::BadSignature => "its signature does not verify".into(),
+        C::Revoked => "it has been revoked".into(),
+        C::BadEncoding => "it cannot be parsed".into(),
+        // The others (with context: name, times) read well as rustls writes them.
+        other => other.to_string(),
+    })
+}
+
 /// The certificates in the PEM file `path`: at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(|source| TlsError::Read {
