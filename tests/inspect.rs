@@ -407,3 +407,31 @@ fn ndjson_seqs(out: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_admin_before_the_subcommand_asks_the_broker_of_the_config() {
+    // Catches `inspect --admin stats` failing with "requires a subcommand": the optional URL
+    // of --admin took `stats`.
+    let broker = Broker::start(Opts::new());
+    workload(&broker).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nadmin_listen = \"{}\"\n", broker.admin_addr()),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    let bare = json_of(&["inspect", "--config", &config, "--admin", "--json", "stats"]);
+    let before = json_of(&["inspect", "--config", &config, "--json", "--admin", "stats"]);
+    let url = format!("http://{}", broker.admin_addr());
+    let with_url = json_of(&["inspect", "--admin", &url, "--json", "stats"]);
+    for v in [&bare, &before] {
+        assert_eq!(v["clients"], with_url["clients"], "{v}");
+        assert_eq!(v["pending_messages"], with_url["pending_messages"], "{v}");
+    }
+    assert!(
+        with_url["clients"].as_u64().is_some_and(|n| n > 0),
+        "{with_url}"
+    );
+}

@@ -57,7 +57,9 @@ pub struct SourceArgs {
     /// running on it; use --admin for a running one.
     #[arg(long, value_name = "DIR", global = true, conflicts_with = "admin")]
     data: Option<PathBuf>,
-    /// Ask a running broker's admin API [URL default: http://<server.admin_listen>].
+    /// Ask a running broker's admin API at URL [default:
+    /// http://<server.admin_listen>]: `--admin URL`, `--admin=URL`, or a bare `--admin`
+    /// (also right before the subcommand: `inspect --admin stats`).
     #[arg(long, value_name = "URL", global = true, num_args = 0..=1, default_missing_value = "")]
     admin: Option<String>,
     /// Bearer token for the admin API [default: admin.token from the config].
@@ -238,6 +240,46 @@ fn finish(r: Result<(), ToolError>) -> ExitCode {
             e.exit_code()
         }
     }
+}
+
+/// Makes a bare `--admin` in front of an `inspect` subcommand mean the default URL.
+///
+/// `--admin` takes an optional URL, and clap gives it whatever word follows: in
+/// `outboxd inspect --admin stats` that is `stats`, leaving no subcommand. A word after
+/// `--admin` that names a subcommand of `inspect` is that subcommand, so the `--admin` is
+/// rewritten as `--admin=` (the default URL). URLs (`--admin URL`, `--admin=URL`) and every
+/// other command line pass unchanged.
+pub(crate) fn bare_admin_before_subcommand(
+    args: Vec<std::ffi::OsString>,
+    cli: &clap::Command,
+) -> Vec<std::ffi::OsString> {
+    let is_inspect = args.get(1).is_some_and(|a| a == "inspect");
+    let Some(inspect) = cli.find_subcommand("inspect").filter(|_| is_inspect) else {
+        return args;
+    };
+    let names: Vec<&str> = inspect
+        .get_subcommands()
+        .flat_map(|c| std::iter::once(c.get_name()).chain(c.get_all_aliases()))
+        .collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut words = args.into_iter().peekable();
+    while let Some(word) = words.next() {
+        if word == "--" {
+            out.push(word);
+            out.extend(words);
+            break;
+        }
+        let subcommand_next = words
+            .peek()
+            .and_then(|w| w.to_str())
+            .is_some_and(|w| names.contains(&w));
+        if word == "--admin" && subcommand_next {
+            out.push("--admin=".into());
+        } else {
+            out.push(word);
+        }
+    }
+    out
 }
 
 /// Where the views come from.
@@ -794,6 +836,32 @@ fn print_stats(out: &mut impl Write, s: &StatsView, now: u64) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_admin_before_an_inspect_subcommand_means_the_default_url() {
+        use clap::CommandFactory as _;
+        let cli = crate::cli::Cli::command();
+        let fixed = |words: &[&str]| -> Vec<String> {
+            let args = words.iter().map(std::ffi::OsString::from).collect();
+            bare_admin_before_subcommand(args, &cli)
+                .into_iter()
+                .map(|w| w.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            fixed(&["outboxd", "inspect", "--admin", "stats"]),
+            ["outboxd", "inspect", "--admin=", "stats"]
+        );
+        let unchanged: [&[&str]; 4] = [
+            &["outboxd", "inspect", "--admin", "http://h:9090", "stats"],
+            &["outboxd", "inspect", "--admin=http://h:9090", "stats"],
+            &["outboxd", "inspect", "outbox", "--", "--admin", "stats"],
+            &["outboxd", "backup", "--admin", "--to", "d"],
+        ];
+        for words in unchanged {
+            assert_eq!(fixed(words), words);
+        }
+    }
 
     #[test]
     fn table_cuts_only_the_last_column_to_the_width() {

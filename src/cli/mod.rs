@@ -10,7 +10,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -186,7 +186,11 @@ fn token(args: TokenArgs) -> ExitCode {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = crate::cli::inspect::bare_admin_before_subcommand(
+        std::env::args_os().collect(),
+        &Cli::command(),
+    );
+    let cli = Cli::parse_from(args);
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     // The broker logs what it does; the tools only warn, their output is on stdout.
     init_logging(if matches!(command, Command::Serve(_)) {
