@@ -435,3 +435,73 @@ async fn a_bare_admin_before_the_subcommand_asks_the_broker_of_the_config() {
         "{with_url}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_and_backup_reach_an_https_admin_api_trusting_ca_or_the_configs_certificate() {
+    // Catches an admin client built without TLS ("TLS required, but transport is
+    // unsecured"), a --ca that is ignored, and a certificate rejection not said in words.
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("generate a test certificate");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
+    let broker = Broker::start(
+        Opts::new()
+            .set("tls", "cert_file", cert_file.display())
+            .set("tls", "key_file", key_file.display())
+            .set("tls", "admin", true),
+    );
+    let url = format!("https://{}", broker.admin_addr());
+    let ca = cert_file.display().to_string();
+    // wss:// for the WebSocket too: publish with the CLI, trusting the same certificate.
+    ok_stdout(&[
+        "pub",
+        "--url",
+        &broker.url,
+        "--ca",
+        &ca,
+        "--to",
+        "client:bob",
+        "1",
+    ]);
+
+    let stats = json_of(&["inspect", "--admin", &url, "--ca", &ca, "--json", "stats"]);
+    assert!(stats["clients"].as_u64().is_some_and(|n| n > 0), "{stats}");
+
+    let untrusted = outboxd(&["inspect", "--admin", &url, "stats"]);
+    assert_eq!(untrusted.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(err.contains(&url), "{err}");
+    assert!(err.contains("not signed by a trusted"), "{err}");
+
+    // A bare --admin with the broker's own config: https://, its certificate trusted.
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nadmin_listen = \"{}\"\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nadmin = true\n",
+            broker.admin_addr(),
+            cert_file.display().to_string(),
+            key_file.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    let same = json_of(&["inspect", "--config", &config, "--admin", "--json", "stats"]);
+    assert_eq!(same["clients"], stats["clients"], "{same}");
+
+    let backup = dir.path().join("https-backup");
+    let out = json_of(&[
+        "backup",
+        "--admin",
+        &url,
+        "--ca",
+        &ca,
+        "--to",
+        backup.to_str().expect("path"),
+        "--json",
+    ]);
+    assert!(out["records"].as_u64().unwrap_or(0) > 0, "{out}");
+}

@@ -57,9 +57,10 @@ pub struct SourceArgs {
     /// running on it; use --admin for a running one.
     #[arg(long, value_name = "DIR", global = true, conflicts_with = "admin")]
     data: Option<PathBuf>,
-    /// Ask a running broker's admin API at URL [default:
-    /// http://<server.admin_listen>]: `--admin URL`, `--admin=URL`, or a bare `--admin`
-    /// (also right before the subcommand: `inspect --admin stats`).
+    /// Ask a running broker's admin API at URL, http:// or https:// [default:
+    /// http://<server.admin_listen>, https:// when the config sets tls.admin, and then its
+    /// tls.cert_file is trusted]: `--admin URL`, `--admin=URL`, or a bare `--admin` (also
+    /// right before the subcommand: `inspect --admin stats`).
     #[arg(long, value_name = "URL", global = true, num_args = 0..=1, default_missing_value = "")]
     admin: Option<String>,
     /// Bearer token for the admin API [default: admin.token from the config].
@@ -71,6 +72,11 @@ pub struct SourceArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// For an https:// admin API: trust the certificates in this PEM file (a private CA, or
+    /// the broker's self-signed certificate) instead of the public certificate authorities.
+    /// May be given more than once
+    #[arg(long = "ca", value_name = "FILE", global = true)]
+    ca: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -296,13 +302,18 @@ impl Source {
         };
         let cfg = Config::load(&path, required, std::env::vars())?;
         if let Some(url) = &args.admin {
-            let base = if url.is_empty() {
-                format!("http://{}", cfg.server.admin_listen)
-            } else {
+            let mut ca = args.ca.clone();
+            let base = if !url.is_empty() {
                 url.trim_end_matches('/').to_string()
+            } else if cfg.tls.admin && cfg.tls.enabled() {
+                // The broker's own certificate, as `pub` and `sub` trust it for wss://.
+                ca.push(cfg.tls.cert_file.clone());
+                format!("https://{}", cfg.server.admin_listen)
+            } else {
+                format!("http://{}", cfg.server.admin_listen)
             };
             let token = args.token.clone().or_else(|| admin_token(&cfg));
-            return Ok(Source::Online(Admin { base, token }));
+            return Ok(Source::Online(Admin::new(base, token, &ca)?));
         }
         let dir = args
             .data
@@ -401,15 +412,54 @@ fn encode_path(s: &str) -> String {
 struct Admin {
     base: String,
     token: Option<String>,
+    agent: ureq::Agent,
 }
 
 impl Admin {
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
+    /// Trusts the certificates in `ca_files` for https://, or the public certificate
+    /// authorities when there are none. Reads the files.
+    fn new(base: String, token: Option<String>, ca_files: &[PathBuf]) -> Result<Admin, ToolError> {
+        let fail = |message: String| ToolError::Admin {
+            url: base.clone(),
+            message,
+        };
+        let mut roots = Vec::new();
+        for path in ca_files {
+            let pem = std::fs::read(path)
+                .map_err(|e| fail(format!("cannot read --ca {}: {e}", path.display())))?;
+            let before = roots.len();
+            for item in ureq::tls::parse_pem(&pem) {
+                match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => roots.push(c),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(fail(format!("{} is not valid PEM: {e}", path.display())))
+                    }
+                }
+            }
+            if roots.len() == before {
+                return Err(fail(format!(
+                    "{} holds no PEM certificate (\"BEGIN CERTIFICATE\")",
+                    path.display()
+                )));
+            }
+        }
+        let root_certs = if roots.is_empty() {
+            ureq::tls::RootCerts::WebPki
+        } else {
+            ureq::tls::RootCerts::from(roots)
+        };
+        let agent = ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(30)))
             .http_status_as_error(false)
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(root_certs)
+                    .build(),
+            )
             .build()
-            .into()
+            .into();
+        Ok(Admin { base, token, agent })
     }
 
     fn fail(&self, message: impl Into<String>) -> ToolError {
@@ -434,10 +484,11 @@ impl Admin {
         &self,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<(u16, String), ToolError> {
-        let mut resp = r.map_err(|e| {
-            self.fail(format!(
+        let mut resp = r.map_err(|e| match rejected_certificate(&e) {
+            Some(words) => self.fail(format!("its TLS certificate was rejected: {words}")),
+            None => self.fail(format!(
                 "{e} (is the broker running, and is its admin API on this address?)"
-            ))
+            )),
         })?;
         let status = resp.status().as_u16();
         let body = resp
@@ -460,13 +511,13 @@ impl Admin {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ToolError> {
-        let (status, body) = self.call(Self::agent().get(&format!("{}{path}", self.base)))?;
+        let (status, body) = self.call(self.agent.get(&format!("{}{path}", self.base)))?;
         self.decode(status, &body)
     }
 
     /// Like [`Admin::get`], with a 404 meaning the client has no outbox.
     fn get_client<T: DeserializeOwned>(&self, path: &str, client: &str) -> Result<T, ToolError> {
-        let (status, body) = self.call(Self::agent().get(&format!("{}{path}", self.base)))?;
+        let (status, body) = self.call(self.agent.get(&format!("{}{path}", self.base)))?;
         if status == 404 {
             return Err(ToolError::NoSuchClient(client.to_string()));
         }
@@ -478,7 +529,7 @@ impl Admin {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T, ToolError> {
-        let req = Self::agent().post(&format!("{}{path}", self.base));
+        let req = self.agent.post(&format!("{}{path}", self.base));
         let req = match &self.token {
             Some(t) => req.header("Authorization", &format!("Bearer {t}")),
             None => req,
@@ -486,6 +537,18 @@ impl Admin {
         let (status, text) = self.read(req.send_json(body))?;
         self.decode(status, &text)
     }
+}
+
+/// The reason in words when `e` is the admin API's certificate failing verification.
+fn rejected_certificate(e: &ureq::Error) -> Option<String> {
+    let tls = match e {
+        ureq::Error::Rustls(tls) => tls,
+        ureq::Error::Io(io) => io
+            .get_ref()?
+            .downcast_ref::<tokio_rustls::rustls::Error>()?,
+        _ => return None,
+    };
+    crate::client::tls::rejection_in_words(tls)
 }
 
 /// The `message` of an API error body, or the body itself.

@@ -213,6 +213,15 @@ pub fn main() -> ExitCode {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // rustls is built with its `log` feature (ureq, the admin client, asks for it), and logs
+    // every alert and protocol error a peer causes at warn and error. The broker reports a
+    // peer's failed handshake itself, at debug: a peer must not be able to fill the log. So
+    // rustls speaks only when RUST_LOG names it.
+    let names_rustls = std::env::var("RUST_LOG").is_ok_and(|s| s.contains("rustls"));
+    let filter = match "rustls=off".parse() {
+        Ok(quiet) if !names_rustls => filter.add_directive(quiet),
+        _ => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -43,7 +43,7 @@ mod error;
 mod payload;
 mod position;
 mod state;
-mod tls;
+pub(crate) mod tls;
 
 use std::future::{Future, IntoFuture};
 use std::ops::Deref;
