@@ -398,6 +398,29 @@ fn pub_and_sub_refuse_invalid_arguments_with_status_2() {
 }
 
 #[test]
+fn a_bad_url_is_a_usage_error_with_status_2_that_names_it() {
+    // Catches a malformed --url that exits 1, like a broker that is down, though the docs
+    // promise 2 for invalid arguments.
+    for url in [
+        "localhost:8080",
+        "http://127.0.0.1:1/ws",
+        "ws://",
+        "not a url",
+    ] {
+        for args in [
+            vec!["pub", "--url", url, "--to", "client:bob", "x"],
+            vec!["sub", "--url", url, "--client", "bob", "--no-position"],
+        ] {
+            let out = run(outboxd(&args), None);
+            assert_exit(&out, 2, &format!("{} --url {url:?}", args[0]));
+            let err = text(&out.stderr);
+            assert!(err.contains(&format!("{url:?}")), "{err}");
+            assert!(err.contains("ws://HOST:PORT/ws"), "{err}");
+        }
+    }
+}
+
+#[test]
 fn pub_and_sub_without_url_use_server_listen_from_config_toml() {
     // Catches a default --url that ignores the config the broker itself reads.
     let broker = Broker::start(Opts::new());

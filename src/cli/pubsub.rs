@@ -78,8 +78,9 @@ Examples:
 
 Exit status: 0 when the broker confirmed every message (durable in every recipient's outbox),
 1 when any was refused, not confirmed within --timeout, or not written for some topic
-subscriber, 2 for invalid arguments, 3 when no session with the broker came (nothing was sent:
-the first connection failed, or --wait ran out, or the broker's TLS certificate was rejected).")]
+subscriber, 2 for invalid arguments (a malformed --url too), 3 when no session with the broker
+came (nothing was sent: the first connection failed, or --wait ran out, or the broker's TLS
+certificate was rejected).")]
 pub struct PubArgs {
     /// Recipient: client:ID (one client's outbox) or topic:NAME (every subscriber's)
     #[arg(long, value_name = "client:ID|topic:NAME")]
@@ -132,8 +133,9 @@ Broker restarts, dropped and silent connections are ridden through: `sub` reconn
 backoff and resumes. Losses by retention (TTL) and position resets are reported on stderr.
 Exit status: 0 after --count messages or on SIGINT/SIGTERM; 1 when the client stopped for
 good (e.g. replaced by another connection with the same id) or stdout failed; 2 for invalid
-arguments; 3 when no first session came (the first connection failed, or --wait ran out, or
-the broker's TLS certificate was rejected). Once connected, `sub` reconnects for ever.")]
+arguments (a malformed --url too); 3 when no first session came (the first connection failed,
+or --wait ran out, or the broker's TLS certificate was rejected). Once connected, `sub`
+reconnects for ever.")]
 pub struct SubArgs {
     /// This subscriber's client id: its outbox is what gets printed
     #[arg(long, value_name = "ID")]
@@ -201,6 +203,17 @@ fn connect_failed(e: ClientError) -> (String, u8) {
         ),
         e @ (ClientError::Stopped(StopReason::Certificate { .. })
         | ClientError::ConnectTimeout { .. }) => (e.to_string(), UNREACHABLE),
+        // The library's reason may start with the URL again.
+        ClientError::Url { url, reason } => {
+            let reason = reason.strip_prefix(&format!("{url}: ")).unwrap_or(&reason);
+            (
+                format!(
+                    "invalid broker URL {url:?}: {reason} (write ws://HOST:PORT/ws, or wss:// \
+                     for TLS)"
+                ),
+                USAGE,
+            )
+        }
         e => (e.to_string(), 1),
     }
 }
