@@ -398,6 +398,46 @@ fn pub_and_sub_refuse_invalid_arguments_with_status_2() {
 }
 
 #[test]
+fn a_ca_certificate_used_as_the_brokers_own_is_said_in_words() {
+    // Catches "Other(OtherError(CaUsedAsEndEntity))": what `openssl req -x509` makes by
+    // default is a CA certificate, which no client accepts as a server's, --ca or not.
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("certificate params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params
+        .self_signed(&key)
+        .expect("self-signed CA certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("write cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    let broker = Broker::start(
+        Opts::new()
+            .set("tls", "cert_file", cert_file.display())
+            .set("tls", "key_file", key_file.display()),
+    );
+    let ca = cert_file.display().to_string();
+    let out = run(
+        outboxd(&[
+            "pub",
+            "--url",
+            &broker.url,
+            "--ca",
+            &ca,
+            "--to",
+            "client:bob",
+            "x",
+        ]),
+        None,
+    );
+    assert_exit(&out, 3, "pub to a broker whose certificate is a CA's");
+    let err = text(&out.stderr);
+    assert!(err.contains("is a CA certificate"), "{err}");
+    assert!(!err.contains("OtherError"), "{err}");
+}
+
+#[test]
 fn a_bad_url_is_a_usage_error_with_status_2_that_names_it() {
     // Catches a malformed --url that exits 1, like a broker that is down, though the docs
     // promise 2 for invalid arguments.

@@ -73,6 +73,14 @@ pub(crate) fn rejection_in_words(e: &rustls::Error) -> Option<String> {
         C::BadSignature => "its signature does not verify".into(),
         C::Revoked => "it has been revoked".into(),
         C::BadEncoding => "it cannot be parsed".into(),
+        // webpki's errors come through `Other`, written as their variant names.
+        C::Other(other) => match other.to_string().as_str() {
+            "CaUsedAsEndEntity" => "it is a CA certificate (basicConstraints CA:TRUE) used as \
+                the server's own certificate: the broker needs a leaf certificate (openssl \
+                req -x509 makes a CA one unless given -addext basicConstraints=critical,CA:FALSE)"
+                .into(),
+            name => format!("the verifier says {name}"),
+        },
         // The others (with context: name, times) read well as rustls writes them.
         other => other.to_string(),
     })
@@ -110,6 +118,25 @@ mod tests {
         let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         std::fs::write(&ca, c.cert.pem()).unwrap();
         assert!(client_config(std::slice::from_ref(&ca)).is_ok());
+    }
+
+    #[test]
+    fn certificate_rejections_are_said_in_words_and_other_errors_are_not_rejections() {
+        use rustls::CertificateError as C;
+        #[derive(Debug)]
+        struct Webpki;
+        impl std::fmt::Display for Webpki {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CaUsedAsEndEntity")
+            }
+        }
+        impl std::error::Error for Webpki {}
+        let words = |c: C| rejection_in_words(&rustls::Error::InvalidCertificate(c)).unwrap();
+        assert!(words(C::UnknownIssuer).contains("not signed by a trusted"));
+        assert!(words(C::Expired).contains("expired"));
+        let ca = C::Other(rustls::OtherError(Arc::new(Webpki)));
+        assert!(words(ca).contains("CA certificate"));
+        assert_eq!(rejection_in_words(&rustls::Error::DecryptError), None);
     }
 
     #[test]
