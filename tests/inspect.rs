@@ -426,9 +426,11 @@ async fn a_bare_admin_before_the_subcommand_asks_the_broker_of_the_config() {
     let before = json_of(&["inspect", "--config", &config, "--json", "--admin", "stats"]);
     let url = format!("http://{}", broker.admin_addr());
     let with_url = json_of(&["inspect", "--admin", &url, "--json", "stats"]);
+    // The same broker answered: its data dir names it. (Pending counts may still move
+    // between the queries while the workload's acks settle.)
     for v in [&bare, &before] {
+        assert_eq!(v["data_dir"], with_url["data_dir"], "{v}");
         assert_eq!(v["clients"], with_url["clients"], "{v}");
-        assert_eq!(v["pending_messages"], with_url["pending_messages"], "{v}");
     }
     assert!(
         with_url["clients"].as_u64().is_some_and(|n| n > 0),
