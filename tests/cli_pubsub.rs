@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Broker, Opts, Relay};
+use common::{Broker, Opts, Relay, TlsFiles};
 use serde_json::{json, Value};
 
 /// How long a command may run before the test calls it hung.
@@ -275,17 +275,9 @@ fn pub_and_sub_fail_at_once_when_nothing_listens_naming_the_url_and_the_os_error
 fn a_rejected_tls_certificate_is_not_retried_and_is_said_in_words() {
     // Catches a certificate nobody trusts being retried until --wait runs out, and a message
     // that names only rustls's variant (UnknownIssuer).
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
-        .expect("generate a test certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
-    let broker = Broker::start(
-        Opts::new()
-            .set("tls", "cert_file", cert_file.display())
-            .set("tls", "key_file", key_file.display()),
-    );
+    let tls = TlsFiles::new();
+    let cert_file = &tls.cert;
+    let broker = Broker::start(tls.opts());
     assert!(broker.url.starts_with("wss://"), "{}", broker.url);
     let started = Instant::now();
     let out = run(

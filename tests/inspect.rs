@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
-use common::{Broker, Opts};
+use common::{Broker, Opts, TlsFiles};
 use serde_json::{json, Value};
 
 /// Runs `outboxd ARGS` in an empty directory (no ./config.toml) and returns its output.
@@ -442,19 +442,10 @@ async fn a_bare_admin_before_the_subcommand_asks_the_broker_of_the_config() {
 async fn inspect_and_backup_reach_an_https_admin_api_trusting_ca_or_the_configs_certificate() {
     // Catches an admin client built without TLS ("TLS required, but transport is
     // unsecured"), a --ca that is ignored, and a certificate rejection not said in words.
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .expect("generate a test certificate");
+    let tls = TlsFiles::new();
+    let (cert_file, key_file) = (&tls.cert, &tls.key);
     let dir = tempfile::tempdir().expect("temp dir");
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
-    let broker = Broker::start(
-        Opts::new()
-            .set("tls", "cert_file", cert_file.display())
-            .set("tls", "key_file", key_file.display())
-            .set("tls", "admin", true),
-    );
+    let broker = Broker::start(tls.opts().set("tls", "admin", true));
     let url = format!("https://{}", broker.admin_addr());
     let ca = cert_file.display().to_string();
     // wss:// for the WebSocket too: publish with the CLI, trusting the same certificate.

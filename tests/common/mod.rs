@@ -1228,3 +1228,37 @@ async fn above(switch: &mut watch::Receiver<u64>, n: u64) {
         std::future::pending::<()>().await;
     }
 }
+
+/// A fresh self-signed certificate for 127.0.0.1 and localhost, written as PEM files in a temp
+/// dir that lives as long as this value; `opts()` points a broker's `[tls]` at them.
+pub struct TlsFiles {
+    _dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn new() -> TlsFiles {
+        let c = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+        ])
+        .expect("generate a test certificate");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, c.cert.pem()).expect("write cert");
+        std::fs::write(&key, c.signing_key.serialize_pem()).expect("write key");
+        TlsFiles {
+            _dir: dir,
+            cert,
+            key,
+        }
+    }
+
+    /// Broker options with TLS on these files.
+    pub fn opts(&self) -> Opts {
+        Opts::new()
+            .set("tls", "cert_file", self.cert.display())
+            .set("tls", "key_file", self.key.display())
+    }
+}
