@@ -116,6 +116,7 @@ pub struct Config {
     pub admin: Admin,
     pub auth: crate::auth::AuthConfig,
     pub tls: TlsSettings,
+    pub postgres: Postgres,
     /// Where each value that is not a default came from, for refusals.
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
@@ -186,9 +187,63 @@ pub struct Server {
     pub require_origin: bool,
 }
 
+/// Which engine holds the outboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// sled in `storage.data_dir`: one node, one disk.
+    Sled,
+    /// A PostgreSQL database (`[postgres]`): several nodes, the database's replication.
+    Postgres,
+}
+
+/// The PostgreSQL backend's settings (used when `storage.backend = "postgres"`).
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Postgres {
+    /// libpq URL or key=value string; several hosts with `target_session_attrs=read-write`
+    /// find the primary.
+    pub url: String,
+    /// Connections for reads (deliveries, inspection), besides the writer's and the listener's.
+    pub pool_size: u32,
+    /// How long a connection attempt may take.
+    pub connect_timeout_ms: u64,
+    /// Statement timeout of the read connections (never of the writer's).
+    pub read_timeout_ms: u64,
+    /// How often a node re-reads the outboxes of its connected clients, so a lost wake-up
+    /// only delays a delivery and an older connection on another node is closed.
+    pub recheck_ms: u64,
+}
+
+// By hand, so a password in the URL never reaches a log line.
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres")
+            .field("url", &if self.url.is_empty() { "<empty>" } else { "<set>" })
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("read_timeout_ms", &self.read_timeout_ms)
+            .field("recheck_ms", &self.recheck_ms)
+            .finish()
+    }
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: 4,
+            connect_timeout_ms: 5000,
+            read_timeout_ms: 10_000,
+            recheck_ms: 500,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
+    pub backend: Backend,
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub group_commit_max_delay_us: u64,
@@ -246,6 +301,7 @@ impl Default for Server {
 impl Default for Storage {
     fn default() -> Self {
         Self {
+            backend: Backend::Sled,
             data_dir: PathBuf::from("data"),
             durability: Durability::Fsync,
             group_commit_max_delay_us: 0,
@@ -458,6 +514,14 @@ impl Config {
         self.validate_tls()?;
         if let Err(e) = crate::auth::Verifier::from_config(&self.auth) {
             return Err(invalid(e.key(), e.to_string()));
+        }
+        if self.storage.backend == Backend::Postgres && self.postgres.url.trim().is_empty() {
+            return Err(invalid(
+                "postgres.url",
+                "must be set when storage.backend = \"postgres\": a libpq URL such as \
+                 postgres://outboxd@db1,db2/outboxd?target_session_attrs=read-write \
+                 (env OUTBOXD_POSTGRES__URL)",
+            ));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(self.refuse(
@@ -737,6 +801,7 @@ const KEYS: &[Key] = &[
     }),
     Key::new("server.allowed_origins", Kind::TextList),
     Key::new("server.require_origin", Kind::Bool),
+    Key::new("storage.backend", Kind::OneOf(&["sled", "postgres"])),
     Key::new("storage.data_dir", Kind::Text),
     Key::new("storage.durability", Kind::OneOf(&["fsync", "relaxed"])),
     Key::whole("storage.group_commit_max_delay_us", 0, 1_000_000, |c| {
@@ -791,6 +856,16 @@ const KEYS: &[Key] = &[
     Key::new("tls.cert_file", Kind::Text),
     Key::new("tls.key_file", Kind::Text),
     Key::new("tls.admin", Kind::Bool),
+    Key::new("postgres.url", Kind::Text).secret(),
+    Key::whole("postgres.pool_size", 1, 256, |c| c.postgres.pool_size.into()),
+    Key::whole("postgres.connect_timeout_ms", 1, u64::MAX, |c| {
+        c.postgres.connect_timeout_ms
+    }),
+    Key::whole("postgres.read_timeout_ms", 0, u64::MAX, |c| {
+        c.postgres.read_timeout_ms
+    }),
+    Key::whole("postgres.recheck_ms", 10, 60_000, |c| c.postgres.recheck_ms)
+        .note("a takeover on another node must close the older connection soon"),
 ];
 
 /// A value as given, before its key has checked it.
