@@ -219,7 +219,14 @@ pub struct Postgres {
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Postgres")
-            .field("url", &if self.url.is_empty() { "<empty>" } else { "<set>" })
+            .field(
+                "url",
+                &if self.url.is_empty() {
+                    "<empty>"
+                } else {
+                    "<set>"
+                },
+            )
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("read_timeout_ms", &self.read_timeout_ms)
@@ -857,7 +864,9 @@ const KEYS: &[Key] = &[
     Key::new("tls.key_file", Kind::Text),
     Key::new("tls.admin", Kind::Bool),
     Key::new("postgres.url", Kind::Text).secret(),
-    Key::whole("postgres.pool_size", 1, 256, |c| c.postgres.pool_size.into()),
+    Key::whole("postgres.pool_size", 1, 256, |c| {
+        c.postgres.pool_size.into()
+    }),
     Key::whole("postgres.connect_timeout_ms", 1, u64::MAX, |c| {
         c.postgres.connect_timeout_ms
     }),

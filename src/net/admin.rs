@@ -337,13 +337,18 @@ async fn readyz(State(st): State<AdminState>) -> Result<Json<serde_json::Value>,
              fix the disk and restart the broker",
         ));
     }
+    if shared.store.is_unavailable() {
+        return Err(AdminError::NotReady(
+            "the broker cannot reach its database: nothing is confirmed until it is back",
+        ));
+    }
     Ok(Json(json!({"status": "ready"})))
 }
 
 async fn metrics(State(st): State<AdminState>) -> Result<Response, AdminError> {
     let shared = st.shared()?;
     let store = shared.store.clone();
-    let totals = blocking(move || store.outbox_totals()).await?;
+    let totals = store.outbox_totals().await?;
     let gauges = ScrapeGauges {
         outboxes: totals.outboxes,
         sessions: u64::try_from(shared.registry.connected()).unwrap_or(u64::MAX),

@@ -708,6 +708,7 @@ async fn open(
             Instant::now(),
         ),
         handle: outcome.handle,
+        generation: outcome.generation,
         client: client.clone(),
         out,
         bad_frames: 0,
@@ -728,6 +729,8 @@ struct Conn {
     shared: Arc<Shared>,
     out: Outgoing,
     handle: Arc<OutboxHandle>,
+    /// This connection's generation ([`crate::store::HelloOutcome::generation`]).
+    generation: u64,
     client: ClientId,
     window: Window,
     live: Liveness,
@@ -738,6 +741,15 @@ struct Conn {
     /// When the token expires and the session ends unless refreshed.
     expires: Option<Instant>,
     rate: Option<RateLimit>,
+}
+
+/// How a failed store read ends the session: a newer connection of the client took over (on
+/// another broker sharing the store), or the store failed.
+fn read_failed(e: StoreError) -> End {
+    match e {
+        StoreError::Superseded => End::Replaced,
+        e => End::Internal(format!("store read failed: {e}")),
+    }
 }
 
 /// The wire's name for why a hello's resume position does not hold (`welcome.reason`).
@@ -758,12 +770,13 @@ fn expiry_instant(at: Option<u64>) -> Option<Instant> {
 impl Conn {
     async fn session(&mut self, stream: &mut SplitStream<Ws>, ticket: &Ticket) -> End {
         let mut durable = self.handle.watch_durable();
+        let mut taken = self.handle.watch_generation();
         let mut replies = Replies::default();
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
         let shutdown = self.shared.shutdown.clone();
         let drained = self.out.tx.drained();
         let end = loop {
-            let queue_bound = match self.fill() {
+            let queue_bound = match self.fill().await {
                 Ok(b) => b,
                 Err(end) => break end,
             };
@@ -776,6 +789,14 @@ impl Conn {
                     Kick::Replaced => End::Replaced,
                     Kick::Purged => End::Purged,
                 },
+                // A newer connection of this client, here or on another broker sharing the
+                // store: this one may no longer read or ack.
+                changed = taken.changed() => {
+                    if changed.is_err() || *taken.borrow_and_update() > self.generation {
+                        self.shared.metrics.takeovers.inc();
+                        break End::Replaced;
+                    }
+                }
                 // Replies wait for room in the write queue: a publisher that pipelines and
                 // reads its replies is never too slow, only one that stops reading.
                 Some(frame) = replies.next(), if !replies.is_empty() && self.out.tx.capacity() > 0 => {
@@ -797,7 +818,7 @@ impl Conn {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if let Err(end) = self.on_timer() {
+                    if let Err(end) = self.on_timer().await {
                         break end;
                     }
                 }
@@ -847,7 +868,7 @@ impl Conn {
 
     /// Sends stored messages while both the window and the write queue have room. Returns
     /// true when the write queue, not the window or the outbox, stopped it.
-    fn fill(&mut self) -> Result<bool, End> {
+    async fn fill(&mut self) -> Result<bool, End> {
         while self.window.room() > 0 {
             let room = self.window.room().min(self.out.room_for_messages());
             if room == 0 {
@@ -856,8 +877,9 @@ impl Conn {
             let batch = self
                 .shared
                 .store
-                .read(&self.handle, self.window.cursor(), room)
-                .map_err(|e| End::Internal(format!("store read failed: {e}")))?;
+                .read(&self.handle, self.generation, self.window.cursor(), room)
+                .await
+                .map_err(read_failed)?;
             let now = Instant::now();
             let got = batch.items.len();
             for d in batch.items {
@@ -894,7 +916,7 @@ impl Conn {
         Ok(())
     }
 
-    fn on_timer(&mut self) -> Result<(), End> {
+    async fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
         if self.expires.is_some_and(|e| now >= e) {
             warn!("session ended: its token expired and no refresh came");
@@ -912,13 +934,18 @@ impl Conn {
         }
         if let Some(timeout) = self.shared.cfg.ack_timeout() {
             for seq in self.window.due(now, timeout) {
-                match self.shared.store.get(&self.handle, seq) {
+                match self
+                    .shared
+                    .store
+                    .get(&self.handle, self.generation, seq)
+                    .await
+                {
                     Ok(Some(m)) => {
                         self.send_msg(seq, &m, true)?;
                         self.window.resent(seq, now);
                     }
                     Ok(None) => self.window.forget(seq),
-                    Err(e) => return Err(End::Internal(format!("store read failed: {e}"))),
+                    Err(e) => return Err(read_failed(e)),
                 }
             }
         }
@@ -984,7 +1011,7 @@ impl Conn {
                 self.handle.forget_sends(ack);
                 self.shared
                     .store
-                    .ack(&self.handle, ack)
+                    .ack(&self.handle, self.generation, ack)
                     .await
                     .map_err(|e| End::Internal(e.to_string()))?;
                 match acked.beyond {

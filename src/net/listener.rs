@@ -93,6 +93,13 @@ pub async fn serve(
                 format!("cannot be used: {source}"),
             )))
         }
+        Err(StoreError::BadUrl(reason)) => {
+            return Err(ServeError::Config(cfg.refuse(
+                "postgres.url",
+                "(not shown: it may hold a password)".to_string(),
+                format!("a libpq URL or key=value string ({reason})"),
+            )))
+        }
         Err(e) => return Err(e.into()),
     };
     // An address that cannot be bound is a configuration error too (exit status 2).
@@ -122,8 +129,15 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(
         usize::try_from(cfg.server.max_connections).unwrap_or(usize::MAX),
     ));
-    info!(listen = %local, data_dir = %cfg.storage.data_dir.display(),
-          durability = ?cfg.storage.durability, "outboxd serving");
+    match cfg.storage.backend {
+        crate::config::Backend::Sled => {
+            info!(listen = %local, data_dir = %cfg.storage.data_dir.display(),
+            durability = ?cfg.storage.durability, "outboxd serving")
+        }
+        crate::config::Backend::Postgres => {
+            info!(listen = %local, backend = "postgres", "outboxd serving")
+        }
+    }
     let auth = crate::auth::Verifier::from_config(&cfg.auth).map_err(|e| {
         ServeError::Config(ConfigError::Invalid {
             key: e.key(),

@@ -3,10 +3,7 @@
 //! commit writes the changed ones with its group, so the copy and the disk move together.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-
-use tokio::sync::watch;
 
 use super::{Handles, OutboxHandle, StoreError};
 use crate::codec::{ClientMeta, CodecError};
@@ -73,15 +70,7 @@ impl Clients {
         cid: u64,
         meta: ClientMeta,
     ) {
-        let (durable, _) = watch::channel(meta.next_seq);
-        // Whatever was stored before this start may have been sent before it.
-        let handle = Arc::new(OutboxHandle {
-            cid,
-            name: name.clone(),
-            durable,
-            sent: AtomicU64::new(meta.next_seq.saturating_sub(1)),
-            sends: Default::default(),
-        });
+        let handle = Arc::new(OutboxHandle::new(cid, name.clone(), meta.next_seq));
         handles
             .write()
             .unwrap_or_else(|p| p.into_inner())

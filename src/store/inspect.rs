@@ -82,15 +82,24 @@ pub struct StoreStats {
     pub disk_bytes: u64,
 }
 
-/// A read-only view of one data directory.
-pub struct Inspector {
-    dir: PathBuf,
-    clients: sled::Tree,
-    outbox: sled::Tree,
-    /// Kept open for the trees' sake.
-    _db: sled::Db,
-    /// The private copy an offline inspector reads; removed on drop.
-    _copy: Option<tempfile::TempDir>,
+/// A read-only view of the stored outboxes: of one sled data directory, or of a PostgreSQL
+/// database through a running broker's read connections.
+pub struct Inspector(Source);
+
+enum Source {
+    Sled(SledView),
+    Postgres(super::pg::Reads),
+}
+
+/// Runs a read of the PostgreSQL engine from blocking code (the inspector's callers run it off
+/// the runtime, on a blocking thread).
+fn wait<T>(
+    read: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.block_on(read),
+        Err(_) => Err(StoreError::Closed),
+    }
 }
 
 impl Inspector {
@@ -100,13 +109,17 @@ impl Inspector {
         clients: sled::Tree,
         outbox: sled::Tree,
     ) -> Self {
-        Inspector {
+        Inspector(Source::Sled(SledView {
             dir,
             clients,
             outbox,
             _db: db,
             _copy: None,
-        }
+        }))
+    }
+
+    pub(super) fn over_postgres(reads: super::pg::Reads) -> Self {
+        Inspector(Source::Postgres(reads))
     }
 
     /// Opens `data_dir` for reading while no broker runs on it. Never writes to `data_dir`.
@@ -114,6 +127,82 @@ impl Inspector {
     /// Errors: [`StoreError::Locked`] when a running broker holds it, [`StoreError::Open`] when
     /// it is not an outboxd data directory.
     pub fn open_offline(data_dir: &Path) -> Result<Inspector, StoreError> {
+        SledView::open_offline(data_dir).map(|v| Inspector(Source::Sled(v)))
+    }
+
+    /// Every client with an outbox, in name order.
+    pub fn clients(&self) -> Result<Vec<OutboxSummary>, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.clients(),
+            Source::Postgres(r) => wait(r.clients(None)),
+        }
+    }
+
+    /// One client, or None when it has no outbox.
+    pub fn client(&self, client: &str) -> Result<Option<OutboxSummary>, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.client(client),
+            Source::Postgres(r) => Ok(wait(r.clients(Some(client)))?.pop()),
+        }
+    }
+
+    /// Up to `limit` stored messages of `client` with seq >= `from`, in seq order; None when the
+    /// client has no outbox.
+    pub fn outbox(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Option<OutboxListing>, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.outbox(client, from, limit),
+            Source::Postgres(r) => wait(r.outbox(client, from, limit)),
+        }
+    }
+
+    /// Every topic with at least one subscriber, in name order.
+    pub fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.topics(),
+            Source::Postgres(r) => wait(r.topics()),
+        }
+    }
+
+    /// Writes a copy of what this inspector sees to the new directory `to`, which must lie
+    /// outside the directory it reads ([`StoreError::BackupInsideDataDir`]).
+    pub fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.backup(to),
+            Source::Postgres(_) => Err(StoreError::Unsupported {
+                what: "a backup by outboxd",
+                backend: "postgres",
+                instead: "back up the database with pg_dump; see docs/scale-out.md",
+            }),
+        }
+    }
+
+    /// Totals over the store.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.stats(),
+            Source::Postgres(r) => wait(r.stats()),
+        }
+    }
+}
+
+/// A read-only view of one sled data directory.
+struct SledView {
+    dir: PathBuf,
+    clients: sled::Tree,
+    outbox: sled::Tree,
+    /// Kept open for the trees' sake.
+    _db: sled::Db,
+    /// The private copy an offline inspector reads; removed on drop.
+    _copy: Option<tempfile::TempDir>,
+}
+
+impl SledView {
+    fn open_offline(data_dir: &Path) -> Result<SledView, StoreError> {
         let db_file = data_dir.join("db");
         if !db_file.is_file() {
             return Err(StoreError::Open {
@@ -174,7 +263,7 @@ impl Inspector {
         super::integrity::check_seal(copy.path(), &outbox)?.map_err(damaged)?;
         super::integrity::verify(&clients, &outbox).map_err(damaged)?;
         info!(dir = %data_dir.display(), "data dir opened read-only (a private copy)");
-        Ok(Inspector {
+        Ok(SledView {
             dir: data_dir.to_path_buf(),
             clients,
             outbox,
@@ -251,7 +340,7 @@ impl Inspector {
     }
 
     /// Every client with an outbox, in name order.
-    pub fn clients(&self) -> Result<Vec<OutboxSummary>, StoreError> {
+    fn clients(&self) -> Result<Vec<OutboxSummary>, StoreError> {
         let mut subs = self.subscriptions()?;
         let mut out = Vec::new();
         for item in self.clients.iter() {
@@ -268,7 +357,7 @@ impl Inspector {
     }
 
     /// One client, or None when it has no outbox.
-    pub fn client(&self, client: &str) -> Result<Option<OutboxSummary>, StoreError> {
+    fn client(&self, client: &str) -> Result<Option<OutboxSummary>, StoreError> {
         let Some(cid) = self.cid_of(client)? else {
             return Ok(None);
         };
@@ -278,7 +367,7 @@ impl Inspector {
 
     /// Up to `limit` stored messages of `client` with seq >= `from`, in seq order; None when the
     /// client has no outbox.
-    pub fn outbox(
+    fn outbox(
         &self,
         client: &str,
         from: u64,
@@ -303,7 +392,7 @@ impl Inspector {
     }
 
     /// Every topic with at least one subscriber, in name order.
-    pub fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
+    fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
         let mut names: HashMap<u64, String> = HashMap::new();
         for item in self.clients.iter() {
             let (k, v) = item?;
@@ -333,12 +422,12 @@ impl Inspector {
 
     /// Writes a copy of what this inspector sees to the new directory `to`, which must lie
     /// outside the directory it reads ([`StoreError::BackupInsideDataDir`]).
-    pub fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
+    fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
         super::backup::copy_trees(&self.clients, &self.outbox, &self.dir, to)
     }
 
     /// Totals over the directory.
-    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+    fn stats(&self) -> Result<StoreStats, StoreError> {
         let clients = self.clients()?;
         let topics = self.topics()?;
         let mut live_bytes = 0u64;

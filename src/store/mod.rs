@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use crate::codec::{ClientMeta, CodecError};
-use crate::config::{Config, Durability};
+use crate::config::{Backend, Config, Durability, Postgres};
 use crate::faults::Faults;
 use crate::metrics::Metrics;
 use crate::model::{Ack, ClientId, Payload, Resume, Target, Topic};
@@ -70,6 +70,7 @@ mod journal;
 mod keys;
 mod open;
 mod outboxes;
+mod pg;
 mod records;
 mod retention;
 mod writer;
@@ -110,6 +111,24 @@ pub enum StoreError {
     },
     #[error("the store is shut down")]
     Closed,
+    /// A newer connection of the same client said hello (on this broker or another sharing
+    /// the store): this one may no longer read or ack.
+    #[error("a newer connection of this client took over")]
+    Superseded,
+    /// The database cannot be reached, or a statement failed: nothing of the operation is
+    /// confirmed (a publish may still have been committed; its `ok` was not sent).
+    #[error("the database failed: {0}")]
+    Database(String),
+    /// `postgres.url` is not a connection string.
+    #[error("postgres.url does not parse: {0}")]
+    BadUrl(String),
+    /// What the operation needs is not there on this backend.
+    #[error("{what} is not available on the {backend} backend: {instead}")]
+    Unsupported {
+        what: &'static str,
+        backend: &'static str,
+        instead: &'static str,
+    },
     #[error("this client already holds limits.max_subscriptions = {limit} subscriptions; unsubscribe from one first")]
     TooManySubscriptions { limit: u32 },
     #[error(
@@ -146,6 +165,9 @@ pub enum StoreError {
 /// What the store needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
+    pub backend: Backend,
+    /// The PostgreSQL backend's settings (`backend = Postgres`).
+    pub postgres: Postgres,
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub group_commit_max_delay: Duration,
@@ -165,6 +187,8 @@ pub struct StoreOptions {
 impl StoreOptions {
     pub fn from_config(cfg: &Config) -> Self {
         Self {
+            backend: cfg.storage.backend,
+            postgres: cfg.postgres.clone(),
             data_dir: cfg.storage.data_dir.clone(),
             durability: cfg.storage.durability,
             group_commit_max_delay: Duration::from_micros(cfg.storage.group_commit_max_delay_us),
@@ -192,6 +216,9 @@ pub struct OutboxHandle {
     /// How often this process sent each unacked seq (for operators; bounded by what is in
     /// flight, since acked seqs are forgotten).
     sends: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// The newest connection generation known for this client (see
+    /// [`HelloOutcome::generation`]); a connection with an older one has been taken over.
+    generation: watch::Sender<u64>,
 }
 
 /// Every outbox's live handle by client id, shared by the writer (which creates them) and the
@@ -199,6 +226,60 @@ pub struct OutboxHandle {
 type Handles = Arc<std::sync::RwLock<HashMap<ClientId, Arc<OutboxHandle>>>>;
 
 impl OutboxHandle {
+    fn new(cid: u64, name: ClientId, next_seq: u64) -> OutboxHandle {
+        OutboxHandle {
+            cid,
+            name,
+            durable: watch::channel(next_seq).0,
+            // Whatever was stored before may have been sent before.
+            sent: AtomicU64::new(next_seq.saturating_sub(1)),
+            sends: Default::default(),
+            generation: watch::channel(0).0,
+        }
+    }
+
+    /// Moves the durable frontier up to `next_seq` (never down); true when it moved.
+    fn advance(&self, next_seq: u64) -> bool {
+        self.durable.send_if_modified(|v| {
+            let moved = next_seq > *v;
+            if moved {
+                *v = next_seq;
+            }
+            moved
+        })
+    }
+
+    /// Records `generation` as the newest connection of this client without waking the older
+    /// ones: a takeover on this broker is the registry's to tell (it closes the older
+    /// connection and counts the takeover). Returns the newest generation.
+    fn note_generation(&self, generation: u64) -> u64 {
+        let mut newest = generation;
+        self.generation.send_if_modified(|v| {
+            *v = (*v).max(generation);
+            newest = *v;
+            false
+        });
+        newest
+    }
+
+    /// Records `generation`, taken by a connection on another broker, as the newest of this
+    /// client: the older connections here close. True when it is newer.
+    fn supersede(&self, generation: u64) -> bool {
+        self.generation.send_if_modified(|v| {
+            let newer = generation > *v;
+            if newer {
+                *v = generation;
+            }
+            newer
+        })
+    }
+
+    /// A receiver that changes when a newer connection of this client (on any broker sharing
+    /// the store) takes over; compare with the connection's own [`HelloOutcome::generation`].
+    pub fn watch_generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// A receiver that changes whenever new messages become durable.
     pub fn watch_durable(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
@@ -257,6 +338,10 @@ pub struct HelloOutcome {
     pub pending: u64,
     pub missed: u64,
     pub handle: Arc<OutboxHandle>,
+    /// This connection's generation: every hello of a client gets a higher one. Where several
+    /// brokers share the store, reads and acks of an older generation are refused
+    /// ([`StoreError::Superseded`]) once a newer connection said hello.
+    pub generation: u64,
 }
 
 /// Why a hello's resume position does not hold.
@@ -339,21 +424,31 @@ pub struct OutboxTotals {
     pub max_pending_bytes: u64,
 }
 
-/// A cheap, cloneable handle to the store.
-///
-/// Its sled handles are never dropped (`ManuallyDrop`): dropping sled's last handle flushes,
-/// and after a disk failure that flush can wait forever, which would hang the shutdown of a
-/// latched broker. The writer makes the final flush itself; the handles live as long as the
-/// process anyway.
+/// A cheap, cloneable handle to the store, whichever engine stands behind it.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Command>,
+    latched: Arc<AtomicBool>,
+    handles: Handles,
+    engine: Engine,
+}
+
+/// What reads need of the engine; writes all go through the writer's queue.
+#[derive(Clone)]
+enum Engine {
+    Sled(Arc<SledFiles>),
+    Postgres(pg::Reads),
+}
+
+/// The sled handles reads use. Never dropped (`ManuallyDrop`): dropping sled's last handle
+/// flushes, and after a disk failure that flush can wait forever, which would hang the shutdown
+/// of a latched broker. The writer makes the final flush itself; the handles live as long as
+/// the process anyway.
+struct SledFiles {
     db: std::mem::ManuallyDrop<sled::Db>,
     clients: std::mem::ManuallyDrop<sled::Tree>,
     outbox: std::mem::ManuallyDrop<sled::Tree>,
     dir: PathBuf,
-    latched: Arc<AtomicBool>,
-    handles: Handles,
 }
 
 /// The writer thread; join it after every [`Store`] clone is dropped to finish the last commit.
@@ -383,7 +478,10 @@ impl Store {
     /// broker reports it as a configuration error); [`StoreError::Open`] when another process
     /// holds it or sled cannot recover it; a stored record that does not decode.
     pub fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
-        open::open(opts)
+        match opts.backend {
+            Backend::Sled => open::open(opts),
+            Backend::Postgres => pg::open(opts),
+        }
     }
 
     /// Registers a connecting client: creates its outbox when new, applies its resume position.
@@ -421,10 +519,19 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues an ack. Not waited on: a lost ack only causes a redelivery.
-    pub async fn ack(&self, handle: &OutboxHandle, ack: Ack) -> Result<(), StoreError> {
+    /// Queues an ack of the connection of `generation`. Not waited on: a lost ack only causes
+    /// a redelivery (and an ack of a connection that was taken over is dropped).
+    pub async fn ack(
+        &self,
+        handle: &OutboxHandle,
+        generation: u64,
+        ack: Ack,
+    ) -> Result<(), StoreError> {
+        let durable_next = *handle.durable.borrow();
         self.enqueue(Command::Ack {
             cid: handle.cid,
+            generation,
+            durable_next,
             ack,
         })
         .await
@@ -446,11 +553,15 @@ impl Store {
         .await
     }
 
-    /// Reads up to `limit` durable messages with seq greater than `after`, in seq order.
-    /// `covered_to` tells how far the read looked, so the caller skips seqs that are gone.
-    pub fn read(
+    /// Reads up to `limit` durable messages with seq greater than `after`, in seq order, for
+    /// the connection of `generation`. `covered_to` tells how far the read looked, so the
+    /// caller skips seqs that are gone.
+    ///
+    /// Errors: [`StoreError::Superseded`] when a newer connection of the client took over.
+    pub async fn read(
         &self,
         handle: &OutboxHandle,
+        generation: u64,
         after: u64,
         limit: usize,
     ) -> Result<ReadBatch, StoreError> {
@@ -463,10 +574,16 @@ impl Store {
         if start >= frontier || limit == 0 {
             return Ok(batch);
         }
-        batch.items = chunks::read(&self.outbox, handle.cid, start, frontier, limit)?
-            .into_iter()
-            .map(|(seq, m)| records::delivery(seq, m))
-            .collect();
+        batch.items = match &self.engine {
+            Engine::Sled(f) => chunks::read(&f.outbox, handle.cid, start, frontier, limit)?
+                .into_iter()
+                .map(|(seq, m)| records::delivery(seq, m))
+                .collect(),
+            // Boxed: a connection's future holds room for this one only while it reads.
+            Engine::Postgres(r) => {
+                Box::pin(r.read(handle.cid, generation, start, frontier, limit)).await?
+            }
+        };
         batch.covered_to = match batch.items.last() {
             Some(last) if batch.items.len() == limit => last.seq,
             _ => frontier - 1,
@@ -475,11 +592,24 @@ impl Store {
     }
 
     /// Reads one durable message, `None` when it is gone (acked or expired).
-    pub fn get(&self, handle: &OutboxHandle, seq: u64) -> Result<Option<Delivery>, StoreError> {
+    pub async fn get(
+        &self,
+        handle: &OutboxHandle,
+        generation: u64,
+        seq: u64,
+    ) -> Result<Option<Delivery>, StoreError> {
         if seq >= *handle.durable.borrow() {
             return Ok(None);
         }
-        Ok(chunks::get(&self.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
+        match &self.engine {
+            Engine::Sled(f) => {
+                Ok(chunks::get(&f.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
+            }
+            Engine::Postgres(r) => {
+                let mut found = Box::pin(r.read(handle.cid, generation, seq, seq + 1, 1)).await?;
+                Ok(found.pop())
+            }
+        }
     }
 
     /// Removes every stored message of `client` and gives its outbox a new epoch; the removed
@@ -495,7 +625,7 @@ impl Store {
     /// Errors: [`StoreError::BackupInsideDataDir`] when `to` lies inside the store's directory
     /// (checked with [`Store::check_backup_target`]); `to` exists and is not empty; I/O.
     pub async fn backup(&self, to: PathBuf) -> Result<BackupOutcome, StoreError> {
-        let data_dir = self.dir.clone();
+        let data_dir = self.sled("a backup by outboxd")?.dir.clone();
         self.call(|reply| Command::Backup {
             to,
             data_dir,
@@ -507,7 +637,20 @@ impl Store {
     /// Refuses a backup target inside the store's directory, also when `..` or a symlink
     /// leads there. Touches the file system (it resolves paths): call it off the runtime.
     pub fn check_backup_target(&self, to: &Path) -> Result<(), StoreError> {
-        backup::check_target(&self.dir, to)
+        backup::check_target(&self.sled("a backup by outboxd")?.dir, to)
+    }
+
+    /// The sled files, or the refusal of `what` on another backend.
+    fn sled(&self, what: &'static str) -> Result<&SledFiles, StoreError> {
+        match &self.engine {
+            Engine::Sled(f) => Ok(f),
+            Engine::Postgres(_) => Err(StoreError::Unsupported {
+                what,
+                backend: "postgres",
+                instead: "back up the database with pg_dump (or the base backups and WAL \
+                          archive of your PostgreSQL setup); see docs/scale-out.md",
+            }),
+        }
     }
 
     /// The live handle of `client`'s outbox (for its send counts, see
@@ -522,30 +665,40 @@ impl Store {
 
     /// A read-only view of the stored outboxes, as they are now.
     pub fn inspector(&self) -> Inspector {
-        Inspector::over(
-            self.dir.clone(),
-            sled::Db::clone(&self.db),
-            sled::Tree::clone(&self.clients),
-            sled::Tree::clone(&self.outbox),
-        )
+        match &self.engine {
+            Engine::Sled(f) => Inspector::over(
+                f.dir.clone(),
+                sled::Db::clone(&f.db),
+                sled::Tree::clone(&f.clients),
+                sled::Tree::clone(&f.outbox),
+            ),
+            Engine::Postgres(r) => Inspector::over_postgres(r.clone()),
+        }
     }
 
-    /// Pending messages and bytes over every outbox, from the client records alone (one scan
-    /// of a record per client, no message is read). Blocking: call it off the async runtime.
+    /// Pending messages and bytes over every outbox, from the client records alone (no
+    /// message is read).
     ///
     /// Errors: the storage engine fails, or a client record does not decode.
-    pub fn outbox_totals(&self) -> Result<OutboxTotals, StoreError> {
-        let mut t = OutboxTotals::default();
-        for item in self.outbox.scan_prefix([keys::META]) {
-            let (k, v) = item?;
-            let meta: ClientMeta = records::decode(&k, &v)?;
-            t.outboxes += 1;
-            t.pending_messages += meta.pending;
-            t.pending_bytes += meta.bytes;
-            t.max_pending_messages = t.max_pending_messages.max(meta.pending);
-            t.max_pending_bytes = t.max_pending_bytes.max(meta.bytes);
+    pub async fn outbox_totals(&self) -> Result<OutboxTotals, StoreError> {
+        match &self.engine {
+            Engine::Sled(f) => {
+                let f = Arc::clone(f);
+                tokio::task::spawn_blocking(move || sled_totals(&f.outbox))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+            }
+            Engine::Postgres(r) => r.totals().await,
         }
-        Ok(t)
+    }
+
+    /// True while the store cannot confirm writes for a reason that may pass (the database is
+    /// unreachable); see [`Store::is_latched`] for the one that does not.
+    pub fn is_unavailable(&self) -> bool {
+        match &self.engine {
+            Engine::Sled(_) => false,
+            Engine::Postgres(r) => r.is_unavailable(),
+        }
     }
 
     /// True after a failed write or fsync: the store refuses writes.
@@ -571,4 +724,19 @@ impl Store {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Closed),
         }
     }
+}
+
+/// [`Store::outbox_totals`] over sled: one scan of the client records. Blocking.
+fn sled_totals(outbox: &sled::Tree) -> Result<OutboxTotals, StoreError> {
+    let mut t = OutboxTotals::default();
+    for item in outbox.scan_prefix([keys::META]) {
+        let (k, v) = item?;
+        let meta: ClientMeta = records::decode(&k, &v)?;
+        t.outboxes += 1;
+        t.pending_messages += meta.pending;
+        t.pending_bytes += meta.bytes;
+        t.max_pending_messages = t.max_pending_messages.max(meta.pending);
+        t.max_pending_bytes = t.max_pending_bytes.max(meta.bytes);
+    }
+    Ok(t)
 }

@@ -18,7 +18,8 @@ use super::commit::Files;
 use super::engine::{existing_segment_bytes, remove_stale_snapshots};
 use super::integrity::{self, damaged};
 use super::writer::{WriterState, QUEUE_DEPTH};
-use super::{journal, Handles, Store, StoreError, StoreOptions, Writer, SEGMENT_BYTES};
+use super::SEGMENT_BYTES;
+use super::{journal, Engine, Handles, SledFiles, Store, StoreError, StoreOptions, Writer};
 
 /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
 ///
@@ -123,12 +124,14 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     Ok((
         Store {
             tx,
-            db: std::mem::ManuallyDrop::new(db),
-            clients: std::mem::ManuallyDrop::new(clients),
-            outbox: std::mem::ManuallyDrop::new(outbox),
-            dir,
             latched,
             handles,
+            engine: Engine::Sled(Arc::new(SledFiles {
+                db: std::mem::ManuallyDrop::new(db),
+                clients: std::mem::ManuallyDrop::new(clients),
+                outbox: std::mem::ManuallyDrop::new(outbox),
+                dir,
+            })),
         },
         Writer {
             thread: Some(thread),

@@ -88,6 +88,9 @@ impl WriterState {
             }
         }
         let c = self.clients.state_mut(cid).ok_or(StoreError::Closed)?;
+        // Read first: the watch's read lock must be released before the write.
+        let next = c.handle.generation.borrow().saturating_add(1);
+        let generation = c.handle.note_generation(next);
         Ok(HelloOutcome {
             epoch,
             resumed,
@@ -97,6 +100,7 @@ impl WriterState {
             pending: c.meta.pending,
             missed,
             handle: Arc::clone(&c.handle),
+            generation,
         })
     }
 

@@ -13,6 +13,8 @@ use crate::codec::{self, DedupEntry, StoredMessage, StoredPayload};
 
 fn options(dir: &Path) -> StoreOptions {
     StoreOptions {
+        backend: crate::config::Backend::Sled,
+        postgres: Default::default(),
         data_dir: dir.to_path_buf(),
         durability: Durability::Fsync,
         group_commit_max_delay: Duration::ZERO,
@@ -74,12 +76,35 @@ fn write_data_dir_of_one_record_per_message(dir: &Path) {
     db.flush().unwrap();
 }
 
+/// Asserts that the outbox holds exactly the seqs in `model`, and that they read back.
+async fn check(
+    store: &Store,
+    h: &OutboxHandle,
+    model: &std::collections::BTreeSet<u64>,
+    pending: u64,
+) {
+    let want: Vec<u64> = model.iter().copied().collect();
+    assert_eq!(pending, want.len() as u64);
+    assert_eq!(seqs(store.read(h, 0, 0, 100_000).await.unwrap()), want);
+    for s in want.iter().take(3).chain(want.iter().rev().take(3)) {
+        let m = store
+            .get(h, 0, *s)
+            .await
+            .unwrap()
+            .expect("a stored seq reads back");
+        assert_eq!(m.payload, Payload::Json(format!("{s}")));
+    }
+}
+
 fn seqs(b: ReadBatch) -> Vec<u64> {
     b.items.iter().map(|d| d.seq).collect()
 }
 
 fn kinds(store: &Store, kind: u8) -> usize {
-    store.outbox.scan_prefix([kind]).count()
+    match &store.engine {
+        super::Engine::Sled(f) => f.outbox.scan_prefix([kind]).count(),
+        super::Engine::Postgres(_) => 0,
+    }
 }
 
 #[test]
@@ -96,8 +121,11 @@ fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks(
         let hello = store.hello(bob.clone(), None).await.unwrap();
         assert_eq!((hello.pending, hello.next_seq), (3, 4));
         let h = &hello.handle;
-        assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 2, 3]);
-        assert_eq!(store.get(h, 2).unwrap(), Some(delivery(2, old_message(2))));
+        assert_eq!(seqs(store.read(h, 0, 0, 10).await.unwrap()), vec![1, 2, 3]);
+        assert_eq!(
+            store.get(h, 0, 2).await.unwrap(),
+            Some(delivery(2, old_message(2)))
+        );
 
         // New messages go to one chunk beside the old records; acks reach both kinds.
         let publish = |key: &str| PublishRequest {
@@ -115,21 +143,24 @@ fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks(
             assert!(!w.await.unwrap().unwrap().duplicate);
         }
         assert_eq!(
-            seqs(store.read(h, 0, 10).unwrap()),
+            seqs(store.read(h, 0, 0, 10).await.unwrap()),
             vec![1, 2, 3, 4, 5, 6, 7]
         );
         for seq in [2, 4, 5, 7] {
-            store.ack(h, Ack::Seq(seq)).await.unwrap();
+            store.ack(h, 0, Ack::Seq(seq)).await.unwrap();
         }
         // A hello settles the client's acks before it answers.
         let again = store.hello(bob.clone(), None).await.unwrap();
         // 1 is still unacked, so the acked watermark stays put.
         assert_eq!((again.pending, again.last_seq), (3, 0));
         let h = &again.handle;
-        assert_eq!(seqs(store.read(h, 0, 10).unwrap()), vec![1, 3, 6]);
-        assert_eq!(store.get(h, 6).unwrap().map(|m| m.id != "0"), Some(true));
-        assert_eq!(store.get(h, 5).unwrap(), None);
-        assert_eq!(store.read(h, 3, 10).unwrap().items[0].seq, 6);
+        assert_eq!(seqs(store.read(h, 0, 0, 10).await.unwrap()), vec![1, 3, 6]);
+        assert_eq!(
+            store.get(h, 0, 6).await.unwrap().map(|m| m.id != "0"),
+            Some(true)
+        );
+        assert_eq!(store.get(h, 0, 5).await.unwrap(), None);
+        assert_eq!(store.read(h, 0, 3, 10).await.unwrap().items[0].seq, 6);
 
         // Retention forgets idempotency keys of both record kinds once the window passes.
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -143,12 +174,17 @@ fn a_data_dir_of_one_record_per_message_is_served_acked_and_swept_beside_chunks(
         assert_eq!(kinds(&store, keys::DEDUP_RUN), 0);
         assert_eq!(kinds(&store, keys::DEDUP_RUN_LIST), 0);
 
-        store.ack(h, Ack::Upto(6)).await.unwrap();
+        store.ack(h, 0, Ack::Upto(6)).await.unwrap();
         let last = store.hello(bob, None).await.unwrap();
         // 7 was acked alone before, so nothing is left and the watermark passes it.
         assert_eq!((last.pending, last.last_seq), (0, 7));
-        assert!(store.read(&last.handle, 0, 10).unwrap().items.is_empty());
-        let totals = store.outbox_totals().unwrap();
+        assert!(store
+            .read(&last.handle, 0, 0, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+        let totals = store.outbox_totals().await.unwrap();
         assert_eq!((totals.pending_messages, totals.pending_bytes), (0, 0));
         // The hello's commit applied the acks: no message record is left behind.
         assert_eq!(kinds(&store, keys::MSG), 0);
@@ -203,7 +239,10 @@ fn idempotency_keys_in_runs_and_records_answer_retries_until_their_window_passes
         );
         assert_eq!(kinds(&store, keys::DEDUP), 0);
         // Keys inside a run's range that it does not hold get records of their own.
-        let between: Vec<String> = store
+        let super::Engine::Sled(files) = &store.engine else {
+            unreachable!("a sled store")
+        };
+        let between: Vec<String> = files
             .outbox
             .scan_prefix([keys::DEDUP_RUN])
             .map(|r| {
@@ -293,15 +332,6 @@ proptest::proptest! {
             let mut h = store.hello(bob.clone(), None).await.unwrap().handle;
             let mut model = std::collections::BTreeSet::new();
             let mut next = 1u64;
-            let check = |store: &Store, h: &OutboxHandle, model: &std::collections::BTreeSet<u64>, pending: u64| {
-                let want: Vec<u64> = model.iter().copied().collect();
-                assert_eq!(pending, want.len() as u64);
-                assert_eq!(seqs(store.read(h, 0, 100_000).unwrap()), want);
-                for s in want.iter().take(3).chain(want.iter().rev().take(3)) {
-                    let m = store.get(h, *s).unwrap().expect("a stored seq reads back");
-                    assert_eq!(m.payload, Payload::Json(format!("{s}")));
-                }
-            };
             for op in ops {
                 match op {
                     Op::Publish(n) => {
@@ -325,23 +355,23 @@ proptest::proptest! {
                     Op::AckSeq(i) if next > 1 => {
                         let s = 1 + (i as u64) % (next - 1);
                         model.remove(&s);
-                        store.ack(&h, Ack::Seq(s)).await.unwrap();
+                        store.ack(&h, 0, Ack::Seq(s)).await.unwrap();
                     }
                     Op::AckUpto(i) if next > 1 => {
                         let u = 1 + (i as u64) % (next - 1);
                         model.retain(|s| *s > u);
-                        store.ack(&h, Ack::Upto(u)).await.unwrap();
+                        store.ack(&h, 0, Ack::Upto(u)).await.unwrap();
                     }
                     Op::AckSeq(_) | Op::AckUpto(_) => {}
                     Op::Check => {
                         let w = store.hello(bob.clone(), None).await.unwrap();
                         h = w.handle;
-                        check(&store, &h, &model, w.pending);
+                        check(&store, &h, &model, w.pending).await;
                     }
                 }
             }
             let w = store.hello(bob.clone(), None).await.unwrap();
-            check(&store, &w.handle, &model, w.pending);
+            check(&store, &w.handle, &model, w.pending).await;
             assert_eq!(kinds(&store, keys::JOURNAL), 0, "no journal record outlives its commit");
             drop(store);
             assert!(!writer.join());

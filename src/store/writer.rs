@@ -66,6 +66,11 @@ pub(super) enum Command {
     },
     Ack {
         cid: u64,
+        /// The acking connection's generation (`HelloOutcome::generation`).
+        generation: u64,
+        /// The outbox's durable frontier as the acking connection saw it: nothing at or above
+        /// it can have been sent.
+        durable_next: u64,
         ack: Ack,
     },
     Subscribe {
@@ -466,7 +471,7 @@ impl WriterState {
                 }
                 self.pending.push(Pending::Publish(reply, r));
             }
-            Command::Ack { cid, ack } => match ack {
+            Command::Ack { cid, ack, .. } => match ack {
                 Ack::Upto(u) => {
                     let at = self.uptos.entry(cid).or_insert(u);
                     *at = (*at).max(u);

@@ -153,6 +153,18 @@ impl Broker {
         // A free port for the admin API too, so parallel brokers never collide on 9090; a
         // test's own setting (Opts) overrides it.
         cmd.env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0");
+        if backend_is_postgres() && !self.opts.env.contains_key("OUTBOXD_STORAGE__BACKEND") {
+            // This run's brokers keep their outboxes in PostgreSQL, a database each, kept
+            // across restarts like a data dir.
+            let url = self
+                .opts
+                .env
+                .entry("OUTBOXD_POSTGRES__URL".to_string())
+                .or_insert_with(fresh_database)
+                .clone();
+            cmd.env("OUTBOXD_STORAGE__BACKEND", "postgres");
+            cmd.env("OUTBOXD_POSTGRES__URL", url);
+        }
         cmd.envs(&self.opts.env);
         let mut child = cmd.spawn().expect("spawn the outboxd binary");
 
@@ -328,7 +340,15 @@ impl Broker {
     /// Like [`Broker::restart`] with new settings (e.g. without a fault hook).
     pub fn restart_with(&mut self, opts: Opts) {
         self.kill9();
+        // The same store: on PostgreSQL, the same database.
+        let db = self.opts.env.get("OUTBOXD_POSTGRES__URL").cloned();
         self.opts = opts;
+        if let Some(db) = db {
+            self.opts
+                .env
+                .entry("OUTBOXD_POSTGRES__URL".to_string())
+                .or_insert(db);
+        }
         self.spawn();
     }
 
@@ -1261,4 +1281,196 @@ impl TlsFiles {
             .set("tls", "cert_file", self.cert.display())
             .set("tls", "key_file", self.key.display())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// True when this test run's brokers use the PostgreSQL backend: `OUTBOXD_TEST_BACKEND=postgres`
+/// (`.ci/run` runs a named part of the suite that way). Brokers then get a fresh database each
+/// on one PostgreSQL server the run starts for itself (see [`postgres`]).
+pub fn backend_is_postgres() -> bool {
+    std::env::var("OUTBOXD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// A PostgreSQL server (and, when asked for, a synchronous standby) started by
+/// `tools/pg-cluster.sh` in a temporary directory.
+pub struct PgCluster {
+    pub dir: PathBuf,
+    /// `postgres://postgres@127.0.0.1:PORT/postgres` of the primary.
+    pub primary: String,
+    /// The standby's URL, when there is one.
+    pub standby: Option<String>,
+    bindir: PathBuf,
+}
+
+fn pg_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/pg-cluster.sh")
+}
+
+/// True when PostgreSQL's programs are installed. Without them a PostgreSQL test skips, saying
+/// so, unless `OUTBOXD_REQUIRE_POSTGRES` is set (CI installs them and sets it).
+pub fn postgres_available() -> bool {
+    let ok = Command::new(pg_script())
+        .arg("check")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok || std::env::var_os("OUTBOXD_REQUIRE_POSTGRES").is_none(),
+        "PostgreSQL's programs are missing (apt-get install postgresql), and \
+         OUTBOXD_REQUIRE_POSTGRES is set"
+    );
+    if !ok {
+        eprintln!("skipped: PostgreSQL's programs are missing (apt-get install postgresql)");
+    }
+    ok
+}
+
+impl PgCluster {
+    /// Starts a primary (and a synchronous standby with `standby`). It is stopped, and its
+    /// directory removed, when dropped, and also when the test process ends without dropping
+    /// it (a watchdog waits for the process).
+    pub fn start(standby: bool) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-pg-")
+            .tempdir()
+            .expect("temp dir for PostgreSQL")
+            .keep();
+        let mut cmd = Command::new(pg_script());
+        cmd.arg("start").arg(&dir);
+        if standby {
+            cmd.arg("--standby");
+        }
+        let out = cmd.output().expect("run tools/pg-cluster.sh");
+        assert!(
+            out.status.success(),
+            "tools/pg-cluster.sh start failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = std::fs::read_to_string(dir.join("cluster.env")).expect("cluster.env");
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
+        let cluster = PgCluster {
+            primary: get("PRIMARY_URL").expect("PRIMARY_URL in cluster.env"),
+            standby: get("STANDBY_URL"),
+            bindir: PathBuf::from(get("PG_BINDIR").expect("PG_BINDIR in cluster.env")),
+            dir,
+        };
+        // Stops the servers once this process is gone, however it ends.
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {script} stop {dir} >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            script = pg_script().display(),
+            dir = cluster.dir.display(),
+        );
+        let _ = Command::new("setsid")
+            .args(["bash", "-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        cluster
+    }
+
+    /// Runs `sql` on the primary's `postgres` database with psql; returns its output.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_on(&self.primary, sql)
+    }
+
+    /// Runs `sql` with psql against `url`; returns its output (unaligned, tuples only).
+    pub fn psql_on(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(self.bindir.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A new, empty database on the primary; its URL.
+    pub fn database(&self) -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("t{}_{n}", std::process::id());
+        self.psql(&format!("CREATE DATABASE {name}"));
+        self.url_of(&self.primary, &name)
+    }
+
+    /// `url` with its database replaced by `name`.
+    pub fn url_of(&self, url: &str, name: &str) -> String {
+        let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(url);
+        format!("{base}/{name}")
+    }
+
+    /// Runs `tools/pg-cluster.sh COMMAND DIR` (kill-primary, promote, restart, ...).
+    pub fn run(&self, command: &str, args: &[&str]) {
+        let out = Command::new(pg_script())
+            .arg(command)
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run tools/pg-cluster.sh");
+        assert!(
+            out.status.success(),
+            "tools/pg-cluster.sh {command} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(pg_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The PostgreSQL server this test process shares among its brokers, started on first use.
+pub fn postgres() -> &'static PgCluster {
+    static CLUSTER: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        assert!(
+            postgres_available(),
+            "OUTBOXD_TEST_BACKEND=postgres needs PostgreSQL's programs (apt-get install postgresql)"
+        );
+        PgCluster::start(false)
+    })
+}
+
+/// A fresh database on the shared server; its URL.
+pub fn fresh_database() -> String {
+    postgres().database()
+}
+
+/// Options for a broker on the PostgreSQL database `url` (several brokers may share one).
+pub fn on_postgres(url: &str) -> Opts {
+    Opts::new()
+        .set("storage", "backend", "postgres")
+        .set("postgres", "url", url)
 }

@@ -1,0 +1,531 @@
+//! The PostgreSQL engine behind the store's boundary (`storage.backend = "postgres"`): several
+//! brokers share one database, and a confirmed message is as safe as the database's commit
+//! (with a synchronous standby: on two machines).
+//!
+//! The same promise as sled's, with COMMIT as the barrier: a publish is confirmed, and a
+//! message is sent, only after the COMMIT that wrote it returned. One writer per broker
+//! (`writer`) gathers commands into commit groups, one transaction each, locking the outboxes'
+//! meta rows in client-number order so brokers never deadlock one another. Acks commit with
+//! `synchronous_commit = off`: a lost ack only means a redelivery.
+//!
+//! What sled keeps in memory for one process is shared state here, so each broker learns of
+//! the others' writes (`wake`): after a commit the writer sends every other broker that serves
+//! a recipient one notification (outside the data transaction), and every broker also re-reads
+//! the outboxes of its connected clients every `postgres.recheck_ms`, so a lost notification
+//! only delays. A hello takes the outbox over: it raises the outbox's connection generation
+//! (`conn_gen`) in the database; reads and acks of an older generation are refused, and the
+//! broker that held the older connection is told to close it.
+//!
+//! The one hole PostgreSQL leaves: a wait for the synchronous standby that is cancelled leaves
+//! the commit on the primary alone, and the server only warns. The writer never cancels its
+//! statements, and treats that warning like a failed fsync: the store latches.
+//!
+//! Inside: `schema` (tables and migrations), `writer` (the commit groups), `wake` (wake-ups
+//! and takeovers between brokers); this file holds the connections and the reads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
+use tracing::{error, info, warn};
+
+use super::inspect::{OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
+use super::writer::QUEUE_DEPTH;
+use super::{Delivery, Engine, Handles, OutboxHandle, OutboxTotals, Store, StoreError};
+use super::{StoreOptions, Writer};
+use crate::model::{ClientId, Payload};
+
+mod schema;
+mod wake;
+mod writer;
+
+pub(super) use schema::SCHEMA_VERSION;
+
+/// The outboxes this broker has live handles for, by client number (the listener's and the
+/// writer's way from a notification or a commit to the handle).
+#[derive(Default)]
+pub(super) struct Live {
+    by_cid: Mutex<HashMap<u64, Arc<OutboxHandle>>>,
+}
+
+impl Live {
+    fn get(&self, cid: u64) -> Option<Arc<OutboxHandle>> {
+        self.by_cid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cid)
+            .cloned()
+    }
+
+    /// The handle of `cid`, made (and listed in `handles`) when this broker has none yet, with
+    /// every seq up to `sent` counted as possibly sent before.
+    fn get_or_make(
+        &self,
+        handles: &Handles,
+        cid: u64,
+        name: &ClientId,
+        next_seq: u64,
+        sent: u64,
+    ) -> Arc<OutboxHandle> {
+        let mut by_cid = self.by_cid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = by_cid.get(&cid) {
+            return Arc::clone(h);
+        }
+        let h = OutboxHandle::new(cid, name.clone(), next_seq);
+        h.sent.store(sent, Ordering::Relaxed);
+        let h = Arc::new(h);
+        by_cid.insert(cid, Arc::clone(&h));
+        handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), Arc::clone(&h));
+        h
+    }
+
+    /// Handles some connection of this broker watches now.
+    fn watched(&self) -> Vec<Arc<OutboxHandle>> {
+        self.by_cid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|h| h.durable.receiver_count() > 0)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The database's address and this broker's name in it, shared by every connection.
+#[derive(Clone)]
+pub(super) struct Target {
+    pub(super) config: tokio_postgres::Config,
+    /// This broker's name in the database (`outboxd_clients.node`, its notification channel).
+    pub(super) node: Arc<str>,
+}
+
+/// What a connection does with what the server sends on its own.
+#[derive(Clone)]
+enum OnMessage {
+    /// A warning that a wait for synchronous replication was cancelled latches the store.
+    Writer(Arc<AtomicBool>),
+    /// Notifications go to the listener.
+    Listener(mpsc::UnboundedSender<String>),
+    Reader,
+}
+
+/// True for the server's warning that a commit did not wait for its synchronous standby.
+fn unreplicated(notice: &tokio_postgres::error::DbError) -> bool {
+    notice.message().contains("synchronous replication")
+}
+
+/// Opens one connection and drives it on the current runtime.
+async fn connect(target: &Target, on: OnMessage) -> Result<Client, tokio_postgres::Error> {
+    let (client, mut conn) = target.config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notice(n))) => match &on {
+                    OnMessage::Writer(latched) if unreplicated(&n) => {
+                        latched.store(true, Ordering::Release);
+                        error!(
+                            notice = n.message(),
+                            detail = n.detail().unwrap_or(""),
+                            "a commit was not confirmed by the synchronous standby: it may be on \
+                             the primary alone. The store refuses writes from now on; restart \
+                             the broker once the database is sound"
+                        );
+                    }
+                    _ => info!(notice = n.message(), "database notice"),
+                },
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let OnMessage::Listener(tx) = &on {
+                        let _ = tx.send(n.payload().to_owned());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    warn!(error = %e, "database connection lost");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// A database error as the store reports it.
+pub(super) fn failed(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Database(format!("{} ({})", db.message(), db.code().code())),
+        None => StoreError::Database(e.to_string()),
+    }
+}
+
+/// One read connection and its prepared statements.
+struct ReadConn {
+    client: Client,
+    read: Statement,
+}
+
+/// A few read connections, used in turn, each reopened when it broke. A connection serves
+/// many reads at once (tokio-postgres pipelines them).
+struct Pool {
+    target: Target,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<ReadConn>>>>,
+    next: AtomicUsize,
+    read_timeout_ms: u64,
+}
+
+/// Messages of one outbox from `$2` up to before `$3`, at most `$4`, with the outbox's
+/// connection generation (one row with NULL message columns when none is stored).
+const READ: &str = "SELECT c.conn_gen, m.seq, m.id, m.ts, m.sender, m.topic, m.is_json, m.body, \
+       m.expires_at \
+     FROM outboxd_clients c LEFT JOIN LATERAL ( \
+       SELECT * FROM outboxd_messages WHERE cid = c.cid AND seq >= $2 AND seq < $3 \
+       ORDER BY seq LIMIT $4) m ON true \
+     WHERE c.cid = $1";
+
+impl Pool {
+    async fn get(&self) -> Result<Arc<ReadConn>, StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len().max(1);
+        let Some(slot) = self.slots.get(i) else {
+            return Err(StoreError::Closed);
+        };
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
+            return Ok(Arc::clone(c));
+        }
+        let client = connect(&self.target, OnMessage::Reader)
+            .await
+            .map_err(failed)?;
+        if self.read_timeout_ms > 0 {
+            client
+                .batch_execute(&format!("SET statement_timeout = {}", self.read_timeout_ms))
+                .await
+                .map_err(failed)?;
+        }
+        let read = client.prepare(READ).await.map_err(failed)?;
+        let c = Arc::new(ReadConn { client, read });
+        *slot = Some(Arc::clone(&c));
+        Ok(c)
+    }
+}
+
+/// What the store's reads need of the database; cheap to clone.
+#[derive(Clone)]
+pub(super) struct Reads {
+    pool: Arc<Pool>,
+    unavailable: Arc<AtomicBool>,
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored message row (columns `seq, id, ts, sender, topic, is_json, body, expires_at`
+/// from `at`) as the store hands it out; None when the row holds no message.
+fn delivery(row: &tokio_postgres::Row, at: usize) -> Result<Option<Delivery>, StoreError> {
+    let get = |e: tokio_postgres::Error| failed(e);
+    let Some(seq) = row.try_get::<_, Option<i64>>(at).map_err(get)? else {
+        return Ok(None);
+    };
+    let body: Vec<u8> = row.try_get(at + 6).map_err(get)?;
+    let payload = if row.try_get::<_, bool>(at + 5).map_err(get)? {
+        Payload::Json(String::from_utf8(body).map_err(|_| StoreError::Corrupt {
+            key: format!("outboxd_messages seq {seq}"),
+            source: crate::codec::CodecError::Empty,
+        })?)
+    } else {
+        Payload::Binary(body)
+    };
+    let expires: i64 = row.try_get(at + 7).map_err(get)?;
+    Ok(Some(Delivery {
+        seq: u(seq),
+        id: format!("{:x}", u(row.try_get(at + 1).map_err(get)?)),
+        ts: u(row.try_get(at + 2).map_err(get)?),
+        from: row.try_get(at + 3).map_err(get)?,
+        topic: row.try_get(at + 4).map_err(get)?,
+        payload,
+        expires_at: (expires > 0).then_some(u(expires)),
+    }))
+}
+
+impl Reads {
+    /// Messages of outbox `cid` from `start` up to before `end`, at most `limit`, for the
+    /// connection of `generation`.
+    pub(super) async fn read(
+        &self,
+        cid: u64,
+        generation: u64,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let c = self.pool.get().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = c
+            .client
+            .query(&c.read, &[&i(cid), &i(start), &i(end), &limit])
+            .await
+            .map_err(failed)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let current: i64 = row.try_get(0).map_err(failed)?;
+            if u(current) > generation {
+                return Err(StoreError::Superseded);
+            }
+            if let Some(d) = delivery(row, 1)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn totals(&self) -> Result<OutboxTotals, StoreError> {
+        let c = self.pool.get().await?;
+        let row = c
+            .client
+            .query_one(
+                "SELECT count(*), coalesce(sum(pending), 0)::bigint, \
+                   coalesce(sum(bytes), 0)::bigint, coalesce(max(pending), 0), \
+                   coalesce(max(bytes), 0) FROM outboxd_clients",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(OutboxTotals {
+            outboxes: u(row.try_get(0).map_err(failed)?),
+            pending_messages: u(row.try_get(1).map_err(failed)?),
+            pending_bytes: u(row.try_get(2).map_err(failed)?),
+            max_pending_messages: u(row.try_get(3).map_err(failed)?),
+            max_pending_bytes: u(row.try_get(4).map_err(failed)?),
+        })
+    }
+
+    pub(super) fn is_unavailable(&self) -> bool {
+        self.unavailable.load(Ordering::Acquire)
+    }
+
+    /// Every client with an outbox (or one, by name), in name order.
+    pub(super) async fn clients(
+        &self,
+        one: Option<&str>,
+    ) -> Result<Vec<OutboxSummary>, StoreError> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .client
+            .query(
+                "SELECT c.name, c.epoch, c.pending, c.bytes, c.next_seq, c.acked, c.last_seen, \
+                   (SELECT min(ts) FROM outboxd_messages m WHERE m.cid = c.cid), \
+                   coalesce((SELECT array_agg(topic ORDER BY topic) FROM outboxd_subs s \
+                     WHERE s.cid = c.cid), '{}') \
+                 FROM outboxd_clients c WHERE $1::text IS NULL OR c.name = $1 ORDER BY c.name",
+                &[&one],
+            )
+            .await
+            .map_err(failed)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let last_seen: i64 = r.try_get(6).map_err(failed)?;
+            out.push(OutboxSummary {
+                client_id: r.try_get(0).map_err(failed)?,
+                epoch: r.try_get(1).map_err(failed)?,
+                pending: u(r.try_get(2).map_err(failed)?),
+                bytes: u(r.try_get(3).map_err(failed)?),
+                next_seq: u(r.try_get(4).map_err(failed)?),
+                acked: u(r.try_get(5).map_err(failed)?),
+                oldest_unacked_ts: r.try_get::<_, Option<i64>>(7).map_err(failed)?.map(u),
+                last_seen: (last_seen > 0).then_some(u(last_seen)),
+                subscriptions: r.try_get(8).map_err(failed)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` stored messages of `client` from `from`; None when it has no outbox.
+    pub(super) async fn outbox(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Option<OutboxListing>, StoreError> {
+        let c = self.pool.get().await?;
+        let Some(row) = c
+            .client
+            .query_opt(
+                "SELECT cid, epoch FROM outboxd_clients WHERE name = $1",
+                &[&client],
+            )
+            .await
+            .map_err(failed)?
+        else {
+            return Ok(None);
+        };
+        let cid: i64 = row.try_get(0).map_err(failed)?;
+        let epoch: String = row.try_get(1).map_err(failed)?;
+        let take = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let rows = c
+            .client
+            .query(&c.read, &[&cid, &i(from), &i64::MAX, &take])
+            .await
+            .map_err(failed)?;
+        let mut messages = Vec::new();
+        for r in &rows {
+            if let Some(d) = delivery(r, 1)? {
+                messages.push(d);
+            }
+        }
+        let next_from = (messages.len() > limit).then(|| messages[limit].seq);
+        messages.truncate(limit);
+        Ok(Some(OutboxListing {
+            client_id: client.to_owned(),
+            epoch,
+            messages,
+            next_from,
+        }))
+    }
+
+    /// Every topic with a subscriber, in name order.
+    pub(super) async fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .client
+            .query(
+                "SELECT s.topic, array_agg(c.name ORDER BY c.name) FROM outboxd_subs s \
+                 JOIN outboxd_clients c USING (cid) GROUP BY s.topic ORDER BY s.topic",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        rows.iter()
+            .map(|r| {
+                Ok(TopicSubscribers {
+                    topic: r.try_get(0).map_err(failed)?,
+                    subscribers: r.try_get(1).map_err(failed)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Totals over the database's outboxes.
+    pub(super) async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let clients = self.clients(None).await?;
+        let topics = self.topics().await?;
+        let c = self.pool.get().await?;
+        let row = c
+            .client
+            .query_one(
+                "SELECT current_database(), \
+                   (SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint \
+                      FROM pg_class WHERE relname LIKE 'outboxd\\_%' AND relkind IN ('r', 'm')), \
+                   (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM outboxd_messages)",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        let db: String = row.try_get(0).map_err(failed)?;
+        Ok(StoreStats {
+            data_dir: format!("postgres:{db}").into(),
+            format_version: SCHEMA_VERSION,
+            clients: clients.len() as u64,
+            topics: topics.len() as u64,
+            subscriptions: topics.iter().map(|t| t.subscribers.len() as u64).sum(),
+            pending_messages: clients.iter().map(|c| c.pending).sum(),
+            pending_bytes: clients.iter().map(|c| c.bytes).sum(),
+            max_pending_messages: clients.iter().map(|c| c.pending).max().unwrap_or(0),
+            max_pending_bytes: clients.iter().map(|c| c.bytes).max().unwrap_or(0),
+            oldest_message_ts: clients.iter().filter_map(|c| c.oldest_unacked_ts).min(),
+            live_bytes: u(row.try_get(2).map_err(failed)?),
+            disk_bytes: u(row.try_get(1).map_err(failed)?),
+        })
+    }
+}
+
+/// The database's address from `postgres.url`, with the settings every connection shares.
+fn target(opts: &StoreOptions) -> Result<Target, StoreError> {
+    let mut config: tokio_postgres::Config = opts
+        .postgres
+        .url
+        .parse()
+        .map_err(|e| StoreError::BadUrl(format!("{e}")))?;
+    config.connect_timeout(Duration::from_millis(opts.postgres.connect_timeout_ms));
+    config.application_name("outboxd");
+    let node: Arc<str> = format!("{:016x}", fastrand::u64(..)).into();
+    Ok(Target { config, node })
+}
+
+/// Connects, applies the schema's migrations, and starts the writer thread (which also runs
+/// the listener for wake-ups). Blocking: it waits for the writer's first connection.
+pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
+    let target = target(&opts)?;
+    let latched = Arc::new(AtomicBool::new(false));
+    let unavailable = Arc::new(AtomicBool::new(false));
+    let handles = Handles::default();
+    let live = Arc::new(Live::default());
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let writer = writer::PgWriter::new(
+        target.clone(),
+        opts.clone(),
+        Arc::clone(&live),
+        Arc::clone(&handles),
+        Arc::clone(&latched),
+        Arc::clone(&unavailable),
+    );
+    let thread = std::thread::Builder::new()
+        .name("outboxd-writer".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(StoreError::Io(e)));
+                    return true;
+                }
+            };
+            rt.block_on(writer.run(rx, started_tx))
+        })?;
+    match started_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(StoreError::Closed);
+        }
+    }
+    info!(node = %target.node, "PostgreSQL store open");
+    let pool = Pool {
+        target,
+        slots: (0..opts.postgres.pool_size.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect(),
+        next: AtomicUsize::new(0),
+        read_timeout_ms: opts.postgres.read_timeout_ms,
+    };
+    Ok((
+        Store {
+            tx,
+            latched,
+            handles,
+            engine: Engine::Postgres(Reads {
+                pool: Arc::new(pool),
+                unavailable,
+            }),
+        },
+        Writer {
+            thread: Some(thread),
+        },
+    ))
+}
