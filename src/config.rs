@@ -87,6 +87,54 @@ impl fmt::Display for Origin {
     }
 }
 
+/// One setting as `outboxd config check` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// `section.key`.
+    pub name: &'static str,
+    pub value: SettingValue,
+    pub origin: Origin,
+}
+
+/// A setting's effective value. A secret is never carried, only whether it is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingValue {
+    Whole(u64),
+    Bool(bool),
+    Text(String),
+    List(Vec<String>),
+    Secret { set: bool },
+}
+
+/// As TOML writes it (text quoted), a secret as `<set>` or `<empty>`.
+impl fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SettingValue::Whole(n) => write!(f, "{n}"),
+            SettingValue::Bool(b) => write!(f, "{b}"),
+            SettingValue::Text(s) => write!(f, "{s:?}"),
+            SettingValue::List(items) => {
+                let items: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+                write!(f, "[{}]", items.join(", "))
+            }
+            SettingValue::Secret { set: true } => f.write_str("<set>"),
+            SettingValue::Secret { set: false } => f.write_str("<empty>"),
+        }
+    }
+}
+
+impl Origin {
+    /// Where the value came from, in words: `default`, `file`, `env NAME`, `flag --NAME`.
+    pub fn describe(&self) -> String {
+        match self {
+            Origin::Default => "default".to_string(),
+            Origin::File => "file".to_string(),
+            Origin::Env(name) => format!("env {name}"),
+            Origin::Flag(name) => format!("flag {name}"),
+        }
+    }
+}
+
 /// A command-line flag that replaces a key's value (after the file and the environment).
 #[derive(Debug, Clone)]
 pub enum Flag {
@@ -363,6 +411,18 @@ impl Config {
         required: bool,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let cfg = Self::read_layers(path, required, env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Self::load`] without the rules between keys ([`Self::validate`]): each value is
+    /// still checked by its key.
+    fn read_layers(
+        path: &Path,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => Some(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -434,7 +494,6 @@ impl Config {
         }
         let mut cfg: Config = builder.build()?.try_deserialize()?;
         cfg.origins = origins;
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -562,6 +621,16 @@ impl Config {
         Ok(())
     }
 
+    /// Every setting, in the order of the table of keys: its effective value (a secret only as
+    /// `<set>` or `<empty>`) and where that value came from.
+    pub fn settings(&self) -> impl Iterator<Item = Setting> + '_ {
+        KEYS.iter().map(move |key| Setting {
+            name: key.name,
+            value: key.value(self),
+            origin: self.origin(key.name),
+        })
+    }
+
     /// `[tls]`: the certificate and the key come together. The files themselves are read at
     /// start ([`crate::net::tls::Tls::load`]), where an unusable one also stops the broker.
     fn validate_tls(&self) -> Result<(), ConfigError> {
@@ -653,13 +722,16 @@ enum Kind {
         get: fn(&Config) -> u64,
     },
     /// `true` or `false`.
-    Bool,
+    Bool { get: fn(&Config) -> bool },
     /// Any string (an address, a path, a token).
-    Text,
-    /// One of these words.
-    OneOf(&'static [&'static str]),
+    Text { get: fn(&Config) -> String },
+    /// One of these words; `get` names the word the value is.
+    OneOf {
+        words: &'static [&'static str],
+        get: fn(&Config) -> &'static str,
+    },
     /// A list of strings; from the environment, comma-separated.
-    TextList,
+    TextList { get: fn(&Config) -> &[String] },
 }
 
 /// One setting: `section.key`, what it accepts, and how a refusal shows it.
@@ -686,6 +758,46 @@ impl Key {
         Key::new(name, Kind::Whole { min, max, get })
     }
 
+    const fn flag(name: &'static str, get: fn(&Config) -> bool) -> Key {
+        Key::new(name, Kind::Bool { get })
+    }
+
+    const fn text(name: &'static str, get: fn(&Config) -> String) -> Key {
+        Key::new(name, Kind::Text { get })
+    }
+
+    const fn one_of(
+        name: &'static str,
+        words: &'static [&'static str],
+        get: fn(&Config) -> &'static str,
+    ) -> Key {
+        Key::new(name, Kind::OneOf { words, get })
+    }
+
+    const fn list(name: &'static str, get: fn(&Config) -> &[String]) -> Key {
+        Key::new(name, Kind::TextList { get })
+    }
+
+    /// The key's value in `cfg`; a secret only as set or empty.
+    fn value(&self, cfg: &Config) -> SettingValue {
+        let value = match self.kind {
+            Kind::Whole { get, .. } => SettingValue::Whole(get(cfg)),
+            Kind::Bool { get } => SettingValue::Bool(get(cfg)),
+            Kind::Text { get } => SettingValue::Text(get(cfg)),
+            Kind::OneOf { get, .. } => SettingValue::Text(get(cfg).to_string()),
+            Kind::TextList { get } => SettingValue::List(get(cfg).to_vec()),
+        };
+        if !self.secret {
+            return value;
+        }
+        let set = match value {
+            SettingValue::Text(s) => !s.is_empty(),
+            SettingValue::List(items) => !items.is_empty(),
+            _ => true,
+        };
+        SettingValue::Secret { set }
+    }
+
     const fn note(mut self, note: &'static str) -> Key {
         self.note = note;
         self
@@ -702,13 +814,13 @@ impl Key {
             Kind::Whole { min, max, .. } => {
                 format!("expected a whole number between {min} and {max}")
             }
-            Kind::Bool => "expected true or false".to_string(),
-            Kind::Text => "expected a string".to_string(),
-            Kind::OneOf(words) => {
+            Kind::Bool { .. } => "expected true or false".to_string(),
+            Kind::Text { .. } => "expected a string".to_string(),
+            Kind::OneOf { words, .. } => {
                 let words: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
                 format!("expected one of {}", words.join(", "))
             }
-            Kind::TextList => {
+            Kind::TextList { .. } => {
                 "expected a list of strings (from the environment: comma-separated)".to_string()
             }
         };
@@ -736,18 +848,18 @@ impl Key {
             }
             .filter(|v| (min..=max).contains(v))
             .map(V::U64),
-            Kind::Bool => match given {
+            Kind::Bool { .. } => match given {
                 Given::Toml(DeValue::Boolean(b)) => Some(*b),
                 Given::Text("true") => Some(true),
                 Given::Text("false") => Some(false),
                 _ => None,
             }
             .map(V::Boolean),
-            Kind::Text => text(given).map(V::String),
-            Kind::OneOf(words) => text(given)
+            Kind::Text { .. } => text(given).map(V::String),
+            Kind::OneOf { words, .. } => text(given)
                 .filter(|s| words.contains(&s.as_str()))
                 .map(V::String),
-            Kind::TextList => match given {
+            Kind::TextList { .. } => match given {
                 Given::Toml(DeValue::Array(items)) => items
                     .iter()
                     .map(|item| match item.get_ref() {
@@ -783,8 +895,8 @@ const U32: u64 = u32::MAX as u64;
 
 /// Every setting. The deserializer sees a value only after its key here has accepted it.
 const KEYS: &[Key] = &[
-    Key::new("server.listen", Kind::Text),
-    Key::new("server.admin_listen", Kind::Text),
+    Key::text("server.listen", |c| c.server.listen.clone()),
+    Key::text("server.admin_listen", |c| c.server.admin_listen.clone()),
     Key::whole("server.max_connections", 1, U32, |c| {
         c.server.max_connections.into()
     }),
@@ -806,11 +918,21 @@ const KEYS: &[Key] = &[
     Key::whole("server.max_connections_per_ip", 0, U32, |c| {
         c.server.max_connections_per_ip.into()
     }),
-    Key::new("server.allowed_origins", Kind::TextList),
-    Key::new("server.require_origin", Kind::Bool),
-    Key::new("storage.backend", Kind::OneOf(&["sled", "postgres"])),
-    Key::new("storage.data_dir", Kind::Text),
-    Key::new("storage.durability", Kind::OneOf(&["fsync", "relaxed"])),
+    Key::list("server.allowed_origins", |c| &c.server.allowed_origins),
+    Key::flag("server.require_origin", |c| c.server.require_origin),
+    Key::one_of("storage.backend", &["sled", "postgres"], |c| {
+        match c.storage.backend {
+            Backend::Sled => "sled",
+            Backend::Postgres => "postgres",
+        }
+    }),
+    Key::text("storage.data_dir", |c| path_text(&c.storage.data_dir)),
+    Key::one_of("storage.durability", &["fsync", "relaxed"], |c| {
+        match c.storage.durability {
+            Durability::Fsync => "fsync",
+            Durability::Relaxed => "relaxed",
+        }
+    }),
     Key::whole("storage.group_commit_max_delay_us", 0, 1_000_000, |c| {
         c.storage.group_commit_max_delay_us
     })
@@ -855,15 +977,24 @@ const KEYS: &[Key] = &[
     Key::whole("limits.max_subscriptions", 0, U32, |c| {
         c.limits.max_subscriptions.into()
     }),
-    Key::new("admin.token", Kind::Text).secret(),
-    Key::new("auth.mode", Kind::OneOf(&["none", "jwt"])),
-    Key::new("auth.hmac_secret", Kind::Text).secret(),
-    Key::new("auth.public_key_file", Kind::Text),
+    Key::text("admin.token", |c| c.admin.token.clone()).secret(),
+    Key::one_of("auth.mode", &["none", "jwt"], |c| match c.auth.mode {
+        crate::auth::AuthMode::None => "none",
+        crate::auth::AuthMode::Jwt => "jwt",
+    }),
+    Key::text("auth.hmac_secret", |c| c.auth.hmac_secret.clone()).secret(),
+    Key::text("auth.public_key_file", |c| {
+        c.auth
+            .public_key_file
+            .as_deref()
+            .map(path_text)
+            .unwrap_or_default()
+    }),
     Key::whole("auth.leeway_ms", 0, u64::MAX, |c| c.auth.leeway_ms),
-    Key::new("tls.cert_file", Kind::Text),
-    Key::new("tls.key_file", Kind::Text),
-    Key::new("tls.admin", Kind::Bool),
-    Key::new("postgres.url", Kind::Text).secret(),
+    Key::text("tls.cert_file", |c| path_text(&c.tls.cert_file)),
+    Key::text("tls.key_file", |c| path_text(&c.tls.key_file)),
+    Key::flag("tls.admin", |c| c.tls.admin),
+    Key::text("postgres.url", |c| c.postgres.url.clone()).secret(),
     Key::whole("postgres.pool_size", 1, 256, |c| {
         c.postgres.pool_size.into()
     }),
@@ -876,6 +1007,11 @@ const KEYS: &[Key] = &[
     Key::whole("postgres.recheck_ms", 10, 60_000, |c| c.postgres.recheck_ms)
         .note("a takeover on another node must close the older connection soon"),
 ];
+
+/// A path as text; the config's own paths came from text, a flag's may not be UTF-8.
+fn path_text(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
 
 /// A value as given, before its key has checked it.
 enum Given<'a> {
@@ -1046,9 +1182,9 @@ mod tests {
         for key in KEYS {
             let value = match key.kind {
                 Kind::Whole { min, .. } => min.to_string(),
-                Kind::Bool => "false".to_string(),
-                Kind::Text | Kind::TextList => String::new(),
-                Kind::OneOf(words) => words[0].to_string(),
+                Kind::Bool { .. } => "false".to_string(),
+                Kind::Text { .. } | Kind::TextList { .. } => String::new(),
+                Kind::OneOf { words, .. } => words[0].to_string(),
             };
             let var = format!("OUTBOXD_{}", key.name.replacen('.', "__", 1)).to_uppercase();
             if let Err(e) = load("", &[(&var, &value)]) {
@@ -1058,6 +1194,78 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn settings_show_the_value_each_key_was_given() {
+        // Guards the getters in the table of keys: a getter that reads another field (or a
+        // default) shows a value other than the one this key was set to.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        for (i, key) in KEYS.iter().enumerate() {
+            let n = u64::try_from(i).unwrap();
+            let (given, shown) = match key.kind {
+                Kind::Whole { min, max, .. } => {
+                    let v = min.saturating_add(7 + n).min(max);
+                    (v.to_string(), SettingValue::Whole(v))
+                }
+                Kind::Bool { get } => {
+                    let v = !get(&Config::default());
+                    (v.to_string(), SettingValue::Bool(v))
+                }
+                Kind::Text { .. } => (format!("v{i}"), SettingValue::Text(format!("v{i}"))),
+                Kind::OneOf { words, get } => {
+                    let default = get(&Config::default());
+                    let w = words.iter().find(|w| **w != default).unwrap();
+                    (w.to_string(), SettingValue::Text(w.to_string()))
+                }
+                Kind::TextList { .. } => (
+                    format!("a{i},b{i}"),
+                    SettingValue::List(vec![format!("a{i}"), format!("b{i}")]),
+                ),
+            };
+            let shown = if key.secret {
+                SettingValue::Secret { set: true }
+            } else {
+                shown
+            };
+            let var = format!("OUTBOXD_{}", key.name.replacen('.', "__", 1)).to_uppercase();
+            let c = Config::read_layers(&path, false, [(var.clone(), given.clone())]).unwrap();
+            let setting = c.settings().find(|s| s.name == key.name).unwrap();
+            assert_eq!(setting.value, shown, "{var}={given}");
+            assert_eq!(setting.origin, Origin::Env(var.clone()));
+            assert!(
+                !key.secret || !setting.value.to_string().contains(&given),
+                "{var}: a secret is shown"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_name_every_origin_and_hide_secrets() {
+        let mut c = load(
+            "[server]\nmax_connections = 5\n[admin]\ntoken = \"hunter22\"\n",
+            &[("OUTBOXD_STORAGE__DURABILITY", "relaxed")],
+        )
+        .unwrap();
+        c.apply_flag(Flag::Data(PathBuf::from("/srv/outboxd")));
+        let all: BTreeMap<&str, Setting> = c.settings().map(|s| (s.name, s)).collect();
+        assert_eq!(all.len(), KEYS.len());
+        let s = &all["server.max_connections"];
+        assert_eq!(
+            (&s.value, &s.origin),
+            (&SettingValue::Whole(5), &Origin::File)
+        );
+        let s = &all["storage.durability"];
+        assert_eq!(s.value.to_string(), "\"relaxed\"");
+        assert_eq!(s.origin.describe(), "env OUTBOXD_STORAGE__DURABILITY");
+        let s = &all["storage.data_dir"];
+        assert_eq!(s.origin.describe(), "flag --data");
+        assert_eq!(s.value.to_string(), "\"/srv/outboxd\"");
+        assert_eq!(all["server.listen"].origin.describe(), "default");
+        assert_eq!(all["admin.token"].value.to_string(), "<set>");
+        assert_eq!(all["auth.hmac_secret"].value.to_string(), "<empty>");
+        assert_eq!(all["postgres.url"].value.to_string(), "<empty>");
     }
 
     #[test]
