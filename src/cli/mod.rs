@@ -3,6 +3,7 @@
 //! `main` only calls [`main`] here; everything a subcommand does lives in the library so the
 //! tests drive the same code.
 
+mod config_check;
 mod inspect;
 mod pubsub;
 
@@ -80,10 +81,19 @@ enum Command {
     /// Resumes across disconnects and broker restarts, and across runs (the position is kept
     /// in a file), printing every message once and in order. See docs/clients.md.
     Sub(crate::cli::pubsub::SubArgs),
+    /// Check the configuration and show where each setting comes from.
+    Config(crate::cli::config_check::ConfigArgs),
 }
 
 #[derive(Debug, Args, Default)]
 struct ServeArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+/// Where `serve` takes its configuration from; `config check` takes the same flags.
+#[derive(Debug, Args, Default)]
+struct SettingsArgs {
     /// Config file [default: ./config.toml, used only if present].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -207,6 +217,7 @@ pub fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::cli::pubsub::publish(args),
         Command::Sub(args) => crate::cli::pubsub::subscribe(args),
+        Command::Config(args) => crate::cli::config_check::config(args),
     }
 }
 
@@ -229,44 +240,62 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let (path, required) = match args.config {
-        Some(p) => (p, true),
+/// Why the configuration `serve` would run with is refused: the message `serve` prints
+/// (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "server.listen ({listen}) is not a loopback address and auth.mode = \"none\": \
+         anyone could claim any client id and read its outbox. Configure [auth] \
+         (mode = \"jwt\"), listen on 127.0.0.1 behind a proxy that authenticates, or \
+         pass --insecure to accept the risk"
+    )]
+    OpenToAll { listen: String },
+}
+
+/// The configuration `serve` runs with: the file, then the environment, then the flags, then
+/// the checks between keys and the refusal of an open broker on a public address. Reads only
+/// the config file; addresses, the data directory and TLS files are checked by their users.
+fn load_settings(args: &SettingsArgs) -> Result<Config, Refused> {
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.toml"), false),
     };
-    let mut cfg = match Config::load(&path, required, std::env::vars()) {
+    let mut cfg = Config::load(&path, required, std::env::vars())?;
+    if let Some(listen) = &args.listen {
+        cfg.apply_flag(Flag::Listen(listen.clone()));
+    }
+    if let Some(data) = &args.data {
+        cfg.apply_flag(Flag::Data(data.clone()));
+    }
+    cfg.validate()?;
+    if open_to_all(&cfg) && !args.insecure {
+        return Err(Refused::OpenToAll {
+            listen: cfg.server.listen.clone(),
+        });
+    }
+    Ok(cfg)
+}
+
+/// `auth.mode = "none"` on an address beyond loopback: anyone can claim any client id.
+fn open_to_all(cfg: &Config) -> bool {
+    cfg.auth.mode == crate::auth::AuthMode::None
+        && cfg.listen_addr().is_ok_and(|a| !a.ip().is_loopback())
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let cfg = match load_settings(&args.settings) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outboxd: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(listen) = args.listen {
-        cfg.apply_flag(Flag::Listen(listen));
-    }
-    if let Some(data) = args.data {
-        cfg.apply_flag(Flag::Data(data));
-    }
-    if let Err(e) = cfg.validate() {
-        eprintln!("outboxd: {e}");
-        return ExitCode::from(2);
-    }
-    if cfg.auth.mode == crate::auth::AuthMode::None {
-        let public = cfg.listen_addr().is_ok_and(|a| !a.ip().is_loopback());
-        if public && !args.insecure {
-            eprintln!(
-                "outboxd: server.listen ({}) is not a loopback address and auth.mode = \"none\": \
-                 anyone could claim any client id and read its outbox. Configure [auth] \
-                 (mode = \"jwt\"), listen on 127.0.0.1 behind a proxy that authenticates, or \
-                 pass --insecure to accept the risk",
-                cfg.server.listen
-            );
-            return ExitCode::from(2);
-        }
-        if public {
-            tracing::warn!(listen = %cfg.server.listen,
-                "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
-        }
+    if open_to_all(&cfg) {
+        tracing::warn!(listen = %cfg.server.listen,
+            "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
     }
     let faults = Faults::from_env();
     if faults.any() {
