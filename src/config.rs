@@ -165,10 +165,52 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     pub tls: TlsSettings,
     pub postgres: Postgres,
+    pub log: Log,
     /// Where each value that is not a default came from, for refusals.
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
+
+/// How the broker writes its log (to stderr).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    /// Which events are written: a level (`info`), or a level with `target=level` exceptions
+    /// (`warn,outboxd=debug`). `RUST_LOG`, when set, replaces it.
+    pub level: String,
+}
+
+impl Log {
+    /// `level` as a tracing filter (the spaces an operator may write after a comma removed).
+    pub fn filter(&self) -> String {
+        let directives: Vec<&str> = self.level.split(',').map(str::trim).collect();
+        directives.join(",")
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// The shape of each log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`), `target`,
+    /// and the spans the event happened in.
+    Json,
+}
+
+/// Levels a `log.level` directive may name.
+const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
 
 /// TLS for the listeners (see `net::tls`); an empty `cert_file` means TLS is off.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -596,6 +638,7 @@ impl Config {
                 "expected a directory (it must not be empty)",
             ));
         }
+        self.validate_log_level()?;
         let h = &self.heartbeat;
         if h.timeout_ms <= h.interval_ms {
             return Err(self.refuse(
@@ -619,6 +662,35 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `log.level`: levels and `target=level` pairs only. tracing's own syntax would take a
+    /// misspelt level (`inof`) as a target name and silence the whole log.
+    fn validate_log_level(&self) -> Result<(), ConfigError> {
+        let level = &self.log.level;
+        let directive_ok = |d: &str| match d.split_once('=') {
+            None => LOG_LEVELS.contains(&d),
+            Some((target, lvl)) => {
+                !target.is_empty()
+                    && target
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+                    && LOG_LEVELS.contains(&lvl)
+            }
+        };
+        let directives: Vec<&str> = level.split(',').map(str::trim).collect();
+        if directives.iter().all(|d| directive_ok(d)) {
+            return Ok(());
+        }
+        Err(self.refuse(
+            "log.level",
+            format!("{level:?}"),
+            format!(
+                "expected a level ({}), optionally followed by target=level pairs, comma-separated, \
+                 e.g. \"warn,outboxd=debug\"",
+                LOG_LEVELS.join(", ")
+            ),
+        ))
     }
 
     /// Every setting, in the order of the table of keys: its effective value (a secret only as
@@ -1006,6 +1078,11 @@ const KEYS: &[Key] = &[
     }),
     Key::whole("postgres.recheck_ms", 10, 60_000, |c| c.postgres.recheck_ms)
         .note("a takeover on another node must close the older connection soon"),
+    Key::one_of("log.format", &["text", "json"], |c| match c.log.format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    }),
+    Key::text("log.level", |c| c.log.level.clone()),
 ];
 
 /// A path as text; the config's own paths came from text, a flag's may not be UTF-8.
@@ -1266,6 +1343,37 @@ mod tests {
         assert_eq!(all["admin.token"].value.to_string(), "<set>");
         assert_eq!(all["auth.hmac_secret"].value.to_string(), "<empty>");
         assert_eq!(all["postgres.url"].value.to_string(), "<empty>");
+    }
+
+    #[test]
+    fn log_level_takes_levels_and_target_pairs_only() {
+        for ok in [
+            "info",
+            "warn,outboxd=debug",
+            "off",
+            "error, outboxd::store=trace",
+        ] {
+            let c = load("", &[("OUTBOXD_LOG__LEVEL", ok)]).unwrap();
+            assert_eq!(c.log.level, ok);
+        }
+        for bad in [
+            "inof",
+            "",
+            "outboxd=loud",
+            "=debug",
+            "info,",
+            "outboxd[span]=debug",
+        ] {
+            let e = load("", &[("OUTBOXD_LOG__LEVEL", bad)]).unwrap_err();
+            assert!(
+                e.to_string().contains("log.level") && e.to_string().contains("OUTBOXD_LOG__LEVEL"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = load("[log]\nformat = \"xml\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("\"text\", \"json\""), "{e}");
+        let c = load("[log]\nformat = \"json\"\n", &[]).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
     }
 
     #[test]

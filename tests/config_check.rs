@@ -108,7 +108,7 @@ fn check_json_is_one_object_with_every_setting() {
     let out = outboxd(
         dir.path(),
         &["config", "check", "--config", &config, "--json"],
-        &[("OUTBOXD_STORAGE__DURABILITY", "relaxed")],
+        &[("OUTBOXD_LOG__FORMAT", "json")],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -120,11 +120,8 @@ fn check_json_is_one_object_with_every_setting() {
     let s = &v["settings"];
     assert_eq!(s["postgres.url"]["value"], "<set>");
     assert_eq!(s["postgres.url"]["origin"], "file");
-    assert_eq!(s["storage.durability"]["value"], "relaxed");
-    assert_eq!(
-        s["storage.durability"]["variable"],
-        "OUTBOXD_STORAGE__DURABILITY"
-    );
+    assert_eq!(s["log.format"]["value"], "json");
+    assert_eq!(s["log.format"]["variable"], "OUTBOXD_LOG__FORMAT");
     assert_eq!(s["server.max_connections"]["value"], 10_000);
     assert_eq!(s["server.require_origin"]["value"], false);
     assert!(s["server.allowed_origins"]["value"].is_array(), "{s}");
@@ -144,7 +141,7 @@ fn an_invalid_configuration_exits_2_with_the_message_serve_gives() {
     let config = config_file(dir.path(), "");
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf-8 path");
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (
             "a value out of range from the environment",
             &[],
@@ -154,6 +151,11 @@ fn an_invalid_configuration_exits_2_with_the_message_serve_gives() {
             "a rule between two keys",
             &[],
             &[("OUTBOXD_HEARTBEAT__TIMEOUT_MS", "10")],
+        ),
+        (
+            "a misspelt log level",
+            &[],
+            &[("OUTBOXD_LOG__LEVEL", "inof")],
         ),
         ("an address from a flag", &["--listen", "nowhere"], &[]),
         (

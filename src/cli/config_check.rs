@@ -39,7 +39,7 @@ struct CheckArgs {
     #[command(flatten)]
     settings: super::SettingsArgs,
     /// One JSON object: {"valid", "file": {"path", "read"}, "settings": {KEY: {"value",
-    /// "origin", and "variable" or "flag"}}}.
+    /// "origin", and "variable" or "flag"}}, "rust_log"}.
     #[arg(long)]
     json: bool,
 }
@@ -75,17 +75,18 @@ fn check(args: CheckArgs) -> ExitCode {
         None => (Path::new("config.toml"), false),
     };
     let file_read = required || path.exists();
+    let rust_log = std::env::var("RUST_LOG").ok();
     let text = if args.json {
-        json_report(&cfg, path, file_read)
+        json_report(&cfg, path, file_read, rust_log.as_deref())
     } else {
-        table(&cfg, path, file_read)
+        table(&cfg, path, file_read, rust_log.as_deref())
     };
     print!("{text}");
     ExitCode::SUCCESS
 }
 
 /// The human report: the file, then one aligned row per setting.
-fn table(cfg: &Config, path: &Path, file_read: bool) -> String {
+fn table(cfg: &Config, path: &Path, file_read: bool, rust_log: Option<&str>) -> String {
     let rows: Vec<[String; 3]> = cfg
         .settings()
         .map(|s| [s.name.to_string(), s.value.to_string(), s.origin.describe()])
@@ -111,12 +112,17 @@ fn table(cfg: &Config, path: &Path, file_read: bool) -> String {
     for [name, value, from] in std::iter::once(header).chain(rows) {
         out.push_str(&format!("{name:<w0$}  {value:<w1$}  {from}\n"));
     }
+    if let Some(filter) = rust_log {
+        out.push_str(&format!(
+            "note: RUST_LOG is set ({filter:?}) and replaces log.level\n"
+        ));
+    }
     out.push_str("the configuration is valid\n");
     out
 }
 
 /// The JSON report: one object, one line.
-fn json_report(cfg: &Config, path: &Path, file_read: bool) -> String {
+fn json_report(cfg: &Config, path: &Path, file_read: bool, rust_log: Option<&str>) -> String {
     let settings: Map<String, Value> = cfg
         .settings()
         .map(|s| (s.name.to_string(), setting_json(&s)))
@@ -125,6 +131,7 @@ fn json_report(cfg: &Config, path: &Path, file_read: bool) -> String {
         "valid": true,
         "file": {"path": path.display().to_string(), "read": file_read},
         "settings": settings,
+        "rust_log": rust_log,
     });
     format!("{report}\n")
 }
@@ -163,7 +170,7 @@ mod tests {
     #[test]
     fn table_rows_are_aligned_in_columns() {
         let cfg = config(&[("OUTBOXD_SERVER__ALLOWED_ORIGINS", "https://a.example")]);
-        let text = table(&cfg, Path::new("config.toml"), false);
+        let text = table(&cfg, Path::new("config.toml"), false, None);
         let rows: Vec<&str> = text
             .lines()
             .skip(1)
@@ -189,7 +196,7 @@ mod tests {
             ("OUTBOXD_ADMIN__TOKEN", "hunter22"),
             ("OUTBOXD_SERVER__MAX_CONNECTIONS", "7"),
         ]);
-        let text = json_report(&cfg, Path::new("config.toml"), false);
+        let text = json_report(&cfg, Path::new("config.toml"), false, Some("debug"));
         assert!(!text.contains("hunter22"), "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         let token = &v["settings"]["admin.token"];
@@ -198,6 +205,7 @@ mod tests {
         assert_eq!(token["variable"], "OUTBOXD_ADMIN__TOKEN");
         assert_eq!(v["settings"]["server.max_connections"]["value"], 7);
         assert_eq!(v["settings"]["server.listen"]["origin"], "default");
+        assert_eq!(v["rust_log"], "debug");
         assert_eq!(v["file"]["read"], false);
     }
 }

@@ -15,7 +15,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::{Config, Flag};
+use crate::config::{Config, Flag, LogFormat};
 use crate::faults::Faults;
 use crate::net::{self, ServeError};
 
@@ -37,8 +37,8 @@ enum Command {
     ///
     /// Reads ./config.toml (or --config), then OUTBOXD_<SECTION>__<KEY> environment variables,
     /// then the flags below. Prints `outboxd ready: ws://ADDR/ws` (`wss://` with TLS) on stdout
-    /// once clients can connect; logs go to stderr (filter with RUST_LOG, e.g.
-    /// RUST_LOG=outboxd=debug).
+    /// once clients can connect; logs go to stderr, as text or JSON lines ([log] format), at
+    /// [log] level (RUST_LOG, e.g. RUST_LOG=outboxd=debug, replaces it).
     /// SIGTERM or SIGINT: stop accepting, close clients with 1001, commit what is queued, exit 0.
     /// SIGHUP: reload the TLS certificate and key (new connections get them).
     Serve(ServeArgs),
@@ -202,12 +202,11 @@ pub fn main() -> ExitCode {
     );
     let cli = Cli::parse_from(args);
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
-    // The broker logs what it does; the tools only warn, their output is on stdout.
-    init_logging(if matches!(command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    });
+    // The broker logs what it does, as its configuration says (set up once that is read); the
+    // tools only warn, as text: their output is on stdout.
+    if !matches!(command, Command::Serve(_)) {
+        init_logging("warn", LogFormat::Text);
+    }
     match command {
         Command::Serve(args) => serve(args),
         Command::Inspect(args) => crate::cli::inspect::inspect(args),
@@ -221,7 +220,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(default: &str) {
+/// Installs the log subscriber: stderr, events at `default` or as `RUST_LOG` says, each as a
+/// text line or a JSON object.
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // rustls is built with its `log` feature (ureq, the admin client, asks for it), and logs
@@ -233,11 +234,14 @@ fn init_logging(default: &str) {
         Ok(quiet) if !names_rustls => filter.add_directive(quiet),
         _ => filter,
     };
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line, the event's fields kept as fields.
+        LogFormat::Json => fmt.json().with_ansi(false).init(),
+    }
 }
 
 /// Why the configuration `serve` would run with is refused: the message `serve` prints
@@ -293,6 +297,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&cfg.log.filter(), cfg.log.format);
+    // With JSON logs every line on stderr is a JSON object: a fatal error is logged, not
+    // printed as well.
+    let json_log = cfg.log.format == LogFormat::Json;
+    let fatal = |e: &dyn std::fmt::Display| {
+        if !json_log {
+            eprintln!("outboxd: {e}");
+        }
+    };
     if open_to_all(&cfg) {
         tracing::warn!(listen = %cfg.server.listen,
             "INSECURE: auth.mode = \"none\" on an address beyond loopback (--insecure): any client can claim any client id");
@@ -310,7 +323,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("outboxd: cannot start the runtime: {e}");
+            error!(error = %e, "cannot start the runtime");
+            fatal(&format_args!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -330,17 +344,20 @@ fn serve(args: ServeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServeError::Config(_)) => {
-            eprintln!("outboxd: {e}");
+            if json_log {
+                error!(error = %e, "outboxd refused its configuration");
+            }
+            fatal(&e);
             ExitCode::from(2)
         }
         Err(ServeError::Store(e @ crate::store::StoreError::Damaged { .. })) => {
             error!(error = %e, "outboxd refused to serve a damaged store");
-            eprintln!("outboxd: {e}");
+            fatal(&e);
             ExitCode::from(crate::cli::inspect::DAMAGED_EXIT)
         }
         Err(e) => {
             error!(error = %e, "outboxd stopped");
-            eprintln!("outboxd: {e}");
+            fatal(&e);
             ExitCode::from(1)
         }
     }
