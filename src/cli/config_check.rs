@@ -30,6 +30,7 @@ enum ConfigCommand {
     /// included), and prints each setting's value and where it came from: default, file,
     /// env VARIABLE or flag --NAME. admin.token, auth.hmac_secret and postgres.url show as
     /// <set> or <empty>. It does not bind addresses or open the data directory.
+    ///
     /// Exit status: 0 valid; 2 refused, with the message `serve` would give.
     Check(CheckArgs),
 }

@@ -5,6 +5,7 @@
 
 mod config_check;
 mod inspect;
+mod manual;
 mod pubsub;
 
 use std::io::{IsTerminal as _, Write as _};
@@ -83,6 +84,17 @@ enum Command {
     Sub(crate::cli::pubsub::SubArgs),
     /// Check the configuration and show where each setting comes from.
     Config(crate::cli::config_check::ConfigArgs),
+    /// Print a shell completion script on stdout.
+    ///
+    /// For example: `outboxd completions bash > /etc/bash_completion.d/outboxd`, or
+    /// `outboxd completions zsh > "${fpath[1]}/_outboxd"`, or
+    /// `outboxd completions fish > ~/.config/fish/completions/outboxd.fish`.
+    Completions(crate::cli::manual::CompletionsArgs),
+    /// Print the man page on stdout, or write a page per command into a directory.
+    ///
+    /// `outboxd man | man -l -` reads it; `outboxd man --dir /usr/local/share/man/man1` installs
+    /// outboxd.1 and a page per command (outboxd-serve.1, ...).
+    Man(crate::cli::manual::ManArgs),
 }
 
 #[derive(Debug, Args, Default)]
@@ -217,6 +229,8 @@ pub fn main() -> ExitCode {
         Command::Pub(args) => crate::cli::pubsub::publish(args),
         Command::Sub(args) => crate::cli::pubsub::subscribe(args),
         Command::Config(args) => crate::cli::config_check::config(args),
+        Command::Completions(args) => crate::cli::manual::completions(args, Cli::command()),
+        Command::Man(args) => crate::cli::manual::man(args, Cli::command()),
     }
 }
 
