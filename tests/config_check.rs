@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -20,8 +21,21 @@ fn outboxd(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
             cmd.env_remove(&k);
         }
     }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run outboxd")
+    cmd.envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run outboxd");
+    // A `serve` that should have refused its configuration would run until killed: end it,
+    // and let the exit status (a signal, no code) fail the test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait for outboxd").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("outboxd's output")
 }
 
 /// A config file in `dir` with `body`; the admin API off so no port is needed.
