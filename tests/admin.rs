@@ -376,6 +376,10 @@ async fn purge_closes_the_session_with_4002_and_the_next_hello_reports_missed() 
     assert_eq!(w["epoch"], new_epoch.as_str(), "{w}");
     assert_eq!(w["missed"], 3, "{w}");
     assert_eq!(w["pending"], 0, "{w}");
+    // The new epoch does not restart the numbering: the position in force is the last purged
+    // seq, and the next message gets the seq after it (docs/protocol.md, after resumed:false).
+    assert_eq!(w["last_seq"], 3, "{w}");
+    assert_eq!(w["next_seq"], 4, "{w}");
     bob.expect_quiet(QUIET).await;
 
     // New messages go on after the purged seqs.

@@ -1,7 +1,7 @@
 // outboxd.js: a client for the outboxd broker (protocol v1, subprotocol "outboxd.v1.json").
 //
-// One dependency-free ES module for browsers, and for Node.js 22 or later (global WebSocket) or
-// any runtime given a WebSocket class. What it does for the application:
+// One dependency-free ES module for browsers, and for Node.js 20 or later (the global WebSocket of
+// Node 22+, or `--experimental-websocket` on 20 and 21) or any runtime given a WebSocket class. What it does for the application:
 //   - sends `hello` with `resume` (epoch + last processed seq) on every (re)connect;
 //   - hands each message to the application once, in seq order, dropping duplicates by seq
 //     within an epoch, and forgetting its seqs when the broker says the epoch changed;
