@@ -1,4 +1,4 @@
-// Type declarations for outboxd.js, the outboxd client for browsers and Node.js 22+.
+// Type declarations for outboxd.js, the outboxd client for browsers and Node.js 20+.
 
 /** The WebSocket subprotocol this client speaks: "outboxd.v1.json". */
 export const SUBPROTOCOL: "outboxd.v1.json";
@@ -129,7 +129,8 @@ export interface OutboxdEvents {
   reconnecting: { attempt: number; delayMs: number; cause: string };
   /** Messages retention removed before they were acked: from the welcome, or a seq gap seen live. */
   missed: { count: number; epoch: string; source: "welcome" | "gap"; afterSeq: number; beforeSeq?: number };
-  /** The stored position belonged to another incarnation of the outbox; seqs start over. */
+  /** The stored position belonged to another incarnation of the outbox; the client now stands at
+   * the broker's `epoch` and `lastSeq`, and the seqs that follow are above `lastSeq`. */
   reset: { reason: string; previous: Position; epoch: string; lastSeq: number };
   error: OutboxdError;
   /** Another connection with this client id took over (close 4000); the client has stopped. */
