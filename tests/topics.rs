@@ -74,3 +74,33 @@ async fn topic_publish_without_subscribers_is_ok_with_zero_recipients() {
         .await;
     assert_eq!(ok["recipients"], 0, "{ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_messages_come_before_the_ok_of_a_subscribe_sent_right_after_hello() {
+    // Guards what docs/protocol.md promises clients ("Messages are not ordered against the
+    // answers"): a client that waits for its subscribe `ok` before it handles `msg` frames
+    // would see these first. Catches a broker that starts answering requests before it has
+    // sent the stored gap.
+    let broker = Broker::start(Opts::new());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 1..=2 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    let mut bob = common::Client::connect(&broker.url).await;
+    // Both frames go out before any answer is read.
+    bob.send(json!({"type": "hello", "client_id": "bob"})).await;
+    bob.send(json!({"type": "subscribe", "ref": "s1", "topic": "news"}))
+        .await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let f = bob.recv_skip_pings().await;
+        kinds.push(match f["type"].as_str() {
+            Some("msg") => format!("msg {}", common::seq(&f)),
+            Some(t) => t.to_string(),
+            None => panic!("a frame without a type: {f}"),
+        });
+    }
+    assert_eq!(kinds, ["welcome", "msg 1", "msg 2", "ok"], "{kinds:?}");
+}
