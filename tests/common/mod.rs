@@ -416,6 +416,80 @@ impl Client {
         Client { ws, closed: false }
     }
 
+    /// Opens a WebSocket to `url`; None when the broker cannot be reached (for tests where
+    /// brokers die).
+    pub async fn try_connect(url: &str) -> Option<Client> {
+        let attempt = tokio_tungstenite::connect_async(url);
+        match tokio::time::timeout(RECV_TIMEOUT, attempt).await {
+            Ok(Ok((ws, _))) => Some(Client { ws, closed: false }),
+            _ => None,
+        }
+    }
+
+    /// The next frame other than a ping (pings answered) within `wait`; None when the
+    /// connection ended, closed or stayed silent.
+    pub async fn try_frame(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Event::Frame(v) if v["type"] == "ping" => {
+                    let pong = Message::text(json!({"type": "pong"}).to_string());
+                    if self.ws.send(pong).await.is_err() {
+                        return None;
+                    }
+                }
+                Event::Frame(v) => return Some(v),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Says hello as `client_id`; None when the connection fails or refuses.
+    pub async fn try_hello(&mut self, client_id: &str) -> Option<Value> {
+        self.try_hello_resume(client_id, None).await
+    }
+
+    /// Says hello, resuming from `(epoch, last_seq)` when given; None when the connection
+    /// fails or answers with anything but a welcome.
+    pub async fn try_hello_resume(
+        &mut self,
+        client_id: &str,
+        resume: Option<(&str, u64)>,
+    ) -> Option<Value> {
+        let mut frame = json!({"type": "hello", "client_id": client_id});
+        if let Some((epoch, last_seq)) = resume {
+            frame["resume"] = json!({"epoch": epoch, "last_seq": last_seq});
+        }
+        self.ws.send(Message::text(frame.to_string())).await.ok()?;
+        self.try_frame(RECV_TIMEOUT)
+            .await
+            .filter(|w| w["type"] == "welcome")
+    }
+
+    /// Sends a frame with a `ref` and returns the `ok` or `error` answering it; None when the
+    /// connection fails first.
+    pub async fn try_request(&mut self, frame: Value) -> Option<Value> {
+        let reference = frame["ref"].clone();
+        self.ws.send(Message::text(frame.to_string())).await.ok()?;
+        loop {
+            let a = self.try_frame(RECV_TIMEOUT * 3).await?;
+            if a["ref"] == reference {
+                return Some(a);
+            }
+        }
+    }
+
+    /// The next `msg` within `wait`; None when the connection ended or nothing came.
+    pub async fn try_recv_msg(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let v = self.try_frame(wait).await?;
+            if v["type"] == "msg" {
+                return Some(v);
+            }
+        }
+    }
+
     /// Opens a WebSocket over TLS (`wss://`) with this rustls client config; panics if the
     /// TLS handshake or the upgrade fails.
     pub async fn connect_tls(url: &str, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Client {

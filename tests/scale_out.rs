@@ -1,0 +1,376 @@
+//! Several brokers on one PostgreSQL database (`storage.backend = "postgres"`): any client may
+//! connect to any broker, and the promises hold across them and across a failover of the
+//! database. Real brokers, a real PostgreSQL (tools/pg-cluster.sh), real WebSockets; the
+//! failover test SIGKILLs the primary and promotes the standby.
+//!
+//! Skipped, saying so, where PostgreSQL's programs are missing (unless OUTBOXD_REQUIRE_POSTGRES
+//! is set, as in CI).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{on_postgres, postgres, postgres_available, seq, Broker, Client, PgCluster, QUIET};
+use serde_json::{json, Value};
+
+/// A broker on `db` that re-checks its clients' outboxes only every minute, so what reaches
+/// it sooner came by a wake-up from the broker that wrote it.
+fn node(db: &str) -> Broker {
+    Broker::start(on_postgres(db).set("postgres", "recheck_ms", 60_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_on_one_broker_reaches_its_client_on_another() {
+    // Catches a broker that only learns of its own writes.
+    if !postgres_available() {
+        return;
+    }
+    let db = postgres().database();
+    let (a, b) = (node(&db), node(&db));
+    let (mut bob, _) = b.client("bob").await;
+    let (mut alice, _) = a.client("alice").await;
+    for i in 1..=3 {
+        alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+    }
+    for i in 1..=3u64 {
+        let m = bob.recv_msg().await;
+        assert_eq!((seq(&m), m["payload"].clone()), (i, json!(i)), "{m}");
+        assert_eq!(m["from"], "alice");
+    }
+    bob.ack_upto(3).await;
+    bob.sync().await;
+    bob.close().await;
+    // The ack made on B holds on A.
+    let (mut bob, welcome) = a.client("bob").await;
+    assert_eq!(welcome["pending"], 0, "{welcome}");
+    assert_eq!(welcome["next_seq"], 4, "{welcome}");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_wake_up_only_delays_the_message_until_the_re_check() {
+    // Catches a broker that relies on notifications alone: here the writer wakes a broker
+    // that does not exist, and only B's periodic re-check can find the message.
+    if !postgres_available() {
+        return;
+    }
+    let pg = postgres();
+    let db = pg.database();
+    let a = node(&db);
+    let b = Broker::start(on_postgres(&db).set("postgres", "recheck_ms", 200));
+    let (mut bob, _) = b.client("bob").await;
+    pg.psql_on(
+        &db,
+        "UPDATE outboxd_clients SET node = 'nowhere' WHERE name = 'bob'",
+    );
+    let (mut alice, _) = a.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!("late")).await;
+    let m = bob.recv_msg().await;
+    assert_eq!(m["payload"], "late", "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_publish_reaches_subscribers_spread_over_three_brokers() {
+    // Catches fan-out that only wakes the publisher's broker, or loses order across brokers.
+    if !postgres_available() {
+        return;
+    }
+    let db = postgres().database();
+    let nodes = [node(&db), node(&db), node(&db)];
+    let mut subs = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let (mut s, _) = n.client(&format!("sub-{i}")).await;
+        let ok = s.subscribe("s", "news").await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        subs.push(s);
+    }
+    let (mut alice, _) = nodes[0].client("alice").await;
+    for i in 1..=20 {
+        let ok = alice
+            .publish_ok(&format!("p{i}"), "topic:news", json!(i))
+            .await;
+        assert_eq!(ok["recipients"], 3, "{ok}");
+    }
+    for s in &mut subs {
+        let got: Vec<(u64, Value)> = s
+            .recv_msgs(20)
+            .await
+            .iter()
+            .map(|m| (seq(m), m["payload"].clone()))
+            .collect();
+        let want: Vec<(u64, Value)> = (1..=20u64).map(|i| (i, json!(i))).collect();
+        assert_eq!(got, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_on_another_broker_closes_the_older_with_4000() {
+    // Catches two live connections for one client (each would be sent and ack the same
+    // messages), and a takeover that waits for the minute-long re-check.
+    if !postgres_available() {
+        return;
+    }
+    let db = postgres().database();
+    let (a, b) = (node(&db), node(&db));
+    let (mut old, _) = a.client("bob").await;
+    let (mut alice, _) = a.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    assert_eq!(seq(&old.recv_msg().await), 1);
+    let started = std::time::Instant::now();
+    let (mut new, welcome) = b.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    old.expect_close(4000).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the older connection was closed only after {:?}",
+        started.elapsed()
+    );
+    // The new connection is sent what the old one never acked, marked as maybe seen.
+    let m = new.recv_msg().await;
+    assert_eq!(seq(&m), 1);
+    assert_eq!(m["redelivered"], true, "{m}");
+    new.ack(1).await;
+    new.sync().await;
+    alice.publish_ok("p2", "client:bob", json!(2)).await;
+    assert_eq!(seq(&new.recv_msg().await), 2);
+}
+
+/// Publishes `n` messages to `to` through `url`, each with its own idempotency key, retrying
+/// (on a new connection when the old one broke) until each is confirmed. Returns the payloads
+/// confirmed, in order.
+async fn publish_all(urls: Vec<String>, to: &str, n: u64, pause: Duration) -> Vec<u64> {
+    let mut confirmed = Vec::new();
+    let mut turn = 0usize;
+    let mut conn: Option<Client> = None;
+    for i in 1..=n {
+        loop {
+            let mut c = match conn.take() {
+                Some(c) => c,
+                None => {
+                    let url = &urls[turn % urls.len()];
+                    turn += 1;
+                    match Client::try_connect(url).await {
+                        Some(mut c) => {
+                            if c.try_hello("publisher").await.is_none() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                            c
+                        }
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let frame = json!({"type": "publish", "ref": format!("p{i}"), "to": to,
+                               "payload": i, "key": format!("k{i}")});
+            match c.try_request(frame).await {
+                Some(a) if a["type"] == "ok" => {
+                    confirmed.push(i);
+                    conn = Some(c);
+                    break;
+                }
+                // Refused (the database is away): the same key again, soon.
+                Some(_) => {
+                    conn = Some(c);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    confirmed
+}
+
+/// Receives as `client` until every payload in `1..=n` has been seen, acking each, moving to
+/// the next broker in `urls` whenever the connection breaks, resuming from the last ack.
+/// Returns the payloads in the order they came, with their seqs.
+async fn receive_all(urls: Vec<String>, client: &str, n: u64) -> Vec<(u64, u64)> {
+    let mut got: Vec<(u64, u64)> = Vec::new();
+    let mut position: Option<(String, u64)> = None;
+    let mut turn = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while got
+        .iter()
+        .map(|(_, p)| *p)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        < n as usize
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every message arrived: {got:?}"
+        );
+        let url = &urls[turn % urls.len()];
+        turn += 1;
+        let Some(mut c) = Client::try_connect(url).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let resume = position.as_ref().map(|(e, s)| (e.as_str(), *s));
+        let Some(welcome) = c.try_hello_resume(client, resume).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let epoch = welcome["epoch"].as_str().unwrap_or_default().to_string();
+        if let Some((e, _)) = &position {
+            assert_eq!(*e, epoch, "the outbox changed epoch: {welcome}");
+            assert_eq!(welcome["resumed"], true, "{welcome}");
+        }
+        while let Some(m) = c.try_recv_msg(Duration::from_secs(5)).await {
+            let (s, p) = (seq(&m), m["payload"].as_u64().unwrap_or(0));
+            got.push((s, p));
+            c.ack(s).await;
+            position = Some((epoch.clone(), s));
+            if got
+                .iter()
+                .map(|(_, p)| *p)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= n as usize
+            {
+                break;
+            }
+        }
+    }
+    got
+}
+
+/// What a run must show: every confirmed payload received, nothing that was not published, and
+/// seqs that only go up (a repeat is a redelivery of the same seq and payload).
+fn check(confirmed: &[u64], got: &[(u64, u64)], n: u64) {
+    let mut by_seq: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut last = 0;
+    for (s, p) in got {
+        assert!((1..=n).contains(p), "unexpected payload {p} at seq {s}");
+        if let Some(earlier) = by_seq.insert(*s, *p) {
+            assert_eq!(earlier, *p, "seq {s} carried {earlier}, then {p}");
+        } else {
+            assert!(*s > last, "seq {s} came after {last}: {got:?}");
+            last = *s;
+        }
+    }
+    let received: std::collections::BTreeSet<u64> = by_seq.values().copied().collect();
+    let lost: Vec<u64> = confirmed
+        .iter()
+        .filter(|p| !received.contains(p))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "confirmed and lost: {lost:?}");
+    // Payloads reach the outbox in publish order: seqs order them as the publisher did.
+    let order: Vec<u64> = by_seq.values().copied().collect();
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(order, sorted, "reordered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_killed_mid_stream_loses_nothing_its_clients_resume_on_another() {
+    // Catches state a broker kept to itself: after kill -9 its clients must find every
+    // confirmed message, exactly once per seq, through another broker.
+    if !postgres_available() {
+        return;
+    }
+    const N: u64 = 300;
+    let db = postgres().database();
+    let mut a = node(&db);
+    let b = node(&db);
+    let c = node(&db);
+    let publisher = tokio::spawn(publish_all(
+        vec![c.url.clone()],
+        "client:bob",
+        N,
+        Duration::from_millis(5),
+    ));
+    let receiver = tokio::spawn(receive_all(vec![a.url.clone(), b.url.clone()], "bob", N));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.kill9();
+    let confirmed = publisher.await.expect("publisher");
+    let got = receiver.await.expect("receiver");
+    assert_eq!(confirmed.len() as u64, N);
+    check(&confirmed, &got, N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_primary_and_a_promoted_standby_lose_no_confirmed_message() {
+    // Catches an `ok` sent before the standby had the commit, and brokers that cannot find
+    // the new primary.
+    if !postgres_available() {
+        return;
+    }
+    const N: u64 = 300;
+    let pg = PgCluster::start(true);
+    let standby = pg.standby.clone().expect("a standby");
+    let name = "failover";
+    pg.psql(&format!("CREATE DATABASE {name}"));
+    // Both servers, the primary found by target_session_attrs, as in production.
+    let host = |url: &str| {
+        url.trim_start_matches("postgres://postgres@")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let url = format!(
+        "postgres://postgres@{},{}/{name}?target_session_attrs=read-write",
+        host(&pg.primary),
+        host(&standby)
+    );
+    let nodes = [
+        Broker::start(on_postgres(&url).set("postgres", "connect_timeout_ms", 2000)),
+        Broker::start(on_postgres(&url).set("postgres", "connect_timeout_ms", 2000)),
+    ];
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let publisher = tokio::spawn(publish_all(
+        vec![urls[0].clone(), urls[1].clone()],
+        "client:bob",
+        N,
+        Duration::from_millis(5),
+    ));
+    let receiver = tokio::spawn(receive_all(
+        vec![urls[1].clone(), urls[0].clone()],
+        "bob",
+        N,
+    ));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pg.run("kill-primary", &[]);
+    pg.run("promote", &[]);
+    let confirmed = publisher.await.expect("publisher");
+    let got = receiver.await.expect("receiver");
+    assert_eq!(confirmed.len() as u64, N);
+    check(&confirmed, &got, N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_synchronous_standby_down_a_publish_waits_and_no_ok_is_sent() {
+    // Catches an `ok` for a commit only the primary holds.
+    if !postgres_available() {
+        return;
+    }
+    let pg = PgCluster::start(true);
+    let db = pg.database();
+    let broker = Broker::start(on_postgres(&db));
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p0", "client:bob", json!(0)).await;
+    pg.run("stop", &["standby"]);
+    alice
+        .send(json!({"type": "publish", "ref": "p1", "to": "client:bob", "payload": 1}))
+        .await;
+    alice.expect_quiet(Duration::from_secs(2)).await;
+    pg.run("restart", &["standby"]);
+    let ok = alice.recv_skip_pings().await;
+    assert_eq!(
+        (ok["type"].clone(), ok["ref"].clone()),
+        (json!("ok"), json!("p1")),
+        "{ok}"
+    );
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(welcome["pending"], 2, "{welcome}");
+    assert_eq!(bob.recv_msgs(2).await.len(), 2);
+}
