@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Backend, Config, ConfigError};
 use crate::model::now_ms;
 use crate::store::{Inspector, StoreError};
 use crate::views::{ClientView, OutboxPage, SortBy, StatsView, TopicView};
@@ -176,6 +176,9 @@ fn run_repair(args: RepairArgs) -> Result<(), ToolError> {
         None => (PathBuf::from("config.toml"), false),
     };
     let cfg = Config::load(&path, required, std::env::vars())?;
+    if args.data.is_none() && cfg.storage.backend == Backend::Postgres {
+        return repair_postgres(&cfg, args.accept_loss, args.json);
+    }
     let dir = args.data.unwrap_or(cfg.storage.data_dir);
     let mut out = std::io::stdout().lock();
     if !args.accept_loss {
@@ -215,6 +218,46 @@ fn run_repair(args: RepairArgs) -> Result<(), ToolError> {
             out,
             "{}: the store is whole; nothing changed",
             dir.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// `outboxd repair` on the PostgreSQL backend: the database is checked by PostgreSQL itself;
+/// `--accept-loss` moves every outbox to a new epoch, after a loss the broker cannot see.
+fn repair_postgres(cfg: &Config, accept_loss: bool, json: bool) -> Result<(), ToolError> {
+    let opts = crate::store::StoreOptions::from_config(cfg);
+    let mut out = std::io::stdout().lock();
+    if !accept_loss {
+        Inspector::open_postgres(&opts)?;
+        if json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "backend": "postgres", "damaged": false })
+            )?;
+        } else {
+            writeln!(
+                out,
+                "postgres: the database holds an outboxd store; its integrity is PostgreSQL's \
+                 (checksums, WAL). After a point-in-time recovery or a failover to a standby \
+                 that was not synchronous, run this with --accept-loss"
+            )?;
+        }
+        return Ok(());
+    }
+    let moved = crate::store::pg::accept_loss(&opts)?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "backend": "postgres", "outboxes": moved })
+        )?;
+    } else {
+        writeln!(
+            out,
+            "postgres: {moved} outboxes moved to a new epoch, accepting the loss.\n  Each client \
+             gets `resumed:false` at its next connect."
         )?;
     }
     Ok(())
@@ -314,6 +357,10 @@ impl Source {
             };
             let token = args.token.clone().or_else(|| admin_token(&cfg));
             return Ok(Source::Online(Admin::new(base, token, &ca)?));
+        }
+        if args.data.is_none() && cfg.storage.backend == Backend::Postgres {
+            let opts = crate::store::StoreOptions::from_config(&cfg);
+            return Ok(Source::Offline(Inspector::open_postgres(&opts)?));
         }
         let dir = args
             .data

@@ -46,16 +46,23 @@ enum Command {
     /// Show what is stored: clients, one outbox, topics, totals.
     ///
     /// Offline (--data DIR, or storage.data_dir from the config) it reads a private copy of a
-    /// data directory that no broker holds, and never changes it. Online (--admin URL) it asks
-    /// a running broker's admin API. Human tables by default; --json for scripts.
+    /// data directory that no broker holds, and never changes it. With storage.backend =
+    /// "postgres" (and no --data) it reads the database of postgres.url, brokers running or
+    /// not. Online (--admin URL) it asks a running broker's admin API. Human tables by
+    /// default; --json for scripts.
     Inspect(crate::cli::inspect::InspectArgs),
     /// Write a consistent copy of the store to a new directory.
     ///
     /// Online (--admin URL) the running broker writes it between two writes (the path is on the
     /// broker's machine); offline (--data DIR) it is copied from a directory no broker holds.
     /// The copy is a data directory: start a broker on it, or use `outboxd restore`.
+    /// sled only: a PostgreSQL store is backed up with PostgreSQL's own tools (pg_dump, or base
+    /// backups and a WAL archive); see docs/scale-out.md.
     Backup(crate::cli::inspect::BackupArgs),
     /// Make a data directory from a backup (offline; the target must be new or empty).
+    ///
+    /// sled only: a PostgreSQL store is restored with PostgreSQL's own tools; brokers that
+    /// start on a copy restored into another cluster give every outbox a new epoch.
     Restore(crate::cli::inspect::RestoreArgs),
     /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
     ///
@@ -63,6 +70,8 @@ enum Command {
     /// and that every record reads back. A damaged store is not served (exit status 4). Then
     /// either restore the last backup, or run this with --accept-loss: every outbox moves to a
     /// new epoch, so each client learns at its next connect that its position no longer holds.
+    /// With storage.backend = "postgres", --accept-loss moves every outbox to a new epoch: run
+    /// it after a point-in-time recovery or a failover to a standby that was not synchronous.
     /// Exit status: 0 whole or repaired, 4 damaged (and not repaired), 1 other errors.
     Repair(crate::cli::inspect::RepairArgs),
     /// Mint a JWT for a client from the configured auth.hmac_secret (for development).

@@ -88,17 +88,22 @@ pub struct Inspector(Source);
 
 enum Source {
     Sled(SledView),
-    Postgres(super::pg::Reads),
+    /// A broker's read connections, or (offline) the tool's own, on a runtime of its own.
+    Postgres(super::pg::Reads, Option<tokio::runtime::Runtime>),
 }
 
 /// Runs a read of the PostgreSQL engine from blocking code (the inspector's callers run it off
 /// the runtime, on a blocking thread).
 fn wait<T>(
+    own: &Option<tokio::runtime::Runtime>,
     read: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => rt.block_on(read),
-        Err(_) => Err(StoreError::Closed),
+    match own {
+        Some(rt) => rt.block_on(read),
+        None => match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.block_on(read),
+            Err(_) => Err(StoreError::Closed),
+        },
     }
 }
 
@@ -119,7 +124,14 @@ impl Inspector {
     }
 
     pub(super) fn over_postgres(reads: super::pg::Reads) -> Self {
-        Inspector(Source::Postgres(reads))
+        Inspector(Source::Postgres(reads, None))
+    }
+
+    /// Opens the PostgreSQL database of `opts` for reading, without a broker (`outboxd
+    /// inspect` with `storage.backend = "postgres"`). Never writes to it.
+    pub fn open_postgres(opts: &super::StoreOptions) -> Result<Inspector, StoreError> {
+        let (reads, rt) = super::pg::offline(opts)?;
+        Ok(Inspector(Source::Postgres(reads, Some(rt))))
     }
 
     /// Opens `data_dir` for reading while no broker runs on it. Never writes to `data_dir`.
@@ -134,7 +146,7 @@ impl Inspector {
     pub fn clients(&self) -> Result<Vec<OutboxSummary>, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.clients(),
-            Source::Postgres(r) => wait(r.clients(None)),
+            Source::Postgres(r, rt) => wait(rt, r.clients(None)),
         }
     }
 
@@ -142,7 +154,7 @@ impl Inspector {
     pub fn client(&self, client: &str) -> Result<Option<OutboxSummary>, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.client(client),
-            Source::Postgres(r) => Ok(wait(r.clients(Some(client)))?.pop()),
+            Source::Postgres(r, rt) => Ok(wait(rt, r.clients(Some(client)))?.pop()),
         }
     }
 
@@ -156,7 +168,7 @@ impl Inspector {
     ) -> Result<Option<OutboxListing>, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.outbox(client, from, limit),
-            Source::Postgres(r) => wait(r.outbox(client, from, limit)),
+            Source::Postgres(r, rt) => wait(rt, r.outbox(client, from, limit)),
         }
     }
 
@@ -164,7 +176,7 @@ impl Inspector {
     pub fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.topics(),
-            Source::Postgres(r) => wait(r.topics()),
+            Source::Postgres(r, rt) => wait(rt, r.topics()),
         }
     }
 
@@ -173,7 +185,7 @@ impl Inspector {
     pub fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.backup(to),
-            Source::Postgres(_) => Err(StoreError::Unsupported {
+            Source::Postgres(..) => Err(StoreError::Unsupported {
                 what: "a backup by outboxd",
                 backend: "postgres",
                 instead: "back up the database with pg_dump; see docs/scale-out.md",
@@ -185,7 +197,7 @@ impl Inspector {
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         match &self.0 {
             Source::Sled(v) => v.stats(),
-            Source::Postgres(r) => wait(r.stats()),
+            Source::Postgres(r, rt) => wait(rt, r.stats()),
         }
     }
 }

@@ -70,7 +70,7 @@ mod journal;
 mod keys;
 mod open;
 mod outboxes;
-mod pg;
+pub mod pg;
 mod records;
 mod retention;
 mod writer;

@@ -1376,7 +1376,7 @@ pub struct PgCluster {
     pub primary: String,
     /// The standby's URL, when there is one.
     pub standby: Option<String>,
-    bindir: PathBuf,
+    pub bindir: PathBuf,
 }
 
 fn pg_script() -> PathBuf {

@@ -461,6 +461,58 @@ fn target(opts: &StoreOptions) -> Result<Target, StoreError> {
     Ok(Target { config, node })
 }
 
+/// Read connections for a tool without a broker (inspect), on a runtime of their own; checks
+/// that the database holds outboxd's tables.
+pub(super) fn offline(opts: &StoreOptions) -> Result<(Reads, tokio::runtime::Runtime), StoreError> {
+    let target = target(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reads = Reads {
+        pool: Arc::new(Pool {
+            target,
+            slots: vec![tokio::sync::Mutex::new(None)],
+            next: AtomicUsize::new(0),
+            read_timeout_ms: opts.postgres.read_timeout_ms,
+        }),
+        unavailable: Arc::new(AtomicBool::new(false)),
+    };
+    rt.block_on(async {
+        let c = reads.pool.get().await?;
+        let found: Option<String> = c
+            .client
+            .query_one("SELECT to_regclass('outboxd_clients')::text", &[])
+            .await
+            .map_err(failed)?
+            .try_get(0)
+            .map_err(failed)?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Database(
+                "this database holds no outboxd store (no outboxd_clients table); check \
+                 postgres.url"
+                    .into(),
+            )),
+        }
+    })?;
+    Ok((reads, rt))
+}
+
+/// `outboxd repair --accept-loss` on PostgreSQL: every outbox moves to a new epoch (after a
+/// loss the broker cannot see: a point-in-time recovery, a failover to a standby that was not
+/// synchronous). Returns how many outboxes moved.
+pub fn accept_loss(opts: &StoreOptions) -> Result<u64, StoreError> {
+    let target = target(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
+        schema::migrate(&mut client).await?;
+        schema::new_epochs(&mut client).await
+    })
+}
+
 /// Connects, applies the schema's migrations, and starts the writer thread (which also runs
 /// the listener for wake-ups). Blocking: it waits for the writer's first connection.
 pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {

@@ -7,7 +7,15 @@
 //! - `outboxd_messages`: stored messages by (client number, seq);
 //! - `outboxd_missed`: tombstones of messages removed unacked (TTL, purge), for `missed`;
 //! - `outboxd_subs`: durable subscriptions; `outboxd_dedup`: idempotency keys in their window;
-//! - `outboxd_message_id`: message ids, handed out in blocks.
+//! - `outboxd_message_id`: message ids, handed out in blocks;
+//! - `outboxd_store`: the PostgreSQL cluster the outboxes were written in.
+//!
+//! The epochs: each outbox has one, as on sled. A database copied into another cluster (a
+//! `pg_dump` restored) may have lost what was written after the copy, so at start a broker
+//! that finds itself in another cluster than the one recorded gives every outbox a new epoch,
+//! and each client learns at its next connect that its position no longer holds. A loss the
+//! broker cannot see (a point-in-time recovery, a failover to a standby that was not
+//! synchronous) takes `outboxd repair --accept-loss`, which does the same.
 
 use tokio_postgres::Client;
 use tracing::info;
@@ -16,7 +24,7 @@ use super::failed;
 use crate::store::StoreError;
 
 /// The schema version this broker writes (shown where sled shows its record format).
-pub(crate) const SCHEMA_VERSION: u8 = 1;
+pub(crate) const SCHEMA_VERSION: u8 = 2;
 
 /// How many message ids one `nextval` hands a broker.
 pub(super) const ID_BLOCK: u64 = 4096;
@@ -69,6 +77,9 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX outboxd_dedup_ts ON outboxd_dedup (ts);
      CREATE SEQUENCE outboxd_message_id INCREMENT BY 4096 MINVALUE 1;",
+    // 2: which PostgreSQL cluster the outboxes were written in (see `check_cluster`).
+    "CREATE TABLE outboxd_store (system_identifier bigint NOT NULL);
+     INSERT INTO outboxd_store SELECT system_identifier FROM pg_control_system();",
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`].
@@ -131,5 +142,62 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
              ({SCHEMA_VERSION}): run a newer outboxd"
         )));
     }
+    Ok(())
+}
+
+/// Gives every outbox a new epoch, in one transaction; returns how many.
+pub(super) async fn new_epochs(client: &mut Client) -> Result<u64, StoreError> {
+    let tx = client.transaction().await.map_err(failed)?;
+    let n = tx
+        .execute(
+            "UPDATE outboxd_clients SET \
+               epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16)",
+            &[],
+        )
+        .await
+        .map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    Ok(n)
+}
+
+/// Moves every outbox to a new epoch when the database is no longer in the PostgreSQL cluster
+/// it was written in (its `system_identifier` changed: a logical copy restored elsewhere).
+pub(super) async fn check_cluster(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(failed)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7297110853)", &[])
+        .await
+        .map_err(failed)?;
+    let row = tx
+        .query_one(
+            "SELECT s.system_identifier, c.system_identifier \
+             FROM outboxd_store s, pg_control_system() c",
+            &[],
+        )
+        .await
+        .map_err(failed)?;
+    let (written, now): (i64, i64) = (
+        row.try_get(0).map_err(failed)?,
+        row.try_get(1).map_err(failed)?,
+    );
+    if written != now {
+        let n = tx
+            .execute(
+                "UPDATE outboxd_clients SET \
+                   epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16)",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        tx.execute("UPDATE outboxd_store SET system_identifier = $1", &[&now])
+            .await
+            .map_err(failed)?;
+        tracing::warn!(
+            outboxes = n,
+            "this database was written in another PostgreSQL cluster (restored from a copy?): \
+             what was confirmed after the copy may be gone, so every outbox moves to a new \
+             epoch and each client is told at its next connect"
+        );
+    }
+    tx.commit().await.map_err(failed)?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, Transaction};
 use tracing::{debug, info, warn};
 
-use super::schema::{migrate, ID_BLOCK};
+use super::schema::{check_cluster, migrate, ID_BLOCK};
 use super::{connect, failed, i, u, Live, OnMessage, Target};
 use crate::model::{now_ms, Ack, ClientId, Payload, Resume, Target as To, Topic};
 use crate::store::writer::{Command, Reply};
@@ -151,7 +151,10 @@ impl PgWriter {
         started: std::sync::mpsc::Sender<Result<(), StoreError>>,
     ) -> bool {
         let first = match self.connection().await {
-            Ok(client) => migrate(client).await,
+            Ok(client) => match migrate(client).await {
+                Ok(()) => check_cluster(client).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let ok = first.is_ok();
