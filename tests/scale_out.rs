@@ -489,3 +489,85 @@ async fn a_database_restored_into_another_cluster_moves_every_outbox_to_a_new_ep
     assert_eq!(w["pending"], 1, "what the copy holds is still there: {w}");
     assert_eq!(bob.recv_msg().await["payload"], "kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_moves_a_sled_store_to_postgres_and_clients_resume_there() {
+    // Catches a move to PostgreSQL that loses messages, positions, epochs, tombstones or
+    // subscriptions: the client must resume on PostgreSQL exactly where it was on sled.
+    if !postgres_available() {
+        return;
+    }
+    let mut sled = Broker::start(common::Opts::new());
+    let (mut bob, welcome) = sled.client("bob").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(bob.subscribe("s", "news").await["type"], "ok");
+    let (mut alice, _) = sled.client("alice").await;
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        let ok = alice
+            .publish_ok(&format!("p{i}"), "client:bob", json!(i))
+            .await;
+        ids.push(ok["id"].clone());
+    }
+    // One that expires unacked: a tombstone, told as `missed`.
+    let ok = alice
+        .request(
+            json!({"type": "publish", "ref": "t", "to": "client:bob", "payload": "gone",
+                        "ttl_ms": 1}),
+        )
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    assert_eq!(seq(&bob.recv_msg().await), 1);
+    bob.ack(1).await;
+    bob.sync().await;
+    bob.close().await;
+    alice.close().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    sled.sigterm();
+
+    let db = postgres().database();
+    let out = tool(
+        &db,
+        &[
+            "import",
+            "--json",
+            "--from",
+            sled.data_dir().to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let done: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(done["messages"], 2, "{done}");
+    assert_eq!(done["tombstones"], 1, "{done}");
+    assert_eq!(done["subscriptions"], 1, "{done}");
+    // A second import into the same database is refused.
+    let again = tool(
+        &db,
+        &[
+            "import",
+            "--from",
+            sled.data_dir().to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(!again.status.success(), "{again:?}");
+
+    let pg = node(&db);
+    let mut bob = Client::connect(&pg.url).await;
+    let w = bob.hello("bob", Some((&epoch, 1))).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    assert_eq!(w["missed"], 1, "{w}");
+    assert_eq!(w["pending"], 2, "{w}");
+    for (i, want) in [(2u64, json!(2)), (3, json!(3))] {
+        let m = bob.recv_msg().await;
+        assert_eq!((seq(&m), m["payload"].clone()), (i, want), "{m}");
+        assert_eq!(m["id"], ids[i as usize - 1], "{m}");
+    }
+    bob.ack_upto(3).await;
+    // The subscription came along, and seqs go on after the copied ones.
+    let (mut carol, _) = pg.client("carol").await;
+    let ok = carol.publish_ok("n", "topic:news", json!("hi")).await;
+    assert_eq!(ok["recipients"], 1, "{ok}");
+    assert_ne!(ok["id"], ids[0], "{ok}");
+    let m = bob.recv_msg().await;
+    assert_eq!((seq(&m), m["payload"].clone()), (5, json!("hi")), "{m}");
+}

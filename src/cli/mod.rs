@@ -64,6 +64,14 @@ enum Command {
     /// sled only: a PostgreSQL store is restored with PostgreSQL's own tools; brokers that
     /// start on a copy restored into another cluster give every outbox a new epoch.
     Restore(crate::cli::inspect::RestoreArgs),
+    /// Copy a sled data directory into an empty PostgreSQL database (moving to scale-out).
+    ///
+    /// Reads a data directory no broker holds (or a backup of one) and writes every outbox,
+    /// with its epoch, seqs, acked position, stored messages, tombstones and subscriptions, into
+    /// the database of postgres.url, in one transaction: clients resume on brokers running on
+    /// PostgreSQL as if nothing happened. Idempotency keys are not copied. The database must
+    /// hold no outboxes. Progress on stderr; the totals on stdout. See docs/scale-out.md.
+    Import(crate::cli::inspect::ImportArgs),
     /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
     ///
     /// Every start checks the store: that sled recovered every confirmed commit (the seal),
@@ -234,6 +242,7 @@ pub fn main() -> ExitCode {
         Command::Backup(args) => crate::cli::inspect::backup(args),
         Command::Restore(args) => crate::cli::inspect::restore(args),
         Command::Repair(args) => crate::cli::inspect::repair(args),
+        Command::Import(args) => crate::cli::inspect::import(args),
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::cli::pubsub::publish(args),
         Command::Sub(args) => crate::cli::pubsub::subscribe(args),

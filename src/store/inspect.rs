@@ -172,6 +172,19 @@ impl Inspector {
         }
     }
 
+    /// The tombstones of `client`'s outbox: seqs removed unacked (expired, purged) that its
+    /// client has not been told of yet; empty when it has no outbox.
+    pub fn missed(&self, client: &str) -> Result<Vec<u64>, StoreError> {
+        match &self.0 {
+            Source::Sled(v) => v.missed(client),
+            Source::Postgres(..) => Err(StoreError::Unsupported {
+                what: "listing tombstones",
+                backend: "postgres",
+                instead: "read outboxd_missed",
+            }),
+        }
+    }
+
     /// Every topic with at least one subscriber, in name order.
     pub fn topics(&self) -> Result<Vec<TopicSubscribers>, StoreError> {
         match &self.0 {
@@ -315,6 +328,23 @@ impl SledView {
             }
             None => Ok(None),
         }
+    }
+
+    fn missed(&self, client: &str) -> Result<Vec<u64>, StoreError> {
+        let Some(cid) = self.cid_of(client)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for k in self
+            .outbox
+            .scan_prefix(keys::seq_prefix(keys::MISSED, cid))
+            .keys()
+        {
+            if let Some(seq) = keys::seq_of(&k?) {
+                out.push(seq);
+            }
+        }
+        Ok(out)
     }
 
     /// Every subscription, as client number -> topics.

@@ -513,6 +513,137 @@ pub fn accept_loss(opts: &StoreOptions) -> Result<u64, StoreError> {
     })
 }
 
+/// What `outboxd import` copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Imported {
+    pub outboxes: u64,
+    pub messages: u64,
+    pub tombstones: u64,
+    pub subscriptions: u64,
+}
+
+/// `outboxd import`: copies what `from` (a sled data directory) holds into the empty
+/// PostgreSQL database of `opts`, in one transaction, keeping every outbox's epoch, seqs,
+/// acked position, stored messages, tombstones and subscriptions, so clients resume there.
+///
+/// Errors: the database already holds outboxes; a read of `from` or a statement fails.
+pub fn import(
+    opts: &StoreOptions,
+    from: &super::Inspector,
+    progress: &mut dyn FnMut(&Imported),
+) -> Result<Imported, StoreError> {
+    let target = target(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
+        schema::migrate(&mut client).await?;
+        let tx = client.transaction().await.map_err(failed)?;
+        tx.execute("LOCK TABLE outboxd_clients IN EXCLUSIVE MODE", &[])
+            .await
+            .map_err(failed)?;
+        let held: i64 = tx
+            .query_one("SELECT count(*) FROM outboxd_clients", &[])
+            .await
+            .map_err(failed)?
+            .try_get(0)
+            .map_err(failed)?;
+        if held > 0 {
+            return Err(StoreError::Database(format!(
+                "the database already holds {held} outboxes: import only into an empty one"
+            )));
+        }
+        let mut done = Imported::default();
+        let mut max_id = 0u64;
+        for c in from.clients()? {
+            let cid: i64 = tx
+                .query_one(
+                    "INSERT INTO outboxd_clients                        (name, epoch, next_seq, acked, pending, bytes, last_seen)                      VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING cid",
+                    &[
+                        &c.client_id,
+                        &c.epoch,
+                        &i(c.next_seq),
+                        &i(c.acked),
+                        &i(c.pending),
+                        &i(c.bytes),
+                        &i(c.last_seen.unwrap_or(0)),
+                    ],
+                )
+                .await
+                .map_err(failed)?
+                .try_get(0)
+                .map_err(failed)?;
+            let mut from_seq = 0;
+            loop {
+                let Some(page) = from.outbox(&c.client_id, from_seq, 1000)? else {
+                    break;
+                };
+                let mut rows = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let mut more = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for m in &page.messages {
+                    let id = u64::from_str_radix(&m.id, 16).unwrap_or(0);
+                    max_id = max_id.max(id);
+                    let (is_json, body) = match &m.payload {
+                        Payload::Json(s) => (true, s.as_bytes().to_vec()),
+                        Payload::Binary(b) => (false, b.clone()),
+                    };
+                    rows.0.push(i(m.seq));
+                    rows.1.push(i(id));
+                    rows.2.push(i(m.ts));
+                    rows.3.push(m.from.clone());
+                    more.0.push(m.topic.clone());
+                    more.1.push(is_json);
+                    more.2.push(body);
+                    more.3.push(i(m.expires_at.unwrap_or(0)));
+                    more.4.push(cid);
+                }
+                tx.execute(
+                    "INSERT INTO outboxd_messages                        (cid, seq, id, ts, sender, topic, is_json, body, expires_at)                      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[],                        $4::bigint[], $5::text[], $6::text[], $7::boolean[], $8::bytea[],                        $9::bigint[])",
+                    &[
+                        &more.4, &rows.0, &rows.1, &rows.2, &rows.3, &more.0, &more.1,
+                        &more.2, &more.3,
+                    ],
+                )
+                .await
+                .map_err(failed)?;
+                done.messages += page.messages.len() as u64;
+                progress(&done);
+                match page.next_from {
+                    Some(n) => from_seq = n,
+                    None => break,
+                }
+            }
+            let missed: Vec<i64> = from.missed(&c.client_id)?.into_iter().map(i).collect();
+            done.tombstones += missed.len() as u64;
+            tx.execute(
+                "INSERT INTO outboxd_missed SELECT $1, unnest($2::bigint[])",
+                &[&cid, &missed],
+            )
+            .await
+            .map_err(failed)?;
+            done.subscriptions += c.subscriptions.len() as u64;
+            tx.execute(
+                "INSERT INTO outboxd_subs SELECT unnest($2::text[]), $1",
+                &[&cid, &c.subscriptions],
+            )
+            .await
+            .map_err(failed)?;
+            done.outboxes += 1;
+            progress(&done);
+        }
+        // New message ids stay above every copied one.
+        tx.execute(
+            "SELECT setval('outboxd_message_id', $1)",
+            &[&i(max_id.saturating_add(1))],
+        )
+        .await
+        .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(done)
+    })
+}
+
 /// Connects, applies the schema's migrations, and starts the writer thread (which also runs
 /// the listener for wake-ups). Blocking: it waits for the writer's first connection.
 pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {

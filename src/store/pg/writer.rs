@@ -211,6 +211,18 @@ impl PgWriter {
             let on = OnMessage::Writer(Arc::clone(&self.latched));
             match connect(&self.target, on).await {
                 Ok(c) => {
+                    // Never a timeout on the writer's statements, whatever the role's defaults
+                    // say: a cancelled wait for the synchronous standby leaves the commit on
+                    // the primary alone.
+                    if let Err(e) = c
+                        .batch_execute(
+                            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+                        )
+                        .await
+                    {
+                        tokio::time::sleep(RECONNECT_AFTER).await;
+                        return Err(failed(e));
+                    }
                     if self.unavailable.swap(false, Ordering::AcqRel) {
                         info!("database reachable again");
                     }
