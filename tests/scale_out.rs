@@ -571,3 +571,98 @@ async fn import_moves_a_sled_store_to_postgres_and_clients_resume_there() {
     let m = bob.recv_msg().await;
     assert_eq!((seq(&m), m["payload"].clone()), (5, json!("hi")), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_loses_its_database_answers_503_and_confirms_nothing_until_it_is_back() {
+    // Catches an `ok` the database never committed, and a broker that stays away after the
+    // database came back.
+    if !postgres_available() {
+        return;
+    }
+    let pg = PgCluster::start(false);
+    let db = pg.database();
+    let broker = Broker::start(on_postgres(&db).set("postgres", "connect_timeout_ms", 1000));
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p0", "client:bob", json!(0)).await;
+    assert_eq!(broker.admin_get("/readyz").await.status, 200);
+    pg.run("stop", &["primary"]);
+    let a = alice.publish("p1", "client:bob", json!(1)).await;
+    assert_eq!(a["type"], "error", "no ok without the database: {a}");
+    assert_eq!(broker.admin_get("/readyz").await.status, 503);
+    pg.run("restart", &["primary"]);
+    // Back: the same connection publishes again (the node reconnects by itself).
+    let mut n = 2;
+    loop {
+        let a = alice
+            .publish(&format!("p{n}"), "client:bob", json!(n))
+            .await;
+        if a["type"] == "ok" {
+            break;
+        }
+        assert!(n < 100, "the broker never got its database back: {a}");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(broker.admin_get("/readyz").await.status, 200);
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert_eq!(
+        welcome["pending"], 2,
+        "p0 and the last one, nothing refused: {welcome}"
+    );
+    let got: Vec<Value> = bob
+        .recv_msgs(2)
+        .await
+        .iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(0), json!(n)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_for_the_standby_latches_the_store_and_sends_no_ok() {
+    // Catches the hole PostgreSQL leaves: a cancelled wait for the synchronous standby commits
+    // on the primary alone, with only a warning. That commit must not be confirmed, and the
+    // broker must refuse further writes.
+    if !postgres_available() {
+        return;
+    }
+    let pg = PgCluster::start(true);
+    let db = pg.database();
+    let broker = Broker::start(on_postgres(&db));
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p0", "client:bob", json!(0)).await;
+    pg.run("stop", &["standby"]);
+    alice
+        .send(json!({"type": "publish", "ref": "p1", "to": "client:bob", "payload": 1}))
+        .await;
+    // The writer's COMMIT now waits for the standby; cancel that wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cancelled = pg.psql(
+            "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'outboxd' AND wait_event = 'SyncRep'",
+        );
+        if cancelled == "1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit waited for the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = alice.recv_skip_pings().await;
+    assert_eq!(
+        (a["type"].clone(), a["ref"].clone()),
+        (json!("error"), json!("p1")),
+        "{a}"
+    );
+    assert_eq!(broker.admin_get("/readyz").await.status, 503);
+    assert!(broker.stderr_shows(
+        "not confirmed by the synchronous standby",
+        Duration::from_secs(5)
+    ));
+    pg.run("restart", &["standby"]);
+    let a = alice.publish("p2", "client:bob", json!(2)).await;
+    assert_eq!(a["type"], "error", "a latched store refuses writes: {a}");
+}
