@@ -665,4 +665,8 @@ async fn a_cancelled_wait_for_the_standby_latches_the_store_and_sends_no_ok() {
     pg.run("restart", &["standby"]);
     let a = alice.publish("p2", "client:bob", json!(2)).await;
     assert_eq!(a["type"], "error", "a latched store refuses writes: {a}");
+    // ...but still serves what is committed: a client can connect and read.
+    let (mut bob, welcome) = broker.client("bob").await;
+    assert!(welcome["pending"].as_u64() >= Some(1), "{welcome}");
+    assert_eq!(bob.recv_msg().await["payload"], 0);
 }

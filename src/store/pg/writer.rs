@@ -285,8 +285,10 @@ impl PgWriter {
         // A commit that did not wait for its standby latched the store on the way.
         let latched_now = self.latched.load(Ordering::Acquire);
         match outcome {
-            Ok(()) if !latched_now && relaxed => {}
-            Ok(()) if !latched_now => self.committed(pending, fx).await,
+            Ok(()) if relaxed => {}
+            // Latched before this group: its writes were refused already, and its hellos are
+            // answered from what is committed.
+            Ok(()) if !latched_now || latched => self.committed(pending, fx).await,
             Ok(()) => {
                 let why = "a commit was not confirmed by the synchronous standby".to_string();
                 for p in pending {
