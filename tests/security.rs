@@ -554,6 +554,20 @@ async fn outboxd_token_mints_a_token_the_broker_accepts_with_its_claims() {
         .expect("run outboxd token");
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--ttl"));
+
+    // A secret `serve` refuses mints nothing: its tokens would never be accepted.
+    let short = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["token", "--client", "alice"])
+        .env("OUTBOXD_AUTH__HMAC_SECRET", "too-short")
+        .current_dir(dir.path())
+        .output()
+        .expect("run outboxd token");
+    assert_eq!(short.status.code(), Some(2), "{short:?}");
+    assert!(short.stdout.is_empty(), "{short:?}");
+    assert!(
+        String::from_utf8_lossy(&short.stderr).contains("under 32 bytes"),
+        "{short:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -923,7 +923,7 @@ fn print_outbox(
             .map(|m| {
                 let preview = match (&m.payload, &m.payload_b64, &m.payload_text) {
                     (Some(p), _, _) => p.as_str().to_string(),
-                    (None, Some(b), _) => format!("b64:{b}"),
+                    (None, Some(b), _) => format!("base64:{b}"),
                     (None, None, Some(t)) => format!("text:{}", t.replace(['\n', '\r', '\t'], " ")),
                     (None, None, None) => String::new(),
                 };

@@ -192,6 +192,15 @@ fn token(args: TokenArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if cfg.auth.hmac_secret.len() < 32 {
+        eprintln!(
+            "outboxd: auth.hmac_secret is {} bytes; `outboxd serve` refuses a secret under 32 \
+             bytes, so a token signed with it would never be accepted. Set a longer one, e.g. \
+             `openssl rand -base64 48`",
+            cfg.auth.hmac_secret.len()
+        );
+        return ExitCode::from(2);
+    }
     if crate::model::ClientId::new(&args.client).is_err() {
         eprintln!("outboxd: {:?} is not a valid client id", args.client);
         return ExitCode::from(2);

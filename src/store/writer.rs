@@ -252,7 +252,9 @@ impl WriterState {
             clients = st.clients.len(),
             pending = st.clients.pending(),
             topics = st.subscribers.len(),
-            recovered = st.disk.db().was_recovered(),
+            // sled's `was_recovered` is true for any data dir that existed, clean shutdown or
+            // not: it says the store was read from disk, not that a crash was recovered from.
+            existing = st.disk.db().was_recovered(),
             "store opened"
         );
         Ok(st)
