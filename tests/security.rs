@@ -685,3 +685,26 @@ async fn outboxd_sub_with_a_token_file_outlives_its_first_token() {
         "one session for the whole run: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_with_a_token_publishes_as_the_tokens_subject() {
+    // Catches `outboxd pub --token` inventing a `pub-<hex>` id the token was not issued for
+    // (the broker refuses it, or a stray client is left behind).
+    let broker = Broker::start(jwt_opts());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["pub", "--url", &broker.url, "--to", "client:bob", "--token"])
+        .arg(token(&claims("alice", 600)))
+        .arg("hello")
+        .current_dir(dir.path())
+        .output()
+        .expect("run outboxd pub");
+    assert!(out.status.success(), "{out:?}");
+    let (mut bob, _) = hello_with(&broker, "bob", Some(&token(&claims("bob", 600)))).await;
+    let m = bob.recv_msg().await;
+    assert_eq!(
+        (m["from"].clone(), m["payload"].clone()),
+        (json!("alice"), json!("hello")),
+        "{m}"
+    );
+}

@@ -89,7 +89,8 @@ pub struct PubArgs {
     /// JSON string. `-` reads stdin: one message per line, empty lines skipped
     #[arg(value_name = "PAYLOAD|-")]
     payload: String,
-    /// The publisher's client id [default: `pub-` and random hex digits, new each run]. Give
+    /// The publisher's client id [default: the token's subject with --token, else `pub-` and
+    /// random hex digits, new each run]. Give
     /// one to make --key retries of an earlier run idempotent: the broker remembers keys per
     /// publisher id
     #[arg(long, value_name = "ID")]
@@ -330,9 +331,16 @@ async fn run_pub(args: PubArgs) -> ExitCode {
     if let Err(msg) = Target::parse(&args.to) {
         return fail(format!("--to: {msg}"), USAGE);
     }
-    let client_id = match args.client.clone() {
-        Some(id) => id,
-        None => format!("pub-{:016x}", Rng::seeded().next_u64()),
+    // A token names the client it was issued for: publish as that one.
+    let subject = args
+        .conn
+        .token
+        .as_deref()
+        .and_then(crate::client::token_subject);
+    let client_id = match (args.client.clone(), subject) {
+        (Some(id), _) => id,
+        (None, Some(sub)) => sub,
+        (None, None) => format!("pub-{:016x}", Rng::seeded().next_u64()),
     };
     if let Err(e) = ClientId::new(&client_id) {
         return fail(format!("--client: {e}"), USAGE);

@@ -62,7 +62,7 @@ pub use payload::Payload;
 pub use position::{
     Epoch, FilePositionStore, MemoryPositionStore, Position, PositionError, PositionStore,
 };
-pub use state::{Event, Message, Published, RefusedRecipient};
+pub use state::{token_subject, Event, Message, Published, RefusedRecipient};
 
 use backoff::Backoff;
 pub(crate) use backoff::Rng;

@@ -253,15 +253,26 @@ impl LossBook {
 /// (only the broker can check it; the client only needs to know when to renew). None when the
 /// token is not a JWT or has no numeric `exp`.
 pub(crate) fn token_expiry(token: &str) -> Option<u64> {
+    let claims = token_claims(token)?;
+    let exp = claims.get("exp")?;
+    exp.as_u64()
+        .or_else(|| exp.as_f64().filter(|e| *e >= 0.0).map(|e| e as u64))
+}
+
+/// The `sub` claim of a JSON Web Token (the client id it was issued for), read without
+/// checking the signature. None when the token is not a JWT or has no string `sub`.
+pub fn token_subject(token: &str) -> Option<String> {
+    token_claims(token)?.get("sub")?.as_str().map(str::to_owned)
+}
+
+/// The claims of a JSON Web Token, unverified.
+fn token_claims(token: &str) -> Option<Value> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?;
-    exp.as_u64()
-        .or_else(|| exp.as_f64().filter(|e| *e >= 0.0).map(|e| e as u64))
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn request_frame(id: u64, kind: &RequestKind) -> String {
@@ -1051,6 +1062,12 @@ mod tests {
         assert_eq!(token_expiry(&jwt(r#"{"exp":"soon"}"#)), None);
         assert_eq!(token_expiry("opaque-api-key"), None);
         assert_eq!(token_expiry("a.!!!.c"), None);
+        assert_eq!(
+            token_subject(&jwt(r#"{"sub":"bob","exp":1}"#)).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(token_subject(&jwt(r#"{"exp":1}"#)), None);
+        assert_eq!(token_subject("opaque-api-key"), None);
     }
 
     #[test]
