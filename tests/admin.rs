@@ -648,3 +648,126 @@ async fn the_outbox_view_shows_a_deeply_nested_json_payload_as_json_not_as_a_str
         page.body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_client_removes_its_outbox_and_subscriptions_and_closes_it_with_4002() {
+    // Catches a delete that leaves messages, subscriptions or the old epoch behind (a client
+    // coming back must be told its position is gone), or that does not last a restart.
+    let mut broker = Broker::start(Opts::new());
+    let (mut bob, welcome) = broker.client("bob").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(bob.subscribe("s", "news").await["type"], "ok");
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    alice.publish_ok("p2", "topic:news", json!(2)).await;
+    bob.recv_msgs(2).await;
+
+    let r = broker.admin_delete("/v1/clients/bob").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["removed"], 2, "{r:?}");
+    assert_eq!(r.json()["disconnected"], true, "{r:?}");
+    bob.expect_close(4002).await;
+    assert_eq!(broker.admin_get("/v1/clients/bob").await.status, 404);
+    assert_eq!(broker.admin_delete("/v1/clients/bob").await.status, 404);
+    let ok = alice.publish_ok("p3", "topic:news", json!(3)).await;
+    assert_eq!(
+        ok["recipients"], 0,
+        "the subscription went with the client: {ok}"
+    );
+
+    broker.restart();
+    assert_eq!(broker.admin_get("/v1/clients/bob").await.status, 404);
+    let mut bob = Client::connect(&broker.url).await;
+    let w = bob.hello("bob", Some((&epoch, 2))).await;
+    assert_eq!(w["reason"], "epoch_mismatch", "{w}");
+    assert_eq!(w["pending"], 0, "{w}");
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_subscription_stops_that_topic_only() {
+    // Catches an operator's unsubscribe that misses, ends every subscription, or answers 200
+    // for a subscription that does not exist.
+    let broker = Broker::start(Opts::new());
+    let (mut carol, _) = broker.client("carol").await;
+    assert_eq!(carol.subscribe("a", "typo").await["type"], "ok");
+    assert_eq!(carol.subscribe("b", "news").await["type"], "ok");
+    let r = broker
+        .admin_delete("/v1/clients/carol/subscriptions/typo")
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        broker
+            .admin_delete("/v1/clients/carol/subscriptions/typo")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        broker
+            .admin_delete("/v1/clients/nobody/subscriptions/news")
+            .await
+            .status,
+        404
+    );
+    let (mut alice, _) = broker.client("alice").await;
+    assert_eq!(
+        alice.publish_ok("p1", "topic:typo", json!(1)).await["recipients"],
+        0
+    );
+    assert_eq!(
+        alice.publish_ok("p2", "topic:news", json!(2)).await["recipients"],
+        1
+    );
+    assert_eq!(carol.recv_msg().await["payload"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outboxd_client_deletes_purges_and_unsubscribes_through_the_admin_api() {
+    // Catches a CLI that changes a client without confirmation in a script, or reports a
+    // change the broker did not make.
+    let broker = Broker::start(Opts::new());
+    let admin = format!("http://{}", broker.admin.expect("admin API on"));
+    let (mut bob, _) = broker.client("bob").await;
+    assert_eq!(bob.subscribe("s", "typo").await["type"], "ok");
+    bob.close().await;
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    let run = |args: &[&str]| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .arg("client")
+            .arg("--admin")
+            .arg(&admin)
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run outboxd client")
+    };
+    // No terminal to ask, no --yes: refused, nothing changed.
+    let out = run(&["delete", "bob"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes"),
+        "{out:?}"
+    );
+    assert_eq!(broker.admin_get("/v1/clients/bob").await.status, 200);
+
+    let out = run(&["unsubscribe", "bob", "typo"]);
+    assert!(out.status.success(), "{out:?}");
+    let view = broker.admin_get("/v1/clients/bob").await.json();
+    assert_eq!(view["subscriptions"], json!([]), "{view}");
+
+    let out = run(&["purge", "bob", "--yes", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["removed"], 1, "{v}");
+
+    let out = run(&["delete", "bob", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted client bob"));
+    assert_eq!(broker.admin_get("/v1/clients/bob").await.status, 404);
+    let out = run(&["delete", "bob", "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "no such client: {out:?}");
+}

@@ -72,6 +72,13 @@ enum Command {
     /// PostgreSQL as if nothing happened. Idempotency keys are not copied. The database must
     /// hold no outboxes. Progress on stderr; the totals on stdout. See docs/scale-out.md.
     Import(crate::cli::inspect::ImportArgs),
+    /// Change one client through a running broker: delete it, purge its outbox, or end one of
+    /// its subscriptions.
+    ///
+    /// Uses the admin API (--admin URL, default http://<server.admin_listen>, with admin.token
+    /// from the config or --token). delete and purge ask for confirmation on a terminal; pass
+    /// --yes in scripts.
+    Client(crate::cli::inspect::ClientArgs),
     /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
     ///
     /// Every start checks the store: that sled recovered every confirmed commit (the seal),
@@ -252,6 +259,7 @@ pub fn main() -> ExitCode {
         Command::Restore(args) => crate::cli::inspect::restore(args),
         Command::Repair(args) => crate::cli::inspect::repair(args),
         Command::Import(args) => crate::cli::inspect::import(args),
+        Command::Client(args) => crate::cli::inspect::client(args),
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::cli::pubsub::publish(args),
         Command::Sub(args) => crate::cli::pubsub::subscribe(args),

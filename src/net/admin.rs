@@ -77,6 +77,8 @@ pub enum AdminError {
     Invalid { code: ErrorCode, message: String },
     #[error("no outbox for client {0}")]
     NoSuchClient(String),
+    #[error("client {0} is not subscribed to {1}")]
+    NoSuchSubscription(String, String),
     #[error("no such endpoint: {0}")]
     NoRoute(String),
     #[error("method not allowed on this endpoint")]
@@ -112,7 +114,9 @@ impl AdminError {
                 ..
             } => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            AdminError::NoSuchClient(_) | AdminError::NoRoute(_) => StatusCode::NOT_FOUND,
+            AdminError::NoSuchClient(_)
+            | AdminError::NoSuchSubscription(..)
+            | AdminError::NoRoute(_) => StatusCode::NOT_FOUND,
             AdminError::Method => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::Conflict(_) | AdminError::OutboxFull(_) => StatusCode::CONFLICT,
@@ -128,7 +132,9 @@ impl AdminError {
     fn code(&self) -> &'static str {
         match self {
             AdminError::Invalid { code, .. } => code.as_str(),
-            AdminError::NoSuchClient(_) | AdminError::NoRoute(_) => "not_found",
+            AdminError::NoSuchClient(_)
+            | AdminError::NoSuchSubscription(..)
+            | AdminError::NoRoute(_) => "not_found",
             AdminError::Method => "method_not_allowed",
             AdminError::Unauthorized => ErrorCode::Unauthorized.as_str(),
             AdminError::Conflict(_) => "conflict",
@@ -242,7 +248,11 @@ fn router(shared: &Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/clients", get(clients))
-        .route("/v1/clients/{id}", get(client))
+        .route("/v1/clients/{id}", get(client).delete(delete_client))
+        .route(
+            "/v1/clients/{id}/subscriptions/{topic}",
+            axum::routing::delete(unsubscribe),
+        )
         .route("/v1/clients/{id}/outbox", get(outbox).delete(purge))
         .route("/v1/topics", get(topics))
         .route("/v1/stats", get(stats))
@@ -494,6 +504,66 @@ async fn purge(
         "removed": outcome.removed,
         "epoch": outcome.epoch,
         "disconnected": disconnected,
+    })))
+}
+
+/// `DELETE /v1/clients/{id}`: the outbox and everything under it (messages, tombstones,
+/// subscriptions) is deleted; a connected client is closed with 4002, and its next hello makes
+/// a new outbox with a new epoch.
+async fn delete_client(
+    State(st): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let id = client_id(path)?;
+    let shared = st.shared()?;
+    let removed = shared
+        .store
+        .delete(id.clone())
+        .await?
+        .ok_or_else(|| AdminError::NoSuchClient(id.to_string()))?;
+    st.metrics.purged.add(removed);
+    let disconnected = shared.registry.kick(&id, Kick::Purged);
+    warn!(client = %id, removed, disconnected, "client deleted through the admin API");
+    Ok(Json(json!({
+        "client_id": id.as_str(),
+        "deleted": true,
+        "removed": removed,
+        "disconnected": disconnected,
+    })))
+}
+
+/// `DELETE /v1/clients/{id}/subscriptions/{topic}`: ends one durable subscription.
+async fn unsubscribe(
+    State(st): State<AdminState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let Path((id, topic)) =
+        path.map_err(|e| AdminError::invalid(ErrorCode::BadFrame, e.body_text()))?;
+    let id = ClientId::new(&id)
+        .map_err(|e| AdminError::invalid(ErrorCode::BadClientId, e.to_string()))?;
+    let topic = crate::model::Topic::new(&topic)
+        .map_err(|e| AdminError::invalid(ErrorCode::BadTopic, e.to_string()))?;
+    let shared = st.shared()?;
+    let inspector = shared.store.inspector();
+    let name = id.as_str().to_owned();
+    let view = blocking(move || inspector.client(&name))
+        .await?
+        .ok_or_else(|| AdminError::NoSuchClient(id.to_string()))?;
+    if !view.subscriptions.iter().any(|t| t == topic.as_str()) {
+        return Err(AdminError::NoSuchSubscription(
+            id.to_string(),
+            topic.to_string(),
+        ));
+    }
+    shared
+        .store
+        .subscribe(id.clone(), topic.clone(), false)
+        .await?;
+    info!(client = %id, topic = %topic, "subscription ended through the admin API");
+    Ok(Json(json!({
+        "client_id": id.as_str(),
+        "topic": topic.as_str(),
+        "subscribed": false,
     })))
 }
 

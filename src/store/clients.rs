@@ -62,6 +62,17 @@ impl Clients {
         self.by_name.values().map(|c| c.meta.pending).sum()
     }
 
+    /// Forgets the outbox `cid` and its live handle.
+    pub(super) fn remove(&mut self, handles: &Handles, cid: u64) {
+        if let Some(name) = self.by_cid.remove(&cid) {
+            self.by_name.remove(&name);
+            handles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        }
+    }
+
     /// Adds the outbox `cid` of `name` with `meta`, and its live handle to `handles`.
     pub(super) fn install(
         &mut self,

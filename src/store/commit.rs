@@ -166,6 +166,13 @@ impl Disk {
         Ok(())
     }
 
+    /// Removes a client's name (after its outbox's records are gone).
+    pub(super) fn unname_client(&self, name: &ClientId) -> Result<(), StoreError> {
+        self.writable()?;
+        self.clients.remove(name.as_str().as_bytes())?;
+        Ok(())
+    }
+
     /// Refuses every write from now on; nothing further is confirmed.
     pub(super) fn latch(&mut self, reason: &str) {
         if self.latch.is_none() {

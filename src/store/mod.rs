@@ -619,6 +619,14 @@ impl Store {
         self.call(|reply| Command::Purge { client, reply }).await
     }
 
+    /// Deletes `client`'s outbox and everything under it (stored messages, tombstones,
+    /// subscriptions); its next hello makes a new outbox with a new epoch, so a client that
+    /// comes back is told its position no longer holds. Answers after the commit with the
+    /// messages removed unacked; None when the client has no outbox.
+    pub async fn delete(&self, client: ClientId) -> Result<Option<u64>, StoreError> {
+        self.call(|reply| Command::Delete { client, reply }).await
+    }
+
     /// Writes a consistent copy of the store to the new directory `to`, between two writes:
     /// a broker started on `to` serves what was stored at that moment.
     ///

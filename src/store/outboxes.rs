@@ -447,6 +447,68 @@ impl WriterState {
         Ok(Some(PurgeOutcome { removed, epoch }))
     }
 
+    /// Deletes the outbox of `client` and everything under it (messages, tombstones,
+    /// subscriptions, its name); written at once. Returns the messages removed unacked, None
+    /// when the client has no outbox. Its next hello makes a new outbox, with a new epoch.
+    pub(super) fn delete(&mut self, client: &ClientId) -> Result<Option<u64>, StoreError> {
+        self.disk.writable()?;
+        let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
+            return Ok(None);
+        };
+        // The scans below must see every record, including this group's.
+        self.apply_group()?;
+        let mut batch = sled::Batch::default();
+        let mut removed = 0u64;
+        for item in self
+            .disk
+            .tree()
+            .scan_prefix(keys::seq_prefix(keys::MSG, cid))
+        {
+            let (k, v) = item?;
+            for (seq, body) in chunks::split(&k, &v)? {
+                let m = chunks::message(&k, &body)?;
+                if m.expires_at > 0 {
+                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
+                }
+                removed += 1;
+            }
+            batch.remove(k);
+        }
+        for k in self
+            .disk
+            .tree()
+            .scan_prefix(keys::seq_prefix(keys::MISSED, cid))
+            .keys()
+        {
+            batch.remove(k?);
+        }
+        let topics: Vec<Topic> = self
+            .subscribers
+            .iter()
+            .filter(|(_, s)| s.contains(&cid))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &topics {
+            batch.remove(keys::sub(t.as_str(), cid));
+            if let Some(set) = self.subscribers.get_mut(t) {
+                set.remove(&cid);
+                if set.is_empty() {
+                    self.subscribers.remove(t);
+                }
+            }
+        }
+        batch.remove(&keys::meta(cid));
+        self.disk.apply_batch(batch)?;
+        // The name last: a crash before it leaves a name without records, which the next
+        // open gives a fresh, empty outbox.
+        self.disk.unname_client(client)?;
+        self.clients.remove(&self.handles, cid);
+        self.uptos.remove(&cid);
+        self.touched.push(cid);
+        info!(client = %client, cid, removed, "outbox deleted");
+        Ok(Some(removed))
+    }
+
     /// Adds or removes a durable subscription (limited by `limits.max_subscriptions`).
     pub(super) fn subscribe(
         &mut self,

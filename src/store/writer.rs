@@ -83,6 +83,11 @@ pub(super) enum Command {
         client: ClientId,
         reply: Reply<Option<PurgeOutcome>>,
     },
+    /// Deletes a client's outbox; answers with the messages removed unacked.
+    Delete {
+        client: ClientId,
+        reply: Reply<Option<u64>>,
+    },
     Backup {
         to: PathBuf,
         /// The store's own directory, which the copy must stay out of.
@@ -100,6 +105,7 @@ enum Pending {
         Reply<Option<PurgeOutcome>>,
         Result<Option<PurgeOutcome>, StoreError>,
     ),
+    Delete(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
 }
 
 impl Pending {
@@ -110,6 +116,7 @@ impl Pending {
             Pending::Publish(tx, r) => drop(tx.send(r)),
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
             Pending::Purge(tx, r) => drop(tx.send(r)),
+            Pending::Delete(tx, r) => drop(tx.send(r)),
         }
     }
 
@@ -124,6 +131,7 @@ impl Pending {
             Pending::Publish(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Subscribe(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Purge(tx, r) => drop(tx.send(latched(r, err))),
+            Pending::Delete(tx, r) => drop(tx.send(latched(r, err))),
         }
     }
 }
@@ -147,7 +155,7 @@ pub(super) struct WriterState {
     tally: GroupTally,
     /// Cumulative acks not yet applied, by client: a reader acks every message with an `upto`,
     /// and the highest one in a group does the work of them all.
-    uptos: HashMap<u64, u64>,
+    pub(super) uptos: HashMap<u64, u64>,
 }
 
 /// What the group being committed confirms, for the metrics.
@@ -494,6 +502,13 @@ impl WriterState {
                     self.maybe_latch(e);
                 }
                 self.pending.push(Pending::Subscribe(reply, r));
+            }
+            Command::Delete { client, reply } => {
+                let r = self.delete(&client);
+                if let Err(e) = &r {
+                    self.maybe_latch(e);
+                }
+                self.pending.push(Pending::Delete(reply, r));
             }
             Command::Purge { client, reply } => {
                 let r = self.purge(&client);

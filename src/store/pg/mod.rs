@@ -85,6 +85,18 @@ impl Live {
         h
     }
 
+    /// Forgets the handle of a deleted outbox.
+    fn remove(&self, handles: &Handles, cid: u64, name: &ClientId) {
+        self.by_cid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cid);
+        handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     /// Handles some connection of this broker watches now.
     fn watched(&self) -> Vec<Arc<OutboxHandle>> {
         self.by_cid

@@ -54,6 +54,7 @@ enum Pending {
         Reply<Option<PurgeOutcome>>,
         Result<Option<Purged>, StoreError>,
     ),
+    Delete(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
 }
 
 /// A hello as the transaction left it; the handle is made once it committed.
@@ -423,6 +424,26 @@ impl PgWriter {
                             }
                             Err(e) => {
                                 pending.push(Pending::Subscribe(reply, Err(StoreError::Closed)));
+                                Err(e)
+                            }
+                        }
+                    }
+                }
+                Command::Delete {
+                    client: name,
+                    reply,
+                } => {
+                    if latched {
+                        pending.push(Pending::Delete(reply, Err(latched_error())));
+                        Ok(())
+                    } else {
+                        match self.delete(&tx, &name).await {
+                            Ok(r) => {
+                                pending.push(Pending::Delete(reply, Ok(r)));
+                                Ok(())
+                            }
+                            Err(e) => {
+                                pending.push(Pending::Delete(reply, Err(StoreError::Closed)));
                                 Err(e)
                             }
                         }
@@ -1093,6 +1114,34 @@ impl PgWriter {
         Ok(Ok(()))
     }
 
+    /// Deletes the outbox of `name` and everything under it; returns the messages removed
+    /// unacked, None when it has no outbox.
+    async fn delete(&mut self, tx: &Transaction<'_>, name: &ClientId) -> Result<Option<u64>, Pg> {
+        let Some(row) = tx
+            .query_opt(
+                "SELECT cid FROM outboxd_clients WHERE name = $1 FOR UPDATE",
+                &[&name.as_str()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let cid: i64 = row.try_get(0)?;
+        let removed = tx
+            .execute("DELETE FROM outboxd_messages WHERE cid = $1", &[&cid])
+            .await?;
+        tx.execute("DELETE FROM outboxd_missed WHERE cid = $1", &[&cid])
+            .await?;
+        tx.execute("DELETE FROM outboxd_subs WHERE cid = $1", &[&cid])
+            .await?;
+        tx.execute("DELETE FROM outboxd_clients WHERE cid = $1", &[&cid])
+            .await?;
+        self.cids.remove(name);
+        self.live.remove(&self.handles, u(cid), name);
+        info!(client = %name, cid, removed, "outbox deleted");
+        Ok(Some(removed))
+    }
+
     /// Removes every stored message of `name` (leaving tombstones) and gives its outbox a new
     /// epoch; None when it has no outbox.
     async fn purge(&mut self, tx: &Transaction<'_>, name: &ClientId) -> Result<Option<Purged>, Pg> {
@@ -1430,6 +1479,9 @@ fn work_into_pending(cmds: Vec<Command>) -> Vec<Pending> {
             Command::Purge { reply, .. } => {
                 out.push(Pending::Purge(reply, Err(StoreError::Closed)))
             }
+            Command::Delete { reply, .. } => {
+                out.push(Pending::Delete(reply, Err(StoreError::Closed)))
+            }
             Command::Ack { .. } | Command::Backup { .. } => {}
         }
     }
@@ -1446,6 +1498,7 @@ impl Pending {
             Pending::Publish(tx, r) => drop(tx.send(r)),
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
             Pending::Purge(tx, r) => drop(tx.send(r.map(|p| p.map(|p| p.outcome)))),
+            Pending::Delete(tx, r) => drop(tx.send(r)),
         }
     }
 
@@ -1460,6 +1513,7 @@ impl Pending {
             Pending::Publish(tx, _) => drop(tx.send(Err(e()))),
             Pending::Subscribe(tx, _) => drop(tx.send(Err(e()))),
             Pending::Purge(tx, _) => drop(tx.send(Err(e()))),
+            Pending::Delete(tx, _) => drop(tx.send(Err(e()))),
         }
     }
 }
