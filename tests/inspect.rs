@@ -228,6 +228,21 @@ async fn restored_backup_delivers_what_was_pending() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
+    // A --from that holds no backup is named as the argument to check.
+    let wrong = outboxd(&[
+        "restore",
+        "--from",
+        backup.join("no-such").to_str().expect("path"),
+        "--data",
+        backup.join("new").to_str().expect("path"),
+    ]);
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        said.contains("check --from") && !said.contains("check --data"),
+        "{said}"
+    );
+
     // Lose the original, restore into its place, start a broker on it.
     std::fs::remove_dir_all(broker.data_dir()).expect("remove data dir");
     let restored = json_of(&[

@@ -878,7 +878,15 @@ fn run_backup(args: BackupArgs) -> Result<(), ToolError> {
 }
 
 fn run_restore(args: RestoreArgs) -> Result<(), ToolError> {
-    let o = Inspector::open_offline(&args.from)?.backup(&args.data)?;
+    // Say which argument is wrong: the backup read (--from) or the directory written (--data).
+    let from = Inspector::open_offline(&args.from).map_err(|e| match e {
+        StoreError::Open { path, .. } => StoreError::Open {
+            path,
+            reason: "no outboxd backup here (no `db` file); check --from".into(),
+        },
+        other => other,
+    })?;
+    let o = from.backup(&args.data)?;
     report_copy(args.json, &args.data, o.records, o.bytes)
 }
 
