@@ -670,3 +670,31 @@ async fn a_cancelled_wait_for_the_standby_latches_the_store_and_sends_no_ok() {
     assert!(welcome["pending"].as_u64() >= Some(1), "{welcome}");
     assert_eq!(bob.recv_msg().await["payload"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_or_delete_through_one_broker_closes_the_client_on_another_with_4002() {
+    // Catches an operator's purge that leaves the client connected elsewhere in the old epoch
+    // (it would never learn what it missed), or that tells it not to reconnect (4000).
+    if !postgres_available() {
+        return;
+    }
+    let db = postgres().database();
+    let (a, b) = (node(&db), node(&db));
+    let (mut bob, welcome) = b.client("bob").await;
+    let epoch = welcome["epoch"].as_str().expect("epoch").to_string();
+    let (mut alice, _) = a.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    alice.publish_ok("p2", "client:bob", json!(2)).await;
+    bob.recv_msgs(2).await;
+    let r = a.admin_delete("/v1/clients/bob/outbox").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    bob.expect_close(4002).await;
+    let mut bob = Client::connect(&b.url).await;
+    let w = bob.hello("bob", Some((&epoch, 0))).await;
+    assert_eq!(w["reason"], "epoch_mismatch", "{w}");
+    assert_eq!(w["missed"], 2, "{w}");
+    let r = a.admin_delete("/v1/clients/bob").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    bob.expect_close(4002).await;
+    assert_eq!(b.admin_get("/v1/clients/bob").await.status, 404);
+}

@@ -745,8 +745,9 @@ struct Conn {
 
 /// How a failed store read ends the session: a newer connection of the client took over (on
 /// another broker sharing the store), or the store failed.
-fn read_failed(e: StoreError) -> End {
+fn read_failed(e: StoreError, handle: &OutboxHandle) -> End {
     match e {
+        StoreError::Superseded if handle.take_purged() => End::Purged,
         StoreError::Superseded => End::Replaced,
         e => End::Internal(format!("store read failed: {e}")),
     }
@@ -793,6 +794,9 @@ impl Conn {
                 // store: this one may no longer read or ack.
                 changed = taken.changed() => {
                     if changed.is_err() || *taken.borrow_and_update() > self.generation {
+                        if self.handle.take_purged() {
+                            break End::Purged;
+                        }
                         self.shared.metrics.takeovers.inc();
                         break End::Replaced;
                     }
@@ -869,6 +873,8 @@ impl Conn {
     /// Sends stored messages while both the window and the write queue have room. Returns
     /// true when the write queue, not the window or the outbox, stopped it.
     async fn fill(&mut self) -> Result<bool, End> {
+        let handle = Arc::clone(&self.handle);
+        let read_failed = |e| read_failed(e, &handle);
         while self.window.room() > 0 {
             let room = self.window.room().min(self.out.room_for_messages());
             if room == 0 {
@@ -945,7 +951,7 @@ impl Conn {
                         self.window.resent(seq, now);
                     }
                     Ok(None) => self.window.forget(seq),
-                    Err(e) => return Err(read_failed(e)),
+                    Err(e) => return Err(read_failed(e, &self.handle)),
                 }
             }
         }

@@ -219,6 +219,9 @@ pub struct OutboxHandle {
     /// The newest connection generation known for this client (see
     /// [`HelloOutcome::generation`]); a connection with an older one has been taken over.
     generation: watch::Sender<u64>,
+    /// Set with a newer generation when an operator purged or deleted the outbox on another
+    /// broker: the older connection ends as purged (4002), not as replaced.
+    purged: AtomicBool,
 }
 
 /// Every outbox's live handle by client id, shared by the writer (which creates them) and the
@@ -235,6 +238,7 @@ impl OutboxHandle {
             sent: AtomicU64::new(next_seq.saturating_sub(1)),
             sends: Default::default(),
             generation: watch::channel(0).0,
+            purged: AtomicBool::new(false),
         }
     }
 
@@ -272,6 +276,25 @@ impl OutboxHandle {
             }
             newer
         })
+    }
+
+    /// Ends the connections here as purged: an operator purged or deleted the outbox on
+    /// another broker (which raised the generation to `generation`).
+    pub(super) fn end_purged(&self, generation: u64) {
+        self.purged.store(true, Ordering::Release);
+        self.supersede(generation);
+    }
+
+    /// Marks the outbox purged or deleted on this broker, whose registry closes the connection
+    /// (4002); a read that the new generation refuses first ends the same way.
+    pub(super) fn mark_purged(&self) {
+        self.purged.store(true, Ordering::Release);
+    }
+
+    /// True (once) when the generation moved because the outbox was purged or deleted
+    /// elsewhere, rather than taken over.
+    pub fn take_purged(&self) -> bool {
+        self.purged.swap(false, Ordering::AcqRel)
     }
 
     /// A receiver that changes when a newer connection of this client (on any broker sharing

@@ -36,6 +36,10 @@ fn apply(live: &Live, payload: &str) {
             "w" => {
                 h.advance(value);
             }
+            "p" => {
+                info!(cid, "outbox purged or deleted through another broker");
+                h.end_purged(value);
+            }
             "k" if h.supersede(value) => {
                 info!(
                     cid,

@@ -54,7 +54,7 @@ enum Pending {
         Reply<Option<PurgeOutcome>>,
         Result<Option<Purged>, StoreError>,
     ),
-    Delete(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
+    Delete(Reply<Option<u64>>, Result<Option<Deleted>, StoreError>),
 }
 
 /// A hello as the transaction left it; the handle is made once it committed.
@@ -78,6 +78,18 @@ struct HelloDone {
 struct Purged {
     cid: u64,
     outcome: PurgeOutcome,
+    /// The broker that last held the client's connection, and the generation that ends it.
+    holder: Option<String>,
+    generation: u64,
+}
+
+/// A delete as the transaction left it.
+struct Deleted {
+    cid: u64,
+    name: ClientId,
+    removed: u64,
+    holder: Option<String>,
+    generation: u64,
 }
 
 /// What a commit group did that others must learn of once it committed.
@@ -542,7 +554,9 @@ impl PgWriter {
         if fx.published > 0 {
             m.commit_group_publishes.observe(fx.published as f64);
         }
-        let mut kicks: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+        // Other brokers to tell: `k` (a newer connection) or `p` (purged or deleted), per
+        // client, with the generation that ends the older connection there.
+        let mut kicks: HashMap<String, Vec<(char, u64, u64)>> = HashMap::new();
         for p in pending {
             match p {
                 Pending::Hello(reply, Ok(h)) => {
@@ -559,8 +573,13 @@ impl PgWriter {
                             .get_or_make(&self.handles, h.cid, &h.name, h.next_seq, sent);
                     handle.advance(h.next_seq);
                     handle.note_generation(h.generation);
+                    // A purge before this hello is not this connection's end.
+                    handle.take_purged();
                     if let Some(prev) = h.previous {
-                        kicks.entry(prev).or_default().push((h.cid, h.generation));
+                        kicks
+                            .entry(prev)
+                            .or_default()
+                            .push(('k', h.cid, h.generation));
                     }
                     let _ = reply.send(Ok(HelloOutcome {
                         epoch: h.epoch,
@@ -578,7 +597,27 @@ impl PgWriter {
                     if let Some(h) = self.live.get(p.cid) {
                         h.forget_sends(Ack::Upto(u64::MAX));
                     }
+                    match p.holder {
+                        // Here: the registry closes the connection (4002).
+                        Some(n) if *n == *self.target.node => {
+                            if let Some(h) = self.live.get(p.cid) {
+                                h.mark_purged();
+                            }
+                        }
+                        Some(n) => kicks.entry(n).or_default().push(('p', p.cid, p.generation)),
+                        None => {}
+                    }
                     let _ = reply.send(Ok(Some(p.outcome)));
+                }
+                Pending::Delete(reply, Ok(Some(d))) => {
+                    if let Some(h) = self.live.get(d.cid) {
+                        h.mark_purged();
+                    }
+                    self.live.remove(&self.handles, d.cid, &d.name);
+                    if let Some(n) = d.holder.filter(|n| **n != *self.target.node) {
+                        kicks.entry(n).or_default().push(('p', d.cid, d.generation));
+                    }
+                    let _ = reply.send(Ok(Some(d.removed)));
                 }
                 other => other.send(),
             }
@@ -592,7 +631,10 @@ impl PgWriter {
             notes.extend(payloads(&node, items));
         }
         for (node, taken) in kicks {
-            let items: Vec<String> = taken.iter().map(|(c, g)| format!("k{c}:{g}")).collect();
+            let items: Vec<String> = taken
+                .iter()
+                .map(|(kind, c, g)| format!("{kind}{c}:{g}"))
+                .collect();
             notes.extend(payloads(&node, items));
         }
         let Some(client) = self.client.as_ref() else {
@@ -1116,10 +1158,14 @@ impl PgWriter {
 
     /// Deletes the outbox of `name` and everything under it; returns the messages removed
     /// unacked, None when it has no outbox.
-    async fn delete(&mut self, tx: &Transaction<'_>, name: &ClientId) -> Result<Option<u64>, Pg> {
+    async fn delete(
+        &mut self,
+        tx: &Transaction<'_>,
+        name: &ClientId,
+    ) -> Result<Option<Deleted>, Pg> {
         let Some(row) = tx
             .query_opt(
-                "SELECT cid FROM outboxd_clients WHERE name = $1 FOR UPDATE",
+                "SELECT cid, node, conn_gen FROM outboxd_clients WHERE name = $1 FOR UPDATE",
                 &[&name.as_str()],
             )
             .await?
@@ -1127,6 +1173,8 @@ impl PgWriter {
             return Ok(None);
         };
         let cid: i64 = row.try_get(0)?;
+        let node: Option<String> = row.try_get(1)?;
+        let generation = u(row.try_get(2)?).saturating_add(1);
         let removed = tx
             .execute("DELETE FROM outboxd_messages WHERE cid = $1", &[&cid])
             .await?;
@@ -1137,9 +1185,14 @@ impl PgWriter {
         tx.execute("DELETE FROM outboxd_clients WHERE cid = $1", &[&cid])
             .await?;
         self.cids.remove(name);
-        self.live.remove(&self.handles, u(cid), name);
         info!(client = %name, cid, removed, "outbox deleted");
-        Ok(Some(removed))
+        Ok(Some(Deleted {
+            cid: u(cid),
+            name: name.clone(),
+            removed,
+            holder: node,
+            generation,
+        }))
     }
 
     /// Removes every stored message of `name` (leaving tombstones) and gives its outbox a new
@@ -1164,21 +1217,27 @@ impl PgWriter {
             )
             .await?
             .try_get(0)?;
-        let epoch: String = tx
+        let epoch = tx
             .query_one(
                 "UPDATE outboxd_clients SET pending = 0, bytes = 0, acked = next_seq - 1, \
+                   conn_gen = conn_gen + 1, \
                    epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16) \
-                 WHERE cid = $1 RETURNING epoch",
+                 WHERE cid = $1 RETURNING epoch, node, conn_gen",
                 &[&cid],
             )
-            .await?
-            .try_get(0)?;
+            .await?;
+        let node: Option<String> = epoch.try_get(1)?;
+        let generation = u(epoch.try_get(2)?);
+        let epoch: String = epoch.try_get(0)?;
         Ok(Some(Purged {
             cid: u(cid),
             outcome: PurgeOutcome {
                 removed: u(removed),
                 epoch,
             },
+            // The purge also fences the connection: its reads and acks are refused from now.
+            holder: node,
+            generation,
         }))
     }
 
@@ -1498,7 +1557,7 @@ impl Pending {
             Pending::Publish(tx, r) => drop(tx.send(r)),
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
             Pending::Purge(tx, r) => drop(tx.send(r.map(|p| p.map(|p| p.outcome)))),
-            Pending::Delete(tx, r) => drop(tx.send(r)),
+            Pending::Delete(tx, r) => drop(tx.send(r.map(|d| d.map(|d| d.removed)))),
         }
     }
 
