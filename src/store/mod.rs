@@ -73,6 +73,7 @@ mod outboxes;
 pub mod pg;
 mod records;
 mod retention;
+mod summary;
 mod writer;
 pub use inspect::{Inspector, OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
 

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tracing::{error, info, warn};
 
-use super::inspect::{OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
+use super::summary::{OutboxListing, OutboxSummary, StoreStats, TopicSubscribers};
 use super::writer::QUEUE_DEPTH;
 use super::{Delivery, Engine, Handles, OutboxHandle, OutboxTotals, Store, StoreError};
 use super::{StoreOptions, Writer};
