@@ -8,7 +8,8 @@
 //! once, and exits when the broker has confirmed every one: each is then durable in its
 //! recipients' outboxes. Kill and restart the broker while it runs: the publisher reconnects,
 //! sends the unconfirmed messages again with the same idempotency keys, and none is written
-//! twice.
+//! twice. The keys name this run and the target, so a second run (to the same target or
+//! another) publishes new messages instead of being answered "already written".
 
 use std::time::Duration;
 
@@ -25,12 +26,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
 
     let client = Client::builder(url, "example-publisher").connect().await?;
+    // One name per run: retries inside the run share their keys, another run does not.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
     let mut pending = Vec::new();
     for i in 1..=n {
         // start() queues the publish at once: they are written in this order.
         let publish = client
             .publish(to.clone(), json!({"n": i, "text": format!("message {i}")}))
-            .key(format!("example-{i}"))
+            .key(format!("example-{run}-{to}-{i}"))
             .timeout(Duration::from_secs(60))
             .start();
         pending.push(publish);
