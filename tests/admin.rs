@@ -771,3 +771,58 @@ async fn outboxd_client_deletes_purges_and_unsubscribes_through_the_admin_api() 
     let out = run(&["delete", "bob", "--yes"]);
     assert_eq!(out.status.code(), Some(3), "no such client: {out:?}");
 }
+
+/// Whether `id`'s outbox is gone within the receive timeout (a forget follows a connection's
+/// end a moment later).
+async fn forgotten(broker: &Broker, id: &str) -> bool {
+    let url = format!("/v1/clients/{id}");
+    let deadline = Instant::now() + common::RECV_TIMEOUT;
+    loop {
+        let s = broker.admin_get(&url).await.status;
+        if s == 404 || Instant::now() > deadline {
+            return s == 404;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_client_is_forgotten_at_its_end_only_when_nothing_is_stored_for_it() {
+    // Catches a transient hello that forgets a client with messages, subscriptions or a newer
+    // connection (a loss), or one that forgets nothing.
+    let broker = Broker::start(Opts::new());
+    let transient = |id: &str| json!({"type": "hello", "client_id": id, "transient": true});
+    // Only published: forgotten.
+    let mut p = Client::connect(&broker.url).await;
+    p.send(transient("p")).await;
+    assert_eq!(p.recv_skip_pings().await["type"], "welcome");
+    p.publish_ok("1", "client:bob", json!(1)).await;
+    p.close().await;
+    assert!(forgotten(&broker, "p").await, "the publisher was kept");
+    // Subscribed: kept.
+    let mut s = Client::connect(&broker.url).await;
+    s.send(transient("s")).await;
+    assert_eq!(s.recv_skip_pings().await["type"], "welcome");
+    assert_eq!(s.subscribe("r", "news").await["type"], "ok");
+    s.close().await;
+    // Sent a message while connected, not acked: kept.
+    let mut m = Client::connect(&broker.url).await;
+    m.send(transient("m")).await;
+    assert_eq!(m.recv_skip_pings().await["type"], "welcome");
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("2", "client:m", json!(2)).await;
+    assert_eq!(m.recv_msg().await["payload"], 2);
+    m.close().await;
+    // Taken over by a newer connection: the newer one is not forgotten by the older's end.
+    let mut old = Client::connect(&broker.url).await;
+    old.send(transient("t")).await;
+    assert_eq!(old.recv_skip_pings().await["type"], "welcome");
+    let (_newer, _) = broker.client("t").await;
+    old.expect_close(4000).await;
+    tokio::time::sleep(QUIET).await;
+    for id in ["s", "m", "t"] {
+        let r = broker.admin_get(&format!("/v1/clients/{id}")).await;
+        assert_eq!(r.status, 200, "{id} must be kept: {r:?}");
+    }
+    assert_eq!(broker.admin_get("/v1/clients/m").await.json()["pending"], 1);
+}

@@ -660,3 +660,36 @@ fn sub_exits_nonzero_when_another_connection_takes_its_client_id() {
         "stderr after connecting: {rest:?}"
     );
 }
+
+#[test]
+fn pub_without_a_client_id_leaves_no_client_behind() {
+    // Catches every `outboxd pub` run leaving a permanent, empty `pub-<hex>` outbox.
+    let broker = Broker::start(Opts::new());
+    for payload in ["one", "two"] {
+        let out = run(
+            outboxd(&["pub", "--url", &broker.url, "--to", "client:bob", payload]),
+            None,
+        );
+        assert_exit(&out, 0, "pub");
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The forget follows the connection's end: look until it is done.
+    let deadline = Instant::now() + common::RECV_TIMEOUT;
+    let names = loop {
+        let clients = rt.block_on(broker.admin_get("/v1/clients")).json();
+        let names: Vec<String> = clients
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|c| c["client_id"].as_str().map(str::to_owned))
+            .collect();
+        if names == ["bob"] || Instant::now() > deadline {
+            break names;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(names, ["bob"], "only the recipient has an outbox");
+    // The messages are there, from the forgotten publishers.
+    let outbox = rt.block_on(broker.admin_get("/v1/clients/bob")).json();
+    assert_eq!(outbox["pending"], 2, "{outbox}");
+}

@@ -90,7 +90,7 @@ pub struct PubArgs {
     #[arg(value_name = "PAYLOAD|-")]
     payload: String,
     /// The publisher's client id [default: the token's subject with --token, else `pub-` and
-    /// random hex digits, new each run]. Give
+    /// random hex digits, new each run and forgotten by the broker when the run ends]. Give
     /// one to make --key retries of an earlier run idempotent: the broker remembers keys per
     /// publisher id
     #[arg(long, value_name = "ID")]
@@ -337,10 +337,12 @@ async fn run_pub(args: PubArgs) -> ExitCode {
         .token
         .as_deref()
         .and_then(crate::client::token_subject);
-    let client_id = match (args.client.clone(), subject) {
-        (Some(id), _) => id,
-        (None, Some(sub)) => sub,
-        (None, None) => format!("pub-{:016x}", Rng::seeded().next_u64()),
+    // A made-up id is this run's alone: the broker forgets it when the run ends (transient),
+    // so runs leave no empty outboxes behind.
+    let (client_id, transient) = match (args.client.clone(), subject) {
+        (Some(id), _) => (id, false),
+        (None, Some(sub)) => (sub, false),
+        (None, None) => (format!("pub-{:016x}", Rng::seeded().next_u64()), true),
     };
     if let Err(e) = ClientId::new(&client_id) {
         return fail(format!("--client: {e}"), USAGE);
@@ -362,7 +364,11 @@ async fn run_pub(args: PubArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(e, USAGE),
     };
-    let client = match builder(url, &client_id, args.conn, first).connect().await {
+    let client = match builder(url, &client_id, args.conn, first)
+        .transient(transient)
+        .connect()
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             let (msg, code) = connect_failed(e);

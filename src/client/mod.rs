@@ -88,6 +88,7 @@ pub struct ClientBuilder {
     tls_ca_files: Vec<PathBuf>,
     token_source: Option<driver::TokenSource>,
     fail_fast: bool,
+    transient: bool,
 }
 
 impl ClientBuilder {
@@ -157,6 +158,14 @@ impl ClientBuilder {
     /// `false`. A rejected TLS certificate is never retried, whatever this says.
     pub fn fail_fast(mut self, fail_fast: bool) -> Self {
         self.fail_fast = fail_fast;
+        self
+    }
+
+    /// For a client that only publishes: when a connection ends and nothing is stored for
+    /// this client (no message, no subscription, no loss to tell), the broker forgets it
+    /// rather than keep an empty outbox. Default `false`.
+    pub fn transient(mut self, transient: bool) -> Self {
+        self.transient = transient;
         self
     }
 
@@ -231,7 +240,8 @@ impl ClientBuilder {
             token_source: self.token_source,
             fail_fast: self.fail_fast,
         };
-        let mut machine = Machine::new(client_id.clone(), self.token, position);
+        let mut machine =
+            Machine::new(client_id.clone(), self.token, position).transient(self.transient);
         if settings.token_source.is_some() {
             machine = machine.with_renewable_token();
         }
@@ -588,6 +598,7 @@ impl Client {
             heartbeat_grace: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Some(Duration::from_secs(30)),
+            transient: false,
             store: None,
             max_message_bytes: 1 << 20,
             write_queue_frames: 1024,

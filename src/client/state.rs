@@ -296,6 +296,9 @@ pub(crate) struct Machine {
     /// The application can hand over new tokens (a token source): a session closed because
     /// its token expired is then reconnected, with a new one, instead of ending the client.
     renewable: bool,
+    /// Said in `hello`: the broker forgets this client when a connection ends with nothing
+    /// stored for it (a client that only publishes).
+    transient: bool,
     epoch: Option<Epoch>,
     /// Every seq handed out at or below this is acked: the position.
     acked: u64,
@@ -328,6 +331,7 @@ impl Machine {
             client_id,
             token,
             renewable: false,
+            transient: false,
             epoch,
             acked,
             delivered: acked,
@@ -346,6 +350,12 @@ impl Machine {
     /// Says that new tokens will come (see [`Machine::renew_token`]).
     pub fn with_renewable_token(mut self) -> Self {
         self.renewable = true;
+        self
+    }
+
+    /// Says `transient` in every `hello` (see [`crate::client::ClientBuilder::transient`]).
+    pub fn transient(mut self, transient: bool) -> Self {
+        self.transient = transient;
         self
     }
 
@@ -398,6 +408,7 @@ impl Machine {
                     last_seq: p.last_seq,
                 })
                 .as_ref(),
+            self.transient,
         );
         self.conn = Conn::Hello(resume);
         frame

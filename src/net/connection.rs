@@ -565,6 +565,18 @@ async fn run(
         Err(e) => e,
     };
     shared.registry.detach(&conn.client, ticket.gen);
+    if conn.transient && !matches!(end, End::Replaced) {
+        // A client that only publishes leaves nothing behind when nothing is stored for it.
+        match shared
+            .store
+            .forget_if_idle(conn.client.clone(), conn.generation)
+            .await
+        {
+            Ok(true) => debug!(parent: &span, "transient client forgotten"),
+            Ok(false) => {}
+            Err(e) => debug!(parent: &span, error = %e, "transient client kept"),
+        }
+    }
     let reason = end.reason();
     conn.finish(end, ticket.gen, &span);
     reason
@@ -608,7 +620,8 @@ async fn open(
                 client_id,
                 resume,
                 token,
-            }) => Ok((client_id, resume, token)),
+                transient,
+            }) => Ok((client_id, resume, token, transient)),
             Ok(_) => {
                 metrics.refused(ErrorCode::BadFrame);
                 let _ = out.text(encode_error(
@@ -635,7 +648,7 @@ async fn open(
             }
         },
     );
-    let (client, resume, token) = match hello {
+    let (client, resume, token, transient) = match hello {
         Ok(h) => h,
         Err(end) => {
             debug!(%peer, reason = ?end, "connection ended before hello");
@@ -708,6 +721,7 @@ async fn open(
             Instant::now(),
         ),
         handle: outcome.handle,
+        transient,
         generation: outcome.generation,
         client: client.clone(),
         out,
@@ -729,6 +743,8 @@ struct Conn {
     shared: Arc<Shared>,
     out: Outgoing,
     handle: Arc<OutboxHandle>,
+    /// Said in hello: forget the client at the end when nothing is stored for it.
+    transient: bool,
     /// This connection's generation ([`crate::store::HelloOutcome::generation`]).
     generation: u64,
     client: ClientId,

@@ -57,6 +57,9 @@ pub enum ClientFrame {
         client_id: ClientId,
         token: Option<String>,
         resume: Option<Resume>,
+        /// The client only publishes: when this connection ends, the broker forgets it if its
+        /// outbox is empty and it holds no subscription.
+        transient: bool,
     },
     Ack(Ack),
     Publish(Publish),
@@ -86,6 +89,7 @@ struct RawFrame {
     client_id: Option<String>,
     token: Option<String>,
     resume: Option<Resume>,
+    transient: Option<bool>,
     seq: Option<u64>,
     upto: Option<u64>,
     to: Option<String>,
@@ -139,6 +143,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
                 client_id,
                 token: raw.token,
                 resume: raw.resume,
+                transient: raw.transient.unwrap_or(false),
             })
         }
         "ack" => match (raw.seq, raw.upto) {
@@ -239,7 +244,12 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
 /// `hello`: who the client is, its token, and the position it resumes from.
 ///
 /// Its keys go out in alphabetical order, the order the Rust client has always written them.
-pub fn encode_hello(client_id: &ClientId, token: Option<&str>, resume: Option<&Resume>) -> String {
+pub fn encode_hello(
+    client_id: &ClientId,
+    token: Option<&str>,
+    resume: Option<&Resume>,
+    transient: bool,
+) -> String {
     #[derive(Serialize)]
     struct Hello<'a> {
         client_id: &'a str,
@@ -247,6 +257,8 @@ pub fn encode_hello(client_id: &ClientId, token: Option<&str>, resume: Option<&R
         resume: Option<&'a Resume>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        transient: bool,
         #[serde(rename = "type")]
         kind: &'static str,
     }
@@ -254,6 +266,7 @@ pub fn encode_hello(client_id: &ClientId, token: Option<&str>, resume: Option<&R
         client_id: client_id.as_str(),
         resume,
         token,
+        transient,
         kind: "hello",
     })
     .unwrap_or_else(|_| String::from(r#"{"type":"hello"}"#))
@@ -353,7 +366,9 @@ mod tests {
                 client_id,
                 resume,
                 token,
+                transient,
             } => {
+                assert!(!transient);
                 assert_eq!(client_id.as_str(), "alice");
                 assert_eq!(
                     resume,
@@ -468,22 +483,28 @@ mod tests {
             epoch: "E".into(),
             last_seq: 41,
         };
-        for (token, resume) in [(None, None), (Some("t\"0k"), Some(&resume))] {
-            match parse(&encode_hello(&bob, token, resume)).unwrap() {
+        for (token, resume, transient) in [
+            (None, None, false),
+            (Some("t\"0k"), Some(&resume), false),
+            (None, None, true),
+        ] {
+            match parse(&encode_hello(&bob, token, resume, transient)).unwrap() {
                 ClientFrame::Hello {
                     client_id,
                     token: t,
                     resume: r,
+                    transient: tr,
                 } => {
                     assert_eq!(client_id, bob);
                     assert_eq!(t.as_deref(), token);
                     assert_eq!(r.as_ref(), resume);
+                    assert_eq!(tr, transient);
                 }
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(
-            encode_hello(&bob, Some("t"), Some(&resume)),
+            encode_hello(&bob, Some("t"), Some(&resume), false),
             r#"{"client_id":"bob","resume":{"epoch":"E","last_seq":41},"token":"t","type":"hello"}"#
         );
     }

@@ -651,6 +651,22 @@ impl Store {
         self.call(|reply| Command::Delete { client, reply }).await
     }
 
+    /// Forgets `client` (deletes its outbox) when nothing is stored for it: no message, no
+    /// subscription, no tombstone to tell, and no connection newer than `generation`. For
+    /// clients that said `transient` in hello. Returns whether it was forgotten.
+    pub async fn forget_if_idle(
+        &self,
+        client: ClientId,
+        generation: u64,
+    ) -> Result<bool, StoreError> {
+        self.call(|reply| Command::Forget {
+            client,
+            generation,
+            reply,
+        })
+        .await
+    }
+
     /// Writes a consistent copy of the store to the new directory `to`, between two writes:
     /// a broker started on `to` serves what was stored at that moment.
     ///

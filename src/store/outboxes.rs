@@ -509,6 +509,27 @@ impl WriterState {
         Ok(Some(removed))
     }
 
+    /// Deletes the outbox of `client` when nothing is stored for it (no message, no
+    /// subscription, no tombstone) and its newest connection is the one of `generation`.
+    pub(super) fn forget_if_idle(
+        &mut self,
+        client: &ClientId,
+        generation: u64,
+    ) -> Result<bool, StoreError> {
+        let Some(c) = self.clients.get(client) else {
+            return Ok(false);
+        };
+        let cid = c.handle.cid;
+        let newest = *c.handle.generation.borrow();
+        if c.meta.pending > 0 || newest != generation || self.uptos.contains_key(&cid) {
+            return Ok(false);
+        }
+        if self.subscribers.values().any(|s| s.contains(&cid)) || self.count_missed(cid, 0)? > 0 {
+            return Ok(false);
+        }
+        Ok(self.delete(client)?.is_some())
+    }
+
     /// Adds or removes a durable subscription (limited by `limits.max_subscriptions`).
     pub(super) fn subscribe(
         &mut self,

@@ -83,6 +83,12 @@ pub(super) enum Command {
         client: ClientId,
         reply: Reply<Option<PurgeOutcome>>,
     },
+    /// Deletes a client's outbox if nothing is stored for it and no newer connection exists.
+    Forget {
+        client: ClientId,
+        generation: u64,
+        reply: Reply<bool>,
+    },
     /// Deletes a client's outbox; answers with the messages removed unacked.
     Delete {
         client: ClientId,
@@ -106,6 +112,7 @@ enum Pending {
         Result<Option<PurgeOutcome>, StoreError>,
     ),
     Delete(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
+    Forget(Reply<bool>, Result<bool, StoreError>),
 }
 
 impl Pending {
@@ -117,6 +124,7 @@ impl Pending {
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
             Pending::Purge(tx, r) => drop(tx.send(r)),
             Pending::Delete(tx, r) => drop(tx.send(r)),
+            Pending::Forget(tx, r) => drop(tx.send(r)),
         }
     }
 
@@ -132,6 +140,7 @@ impl Pending {
             Pending::Subscribe(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Purge(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Delete(tx, r) => drop(tx.send(latched(r, err))),
+            Pending::Forget(tx, r) => drop(tx.send(latched(r, err))),
         }
     }
 }
@@ -502,6 +511,17 @@ impl WriterState {
                     self.maybe_latch(e);
                 }
                 self.pending.push(Pending::Subscribe(reply, r));
+            }
+            Command::Forget {
+                client,
+                generation,
+                reply,
+            } => {
+                let r = self.forget_if_idle(&client, generation);
+                if let Err(e) = &r {
+                    self.maybe_latch(e);
+                }
+                self.pending.push(Pending::Forget(reply, r));
             }
             Command::Delete { client, reply } => {
                 let r = self.delete(&client);

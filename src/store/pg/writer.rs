@@ -55,6 +55,7 @@ enum Pending {
         Result<Option<Purged>, StoreError>,
     ),
     Delete(Reply<Option<u64>>, Result<Option<Deleted>, StoreError>),
+    Forget(Reply<bool>, Result<Option<Deleted>, StoreError>),
 }
 
 /// A hello as the transaction left it; the handle is made once it committed.
@@ -441,6 +442,27 @@ impl PgWriter {
                         }
                     }
                 }
+                Command::Forget {
+                    client: name,
+                    generation,
+                    reply,
+                } => {
+                    if latched {
+                        pending.push(Pending::Forget(reply, Err(latched_error())));
+                        Ok(())
+                    } else {
+                        match self.forget_if_idle(&tx, &name, generation).await {
+                            Ok(r) => {
+                                pending.push(Pending::Forget(reply, Ok(r)));
+                                Ok(())
+                            }
+                            Err(e) => {
+                                pending.push(Pending::Forget(reply, Err(StoreError::Closed)));
+                                Err(e)
+                            }
+                        }
+                    }
+                }
                 Command::Delete {
                     client: name,
                     reply,
@@ -608,6 +630,10 @@ impl PgWriter {
                         None => {}
                     }
                     let _ = reply.send(Ok(Some(p.outcome)));
+                }
+                Pending::Forget(reply, Ok(Some(d))) => {
+                    self.live.remove(&self.handles, d.cid, &d.name);
+                    let _ = reply.send(Ok(true));
                 }
                 Pending::Delete(reply, Ok(Some(d))) => {
                     if let Some(h) = self.live.get(d.cid) {
@@ -1156,6 +1182,30 @@ impl PgWriter {
         Ok(Ok(()))
     }
 
+    /// Deletes the outbox of `name` when nothing is stored for it (no message, no subscription,
+    /// no tombstone) and its newest connection is the one of `generation`.
+    async fn forget_if_idle(
+        &mut self,
+        tx: &Transaction<'_>,
+        name: &ClientId,
+        generation: u64,
+    ) -> Result<Option<Deleted>, Pg> {
+        let idle = tx
+            .query_opt(
+                "SELECT 1 FROM outboxd_clients c WHERE c.name = $1 AND c.pending = 0 \
+                   AND c.conn_gen = $2 \
+                   AND NOT EXISTS (SELECT 1 FROM outboxd_subs s WHERE s.cid = c.cid) \
+                   AND NOT EXISTS (SELECT 1 FROM outboxd_missed m WHERE m.cid = c.cid) \
+                 FOR UPDATE",
+                &[&name.as_str(), &i(generation)],
+            )
+            .await?;
+        if idle.is_none() {
+            return Ok(None);
+        }
+        self.delete(tx, name).await
+    }
+
     /// Deletes the outbox of `name` and everything under it; returns the messages removed
     /// unacked, None when it has no outbox.
     async fn delete(
@@ -1541,6 +1591,9 @@ fn work_into_pending(cmds: Vec<Command>) -> Vec<Pending> {
             Command::Delete { reply, .. } => {
                 out.push(Pending::Delete(reply, Err(StoreError::Closed)))
             }
+            Command::Forget { reply, .. } => {
+                out.push(Pending::Forget(reply, Err(StoreError::Closed)))
+            }
             Command::Ack { .. } | Command::Backup { .. } => {}
         }
     }
@@ -1558,6 +1611,7 @@ impl Pending {
             Pending::Subscribe(tx, r) => drop(tx.send(r)),
             Pending::Purge(tx, r) => drop(tx.send(r.map(|p| p.map(|p| p.outcome)))),
             Pending::Delete(tx, r) => drop(tx.send(r.map(|d| d.map(|d| d.removed)))),
+            Pending::Forget(tx, r) => drop(tx.send(r.map(|d| d.is_some()))),
         }
     }
 
@@ -1573,6 +1627,7 @@ impl Pending {
             Pending::Subscribe(tx, _) => drop(tx.send(Err(e()))),
             Pending::Purge(tx, _) => drop(tx.send(Err(e()))),
             Pending::Delete(tx, _) => drop(tx.send(Err(e()))),
+            Pending::Forget(tx, _) => drop(tx.send(Err(e()))),
         }
     }
 }
