@@ -698,3 +698,34 @@ async fn a_purge_or_delete_through_one_broker_closes_the_client_on_another_with_
     bob.expect_close(4002).await;
     assert_eq!(b.admin_get("/v1/clients/bob").await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deleted_through_another_broker_gets_a_new_outbox_here() {
+    // Catches a broker that remembers a deleted client's number and writes to (or answers
+    // `ok` for) an outbox that no longer exists: a message confirmed into nothing.
+    if !postgres_available() {
+        return;
+    }
+    let db = postgres().database();
+    let (a, b) = (node(&db), node(&db));
+    let (mut alice, _) = a.client("alice").await;
+    alice.publish_ok("p1", "client:bob", json!(1)).await;
+    let (mut carol, _) = a.client("carol").await;
+    assert_eq!(carol.subscribe("s1", "news").await["type"], "ok");
+    for id in ["bob", "carol"] {
+        let r = b.admin_delete(&format!("/v1/clients/{id}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    carol.expect_close(4002).await;
+    let ok = alice.publish_ok("p2", "client:bob", json!(2)).await;
+    assert_eq!(ok["recipients"], 1, "{ok}");
+    let (mut carol, _) = a.client("carol").await;
+    assert_eq!(carol.subscribe("s2", "news").await["type"], "ok");
+    let ok = alice.publish_ok("p3", "topic:news", json!(3)).await;
+    assert_eq!(ok["recipients"], 1, "{ok}");
+    assert_eq!(carol.recv_msg().await["payload"], 3);
+    let (mut bob, welcome) = b.client("bob").await;
+    assert_eq!(welcome["pending"], 1, "{welcome}");
+    let m = bob.recv_msg().await;
+    assert_eq!((seq(&m), m["payload"].clone()), (1, json!(2)), "{m}");
+}

@@ -709,6 +709,26 @@ impl PgWriter {
         Ok(cid)
     }
 
+    /// The client number of `name` with its row locked, its outbox made when new, also when a
+    /// number learnt before names a row that is gone (deleted through another broker).
+    async fn lock_client(&mut self, tx: &Transaction<'_>, name: &ClientId) -> Result<u64, Pg> {
+        for _ in 0..2 {
+            let cid = self.ensure(tx, name).await?;
+            let held = tx
+                .query_opt(
+                    "SELECT 1 FROM outboxd_clients WHERE cid = $1 FOR UPDATE",
+                    &[&i(cid)],
+                )
+                .await?;
+            if held.is_some() {
+                return Ok(cid);
+            }
+            self.cids.remove(name);
+        }
+        // Made in this very transaction: it is there.
+        self.ensure(tx, name).await
+    }
+
     /// Client numbers of `names`, outboxes made for the new ones.
     async fn ensure_all(&mut self, tx: &Transaction<'_>, names: &[ClientId]) -> Result<(), Pg> {
         let missing: BTreeSet<&str> = names
@@ -888,27 +908,53 @@ impl PgWriter {
             changed: bool,
         }
         let mut metas: BTreeMap<u64, Meta> = BTreeMap::new();
-        if !all.is_empty() {
-            for row in tx
-                .query(
-                    "SELECT cid, name, next_seq, pending, bytes, node FROM outboxd_clients \
-                     WHERE cid = ANY($1) ORDER BY cid FOR UPDATE",
-                    &[&all],
-                )
-                .await?
-            {
-                metas.insert(
-                    u(row.try_get(0)?),
-                    Meta {
-                        name: row.try_get(1)?,
-                        next_seq: u(row.try_get(2)?),
-                        pending: u(row.try_get(3)?),
-                        bytes: u(row.try_get(4)?),
-                        node: row.try_get(5)?,
-                        changed: false,
-                    },
-                );
+        let lock = |cids: Vec<i64>| async move {
+            tx.query(
+                "SELECT cid, name, next_seq, pending, bytes, node FROM outboxd_clients \
+                 WHERE cid = ANY($1) ORDER BY cid FOR UPDATE",
+                &[&cids],
+            )
+            .await
+        };
+        let mut locked = if all.is_empty() {
+            Vec::new()
+        } else {
+            lock(all).await?
+        };
+        // A direct recipient whose row is gone was deleted through another broker since its
+        // number was learnt: its outbox is made anew, as for any new name.
+        let found: BTreeSet<u64> = locked
+            .iter()
+            .map(|r| r.try_get::<_, i64>(0).map(u))
+            .collect::<Result<_, _>>()?;
+        let gone: Vec<ClientId> = names
+            .iter()
+            .filter(|n| self.cids.get(*n).is_none_or(|c| !found.contains(c)))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            for n in &gone {
+                self.cids.remove(n);
             }
+            self.ensure_all(tx, &gone).await?;
+            let again: Vec<i64> = gone
+                .iter()
+                .filter_map(|n| self.cids.get(n).map(|c| i(*c)))
+                .collect();
+            locked.extend(lock(again).await?);
+        }
+        for row in locked {
+            metas.insert(
+                u(row.try_get(0)?),
+                Meta {
+                    name: row.try_get(1)?,
+                    next_seq: u(row.try_get(2)?),
+                    pending: u(row.try_get(3)?),
+                    bytes: u(row.try_get(4)?),
+                    node: row.try_get(5)?,
+                    changed: false,
+                },
+            );
         }
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
         let mut rows = MessageRows::default();
@@ -1062,7 +1108,7 @@ impl PgWriter {
         resume: Option<Resume>,
         latched: bool,
     ) -> Result<HelloDone, Pg> {
-        let cid = self.ensure(tx, name).await?;
+        let cid = self.lock_client(tx, name).await?;
         let row = tx
             .query_one(
                 "SELECT epoch, next_seq, acked, node, conn_gen FROM outboxd_clients \
@@ -1146,12 +1192,7 @@ impl PgWriter {
         topic: &Topic,
         on: bool,
     ) -> Result<Result<(), StoreError>, Pg> {
-        let cid = i(self.ensure(tx, name).await?);
-        tx.execute(
-            "SELECT 1 FROM outboxd_clients WHERE cid = $1 FOR UPDATE",
-            &[&cid],
-        )
-        .await?;
+        let cid = i(self.lock_client(tx, name).await?);
         if !on {
             tx.execute(
                 "DELETE FROM outboxd_subs WHERE topic = $1 AND cid = $2",
