@@ -729,3 +729,28 @@ async fn a_client_deleted_through_another_broker_gets_a_new_outbox_here() {
     let m = bob.recv_msg().await;
     assert_eq!((seq(&m), m["payload"].clone()), (1, json!(2)), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_makes_the_schema_once_and_a_broker_then_serves_on_it() {
+    // Catches a schema only a broker's start can make (a role that may not create tables),
+    // and a migration that fails when run again.
+    if !postgres_available() {
+        return;
+    }
+    let pg = postgres();
+    let db = pg.database();
+    for _ in 0..2 {
+        let out = tool(&db, &["migrate", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(v["schema_version"], 2, "{v}");
+    }
+    assert_eq!(
+        pg.psql_on(&db, "SELECT count(*) FROM outboxd_schema"),
+        "2",
+        "each migration recorded once"
+    );
+    let broker = node(&db);
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("p", "client:bob", json!(1)).await;
+}

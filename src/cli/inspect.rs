@@ -402,6 +402,46 @@ fn repair_postgres(cfg: &Config, accept_loss: bool, json: bool) -> Result<(), To
     Ok(())
 }
 
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Config file with storage.backend = "postgres" and postgres.url [default:
+    /// ./config.toml, used only if present; OUTBOXD_POSTGRES__URL works too].
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `outboxd migrate`.
+pub fn migrate(args: MigrateArgs) -> ExitCode {
+    finish(run_migrate(args))
+}
+
+fn run_migrate(args: MigrateArgs) -> Result<(), ToolError> {
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.toml"), false),
+    };
+    let cfg = Config::load(&path, required, std::env::vars())?;
+    if cfg.storage.backend != Backend::Postgres {
+        return Err(ToolError::Config(ConfigError::Invalid {
+            key: "storage.backend",
+            reason: "must be \"postgres\": only the PostgreSQL store has a schema to migrate \
+                     (a sled data directory is brought up to date when a broker opens it)"
+                .into(),
+        }));
+    }
+    let version = crate::store::pg::migrate(&crate::store::StoreOptions::from_config(&cfg))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::json!({ "schema_version": version }))?;
+    } else {
+        writeln!(out, "postgres: the outboxd schema is at version {version}")?;
+    }
+    Ok(())
+}
+
 /// Runs `outboxd import`.
 pub fn import(args: ImportArgs) -> ExitCode {
     finish(run_import(args))

@@ -72,6 +72,12 @@ enum Command {
     /// PostgreSQL as if nothing happened. Idempotency keys are not copied. The database must
     /// hold no outboxes. Progress on stderr; the totals on stdout. See docs/scale-out.md.
     Import(crate::cli::inspect::ImportArgs),
+    /// Create or migrate the outboxd schema in the PostgreSQL database of postgres.url.
+    ///
+    /// Every broker does it at start (under a lock, so brokers starting together migrate
+    /// once); run it first where the brokers' database role may not create tables, with a
+    /// role that may. A database made by a newer outboxd is refused.
+    Migrate(crate::cli::inspect::MigrateArgs),
     /// Change one client through a running broker: delete it, purge its outbox, or end one of
     /// its subscriptions.
     ///
@@ -259,6 +265,7 @@ pub fn main() -> ExitCode {
         Command::Restore(args) => crate::cli::inspect::restore(args),
         Command::Repair(args) => crate::cli::inspect::repair(args),
         Command::Import(args) => crate::cli::inspect::import(args),
+        Command::Migrate(args) => crate::cli::inspect::migrate(args),
         Command::Client(args) => crate::cli::inspect::client(args),
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::cli::pubsub::publish(args),

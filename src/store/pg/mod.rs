@@ -510,6 +510,20 @@ pub(super) fn offline(opts: &StoreOptions) -> Result<(Reads, tokio::runtime::Run
     Ok((reads, rt))
 }
 
+/// `outboxd migrate`: brings the database of `opts` to this broker's schema (what every broker
+/// also does at start). Returns the version it is at now.
+pub fn migrate(opts: &StoreOptions) -> Result<u8, StoreError> {
+    let target = target(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
+        schema::migrate(&mut client).await?;
+        Ok(SCHEMA_VERSION)
+    })
+}
+
 /// `outboxd repair --accept-loss` on PostgreSQL: every outbox moves to a new epoch (after a
 /// loss the broker cannot see: a point-in-time recovery, a failover to a standby that was not
 /// synchronous). Returns how many outboxes moved.
