@@ -166,6 +166,11 @@ export interface OutboxdClientOptions<P = unknown> {
   onMessage?: (delivery: Delivery<P>) => void | Promise<void>;
   /** Ack after onMessage returns (default true); false: call delivery.ack() yourself. */
   autoAck?: boolean;
+  /**
+   * For a client that only publishes (default false): when a connection ends with nothing
+   * stored for this client (no message, subscription or loss to tell), the broker forgets it.
+   */
+  transient?: boolean;
   /** Silence tolerated beyond the broker's heartbeat_ms before reconnecting (default 5000). */
   heartbeatGraceMs?: number;
   /** Time allowed from opening the socket to the welcome (default 10000). */

@@ -161,6 +161,7 @@ export class OutboxdClient {
   #clientId;
   #store;
   #autoAck;
+  #transient; // said in hello: forget this client when a connection ends with nothing stored
   #grace;
   #connectTimeout;
   #backoff;
@@ -229,6 +230,7 @@ export class OutboxdClient {
       throw new TypeError("outboxd: store must have load(clientId) and save(clientId, position)");
     }
     this.#autoAck = o.autoAck ?? true;
+    this.#transient = o.transient === true;
     this.#grace = o.heartbeatGraceMs ?? 5000;
     this.#connectTimeout = o.connectTimeoutMs ?? 10000;
     const b = o.backoff ?? {};
@@ -450,6 +452,7 @@ export class OutboxdClient {
       if (ws !== this.#ws) return;
       const hello = { type: "hello", client_id: this.#clientId };
       if (token != null) hello.token = token;
+      if (this.#transient) hello.transient = true;
       if (this.#position) hello.resume = { epoch: this.#position.epoch, last_seq: this.#position.lastSeq };
       this.#sentResume = !!hello.resume;
       this.#sendRaw(JSON.stringify(hello));

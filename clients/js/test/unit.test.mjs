@@ -537,3 +537,15 @@ test("localStorageStore keeps one entry per client and ignores garbage", () => {
   m.set("outboxd:position:bob", '{"epoch":"E","lastSeq":-1}');
   assert.equal(s.load("bob"), null);
 });
+
+test("transient is said in hello only when asked for", async () => {
+  const { client } = makeClient({ transient: true });
+  const p = client.connect();
+  await until(() => FakeWS.last(), "a socket");
+  const ws = FakeWS.last();
+  ws.open();
+  assert.deepEqual(ws.sent[0], { type: "hello", client_id: "bob", transient: true });
+  ws.recv(welcome());
+  await p;
+  client.close();
+});
