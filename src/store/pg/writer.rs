@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 use tracing::{debug, info, warn};
 
 use super::schema::{check_cluster, migrate, ID_BLOCK};
@@ -118,6 +118,10 @@ struct AckBatch {
 pub(super) struct PgWriter {
     target: Target,
     client: Option<Client>,
+    /// The hot statements, prepared on `client` (once the schema is there).
+    prepared: Option<Arc<Prepared>>,
+    /// The schema is migrated: statements on it can be prepared.
+    migrated: bool,
     opts: StoreOptions,
     live: Arc<Live>,
     handles: Handles,
@@ -145,6 +149,8 @@ impl PgWriter {
         PgWriter {
             target,
             client: None,
+            prepared: None,
+            migrated: false,
             opts,
             live,
             handles,
@@ -166,11 +172,18 @@ impl PgWriter {
     ) -> bool {
         let first = match self.connection().await {
             Ok(client) => match migrate(client).await {
-                Ok(()) => check_cluster(client).await,
+                Ok(()) => match check_cluster(client).await {
+                    Ok(()) => Prepared::on(client).await.map_err(failed),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         };
+        let first = first.map(|p| {
+            self.prepared = Some(Arc::new(p));
+            self.migrated = true;
+        });
         let ok = first.is_ok();
         let _ = started.send(first);
         if !ok {
@@ -220,6 +233,7 @@ impl PgWriter {
     async fn connection(&mut self) -> Result<&mut Client, StoreError> {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
+            self.prepared = None;
         }
         if self.client.is_none() {
             let on = OnMessage::Writer(Arc::clone(&self.latched));
@@ -236,6 +250,15 @@ impl PgWriter {
                     {
                         tokio::time::sleep(RECONNECT_AFTER).await;
                         return Err(failed(e));
+                    }
+                    if self.migrated {
+                        match Prepared::on(&c).await {
+                            Ok(p) => self.prepared = Some(Arc::new(p)),
+                            Err(e) => {
+                                tokio::time::sleep(RECONNECT_AFTER).await;
+                                return Err(failed(e));
+                            }
+                        }
                     }
                     if self.unavailable.swap(false, Ordering::AcqRel) {
                         info!("database reachable again");
@@ -258,6 +281,7 @@ impl PgWriter {
     fn broke(&mut self, e: &Pg) {
         if e.as_db_error().is_none() || self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
+            self.prepared = None;
             if !self.unavailable.swap(true, Ordering::AcqRel) {
                 warn!(error = %e, "lost the database connection: nothing is confirmed until it is back");
             }
@@ -329,11 +353,11 @@ impl PgWriter {
         fx: &mut Effects,
     ) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
         // Taken out so the transaction can borrow it while `self` is used too.
-        let Some(mut client) = self.client.take() else {
+        let (Some(mut client), Some(prepared)) = (self.client.take(), self.prepared.clone()) else {
             return Err((StoreError::Closed, work_into_pending(work)));
         };
         let result = self
-            .in_transaction(&mut client, work, latched, relaxed, fx)
+            .in_transaction(&mut client, &prepared, work, latched, relaxed, fx)
             .await;
         self.client = Some(client);
         match result {
@@ -350,6 +374,7 @@ impl PgWriter {
     async fn in_transaction(
         &mut self,
         client: &mut Client,
+        prepared: &Prepared,
         work: Vec<Command>,
         latched: bool,
         relaxed: bool,
@@ -390,7 +415,7 @@ impl PgWriter {
                         }
                         Ok(())
                     } else {
-                        match self.publish(&tx, reqs, fx).await {
+                        match self.publish(&tx, prepared, reqs, fx).await {
                             Ok(outcomes) => {
                                 for (r, o) in replies.into_iter().zip(outcomes) {
                                     pending.push(Pending::Publish(r, o));
@@ -410,7 +435,7 @@ impl PgWriter {
                     client: name,
                     resume,
                     reply,
-                } => match self.hello(&tx, &name, resume, latched).await {
+                } => match self.hello(&tx, prepared, &name, resume, latched).await {
                     Ok(h) => {
                         pending.push(Pending::Hello(reply, Ok(h)));
                         Ok(())
@@ -527,7 +552,7 @@ impl PgWriter {
                     if latched {
                         Ok(())
                     } else {
-                        apply_acks(&tx, acks, &self.opts).await
+                        apply_acks(&tx, prepared, acks, &self.opts).await
                     }
                 }
                 Command::Backup { .. } => Ok(()),
@@ -788,6 +813,7 @@ impl PgWriter {
     async fn publish(
         &mut self,
         tx: &Transaction<'_>,
+        prepared: &Prepared,
         reqs: Vec<PublishRequest>,
         fx: &mut Effects,
     ) -> Result<Vec<Result<PublishOutcome, StoreError>>, Pg> {
@@ -908,14 +934,7 @@ impl PgWriter {
             changed: bool,
         }
         let mut metas: BTreeMap<u64, Meta> = BTreeMap::new();
-        let lock = |cids: Vec<i64>| async move {
-            tx.query(
-                "SELECT cid, name, next_seq, pending, bytes, node FROM outboxd_clients \
-                 WHERE cid = ANY($1) ORDER BY cid FOR UPDATE",
-                &[&cids],
-            )
-            .await
-        };
+        let lock = |cids: Vec<i64>| async move { tx.query(&prepared.lock_metas, &[&cids]).await };
         let mut locked = if all.is_empty() {
             Vec::new()
         } else {
@@ -1040,36 +1059,28 @@ impl PgWriter {
             outcomes.push(Ok(outcome));
         }
         if !rows.cid.is_empty() {
-            tx.execute(
-                "INSERT INTO outboxd_messages \
-                   (cid, seq, id, ts, sender, topic, is_json, body, expires_at) \
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], \
-                   $5::text[], $6::text[], $7::boolean[], $8::bytea[], $9::bigint[])",
-                &[
-                    &rows.cid,
-                    &rows.seq,
-                    &rows.id,
-                    &rows.ts,
-                    &rows.sender,
-                    &rows.topic,
-                    &rows.is_json,
-                    &rows.body,
-                    &rows.expires,
-                ],
-            )
-            .await?;
             let changed: Vec<(&u64, &Meta)> = metas.iter().filter(|(_, m)| m.changed).collect();
             let cids: Vec<i64> = changed.iter().map(|(c, _)| i(**c)).collect();
             let next: Vec<i64> = changed.iter().map(|(_, m)| i(m.next_seq)).collect();
             let pending: Vec<i64> = changed.iter().map(|(_, m)| i(m.pending)).collect();
             let bytes: Vec<i64> = changed.iter().map(|(_, m)| i(m.bytes)).collect();
-            tx.execute(
-                "UPDATE outboxd_clients c SET next_seq = v.n, pending = v.p, bytes = v.b \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) \
-                   AS v(cid, n, p, b) WHERE c.cid = v.cid",
-                &[&cids, &next, &pending, &bytes],
-            )
-            .await?;
+            // Both at once: the connection pipelines them, one round trip instead of two.
+            let message_params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+                &rows.cid,
+                &rows.seq,
+                &rows.id,
+                &rows.ts,
+                &rows.sender,
+                &rows.topic,
+                &rows.is_json,
+                &rows.body,
+                &rows.expires,
+            ];
+            let meta_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&cids, &next, &pending, &bytes];
+            let insert = tx.execute(&prepared.insert_messages, &message_params);
+            let update = tx.execute(&prepared.update_metas, &meta_params);
+            futures_util::future::try_join(insert, update).await?;
             for (cid, m) in changed {
                 fx.advanced.insert(*cid, m.next_seq);
                 if let Some(node) = m.node.as_ref().filter(|n| **n != *self.target.node) {
@@ -1104,6 +1115,7 @@ impl PgWriter {
     async fn hello(
         &mut self,
         tx: &Transaction<'_>,
+        prepared: &Prepared,
         name: &ClientId,
         resume: Option<Resume>,
         latched: bool,
@@ -1128,8 +1140,16 @@ impl PgWriter {
             Some(r) => {
                 if !latched {
                     if r.last_seq > acked {
-                        ack_one(tx, cid, Ack::Upto(r.last_seq), acked, next_seq, &self.opts)
-                            .await?;
+                        ack_one(
+                            tx,
+                            prepared,
+                            cid,
+                            Ack::Upto(r.last_seq),
+                            acked,
+                            next_seq,
+                            &self.opts,
+                        )
+                        .await?;
                     } else {
                         tx.execute(
                             "DELETE FROM outboxd_missed WHERE cid = $1 AND seq <= $2",
@@ -1455,6 +1475,7 @@ fn add_ack(
 /// that was taken over (its generation is no longer the outbox's) are dropped.
 async fn apply_acks(
     tx: &Transaction<'_>,
+    prepared: &Prepared,
     acks: BTreeMap<u64, AckBatch>,
     opts: &StoreOptions,
 ) -> Result<(), Pg> {
@@ -1476,12 +1497,20 @@ async fn apply_acks(
             continue;
         }
         if let Some(upto) = b.upto {
-            acked = ack_one(tx, cid, Ack::Upto(upto), acked, b.durable_next, opts)
-                .await?
-                .max(acked);
+            acked = ack_one(
+                tx,
+                prepared,
+                cid,
+                Ack::Upto(upto),
+                acked,
+                b.durable_next,
+                opts,
+            )
+            .await?
+            .max(acked);
         }
         for s in &b.seqs {
-            acked = ack_one(tx, cid, Ack::Seq(*s), acked, b.durable_next, opts)
+            acked = ack_one(tx, prepared, cid, Ack::Seq(*s), acked, b.durable_next, opts)
                 .await?
                 .max(acked);
         }
@@ -1495,6 +1524,7 @@ async fn apply_acks(
 /// drops tombstones.
 async fn ack_one(
     tx: &Transaction<'_>,
+    prepared: &Prepared,
     cid: u64,
     ack: Ack,
     acked: u64,
@@ -1516,17 +1546,7 @@ async fn ack_one(
     };
     let row = tx
         .query_one(
-            "WITH d AS (DELETE FROM outboxd_messages WHERE cid = $1 AND seq BETWEEN $2 AND $3 \
-               RETURNING seq, ts, octet_length(body) AS len), \
-             t AS (DELETE FROM outboxd_missed WHERE cid = $1 AND seq <= $4) \
-             UPDATE outboxd_clients SET \
-               pending = pending - (SELECT count(*) FROM d), \
-               bytes = bytes - (SELECT coalesce(sum(len), 0) FROM d)::bigint, \
-               acked = greatest(acked, coalesce((SELECT min(seq) FROM outboxd_messages \
-                 WHERE cid = $1 AND seq > $5 AND seq < $6 \
-                   AND seq NOT IN (SELECT seq FROM d)) - 1, $6 - 1)) \
-             WHERE cid = $1 \
-             RETURNING acked, coalesce((SELECT array_agg(ts) FROM d), '{}')",
+            &prepared.ack,
             &[
                 &i(cid),
                 &i(lo),
@@ -1547,6 +1567,61 @@ async fn ack_one(
     }
     Ok(u(row.try_get(0)?))
 }
+
+/// The writer's hot statements, prepared once per connection (a statement given as text is
+/// parsed again, one more round trip, every time it runs).
+pub(super) struct Prepared {
+    lock_metas: Statement,
+    insert_messages: Statement,
+    update_metas: Statement,
+    ack: Statement,
+}
+
+impl Prepared {
+    async fn on(client: &Client) -> Result<Prepared, Pg> {
+        Ok(Prepared {
+            lock_metas: client
+                .prepare(
+                    "SELECT cid, name, next_seq, pending, bytes, node FROM outboxd_clients \
+                     WHERE cid = ANY($1) ORDER BY cid FOR UPDATE",
+                )
+                .await?,
+            insert_messages: client
+                .prepare(
+                    "INSERT INTO outboxd_messages \
+                       (cid, seq, id, ts, sender, topic, is_json, body, expires_at) \
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], \
+                       $4::bigint[], $5::text[], $6::text[], $7::boolean[], $8::bytea[], \
+                       $9::bigint[])",
+                )
+                .await?,
+            update_metas: client
+                .prepare(
+                    "UPDATE outboxd_clients c SET next_seq = v.n, pending = v.p, bytes = v.b \
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) \
+                       AS v(cid, n, p, b) WHERE c.cid = v.cid",
+                )
+                .await?,
+            ack: client.prepare(ACK).await?,
+        })
+    }
+}
+
+/// One ack: deletes what it covers, drops tombstones up to `$4` (-1: none), and moves the
+/// watermark to just below the first message still stored above `$5` and below `$6` (the
+/// durable frontier), all from one snapshot (hence `NOT IN d`).
+const ACK: &str =
+    "WITH d AS (DELETE FROM outboxd_messages WHERE cid = $1 AND seq BETWEEN $2 AND $3 \
+       RETURNING seq, ts, octet_length(body) AS len), \
+     t AS (DELETE FROM outboxd_missed WHERE cid = $1 AND seq <= $4) \
+     UPDATE outboxd_clients SET \
+       pending = pending - (SELECT count(*) FROM d), \
+       bytes = bytes - (SELECT coalesce(sum(len), 0) FROM d)::bigint, \
+       acked = greatest(acked, coalesce((SELECT min(seq) FROM outboxd_messages \
+         WHERE cid = $1 AND seq > $5 AND seq < $6 \
+           AND seq NOT IN (SELECT seq FROM d)) - 1, $6 - 1)) \
+     WHERE cid = $1 \
+     RETURNING acked, coalesce((SELECT array_agg(ts) FROM d), '{}')";
 
 /// The rows of a run's messages, as arrays for one `unnest` insert.
 #[derive(Default)]
