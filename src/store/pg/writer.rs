@@ -106,6 +106,52 @@ struct Effects {
     duplicates: u64,
 }
 
+/// What a commit group will touch, read from its commands before the transaction begins.
+#[derive(Default)]
+struct Touches {
+    /// Names whose outbox the group makes when missing (hello, subscribe, direct publish).
+    make: Vec<ClientId>,
+    /// Names the group only acts on when they have an outbox (purge, delete, forget).
+    find: BTreeSet<ClientId>,
+    /// Topics the group publishes to.
+    topics: BTreeSet<Topic>,
+    /// Client numbers known already (acks).
+    cids: BTreeSet<u64>,
+}
+
+impl Touches {
+    fn of(work: &[Command]) -> Touches {
+        let mut t = Touches::default();
+        let mut make = BTreeSet::new();
+        for cmd in work {
+            match cmd {
+                Command::Hello { client, .. } | Command::Subscribe { client, .. } => {
+                    make.insert(client.clone());
+                }
+                Command::Publish { req, .. } => match &req.to {
+                    To::Client(n) => {
+                        make.insert(n.clone());
+                    }
+                    To::Topic(topic) => {
+                        t.topics.insert(topic.clone());
+                    }
+                },
+                Command::Purge { client, .. }
+                | Command::Delete { client, .. }
+                | Command::Forget { client, .. } => {
+                    t.find.insert(client.clone());
+                }
+                Command::Ack { cid, .. } => {
+                    t.cids.insert(*cid);
+                }
+                Command::Backup { .. } => {}
+            }
+        }
+        t.make = make.into_iter().collect();
+        t
+    }
+}
+
 /// Acks of one outbox waiting for the next ack transaction.
 struct AckBatch {
     generation: u64,
@@ -314,7 +360,8 @@ impl PgWriter {
         let mut fx = Effects::default();
         let result = match self.connection().await {
             Ok(_) => self.transaction(work, latched, relaxed, &mut fx).await,
-            Err(e) => Err((e, work_into_pending(Vec::new()))),
+            // Nothing was applied: every command is refused with the reason.
+            Err(e) => Err((e, work_into_pending(work))),
         };
         let (pending, outcome) = match result {
             Ok(p) => (p, Ok(())),
@@ -381,6 +428,7 @@ impl PgWriter {
         fx: &mut Effects,
     ) -> Result<Vec<Pending>, (Pg, Vec<Pending>)> {
         let mut pending = Vec::with_capacity(work.len());
+        let touches = Touches::of(&work);
         let mut cmds = work.into_iter().peekable();
         let mut failure: Option<Pg> = None;
         let tx = match client.transaction().await {
@@ -390,6 +438,16 @@ impl PgWriter {
         if relaxed {
             if let Err(e) = tx.batch_execute("SET LOCAL synchronous_commit = off").await {
                 return Err((e, Vec::new()));
+            }
+        }
+        // Every outbox the group will touch is locked at once, in client-number order, before
+        // anything else: the group's later statements then wait for no other broker's writer,
+        // and writers of several brokers never deadlock (each statement locking in order is
+        // not enough: a group runs several).
+        if !latched {
+            if let Err(e) = self.lock_all(&tx, prepared, touches).await {
+                drop(tx);
+                return Err((e, work_into_pending(cmds.collect())));
             }
         }
         while let Some(cmd) = cmds.next() {
@@ -732,6 +790,59 @@ impl PgWriter {
         };
         self.cids.insert(name.clone(), cid);
         Ok(cid)
+    }
+
+    /// Locks the meta rows of every outbox `touches` names, in client-number order, making the
+    /// outboxes of new names the group's hellos, subscribes and direct publishes need.
+    async fn lock_all(
+        &mut self,
+        tx: &Transaction<'_>,
+        prepared: &Prepared,
+        touches: Touches,
+    ) -> Result<(), Pg> {
+        let Touches {
+            make,
+            find,
+            topics,
+            mut cids,
+        } = touches;
+        // Numbers learnt before may name rows deleted since: the lock below finds out, and the
+        // commands make them anew (`lock_client`, `publish`).
+        self.ensure_all(tx, &make).await?;
+        for n in &make {
+            if let Some(c) = self.cids.get(n) {
+                cids.insert(*c);
+            }
+        }
+        if !find.is_empty() {
+            let names: Vec<&str> = find.iter().map(|n| n.as_str()).collect();
+            for row in tx
+                .query(
+                    "SELECT cid FROM outboxd_clients WHERE name = ANY($1)",
+                    &[&names],
+                )
+                .await?
+            {
+                cids.insert(u(row.try_get(0)?));
+            }
+        }
+        if !topics.is_empty() {
+            let topics: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
+            for row in tx
+                .query(
+                    "SELECT cid FROM outboxd_subs WHERE topic = ANY($1)",
+                    &[&topics],
+                )
+                .await?
+            {
+                cids.insert(u(row.try_get(0)?));
+            }
+        }
+        if !cids.is_empty() {
+            let all: Vec<i64> = cids.into_iter().map(i).collect();
+            tx.query(&prepared.lock_metas, &[&all]).await?;
+        }
+        Ok(())
     }
 
     /// The client number of `name` with its row locked, its outbox made when new, also when a
