@@ -9,8 +9,17 @@
 //! to the [`checker`]. A summary table goes to stdout, the same as JSON to `--report`; the exit
 //! status is 1 on any violation. The seed reproduces the schedule (timing on a shared machine
 //! does not repeat exactly, so the run is reproducible in its faults, not to the microsecond).
+//!
+//! With `--backend postgres --nodes N` it starts a PostgreSQL primary and synchronous standby
+//! ([`pg`]) and N brokers on one database, each behind its own fault proxy. Every client comes
+//! in through a door of its own ([`door`]) that hands each new connection to the next broker,
+//! so a client whose connection broke resumes on another broker. A kill then hits one broker
+//! (the others keep serving), and each run fails the primary over once: kill -9, then the
+//! standby promoted.
 
 mod checker;
+mod door;
+mod pg;
 mod proxy;
 
 use std::net::SocketAddr;
@@ -21,11 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use outboxd::client::{Client, FilePositionStore, Incoming, Payload, RequestError};
+use outboxd::client::{
+    Client, Event, FilePositionStore, Incoming, Payload, RequestError, StopReason,
+};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use checker::{Checker, Outcome, RecipientReport};
+use door::{Door, Handed};
 use proxy::{DirectionToxics, Proxy, Toxics};
 
 /// Torture the broker: faults, kill -9, restarts; then check for lost messages.
@@ -74,6 +86,37 @@ struct Args {
     /// The broker's listen address (port 0: any); beyond loopback it runs with --insecure.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     listen: String,
+    /// Where the outboxes live: sled (one broker, its own data directory) or postgres (a
+    /// primary and a synchronous standby started with tools/pg-cluster.sh, one database for
+    /// every broker, one primary failover per run). Without PostgreSQL's programs a postgres
+    /// run is skipped, saying so, unless OUTBOXD_REQUIRE_POSTGRES is set.
+    #[arg(long, value_enum, default_value_t = Backend::Sled)]
+    backend: Backend,
+    /// Brokers on the shared database (more than one needs --backend postgres), each behind its
+    /// own fault proxy; a client's next connection goes to the next broker.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// The script that starts PostgreSQL [default: tools/pg-cluster.sh of this checkout].
+    #[arg(long, value_name = "PATH")]
+    pg_cluster: Option<PathBuf>,
+}
+
+/// Where the brokers keep the outboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Backend {
+    Sled,
+    Postgres,
+}
+
+impl Backend {
+    /// The name as on the command line and in the broker's `storage.backend`.
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Postgres => "postgres",
+        }
+    }
 }
 
 const TOPIC: &str = "torture";
@@ -99,13 +142,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run(args, seed)) {
+    // On SIGINT or SIGTERM the run is dropped where it stands, so every broker is killed and
+    // a PostgreSQL this run started is stopped.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(args, seed) => r,
+            s = interrupted() => Err(format!("stopped by {s}")),
+        }
+    });
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("outboxd-torture: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Resolves with the signal's name at the first SIGINT or SIGTERM (never, when neither can be
+/// watched).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
     }
 }
 
@@ -222,15 +289,29 @@ struct FaultCounts {
     kill9: u64,
     sigterm: u64,
     toxics: u64,
+    /// Kills (kill -9 or SIGTERM) of each broker.
+    kills_per_node: Vec<u64>,
+    /// PostgreSQL primary failovers: kill -9 of the primary, then the standby promoted.
+    failovers: u64,
+    /// When the failover happened, in seconds into the run. From then on the promoted standby
+    /// ran alone: every later commit was on one server.
+    failover_at_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
 struct Summary {
     seed: u64,
     duration_s: u64,
+    backend: Backend,
+    nodes: usize,
     publishers: usize,
     consumers: usize,
     faults: FaultCounts,
+    /// Connections the clients' doors handed to each broker (empty with one broker: no doors).
+    connections_per_node: Vec<u64>,
+    /// Clients the broker stopped for good with 4000 (a newer connection took over); not a
+    /// violation, but only a client's own newer connection should do that.
+    clients_replaced: u64,
     publishes_confirmed: u64,
     publishes_unconfirmed: u64,
     drained: bool,
@@ -245,7 +326,74 @@ fn sibling_broker() -> Option<PathBuf> {
     candidate.exists().then_some(candidate)
 }
 
+/// One broker and the fault proxy in front of it.
+struct Node {
+    broker: Broker,
+    proxy: Proxy,
+}
+
+/// The URL client number `k` connects to. With several brokers every client comes in through
+/// a door of its own (kept in `doors`), and the first connections are spread over the brokers.
+async fn client_url(
+    proxies: &[SocketAddr],
+    k: usize,
+    handed: &Arc<Handed>,
+    doors: &mut Vec<Door>,
+) -> Result<String, String> {
+    if let [only] = proxies {
+        return Ok(format!("ws://{only}/ws"));
+    }
+    let door = Door::start(
+        proxies.to_vec(),
+        k % proxies.len().max(1),
+        Arc::clone(handed),
+    )
+    .await
+    .map_err(|e| format!("a client's door: {e}"))?;
+    let url = format!("ws://{}/ws", door.addr);
+    doors.push(door);
+    Ok(url)
+}
+
+/// Starts the PostgreSQL of a `--backend postgres` run and creates its database; the URL the
+/// brokers get. `Ok(None)`: PostgreSQL's programs are missing and the run is skipped.
+async fn start_postgres(args: &Args, work: &Path) -> Result<Option<(pg::Cluster, String)>, String> {
+    let script = pg::script(args.pg_cluster.as_deref())?;
+    if let Err(why) = pg::check(&script).await {
+        if std::env::var_os("OUTBOXD_REQUIRE_POSTGRES").is_some() {
+            return Err(format!(
+                "--backend postgres: PostgreSQL's programs are missing, and \
+                 OUTBOXD_REQUIRE_POSTGRES is set: {why}"
+            ));
+        }
+        println!(
+            "outboxd-torture: SKIPPED: --backend postgres needs PostgreSQL's programs \
+             (apt-get install postgresql, or PG_BINDIR); set OUTBOXD_REQUIRE_POSTGRES to make \
+             this a failure. {why}"
+        );
+        return Ok(None);
+    }
+    let keep_logs = args.workdir.is_some().then(|| work.to_path_buf());
+    let cluster = pg::Cluster::start(script, keep_logs).await?;
+    let url = cluster.create_database().await?;
+    println!(
+        "outboxd-torture: PostgreSQL primary and synchronous standby in {}; brokers use {url}",
+        cluster.dir().display()
+    );
+    Ok(Some((cluster, url)))
+}
+
 async fn run(args: Args, seed: u64) -> Result<bool, String> {
+    if args.nodes == 0 {
+        return Err("--nodes: at least 1".into());
+    }
+    if args.nodes > 1 && args.backend == Backend::Sled {
+        return Err(format!(
+            "--nodes {}: several brokers need --backend postgres (a sled data directory is one \
+             broker's)",
+            args.nodes
+        ));
+    }
     let bin = args
         .broker
         .clone()
@@ -263,7 +411,7 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
             tmp.path()
         }
     };
-    let env = args
+    let mut env = args
         .broker_env
         .iter()
         .map(|kv| {
@@ -272,31 +420,64 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
                 .ok_or_else(|| format!("--broker-env {kv:?}: write KEY=VALUE"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut broker = Broker {
-        bin,
-        env,
-        netns: args.netns.clone(),
-        listen: args.listen.clone(),
-        data: work.join("data"),
-        log: work.join("broker.log"),
-        child: None,
-        addr: None,
-        incarnation: 0,
+    // Declared before the brokers, so it is dropped (stopped) after them.
+    let cluster = match args.backend {
+        Backend::Sled => None,
+        Backend::Postgres => {
+            let Some((cluster, url)) = start_postgres(&args, work).await? else {
+                return Ok(true);
+            };
+            // First, so a --broker-env of the same key wins.
+            let pg_env = [
+                ("OUTBOXD_STORAGE__BACKEND", "postgres".to_string()),
+                ("OUTBOXD_POSTGRES__URL", url),
+                ("OUTBOXD_POSTGRES__CONNECT_TIMEOUT_MS", "2000".to_string()),
+            ];
+            env.splice(0..0, pg_env.map(|(k, v)| (k.to_string(), v)));
+            Some(cluster)
+        }
     };
-    let upstream = broker.start().await?;
-    let proxy = Proxy::start(upstream).await.map_err(|e| e.to_string())?;
-    let url = format!("ws://{}/ws", proxy.addr);
-    println!(
-        "outboxd-torture: broker {} behind proxy {}, data {}, log {}",
-        upstream,
-        proxy.addr,
-        broker.data.display(),
-        broker.log.display()
-    );
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..args.nodes {
+        let (data, log) = if args.nodes == 1 {
+            (work.join("data"), work.join("broker.log"))
+        } else {
+            (
+                work.join(format!("data-{i}")),
+                work.join(format!("broker-{i}.log")),
+            )
+        };
+        let mut broker = Broker {
+            bin: bin.clone(),
+            env: env.clone(),
+            netns: args.netns.clone(),
+            listen: args.listen.clone(),
+            data,
+            log,
+            child: None,
+            addr: None,
+            incarnation: 0,
+        };
+        // One after the other: the first creates the schema in a fresh database.
+        let upstream = broker.start().await?;
+        let proxy = Proxy::start(upstream).await.map_err(|e| e.to_string())?;
+        println!(
+            "outboxd-torture: broker {i} at {upstream} behind proxy {}, data {}, log {}",
+            proxy.addr,
+            broker.data.display(),
+            broker.log.display()
+        );
+        nodes.push(Node { broker, proxy });
+    }
+
+    let proxies: Vec<SocketAddr> = nodes.iter().map(|n| n.proxy.addr).collect();
+    let handed = Handed::new(nodes.len());
+    let mut doors: Vec<Door> = Vec::new();
 
     let checker = Arc::new(Mutex::new(Checker::default()));
     let stop_publishing = Arc::new(AtomicBool::new(false));
     let stop_consuming = Arc::new(AtomicBool::new(false));
+    let replaced = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(1));
     let consumers: Vec<String> = (0..args.consumers).map(|i| format!("cons-{i}")).collect();
 
@@ -305,20 +486,21 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
     for (i, name) in consumers.iter().enumerate() {
         let ready = Arc::new(tokio::sync::Notify::new());
         consumer_tasks.push(tokio::spawn(consume(
-            url.clone(),
+            client_url(&proxies, i, &handed, &mut doors).await?,
             name.clone(),
             work.join(format!("{name}.position")),
             seed.wrapping_add(1000 + i as u64),
             Arc::clone(&checker),
             Arc::clone(&stop_consuming),
             Arc::clone(&ready),
+            Arc::clone(&replaced),
         )));
         ready.notified().await;
     }
     let mut publisher_tasks = Vec::new();
     for i in 0..args.publishers {
         publisher_tasks.push(tokio::spawn(publish(
-            url.clone(),
+            client_url(&proxies, args.consumers + i, &handed, &mut doors).await?,
             format!("pub-{i}"),
             consumers.clone(),
             args.rate,
@@ -326,35 +508,83 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
             Arc::clone(&counter),
             Arc::clone(&checker),
             Arc::clone(&stop_publishing),
+            Arc::clone(&replaced),
         )));
     }
 
-    // The fault schedule.
+    // The fault schedule. `rng` draws what a one-broker run always drew, in the same order, so
+    // a seed replays the same schedule as before there were several brokers; `node_rng` draws
+    // which broker a fault hits, how long it stays down, and when the primary fails over.
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut faults = FaultCounts::default();
+    let mut node_rng = fastrand::Rng::with_seed(seed.wrapping_add(7_000));
+    let mut faults = FaultCounts {
+        kills_per_node: vec![0; nodes.len()],
+        ..FaultCounts::default()
+    };
     let started = Instant::now();
     let total = Duration::from_secs(args.duration.max(1));
+    let at = || started.elapsed().as_secs_f64();
     // Kill i happens somewhere in the middle of slot i of `kills` equal slots.
     let kills = args.kills.max(1);
     let kill_at = |i: u64, rng: &mut fastrand::Rng| {
         started + total.mul_f64((i as f64 + 0.2 + rng.f64() * 0.6) / kills as f64)
     };
+    // The failover, once, between 30 % and 70 % of the run.
+    let mut failover_at = cluster
+        .as_ref()
+        .map(|_| started + total.mul_f64(0.3 + node_rng.f64() * 0.4));
     let mut done_kills = 0u64;
     let mut next_kill = kill_at(0, &mut rng);
     while started.elapsed() < total {
         let now = Instant::now();
+        if let (Some(c), Some(when)) = (&cluster, failover_at) {
+            if now >= when {
+                let killed_at = at();
+                println!("[{killed_at:>6.1}s] PostgreSQL: kill -9 of the primary");
+                c.kill_primary().await?;
+                tokio::time::sleep(Duration::from_millis(node_rng.u64(200..2000))).await;
+                c.promote().await?;
+                println!(
+                    "[{:>6.1}s] PostgreSQL: standby promoted; it runs alone from now on (no \
+                     standby: every later commit is on one server)",
+                    at()
+                );
+                faults.failovers += 1;
+                faults.failover_at_s = Some(killed_at);
+                failover_at = None;
+                continue;
+            }
+        }
         if done_kills < kills && now >= next_kill {
+            let several = nodes.len() > 1;
+            let i = node_rng.usize(..nodes.len());
+            let node = &mut nodes[i];
             let term = rng.u8(..).is_multiple_of(5);
+            let stopping = Instant::now();
             if term {
-                broker.stop().await;
+                node.broker.stop().await;
                 faults.sigterm += 1;
             } else {
-                broker.kill9();
+                node.broker.kill9();
                 faults.kill9 += 1;
             }
-            tokio::time::sleep(Duration::from_millis(rng.u64(50..800))).await;
-            let addr = broker.start().await?;
-            proxy.set_upstream(addr);
+            let stopped_in = stopping.elapsed();
+            faults.kills_per_node[i] += 1;
+            // One broker comes back at once; of several, the killed one stays away a while
+            // and its clients move to the others.
+            let down = Duration::from_millis(if several {
+                node_rng.u64(500..5000)
+            } else {
+                rng.u64(50..800)
+            });
+            println!(
+                "[{:>6.1}s] broker {i}: {} (gone in {stopped_in:.1?}), restarted after {down:?}",
+                at(),
+                if term { "SIGTERM" } else { "kill -9" }
+            );
+            tokio::time::sleep(down).await;
+            let addr = node.broker.start().await?;
+            node.proxy.set_upstream(addr);
             done_kills += 1;
             next_kill = kill_at(done_kills, &mut rng);
             continue;
@@ -364,20 +594,34 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
         } else {
             random_toxics(&mut rng)
         };
+        // With several brokers a toxic period hits one of them, or (one time in four) all.
+        let hit = (nodes.len() > 1 && !node_rng.u8(..).is_multiple_of(4))
+            .then(|| node_rng.usize(..nodes.len()));
         faults.toxics += 1;
-        println!(
-            "[{:>6.1}s] toxics: {}",
-            started.elapsed().as_secs_f64(),
-            t.describe()
-        );
-        proxy.set(t);
+        let whom = match (nodes.len(), hit) {
+            (1, _) => String::new(),
+            (_, Some(i)) => format!(" on broker {i}"),
+            (_, None) => " on every broker".into(),
+        };
+        println!("[{:>6.1}s] toxics{whom}: {}", at(), t.describe());
+        for (i, n) in nodes.iter().enumerate() {
+            if hit.is_none_or(|h| h == i) {
+                n.proxy.set(t.clone());
+            }
+        }
+        let next_event = match failover_at {
+            Some(f) => next_kill.min(f),
+            None => next_kill,
+        };
         tokio::time::sleep(
             Duration::from_millis(rng.u64(300..2500)).min(
-                next_kill.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
+                next_event.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
             ),
         )
         .await;
-        proxy.set(Toxics::default());
+        for n in &nodes {
+            n.proxy.set(Toxics::default());
+        }
         tokio::time::sleep(Duration::from_millis(rng.u64(100..1000))).await;
     }
 
@@ -386,10 +630,12 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
         "outboxd-torture: fault phase over after {:?}; healing and draining",
         started.elapsed()
     );
-    proxy.set(Toxics::default());
-    if broker.child.is_none() {
-        let addr = broker.start().await?;
-        proxy.set_upstream(addr);
+    for n in &mut nodes {
+        n.proxy.set(Toxics::default());
+        if n.broker.child.is_none() {
+            let addr = n.broker.start().await?;
+            n.proxy.set_upstream(addr);
+        }
     }
     stop_publishing.store(true, Ordering::SeqCst);
     for t in publisher_tasks {
@@ -400,19 +646,32 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
     for t in consumer_tasks {
         let _ = t.await;
     }
-    proxy.stop().await;
-    broker.stop().await;
+    for d in &doors {
+        d.stop().await;
+    }
+    for n in &mut nodes {
+        n.proxy.stop().await;
+        n.broker.stop().await;
+    }
 
     let recipients = checker.lock().map(|c| c.report()).unwrap_or_default();
     let violations: u64 = recipients.iter().map(|r| r.violations()).sum();
     let summary = Summary {
         seed,
         duration_s: args.duration,
+        backend: args.backend,
+        nodes: nodes.len(),
         publishers: args.publishers,
         consumers: args.consumers,
         publishes_confirmed: recipients.iter().map(|r| r.published_confirmed).sum(),
         publishes_unconfirmed: recipients.iter().map(|r| r.published_unconfirmed).sum(),
         faults,
+        connections_per_node: if doors.is_empty() {
+            Vec::new()
+        } else {
+            handed.counts()
+        },
+        clients_replaced: replaced.load(Ordering::SeqCst),
         drained,
         recipients,
         violations,
@@ -423,8 +682,11 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
         std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("outboxd-torture: report written to {}", path.display());
     }
-    let ok =
-        violations == 0 && drained && summary.faults.kill9 + summary.faults.sigterm >= args.kills;
+    let failed_over = cluster.is_none() || summary.faults.failovers == 1;
+    let ok = violations == 0
+        && drained
+        && failed_over
+        && summary.faults.kill9 + summary.faults.sigterm >= args.kills;
     println!(
         "outboxd-torture: {}",
         if ok { "PASS: no violations" } else { "FAIL" }
@@ -486,6 +748,14 @@ fn random_toxics(rng: &mut fastrand::Rng) -> Toxics {
     t
 }
 
+/// Prints why a client stopped for good, and counts the stops by a newer connection (4000).
+fn client_stopped(name: &str, reason: &StopReason, replaced: &AtomicU64) {
+    println!("           {name}: client stopped: {reason}");
+    if *reason == StopReason::Replaced {
+        replaced.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn publish(
     url: String,
@@ -496,79 +766,99 @@ async fn publish(
     counter: Arc<AtomicU64>,
     checker: Arc<Mutex<Checker>>,
     stop: Arc<AtomicBool>,
+    replaced: Arc<AtomicU64>,
 ) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let client = loop {
-        match Client::builder(url.clone(), name.clone())
-            .backoff(Duration::from_millis(50), Duration::from_secs(1))
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
-    let publisher = client.publisher();
-    // The client must keep running to retry; its deliveries (none expected) are drained.
-    let mut client = client;
-    let drain = tokio::spawn(async move { while client.next().await.is_some() {} });
     let mut inflight = tokio::task::JoinSet::new();
     let gap = Duration::from_micros(1_000_000 / rate.max(1));
+    // A client that stopped for good (the broker closed it with 4000) is replaced by a new
+    // one, as an application would; its unanswered publishes count as unconfirmed.
     while !stop.load(Ordering::SeqCst) {
-        let n = counter.fetch_add(1, Ordering::SeqCst);
-        let topic = rng.u8(..).is_multiple_of(4);
-        let to = if topic {
-            format!("topic:{TOPIC}")
-        } else {
-            format!("client:{}", consumers[rng.usize(..consumers.len())])
-        };
-        let recipients: Vec<String> = if topic {
-            consumers.clone()
-        } else {
-            vec![to.trim_start_matches("client:").to_string()]
-        };
-        let req = publisher
-            .publish(
-                to,
-                Payload::json(&serde_json::json!({ "n": n }))
-                    .unwrap_or_else(|_| Payload::binary(n.to_be_bytes().to_vec())),
-            )
-            .key(format!("{name}-{n}"))
-            .timeout(Duration::from_secs(60))
-            .start();
-        let checker = Arc::clone(&checker);
-        let name = name.clone();
-        inflight.spawn(async move {
-            let outcome = match req.await {
-                Ok(p) => {
-                    // Skipped topic subscribers (full outbox) got nothing: not confirmed.
-                    let refused: Vec<String> =
-                        p.refused.iter().map(|r| r.client_id.clone()).collect();
-                    (Outcome::Confirmed, refused)
-                }
-                Err(RequestError::Refused { .. }) | Err(_) => (Outcome::Unconfirmed, vec![]),
-            };
-            if let Ok(mut c) = checker.lock() {
-                for r in &recipients {
-                    let o = if outcome.1.contains(r) {
-                        Outcome::Unconfirmed
-                    } else {
-                        outcome.0
-                    };
-                    c.published(n, &name, r, o);
-                }
+        let client = loop {
+            match Client::builder(url.clone(), name.clone())
+                .backoff(Duration::from_millis(50), Duration::from_secs(1))
+                .connect()
+                .await
+            {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-        });
-        while inflight.len() > 64 {
-            let _ = inflight.join_next().await;
+        };
+        let publisher = client.publisher();
+        // The client must keep running to retry; its deliveries (none expected) are drained.
+        let mut client = client;
+        let gone = Arc::new(AtomicBool::new(false));
+        let drain = {
+            let (gone, name, replaced) = (Arc::clone(&gone), name.clone(), Arc::clone(&replaced));
+            tokio::spawn(async move {
+                while let Some(item) = client.next().await {
+                    if let Incoming::Event(Event::Stopped { reason }) = item {
+                        client_stopped(&name, &reason, &replaced);
+                    }
+                }
+                gone.store(true, Ordering::SeqCst);
+            })
+        };
+        while !stop.load(Ordering::SeqCst) && !gone.load(Ordering::SeqCst) {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let topic = rng.u8(..).is_multiple_of(4);
+            let to = if topic {
+                format!("topic:{TOPIC}")
+            } else {
+                format!("client:{}", consumers[rng.usize(..consumers.len())])
+            };
+            let recipients: Vec<String> = if topic {
+                consumers.clone()
+            } else {
+                vec![to.trim_start_matches("client:").to_string()]
+            };
+            let req = publisher
+                .publish(
+                    to,
+                    Payload::json(&serde_json::json!({ "n": n }))
+                        .unwrap_or_else(|_| Payload::binary(n.to_be_bytes().to_vec())),
+                )
+                .key(format!("{name}-{n}"))
+                .timeout(Duration::from_secs(60))
+                .start();
+            let checker = Arc::clone(&checker);
+            let name = name.clone();
+            inflight.spawn(async move {
+                let outcome = match req.await {
+                    Ok(p) => {
+                        // Skipped topic subscribers (full outbox) got nothing: not confirmed.
+                        let refused: Vec<String> =
+                            p.refused.iter().map(|r| r.client_id.clone()).collect();
+                        (Outcome::Confirmed, refused)
+                    }
+                    Err(RequestError::Refused { .. }) | Err(_) => (Outcome::Unconfirmed, vec![]),
+                };
+                if let Ok(mut c) = checker.lock() {
+                    for r in &recipients {
+                        let o = if outcome.1.contains(r) {
+                            Outcome::Unconfirmed
+                        } else {
+                            outcome.0
+                        };
+                        c.published(n, &name, r, o);
+                    }
+                }
+            });
+            while inflight.len() > 64 {
+                let _ = inflight.join_next().await;
+            }
+            tokio::time::sleep(gap).await;
         }
-        tokio::time::sleep(gap).await;
+        if stop.load(Ordering::SeqCst) {
+            // The client keeps retrying until every publish has its answer.
+            while inflight.join_next().await.is_some() {}
+        }
+        drop(publisher);
+        drain.abort();
     }
-    while inflight.join_next().await.is_some() {}
-    drop(publisher);
-    drain.abort();
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     url: String,
     name: String,
@@ -577,6 +867,7 @@ async fn consume(
     checker: Arc<Mutex<Checker>>,
     stop: Arc<AtomicBool>,
     ready: Arc<tokio::sync::Notify>,
+    replaced: Arc<AtomicU64>,
 ) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut first = true;
@@ -622,11 +913,16 @@ async fn consume(
             };
             let d = match item {
                 Incoming::Delivery(d) => d,
+                Incoming::Event(Event::Stopped { reason }) => {
+                    client_stopped(&name, &reason, &replaced);
+                    continue;
+                }
                 Incoming::Event(e) => {
-                    use outboxd::client::Event as E;
                     if !matches!(
                         e,
-                        E::Connected { .. } | E::Disconnected { .. } | E::ConnectFailed { .. }
+                        Event::Connected { .. }
+                            | Event::Disconnected { .. }
+                            | Event::ConnectFailed { .. }
                     ) {
                         println!("           {name}: {e:?}");
                     }
@@ -670,6 +966,32 @@ fn print_summary(s: &Summary) {
         "faults: {} kill -9, {} SIGTERM, {} toxic periods; publishes confirmed {}, unconfirmed {} (per recipient)",
         s.faults.kill9, s.faults.sigterm, s.faults.toxics, s.publishes_confirmed, s.publishes_unconfirmed
     );
+    if s.nodes > 1 || s.backend == Backend::Postgres {
+        println!(
+            "backend {}, {} brokers; kills per broker {:?}; connections per broker {:?}",
+            s.backend.name(),
+            s.nodes,
+            s.faults.kills_per_node,
+            s.connections_per_node
+        );
+    }
+    match s.faults.failover_at_s {
+        Some(t) => println!(
+            "PostgreSQL: {} primary failover at {t:.1}s (kill -9, standby promoted); from then on \
+             no standby: later commits were on one server",
+            s.faults.failovers
+        ),
+        None if s.backend == Backend::Postgres => {
+            println!("PostgreSQL: no failover (the run ended before it was due)")
+        }
+        None => {}
+    }
+    if s.clients_replaced > 0 {
+        println!(
+            "clients stopped by a newer connection (4000): {}",
+            s.clients_replaced
+        );
+    }
     println!(
         "{:<10} {:>9} {:>9} {:>6} {:>11} {:>10} {:>10} {:>8} {:>9} {:>10}",
         "recipient",
