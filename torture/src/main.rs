@@ -387,6 +387,13 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
     if args.nodes == 0 {
         return Err("--nodes: at least 1".into());
     }
+    if args.netns.is_some() && args.backend == Backend::Postgres {
+        return Err(
+            "--netns with --backend postgres: brokers in the namespace cannot reach the \
+             PostgreSQL this program starts on the host's 127.0.0.1"
+                .into(),
+        );
+    }
     if args.nodes > 1 && args.backend == Backend::Sled {
         return Err(format!(
             "--nodes {}: several brokers need --backend postgres (a sled data directory is one \
@@ -461,10 +468,13 @@ async fn run(args: Args, seed: u64) -> Result<bool, String> {
         // One after the other: the first creates the schema in a fresh database.
         let upstream = broker.start().await?;
         let proxy = Proxy::start(upstream).await.map_err(|e| e.to_string())?;
+        let data = match args.backend {
+            Backend::Sled => format!(", data {}", broker.data.display()),
+            Backend::Postgres => String::new(),
+        };
         println!(
-            "outboxd-torture: broker {i} at {upstream} behind proxy {}, data {}, log {}",
+            "outboxd-torture: broker {i} at {upstream} behind proxy {}{data}, log {}",
             proxy.addr,
-            broker.data.display(),
             broker.log.display()
         );
         nodes.push(Node { broker, proxy });
