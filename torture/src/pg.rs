@@ -185,21 +185,24 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Blocking, on purpose: the run is over (or failing) and nothing else waits on it.
-        let stopped = std::process::Command::new(&self.script)
-            .arg("stop")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output();
-        match stopped {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "outboxd-torture: stopping PostgreSQL failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim_end()
-            ),
-            Err(e) => eprintln!("outboxd-torture: cannot stop PostgreSQL: {e}"),
+        // Blocking, on purpose: the run is over (or failing) and nothing else waits on it. A
+        // start that failed before it wrote cluster.env stopped what it started itself.
+        if self.dir.join("cluster.env").exists() {
+            let stopped = std::process::Command::new(&self.script)
+                .arg("stop")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output();
+            match stopped {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "outboxd-torture: stopping PostgreSQL failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim_end()
+                ),
+                Err(e) => eprintln!("outboxd-torture: cannot stop PostgreSQL: {e}"),
+            }
         }
         if let Some(to) = &self.keep_logs {
             for name in ["primary.log", "standby.log"] {
