@@ -1,7 +1,9 @@
 //! Starting and stopping the brokers on fresh data directories (outboxd, Mosquitto, NATS
-//! JetStream, Redis; Mosquitto and NATS with or without their WebSocket listener), and reading
-//! their processes' CPU, memory, disk writes and fsync calls.
+//! JetStream, Redis; Mosquitto and NATS with or without their WebSocket listener; outboxd on
+//! PostgreSQL, one broker or three on one database), and reading their processes' CPU, memory,
+//! disk writes and fsync calls.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -11,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::pg;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +33,16 @@ pub enum System {
     /// Redis Streams with the append-only file fsync'd before every reply (`appendfsync
     /// always`): a peer that makes outboxd's promise.
     Redis,
+    /// outboxd with `storage.backend = "postgres"`: one broker on a fresh database of a
+    /// primary with a synchronous standby (see [`crate::pg`]).
+    #[serde(rename = "outboxd-pg")]
+    #[value(name = "outboxd-pg")]
+    OutboxdPg,
+    /// Three outboxd brokers on the same PostgreSQL database; the clients spread over them
+    /// round-robin (see [`Deployment::subscriber_endpoint`]).
+    #[serde(rename = "outboxd-pg3")]
+    #[value(name = "outboxd-pg3")]
+    OutboxdPg3,
 }
 
 /// The protocol a system speaks, whatever its transport.
@@ -50,12 +64,32 @@ impl System {
             System::MosquittoWs => "mosquitto-ws",
             System::NatsWs => "nats-ws",
             System::Redis => "redis",
+            System::OutboxdPg => "outboxd-pg",
+            System::OutboxdPg3 => "outboxd-pg3",
+        }
+    }
+
+    /// outboxd, on whichever store: not a peer it is compared with.
+    pub fn is_outboxd(self) -> bool {
+        self.protocol() == Protocol::Outboxd
+    }
+
+    /// outboxd on PostgreSQL: needs the run's cluster.
+    pub fn uses_postgres(self) -> bool {
+        matches!(self, System::OutboxdPg | System::OutboxdPg3)
+    }
+
+    /// Broker processes one case of this system runs.
+    pub fn broker_count(self) -> usize {
+        match self {
+            System::OutboxdPg3 => 3,
+            _ => 1,
         }
     }
 
     pub fn protocol(self) -> Protocol {
         match self {
-            System::Outboxd => Protocol::Outboxd,
+            System::Outboxd | System::OutboxdPg | System::OutboxdPg3 => Protocol::Outboxd,
             System::Mosquitto | System::MosquittoWs => Protocol::Mqtt,
             System::Nats | System::NatsWs => Protocol::Nats,
             System::Redis => Protocol::Redis,
@@ -81,12 +115,18 @@ impl System {
             System::Redis => {
                 "yes (appendfsync always: the AOF is written and fdatasync'd before the event loop sends its replies)"
             }
+            System::OutboxdPg | System::OutboxdPg3 => {
+                "yes (PostgreSQL, synchronous_commit = on with a synchronous standby: the ok follows a COMMIT that the primary fsync'd and the standby flushed)"
+            }
         }
     }
 
     /// The yes/no of [`System::fsync_before_confirm`], for table cells.
     pub fn fsyncs_before_confirm(self) -> bool {
-        matches!(self, System::Outboxd | System::Redis)
+        matches!(
+            self,
+            System::Outboxd | System::Redis | System::OutboxdPg | System::OutboxdPg3
+        )
     }
 }
 
@@ -137,8 +177,15 @@ fn wait_for_port(port: u16, child: &mut Child, within: Duration) -> Result<()> {
 }
 
 impl Broker {
-    /// Starts `system` on the data directory `dir` (created if missing; kept across a restart).
-    pub fn start(system: System, dir: &Path, paths: &Paths, tuning: &Tuning) -> Result<Broker> {
+    /// Starts `system` on the data directory `dir` (created if missing; kept across a restart);
+    /// outboxd on the PostgreSQL database at `postgres_url` when one is given.
+    fn start(
+        system: System,
+        dir: &Path,
+        paths: &Paths,
+        tuning: &Tuning,
+        postgres_url: Option<&str>,
+    ) -> Result<Broker> {
         fs::create_dir_all(dir)?;
         let log = fs::OpenOptions::new()
             .create(true)
@@ -146,68 +193,8 @@ impl Broker {
             .open(dir.join(format!("{}.log", system.name())))?;
         let started = Instant::now();
         match system {
-            System::Outboxd => {
-                let mut cmd = Command::new(&paths.outboxd_bin);
-                cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-                    .arg(dir.join("data"))
-                    // No config.toml there: the defaults, plus the overrides below.
-                    .current_dir(dir)
-                    .env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-                    .env("OUTBOXD_STORAGE__DURABILITY", "fsync")
-                    // Limits that would refuse benchmark traffic (see docs/benchmarks.md).
-                    .env("OUTBOXD_LIMITS__PUBLISH_RATE_PER_SEC", "0")
-                    .env("OUTBOXD_LIMITS__MAX_OUTBOX_MESSAGES", "0")
-                    .env("OUTBOXD_LIMITS__MAX_OUTBOX_BYTES", "0")
-                    .env("OUTBOXD_SERVER__MAX_CONNECTIONS_PER_IP", "0")
-                    .env("OUTBOXD_SERVER__MAX_CONNECTIONS", "60000")
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(log);
-                if let Some(hb) = tuning.heartbeat_ms {
-                    cmd.env("OUTBOXD_HEARTBEAT__INTERVAL_MS", hb.to_string())
-                        .env("OUTBOXD_HEARTBEAT__TIMEOUT_MS", (hb * 3).to_string());
-                }
-                let mut child = cmd
-                    .spawn()
-                    .with_context(|| format!("starting {}", paths.outboxd_bin.display()))?;
-                let pid = child.id();
-                let stdout = child
-                    .stdout
-                    .take()
-                    .ok_or_else(|| anyhow!("no stdout pipe"))?;
-                let (tx, rx) = std::sync::mpsc::channel();
-                // Reads the two address lines, then keeps draining stdout so the broker never
-                // blocks on a full pipe.
-                std::thread::spawn(move || {
-                    for line in BufReader::new(stdout).lines() {
-                        let Ok(line) = line else { break };
-                        let _ = tx.send(line);
-                    }
-                });
-                let mut admin = None;
-                let until = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let left = until.saturating_duration_since(Instant::now());
-                    let line = match rx.recv_timeout(left) {
-                        Ok(l) => l,
-                        Err(_) => {
-                            let _ = child.kill();
-                            bail!("outboxd printed no ready line within 60 s");
-                        }
-                    };
-                    if let Some(a) = line.strip_prefix("outboxd admin: ") {
-                        admin = Some(a.trim().trim_end_matches('/').to_string());
-                    } else if let Some(ws) = line.strip_prefix("outboxd ready: ") {
-                        return Ok(Broker {
-                            child,
-                            pid,
-                            endpoint: ws.trim().to_string(),
-                            admin,
-                            ready_after: started.elapsed(),
-                        });
-                    }
-                }
+            System::Outboxd | System::OutboxdPg | System::OutboxdPg3 => {
+                Broker::start_outboxd(dir, log, started, paths, tuning, postgres_url)
             }
             System::Mosquitto | System::MosquittoWs => {
                 let port = free_port()?;
@@ -327,6 +314,84 @@ impl Broker {
         }
     }
 
+    /// Starts outboxd in `dir` on its sled store in `dir/data`, or, with `postgres_url`, on
+    /// that PostgreSQL database (the data dir is then not used); returns once it printed its
+    /// ready line.
+    fn start_outboxd(
+        dir: &Path,
+        log: fs::File,
+        started: Instant,
+        paths: &Paths,
+        tuning: &Tuning,
+        postgres_url: Option<&str>,
+    ) -> Result<Broker> {
+        let mut cmd = Command::new(&paths.outboxd_bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.join("data"))
+            // No config.toml there: the defaults, plus the overrides below.
+            .current_dir(dir)
+            .env("OUTBOXD_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+            .env("OUTBOXD_STORAGE__DURABILITY", "fsync")
+            // Limits that would refuse benchmark traffic (see docs/benchmarks.md).
+            .env("OUTBOXD_LIMITS__PUBLISH_RATE_PER_SEC", "0")
+            .env("OUTBOXD_LIMITS__MAX_OUTBOX_MESSAGES", "0")
+            .env("OUTBOXD_LIMITS__MAX_OUTBOX_BYTES", "0")
+            .env("OUTBOXD_SERVER__MAX_CONNECTIONS_PER_IP", "0")
+            .env("OUTBOXD_SERVER__MAX_CONNECTIONS", "60000")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if let Some(hb) = tuning.heartbeat_ms {
+            cmd.env("OUTBOXD_HEARTBEAT__INTERVAL_MS", hb.to_string())
+                .env("OUTBOXD_HEARTBEAT__TIMEOUT_MS", (hb * 3).to_string());
+        }
+        if let Some(url) = postgres_url {
+            cmd.env("OUTBOXD_STORAGE__BACKEND", "postgres")
+                .env("OUTBOXD_POSTGRES__URL", url);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", paths.outboxd_bin.display()))?;
+        let pid = child.id();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the two address lines, then keeps draining stdout so the broker never
+        // blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut admin = None;
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    bail!("outboxd printed no ready line within 60 s");
+                }
+            };
+            if let Some(a) = line.strip_prefix("outboxd admin: ") {
+                admin = Some(a.trim().trim_end_matches('/').to_string());
+            } else if let Some(ws) = line.strip_prefix("outboxd ready: ") {
+                return Ok(Broker {
+                    child,
+                    pid,
+                    endpoint: ws.trim().to_string(),
+                    admin,
+                    ready_after: started.elapsed(),
+                });
+            }
+        }
+    }
+
     /// Starts redis-server on `dir/redis` (kept across a restart: the AOF is read back) and
     /// returns once it answers PING, that is once it has loaded its AOF.
     fn start_redis(dir: &Path, log: fs::File, started: Instant) -> Result<Broker> {
@@ -406,6 +471,126 @@ impl Broker {
     }
 }
 
+/// The brokers of one case: one process, or three outboxd on one PostgreSQL database, and
+/// that case's database. Dropping it kills the brokers, then drops the database.
+pub struct Deployment<'c> {
+    pub system: System,
+    // Declared before `db`: the brokers go before their database is dropped.
+    brokers: Vec<Broker>,
+    db: Option<pg::Database<'c>>,
+}
+
+impl<'c> Deployment<'c> {
+    /// Starts `system` on `dir` (its brokers in `dir/broker-K` when there are several); a
+    /// PostgreSQL system on a fresh database of `cluster`.
+    ///
+    /// Errors when a broker does not come up, or a PostgreSQL system has no cluster.
+    pub fn start(
+        system: System,
+        dir: &Path,
+        paths: &Paths,
+        tuning: &Tuning,
+        cluster: Option<&'c pg::Cluster>,
+    ) -> Result<Deployment<'c>> {
+        let db = match (system.uses_postgres(), cluster) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c.database()?),
+            (true, None) => bail!("{} needs the run's PostgreSQL cluster", system.name()),
+        };
+        let mut d = Deployment {
+            system,
+            brokers: Vec::new(),
+            db,
+        };
+        d.start_brokers(dir, paths, tuning)?;
+        Ok(d)
+    }
+
+    /// Starts the brokers one after the other: the first creates the schema, the others find
+    /// it (several migrating an empty database at once is not what is being measured).
+    fn start_brokers(&mut self, dir: &Path, paths: &Paths, tuning: &Tuning) -> Result<()> {
+        let n = self.system.broker_count();
+        for k in 0..n {
+            let own = if n == 1 {
+                dir.to_path_buf()
+            } else {
+                dir.join(format!("broker-{k}"))
+            };
+            let url = self.db.as_ref().map(|d| d.url.as_str());
+            let b = Broker::start(self.system, &own, paths, tuning, url)
+                .with_context(|| format!("{} broker {k}", self.system.name()))?;
+            self.brokers.push(b);
+        }
+        Ok(())
+    }
+
+    /// Stops every broker (SIGKILL, or SIGTERM and a wait), keeping the data dirs and the
+    /// database for [`Deployment::start_again`].
+    pub fn stop_brokers(&mut self, kill: bool) -> Result<()> {
+        for b in self.brokers.drain(..) {
+            b.stop(kill)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the brokers stopped by [`Deployment::stop_brokers`] again, on the same data dirs
+    /// and database.
+    pub fn start_again(&mut self, dir: &Path, paths: &Paths, tuning: &Tuning) -> Result<()> {
+        self.start_brokers(dir, paths, tuning)
+    }
+
+    /// The first broker's endpoint, for set-up and single-client cases.
+    pub fn endpoint(&self) -> &str {
+        self.brokers.first().map_or("", |b| b.endpoint.as_str())
+    }
+
+    /// Where subscriber `i` connects: broker `i mod N`.
+    pub fn subscriber_endpoint(&self, i: usize) -> &str {
+        self.nth_endpoint(i)
+    }
+
+    /// Where publisher `i` connects: broker `(i + 1) mod N`, so with several brokers a
+    /// publisher never shares its broker with the subscriber of the same index (1 → 1 and
+    /// every pair cross from one broker to another).
+    pub fn publisher_endpoint(&self, i: usize) -> &str {
+        self.nth_endpoint(i + 1)
+    }
+
+    fn nth_endpoint(&self, i: usize) -> &str {
+        match self.brokers.len() {
+            0 => "",
+            n => self.brokers[i % n].endpoint.as_str(),
+        }
+    }
+
+    /// The broker processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.brokers.iter().map(|b| b.pid).collect()
+    }
+
+    /// The brokers' admin APIs.
+    pub fn admins(&self) -> Vec<String> {
+        self.brokers
+            .iter()
+            .filter_map(|b| b.admin.clone())
+            .collect()
+    }
+
+    /// From spawn to accepting clients, the slowest broker's.
+    pub fn ready_after(&self) -> Duration {
+        self.brokers
+            .iter()
+            .map(|b| b.ready_after)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Stops the brokers (SIGKILL, or SIGTERM and a wait), then drops the database.
+    pub fn stop(mut self, kill: bool) -> Result<()> {
+        self.stop_brokers(kill)
+    }
+}
+
 /// outboxd's commit-group count (one fdatasync each in fsync mode), from its admin API's
 /// /metrics at `admin` (`http://HOST:PORT`).
 pub fn commit_groups_at(admin: &str) -> Option<u64> {
@@ -474,6 +659,31 @@ pub struct ProcSample {
     pub write_bytes: u64,
 }
 
+/// The sum of [`sample`] over `pids` (several brokers as one system).
+pub fn sample_all(pids: &[u32]) -> ProcSample {
+    let mut total = ProcSample {
+        at: Some(Instant::now()),
+        ..ProcSample::default()
+    };
+    for pid in pids {
+        let s = sample(*pid);
+        total.cpu_ticks += s.cpu_ticks;
+        total.rss_kib += s.rss_kib;
+        total.write_bytes += s.write_bytes;
+    }
+    total
+}
+
+/// CPU ticks (utime + stime) of each of `pids` still alive.
+pub fn cpu_ticks_by_pid(pids: &[u32]) -> BTreeMap<u32, u64> {
+    pids.iter()
+        .filter_map(|p| {
+            let s = sample(*p);
+            (s.cpu_ticks > 0 || s.rss_kib > 0).then_some((*p, s.cpu_ticks))
+        })
+        .collect()
+}
+
 pub fn sample(pid: u32) -> ProcSample {
     let mut s = ProcSample {
         at: Some(Instant::now()),
@@ -535,7 +745,12 @@ pub fn perf_works() -> bool {
 }
 
 impl FsyncCounter {
-    pub fn start(pid: u32, out: PathBuf) -> Option<FsyncCounter> {
+    /// Counts the calls of every process in `pids`, together.
+    pub fn start(pids: &[u32], out: PathBuf) -> Option<FsyncCounter> {
+        if pids.is_empty() {
+            return None;
+        }
+        let pids: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
         let child = Command::new("perf")
             .args([
                 "stat",
@@ -544,7 +759,7 @@ impl FsyncCounter {
                 "-e",
                 FSYNC_EVENTS,
                 "-p",
-                &pid.to_string(),
+                &pids.join(","),
                 "-o",
             ])
             .arg(&out)
@@ -580,7 +795,9 @@ impl FsyncCounter {
 /// The version each system reports.
 pub fn version(system: System, paths: &Paths) -> String {
     let out = match system {
-        System::Outboxd => Command::new(&paths.outboxd_bin).arg("--version").output(),
+        System::Outboxd | System::OutboxdPg | System::OutboxdPg3 => {
+            Command::new(&paths.outboxd_bin).arg("--version").output()
+        }
         System::Mosquitto | System::MosquittoWs => Command::new("mosquitto").arg("-h").output(),
         System::Nats | System::NatsWs => Command::new("nats-server").arg("--version").output(),
         System::Redis => Command::new("redis-server").arg("--version").output(),

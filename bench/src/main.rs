@@ -1,12 +1,14 @@
 //! outboxd-bench: one driver, four adapters (outboxd, Mosquitto, NATS JetStream, Redis
 //! Streams; Mosquitto and NATS over TCP or over their WebSocket listeners), the workloads of
-//! issue 7, and the report.
+//! issue 7, and the report. outboxd runs on its sled store, or on PostgreSQL (`outboxd-pg`,
+//! `outboxd-pg3`) beside it.
 //! `bench/run.sh` installs the peers, builds, and runs this; see docs/benchmarks.md for the
 //! method and the latest figures.
 
 mod adapters;
 mod brokers;
 mod msg;
+mod pg;
 mod report;
 mod resp;
 mod stats;
@@ -101,6 +103,10 @@ struct Args {
     backlog_stop: Vec<Stop>,
     #[arg(long, default_value = "target/release/outboxd")]
     outboxd_bin: PathBuf,
+    /// The script that starts the PostgreSQL primary and synchronous standby the outboxd-pg
+    /// systems store in (started once per run, when one of them is in `--systems`).
+    #[arg(long, default_value = "tools/pg-cluster.sh")]
+    pg_cluster: PathBuf,
     /// Where to write the JSON results.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -113,6 +119,15 @@ struct Args {
     /// Hand-written analysis appended to the markdown report, if the file exists.
     #[arg(long)]
     analysis: Option<PathBuf>,
+    /// Writes only the section "outboxd on PostgreSQL beside sled" into this markdown file:
+    /// it replaces the file's earlier copy of that section (between its marker comments) or
+    /// is appended, and the rest of the file stays as it is.
+    #[arg(long)]
+    markdown_section: Option<PathBuf>,
+    /// Hand-written reading of the PostgreSQL figures, put at the end of that section, if the
+    /// file exists.
+    #[arg(long)]
+    pg_analysis: Option<PathBuf>,
     /// Only re-render the markdown and SVG from a results file written earlier (for example
     /// after editing bench/analysis.md); runs nothing.
     #[arg(long)]
@@ -184,6 +199,11 @@ fn machine() -> report::Machine {
 }
 
 fn write_views(args: &Args, rep: &report::Report, systems: &[System]) -> Result<()> {
+    let pg_analysis = args
+        .pg_analysis
+        .as_ref()
+        .and_then(|a| std::fs::read_to_string(a).ok());
+    let section = report::pg_section(rep, systems, pg_analysis.as_deref());
     if let Some(p) = &args.svg {
         std::fs::write(p, report::svg(rep, systems))?;
         eprintln!("wrote {}", p.display());
@@ -193,20 +213,45 @@ fn write_views(args: &Args, rep: &report::Report, systems: &[System]) -> Result<
             .analysis
             .as_ref()
             .and_then(|a| std::fs::read_to_string(a).ok());
-        std::fs::write(p, report::markdown(rep, systems, analysis.as_deref()))?;
+        let mut text = report::markdown(rep, systems, analysis.as_deref());
+        // A run without the PostgreSQL systems keeps the section an earlier one wrote.
+        let old = std::fs::read_to_string(p).unwrap_or_default();
+        let keep = section
+            .clone()
+            .or_else(|| report::find_pg_section(&old).map(str::to_string));
+        if let Some(sec) = keep {
+            text = report::put_pg_section(&text, &sec);
+        }
+        std::fs::write(p, text)?;
         eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.markdown_section {
+        match &section {
+            Some(sec) => {
+                let old = std::fs::read_to_string(p).unwrap_or_default();
+                std::fs::write(p, report::put_pg_section(&old, sec))?;
+                eprintln!("wrote the PostgreSQL section of {}", p.display());
+            }
+            None => eprintln!(
+                "{}: not changed: no outboxd-pg or outboxd-pg3 results beside outboxd's",
+                p.display()
+            ),
+        }
     }
     Ok(())
 }
 
 fn render(args: &Args, from: &std::path::Path) -> Result<bool> {
     let rep: report::Report = serde_json::from_str(&std::fs::read_to_string(from)?)?;
-    let systems: Vec<System> = args
-        .systems
-        .iter()
-        .copied()
-        .filter(|s| rep.versions.contains_key(s.name()))
-        .collect();
+    // The systems asked for, then the PostgreSQL ones the results hold (they are not in the
+    // default list, and their section needs them).
+    let mut systems: Vec<System> = args.systems.clone();
+    for s in [System::OutboxdPg, System::OutboxdPg3] {
+        if !systems.contains(&s) {
+            systems.push(s);
+        }
+    }
+    systems.retain(|s| rep.versions.contains_key(s.name()));
     write_views(args, &rep, &systems)?;
     Ok(rep.all_ok)
 }
@@ -223,6 +268,11 @@ async fn run(args: Args) -> Result<bool> {
         },
         clk_tck: brokers::clock_ticks_per_sec(),
         perf: brokers::perf_works(),
+        pg: if args.systems.iter().any(|s| s.uses_postgres()) {
+            Some(pg::Cluster::start(&args.pg_cluster)?)
+        } else {
+            None
+        },
     };
     let (reps, warmup_s, measure_s) = if args.smoke {
         (1, 1.0, 3.0)
@@ -446,6 +496,9 @@ async fn run(args: Args) -> Result<bool> {
             sys.fsync_before_confirm().to_string(),
         );
     }
+    if let Some(c) = &env.pg {
+        versions.insert("postgresql".into(), c.version.clone());
+    }
     versions.insert("rustc".into(), first_line("rustc", &["--version"]));
     // The broker's source: the commit, and whether the tree had changes on top of it.
     versions.insert(
@@ -493,6 +546,22 @@ async fn run(args: Args) -> Result<bool> {
     Ok(all_ok)
 }
 
+/// Waits for SIGINT or SIGTERM; names the one that came.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without handlers the default actions stay: nothing to wait for here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -505,7 +574,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    // On SIGINT or SIGTERM the run is dropped, and with it every broker (killed) and the
+    // PostgreSQL cluster (stopped, its directory removed): the servers are detached from this
+    // terminal and would outlive the driver. A pacer inside `block_in_place` holds this up by
+    // at most the measured window.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(args) => r,
+            s = interrupted() => Err(anyhow::anyhow!("stopped by {s}")),
+        }
+    });
+    match outcome {
         Ok(true) => {
             eprintln!("outboxd-bench: every run completed with zero lost messages");
             ExitCode::SUCCESS

@@ -13,6 +13,7 @@
 //!   sending one message per `PAIR_PERIOD`, their schedules spread evenly over the period, so
 //!   the broker sees N connections' worth of small, steady traffic at N msg/s in total.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -26,8 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::adapters::{self, Publisher, Route, Subscriber};
-use crate::brokers::{self, Broker, FsyncCounter, Paths, Protocol, System, Tuning};
+use crate::brokers::{self, Deployment, FsyncCounter, Paths, Protocol, System, Tuning};
 use crate::msg;
+use crate::pg;
 use crate::stats::{new_histogram, Gate, PubStats, SubStats};
 
 /// Unconfirmed publishes a closed-loop publisher may have (outboxd's client pipelines freely;
@@ -89,8 +91,15 @@ pub struct BrokerUse {
     pub write_bytes_per_delivery: f64,
     /// fsync + fdatasync calls per second (perf stat on the syscall tracepoints), if counted.
     pub fsyncs_per_s: Option<f64>,
-    /// outboxd only: commit groups per second (each one fdatasync), from its /metrics.
+    /// outboxd only: commit groups per second (each one fdatasync), from its /metrics
+    /// (summed over the brokers).
     pub commit_groups_per_s: Option<f64>,
+    /// outboxd on PostgreSQL: CPU of both PostgreSQL servers' processes, percent of one core.
+    #[serde(default)]
+    pub db_cpu_pct: Option<f64>,
+    /// outboxd on PostgreSQL: fsync + fdatasync calls per second of both servers' processes.
+    #[serde(default)]
+    pub db_fsyncs_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +142,23 @@ pub struct Env {
     pub paths: Paths,
     pub clk_tck: u64,
     pub perf: bool,
+    /// The PostgreSQL the `outboxd-pg` systems store in, when the run has one of them.
+    pub pg: Option<pg::Cluster>,
+}
+
+impl Env {
+    /// Starts `system` on `dir` (a PostgreSQL system on a fresh database of the run's cluster).
+    fn deploy(&self, system: System, dir: &Path, tuning: &Tuning) -> Result<Deployment<'_>> {
+        Deployment::start(system, dir, &self.paths, tuning, self.pg.as_ref())
+    }
+
+    /// The PostgreSQL servers' postmasters, when `system` stores in them.
+    fn postmasters(&self, system: System) -> Vec<u32> {
+        match &self.pg {
+            Some(c) if system.uses_postgres() => c.postmasters(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Errors, deliveries and duplicates of a case, from its publishers and subscribers.
@@ -185,10 +211,10 @@ async fn sleep_until_ns(t: u64) {
     }
 }
 
-/// Connects `n` subscribers, a few at a time.
+/// Connects `n` subscribers, a few at a time, subscriber i to the deployment's broker for it.
 async fn connect_subscribers(
     system: System,
-    endpoint: &str,
+    brokers: &Deployment<'_>,
     stats: &[Arc<SubStats>],
     route: Route,
 ) -> Result<Vec<Subscriber>> {
@@ -198,7 +224,7 @@ async fn connect_subscribers(
         let mut joins = Vec::new();
         for (i, s) in group.iter().enumerate() {
             let name = format!("sub-{}", c * 16 + i);
-            let endpoint = endpoint.to_string();
+            let endpoint = brokers.subscriber_endpoint(c * 16 + i).to_string();
             let s = Arc::clone(s);
             joins.push(tokio::spawn(async move {
                 adapters::subscriber(system, &endpoint, &name, route, s).await
@@ -244,8 +270,11 @@ async fn wait_for_drain(mut check: impl FnMut() -> (bool, (u64, u64))) {
 struct Window {
     delivered: u64,
     confirmed: u64,
+    /// The brokers' processes, summed.
     proc_: brokers::ProcSample,
     commits: Option<u64>,
+    /// The PostgreSQL servers' processes (empty when the system does not use them).
+    db_ticks: BTreeMap<u32, u64>,
 }
 
 pub async fn run_case(env: &Env, system: System, spec: &CaseSpec, rep: usize) -> CaseResult {
@@ -285,6 +314,7 @@ struct Measured {
     b: Window,
     rss_max_kib: u64,
     fsyncs: Option<u64>,
+    db_fsyncs: Option<u64>,
 }
 
 impl Measured {
@@ -319,15 +349,26 @@ impl Measured {
                 .commits
                 .zip(b.commits)
                 .map(|(x, y)| y.saturating_sub(x) as f64 / secs),
+            // A process that started inside the window spent all its time in it.
+            db_cpu_pct: (!b.db_ticks.is_empty()).then(|| {
+                let ticks: u64 = b
+                    .db_ticks
+                    .iter()
+                    .map(|(pid, t)| t.saturating_sub(a.db_ticks.get(pid).copied().unwrap_or(0)))
+                    .sum();
+                100.0 * ticks as f64 / env.clk_tck as f64 / secs
+            }),
+            db_fsyncs_per_s: self.db_fsyncs.map(|n| n as f64 / secs),
         };
     }
 }
 
 /// Starts the measuring task: snapshots at the window's edges (`warm_end`, `end`), the
 /// broker's RSS peak in between, its fsync calls if perf can count them.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     env: &Env,
-    broker: &Broker,
+    brokers: &Deployment<'_>,
     dir: &Path,
     stats: &[Arc<SubStats>],
     pubs: &Arc<PubStats>,
@@ -336,38 +377,53 @@ fn measure(
 ) -> tokio::task::JoinHandle<Measured> {
     let stats = stats.to_vec();
     let pubs = Arc::clone(pubs);
-    let pid = broker.pid;
-    let admin = broker.admin.clone();
+    let pids = brokers.pids();
+    let admins = brokers.admins();
+    let postmasters = env.postmasters(brokers.system);
     let perf = env.perf;
     let fsync_out = dir.join("perf-fsync.csv");
+    let db_fsync_out = dir.join("perf-fsync-db.csv");
     tokio::spawn(async move {
-        let snap = |stats: &[Arc<SubStats>]| Window {
+        // The servers' processes are listed at each edge: a backend started inside the window
+        // spent all its time in it.
+        let snap = |stats: &[Arc<SubStats>], db_pids: &[u32]| Window {
             delivered: stats.iter().map(|s| s.unique.load(Ordering::Relaxed)).sum(),
             confirmed: pubs.confirmed.load(Ordering::Relaxed),
-            proc_: brokers::sample(pid),
-            commits: admin.as_ref().and_then(|a| commit_groups(a)),
+            proc_: brokers::sample_all(&pids),
+            commits: admins
+                .iter()
+                .map(|a| commit_groups(a))
+                .sum::<Option<u64>>()
+                .filter(|_| !admins.is_empty()),
+            db_ticks: brokers::cpu_ticks_by_pid(db_pids),
         };
         sleep_until_ns(warm_end).await;
-        let counter = if perf {
-            FsyncCounter::start(pid, fsync_out)
+        let db_pids = pg::processes_of(&postmasters);
+        let (counter, db_counter) = if perf {
+            (
+                FsyncCounter::start(&pids, fsync_out),
+                FsyncCounter::start(&db_pids, db_fsync_out),
+            )
         } else {
-            None
+            (None, None)
         };
-        let a = snap(&stats);
+        let a = snap(&stats, &db_pids);
         let mut rss_max = a.proc_.rss_kib;
         while msg::now_ns() + 200_000_000 < end {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            rss_max = rss_max.max(brokers::sample(pid).rss_kib);
+            rss_max = rss_max.max(brokers::sample_all(&pids).rss_kib);
         }
         sleep_until_ns(end).await;
-        let b = snap(&stats);
+        let b = snap(&stats, &pg::processes_of(&postmasters));
         let fsyncs = counter.and_then(|c| c.finish());
+        let db_fsyncs = db_counter.and_then(|c| c.finish());
         let rss_max_kib = rss_max.max(b.proc_.rss_kib);
         Measured {
             a,
             b,
             rss_max_kib,
             fsyncs,
+            db_fsyncs,
         }
     })
 }
@@ -376,8 +432,8 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
     let dir = tempfile::Builder::new()
         .prefix("outboxd-bench-")
         .tempdir()?;
-    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
-    adapters::setup(system, &broker.endpoint).await?;
+    let broker = env.deploy(system, dir.path(), &Tuning::default())?;
+    adapters::setup(system, broker.endpoint()).await?;
 
     let notify = Arc::new(Notify::new());
     let stats: Vec<Arc<SubStats>> = (0..spec.subscribers)
@@ -388,7 +444,7 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
     } else {
         Route::All
     };
-    let subs = connect_subscribers(system, &broker.endpoint, &stats, route).await?;
+    let subs = connect_subscribers(system, &broker, &stats, route).await?;
     let window = if spec.rate.is_some() {
         // Open loop never waits for confirmations.
         1 << 30
@@ -398,7 +454,7 @@ async fn case_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResul
     let pubs = PubStats::new(window);
     let publisher = Publisher::connect(
         system,
-        &broker.endpoint,
+        broker.publisher_endpoint(0),
         "bench-pub",
         route,
         Arc::clone(&pubs),
@@ -586,8 +642,8 @@ async fn pairs_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResu
     let dir = tempfile::Builder::new()
         .prefix("outboxd-bench-")
         .tempdir()?;
-    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
-    adapters::setup(system, &broker.endpoint).await?;
+    let broker = env.deploy(system, dir.path(), &Tuning::default())?;
+    adapters::setup(system, broker.endpoint()).await?;
 
     let notify = Arc::new(Notify::new());
     let hist = Arc::new(Mutex::new(new_histogram()));
@@ -596,23 +652,24 @@ async fn pairs_body(env: &Env, system: System, spec: &CaseSpec, r: &mut CaseResu
         .collect();
     // Open loop never waits for confirmations.
     let pubs = PubStats::new(1 << 30);
-    let endpoint = broker.endpoint.as_str();
+    let brokers = &broker;
     // Subscribers first, so each durable subscription exists before its publisher sends.
     let (subs, sub_failure) = connect_many(n, |i| {
         let s = Arc::clone(&stats[i]);
         async move {
+            let endpoint = brokers.subscriber_endpoint(i);
             adapters::subscriber(system, endpoint, &format!("sub-{i}"), Route::Pair(i), s).await
         }
     })
     .await;
-    let (publishers, pub_failure) =
-        connect_many(n, |i| {
-            let p = Arc::clone(&pubs);
-            async move {
-                Publisher::connect(system, endpoint, &format!("pub-{i}"), Route::Pair(i), p).await
-            }
-        })
-        .await;
+    let (publishers, pub_failure) = connect_many(n, |i| {
+        let p = Arc::clone(&pubs);
+        async move {
+            let endpoint = brokers.publisher_endpoint(i);
+            Publisher::connect(system, endpoint, &format!("pub-{i}"), Route::Pair(i), p).await
+        }
+    })
+    .await;
     let established = subs.iter().flatten().count() + publishers.iter().flatten().count();
     r.connections = Some(established);
     if let Some(e) = sub_failure.or(pub_failure) {
@@ -780,9 +837,10 @@ async fn idle_body(
     let tuning = Tuning {
         heartbeat_ms: Some(heartbeat_ms),
     };
-    let broker = Broker::start(system, dir.path(), &env.paths, &tuning)?;
+    let broker = env.deploy(system, dir.path(), &tuning)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = brokers::sample(broker.pid);
+    let pids = broker.pids();
+    let before = brokers::sample_all(&pids);
     let hb = Duration::from_millis(heartbeat_ms);
     let connected = Arc::new(AtomicUsize::new(0));
     let dropped = Arc::new(AtomicUsize::new(0));
@@ -790,7 +848,7 @@ async fn idle_body(
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let endpoint = broker.endpoint.clone();
+        let endpoint = broker.subscriber_endpoint(i).to_string();
         let connected = Arc::clone(&connected);
         let dropped = Arc::clone(&dropped);
         let permits = Arc::clone(&permits);
@@ -818,9 +876,9 @@ async fn idle_body(
     let took = started.elapsed().as_secs_f64();
     r.connected = connected.load(Ordering::Relaxed);
     r.handshakes_per_s = r.connected as f64 / took;
-    let mid = brokers::sample(broker.pid);
+    let mid = brokers::sample_all(&pids);
     tokio::time::sleep(hold).await;
-    let after = brokers::sample(broker.pid);
+    let after = brokers::sample_all(&pids);
     r.rss_before_mib = before.rss_kib as f64 / 1024.0;
     r.rss_after_mib = after.rss_kib as f64 / 1024.0;
     r.rss_per_connection_kib =
@@ -1008,14 +1066,14 @@ async fn backlog_body(
     let dir = tempfile::Builder::new()
         .prefix("outboxd-bench-")
         .tempdir()?;
-    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
-    adapters::setup(system, &broker.endpoint).await?;
-    adapters::register_offline(system, &broker.endpoint, "sub-0", Route::One).await?;
+    let mut broker = env.deploy(system, dir.path(), &Tuning::default())?;
+    adapters::setup(system, broker.endpoint()).await?;
+    adapters::register_offline(system, broker.subscriber_endpoint(0), "sub-0", Route::One).await?;
 
     let pubs = PubStats::new(PUBLISH_WINDOW);
     let publisher = Publisher::connect(
         system,
-        &broker.endpoint,
+        broker.publisher_endpoint(0),
         "bench-pub",
         Route::One,
         Arc::clone(&pubs),
@@ -1040,16 +1098,16 @@ async fn backlog_body(
     }
     drop(publisher);
     r.disk_mib = dir_size(dir.path()) as f64 / (1024.0 * 1024.0);
-    broker.stop(kill)?;
+    broker.stop_brokers(kill)?;
 
     let t0 = msg::now_ns();
-    let broker = Broker::start(system, dir.path(), &env.paths, &Tuning::default())?;
-    r.ready_ms = broker.ready_after.as_secs_f64() * 1e3;
+    broker.start_again(dir.path(), &env.paths, &Tuning::default())?;
+    r.ready_ms = broker.ready_after().as_secs_f64() * 1e3;
     let notify = Arc::new(Notify::new());
     let stats = SubStats::new(notify);
     let sub = adapters::subscriber(
         system,
-        &broker.endpoint,
+        broker.subscriber_endpoint(0),
         "sub-0",
         Route::One,
         Arc::clone(&stats),
@@ -1071,7 +1129,7 @@ async fn backlog_body(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    r.rss_after_restart_mib = brokers::sample(broker.pid).rss_kib as f64 / 1024.0;
+    r.rss_after_restart_mib = brokers::sample_all(&broker.pids()).rss_kib as f64 / 1024.0;
     r.delivered = stats.unique.load(Ordering::Relaxed);
     r.lost = stats.missing_below(n);
     let first = stats.first_ns.load(Ordering::Relaxed);
