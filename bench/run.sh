@@ -9,41 +9,66 @@
 #                                system (outboxd, mosquitto, nats, redis over TCP), debug build; writes
 #                                nothing in the tree; exits non-zero unless every message arrived
 #                                (the CI step)
+#   bench/run.sh --pg            outboxd on PostgreSQL beside sled: outboxd, outboxd-pg (one broker,
+#                                primary + synchronous standby) and outboxd-pg3 (three brokers on
+#                                one database); saturation 1 -> 1 at 256 B, p99 at 1k and 5k msg/s,
+#                                fan-out 1 -> 100, 5 repetitions (each may be replaced with the
+#                                driver's own flag, e.g. --reps 3 --rates 2000); writes
+#                                bench/results/pg.json and only the section "outboxd on PostgreSQL
+#                                beside sled" of docs/benchmarks.md (its prose from
+#                                bench/analysis-pg.md); about 15 minutes on 2 cores
 #   bench/run.sh ARGS...         extra arguments go to the driver, e.g.
 #                                --systems outboxd,nats --workloads saturation --reps 5
 #                                (target/release/outboxd-bench --help lists them); --systems
 #                                replaces the default list below
 #
 # Installs the peers from Debian's packages (mosquitto, nats-server, redis-server; linux-perf to
-# count fsync calls) when they are missing and this runs as root with apt-get. Each case starts its broker
-# itself, on 127.0.0.1 with a fresh temp data dir, and stops it afterwards.
+# count fsync calls; postgresql for --pg) when they are missing and this runs as root with
+# apt-get. Each case starts its broker itself, on 127.0.0.1 with a fresh temp data dir, and stops
+# it afterwards. The PostgreSQL systems run on one cluster per run (tools/pg-cluster.sh, which the
+# driver stops at its end, on an error, and on SIGINT or SIGTERM), a fresh database per case.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 smoke=0
+pg=0
 own_systems=0
+# The driver appends repeated list flags, so --pg's defaults go only where the caller gave none.
+declare -A own=()
 args=()
 for a in "$@"; do
     case "$a" in
         --smoke) smoke=1 ;;
+        --pg) pg=1 ;;
         --systems | --systems=*) own_systems=1; args+=("$a") ;;
+        --workloads* | --sizes* | --rates* | --fanout* | --reps*) own[${a%%=*}]=1; args+=("$a") ;;
         *) args+=("$a") ;;
     esac
 done
+if (( smoke && pg )); then
+    echo "bench: --smoke and --pg are two different runs; pick one" >&2
+    exit 2
+fi
 
 target=${CARGO_TARGET_DIR:-target}
 
 missing=()
-command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
-command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if (( ! pg )); then
+    command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+    command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+elif ! tools/pg-cluster.sh check >/dev/null 2>&1; then
+    missing+=(postgresql)
+fi
 if (( ! smoke )) && ! command -v perf >/dev/null 2>&1; then
     missing+=(linux-perf)
 fi
 # The peers over TCP, then over their WebSocket listeners; the smoke run keeps to TCP.
 if (( smoke )); then
     systems=outboxd,mosquitto,nats,redis
+elif (( pg )); then
+    systems=outboxd,outboxd-pg,outboxd-pg3
 else
     systems=outboxd,mosquitto,nats,redis,mosquitto-ws,nats-ws
 fi
@@ -89,6 +114,23 @@ fi
 cargo build --locked --release --bin outboxd
 cargo build --locked --release -p outboxd-bench
 mkdir -p bench/results
+if (( pg )); then
+    defaults=()
+    [[ -n ${own[--workloads]:-} ]] || defaults+=(--workloads saturation,latency,fanout)
+    [[ -n ${own[--sizes]:-} ]] || defaults+=(--sizes 256)
+    [[ -n ${own[--rates]:-} ]] || defaults+=(--rates 1000,5000)
+    [[ -n ${own[--fanout]:-} ]] || defaults+=(--fanout 100)
+    [[ -n ${own[--reps]:-} ]] || defaults+=(--reps 5)
+    exec "$target/release/outboxd-bench" \
+        ${system_args[@]+"${system_args[@]}"} \
+        ${defaults[@]+"${defaults[@]}"} \
+        --outboxd-bin "$target/release/outboxd" \
+        --json bench/results/pg.json \
+        --markdown-section docs/benchmarks.md \
+        --pg-analysis bench/analysis-pg.md \
+        --command "bench/run.sh${*:+ $*}" \
+        ${args[@]+"${args[@]}"}
+fi
 exec "$target/release/outboxd-bench" \
     ${system_args[@]+"${system_args[@]}"} \
     --outboxd-bin "$target/release/outboxd" \
