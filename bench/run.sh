@@ -8,7 +8,9 @@
 #   bench/run.sh --smoke         about 25 s plus the build: saturation 1 -> 1 at 256 B, once per
 #                                system (outboxd, mosquitto, nats, redis over TCP), debug build; writes
 #                                nothing in the tree; exits non-zero unless every message arrived
-#                                (the CI step)
+#                                (the CI step). Where tools/pg-cluster.sh finds PostgreSQL, also
+#                                outboxd-pg and outboxd-pg3 (about 15 s more: the cluster starts
+#                                in 4 s, then one case each); elsewhere it says it leaves them out
 #   bench/run.sh --pg            outboxd on PostgreSQL beside sled: outboxd, outboxd-pg (one broker,
 #                                primary + synchronous standby) and outboxd-pg3 (three brokers on
 #                                one database); saturation 1 -> 1 at 256 B, p99 at 1k and 5k msg/s,
@@ -95,6 +97,14 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 system_args=()
 if (( ! own_systems )); then
     system_args=(--systems "$systems")
+fi
+
+if (( smoke )) && (( ! own_systems )); then
+    if tools/pg-cluster.sh check >/dev/null 2>&1; then
+        system_args=(--systems "$systems,outboxd-pg,outboxd-pg3")
+    else
+        echo "bench: PostgreSQL not found (tools/pg-cluster.sh check): smoke leaves outboxd-pg and outboxd-pg3 out"
+    fi
 fi
 
 if (( smoke )); then
