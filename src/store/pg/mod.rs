@@ -513,6 +513,15 @@ pub(super) fn offline(opts: &StoreOptions) -> Result<(Reads, tokio::runtime::Run
 /// `outboxd migrate`: brings the database of `opts` to this broker's schema (what every broker
 /// also does at start). Returns the version it is at now.
 pub fn migrate(opts: &StoreOptions) -> Result<u8, StoreError> {
+    with_migrated(opts, |_| async { Ok(SCHEMA_VERSION) })
+}
+
+/// Runs `work` for a tool without a broker, on a runtime of its own, with one connection to
+/// the database of `opts` whose schema is migrated first.
+fn with_migrated<T, F>(opts: &StoreOptions, work: impl FnOnce(Client) -> F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
     let target = target(opts)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -520,7 +529,7 @@ pub fn migrate(opts: &StoreOptions) -> Result<u8, StoreError> {
     rt.block_on(async {
         let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
         schema::migrate(&mut client).await?;
-        Ok(SCHEMA_VERSION)
+        work(client).await
     })
 }
 
@@ -528,13 +537,7 @@ pub fn migrate(opts: &StoreOptions) -> Result<u8, StoreError> {
 /// loss the broker cannot see: a point-in-time recovery, a failover to a standby that was not
 /// synchronous). Returns how many outboxes moved.
 pub fn accept_loss(opts: &StoreOptions) -> Result<u64, StoreError> {
-    let target = target(opts)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
-        schema::migrate(&mut client).await?;
+    with_migrated(opts, |mut client| async move {
         schema::new_epochs(&mut client).await
     })
 }
@@ -558,13 +561,7 @@ pub fn import(
     from: &super::Inspector,
     progress: &mut dyn FnMut(&Imported),
 ) -> Result<Imported, StoreError> {
-    let target = target(opts)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut client = connect(&target, OnMessage::Reader).await.map_err(failed)?;
-        schema::migrate(&mut client).await?;
+    with_migrated(opts, |mut client| async move {
         let tx = client.transaction().await.map_err(failed)?;
         tx.execute("LOCK TABLE outboxd_clients IN EXCLUSIVE MODE", &[])
             .await

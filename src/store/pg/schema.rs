@@ -145,17 +145,14 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Every outbox to a new, random epoch.
+const NEW_EPOCHS: &str = "UPDATE outboxd_clients SET \
+    epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16)";
+
 /// Gives every outbox a new epoch, in one transaction; returns how many.
 pub(super) async fn new_epochs(client: &mut Client) -> Result<u64, StoreError> {
     let tx = client.transaction().await.map_err(failed)?;
-    let n = tx
-        .execute(
-            "UPDATE outboxd_clients SET \
-               epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16)",
-            &[],
-        )
-        .await
-        .map_err(failed)?;
+    let n = tx.execute(NEW_EPOCHS, &[]).await.map_err(failed)?;
     tx.commit().await.map_err(failed)?;
     Ok(n)
 }
@@ -180,14 +177,7 @@ pub(super) async fn check_cluster(client: &mut Client) -> Result<(), StoreError>
         row.try_get(1).map_err(failed)?,
     );
     if written != now {
-        let n = tx
-            .execute(
-                "UPDATE outboxd_clients SET \
-                   epoch = substr(md5(random()::text || clock_timestamp()::text || name), 1, 16)",
-                &[],
-            )
-            .await
-            .map_err(failed)?;
+        let n = tx.execute(NEW_EPOCHS, &[]).await.map_err(failed)?;
         tx.execute("UPDATE outboxd_store SET system_identifier = $1", &[&now])
             .await
             .map_err(failed)?;
