@@ -5,8 +5,8 @@
 //! The same promise as sled's, with COMMIT as the barrier: a publish is confirmed, and a
 //! message is sent, only after the COMMIT that wrote it returned. One writer per broker
 //! (`writer`) gathers commands into commit groups, one transaction each, locking the outboxes'
-//! meta rows in client-number order so brokers never deadlock one another. Acks commit with
-//! `synchronous_commit = off`: a lost ack only means a redelivery.
+//! meta rows at once in client-number order so brokers never deadlock one another. Groups of
+//! acks alone commit with `synchronous_commit = off`: a lost ack only means a redelivery.
 //!
 //! What sled keeps in memory for one process is shared state here, so each broker learns of
 //! the others' writes (`wake`): after a commit the writer sends every other broker that serves

@@ -5,11 +5,13 @@
 //!
 //! > a publish is confirmed, and a message is sent, only after the COMMIT that wrote it.
 //!
-//! A run of publishes is written with a handful of statements whatever its size (arrays
-//! through `unnest`); the recipients' meta rows are locked in client-number order, so writers
-//! of several brokers wait for one another but never deadlock. Acks are gathered and committed
-//! on their own with `synchronous_commit = off`, after the group. Retention (TTL, dedup window)
-//! runs every [`SWEEP_EVERY`].
+//! A group first locks the meta row of every outbox it will touch, in one statement and in
+//! client-number order, so writers of several brokers wait for one another but never deadlock
+//! (each statement of a group locking in order is not enough). A run of publishes is then
+//! written with a handful of prepared statements whatever its size (arrays through `unnest`).
+//! Acks are applied at their place in the group; a group of acks alone commits with
+//! `synchronous_commit = off` (a lost ack only means a redelivery). Retention (TTL, dedup
+//! window) runs every [`SWEEP_EVERY`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
