@@ -44,6 +44,8 @@ pub enum CodecError {
     Encode(#[from] bincode::error::EncodeError),
     #[error("message record is malformed at byte {0}")]
     Chunk(usize),
+    #[error("message body in the body log is damaged or missing: {0}")]
+    Body(String),
 }
 
 fn config() -> impl bincode::config::Config {

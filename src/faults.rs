@@ -28,6 +28,10 @@ pub struct Faults {
     /// [`crate::store::SEGMENT_BYTES`]: a small one brings back sled's blob files, for the
     /// durability audit to see.
     segment_bytes: Option<usize>,
+    /// `OUTBOXD_FAULT_INLINE_BODIES` (any number): message bodies stay inline in their chunks,
+    /// as in a data dir written before the body log (with small segments, sled's blob files
+    /// come back with them).
+    inline_bodies: bool,
 }
 
 impl Faults {
@@ -42,6 +46,7 @@ impl Faults {
             write_fail_after: var("OUTBOXD_FAULT_WRITE_FAIL_AFTER"),
             crash_before_apply_after: var("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER"),
             segment_bytes: var("OUTBOXD_FAULT_SEGMENT_BYTES"),
+            inline_bodies: var::<u64>("OUTBOXD_FAULT_INLINE_BODIES").is_some(),
         }
     }
 
@@ -52,6 +57,7 @@ impl Faults {
             || self.write_fail_after.is_some()
             || self.crash_before_apply_after.is_some()
             || self.segment_bytes.is_some()
+            || self.inline_bodies
     }
 
     /// The error a commit's flush fails with, after `commits` successful commits.
@@ -83,6 +89,11 @@ impl Faults {
     /// process before its writes reach the tree.
     pub fn crash_before_apply(&self, commits: u64) -> bool {
         self.crash_before_apply_after.is_some_and(|n| commits > n)
+    }
+
+    /// Whether new message bodies stay inline in their chunks (no body log).
+    pub fn inline_bodies(&self) -> bool {
+        self.inline_bodies
     }
 
     /// sled's segment size for a new data dir, when a test sets one.

@@ -62,7 +62,10 @@ fn news_payload(n: u64) -> Value {
 /// Bob has seqs 101..=400 pending (1..=100 acked), carol 100 topic messages; stopped cleanly.
 async fn known_store(shape: Shape) -> Known {
     let opts = if shape.big {
-        Opts::new().env("OUTBOXD_FAULT_SEGMENT_BYTES", 512 * 1024)
+        // A data dir as written before the body log, with sled's old segment size.
+        Opts::new()
+            .env("OUTBOXD_FAULT_SEGMENT_BYTES", 512 * 1024)
+            .env("OUTBOXD_FAULT_INLINE_BODIES", 1)
     } else {
         Opts::new()
     };

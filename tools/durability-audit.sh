@@ -86,9 +86,10 @@ run() { # mode [layout] -> exit status of the check
     mkdir -p "$dir"
     local env=()
     if [[ $layout == 512k ]]; then
-        # The layout from before: leaves of big messages become blob files, so the blob rule
-        # has something to check.
-        env=(OUTBOXD_FAULT_SEGMENT_BYTES=524288)
+        # The layout from before: bodies inline in sled's leaves (as before the body log) and
+        # sled's old segment size, so leaves of big messages become blob files and the blob
+        # rule has something to check.
+        env=(OUTBOXD_FAULT_SEGMENT_BYTES=524288 OUTBOXD_FAULT_INLINE_BODIES=1)
     fi
     env ${env[@]+"${env[@]}"} OUTBOXD_STORAGE__DURABILITY=$mode OUTBOXD_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
         strace -f -ttt -T -xx -s 1000000 -o "$dir/trace" \

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Durability-ordering audit: proves from the broker's own system calls that every `ok` and every
-`msg` frame it wrote to a socket came after an fdatasync that covers the publish, and after an
-fsync of every blob file sled had written that the log could already point at.
+`msg` frame it wrote to a socket came after an fdatasync that covers the publish, after an
+fsync of every blob file sled had written that the log could already point at, and after the
+message's body was written to the body log and fdatasynced there.
 
 Usage:
   strace_audit.py load HOSTPORT N [--payload-bytes B] [--ack-delay-ms MS]
@@ -13,7 +14,8 @@ Usage:
 socket calls, fsync and fdatasync, and the calls that say which file an fd names: open/openat,
 dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
   1. keeps one fd table per process (threads share their creator's) so it knows which fd is a
-     client connection, sled's log (`db`), the `blobs` directory or a blob file in it;
+     client connection, sled's log (`db`), the `blobs` directory or a blob file in it, the
+     `bodies` directory or a body log segment in it (`bodies/*.seg`);
   2. reassembles the WebSocket frames each connection sent (unmasking them) and notes when each
      `publish` was read (end of the read call);
   3. reassembles the frames the broker wrote and notes when each `ok` and `msg` frame's write
@@ -25,14 +27,21 @@ dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
      (the broker's fdatasync or sled's own fsync) that began after t_w, and requires every
      `ok` and `msg` frame whose write began after F ended (and before sled unlinked the file)
      to begin after an fsync of that file that began after t_w, and after an fsync of the
-     blobs directory that began after the file was created.
+     blobs directory that began after the file was created;
+  6. for each `ok` and `msg` frame, requires the message's body in a body log segment before it:
+     a write to a segment that holds the payload (found in the write's buffer; when strace cut
+     the buffer short, any segment write that began after the publish was read), ended before
+     the frame's write began, then an fsync or fdatasync of that same segment file that began
+     after that write ended and ended before the frame, and, for a segment created during the
+     trace, an fsync of the bodies directory that began after its creation and ended before the
+     frame.
 Exit status 0 when every frame is covered (and at least one of each kind was checked), 1 on any
 violation. With --expect-blobs (a load with big payloads on a data dir with sled's 512 KiB
 segments) a trace in which rule 5 checked no blob file fails too, however many were written;
 with --expect-no-blobs a trace with any blob file fails (the broker's own data dir layout keeps
 every record out of blob files). With --expect-violations (a durability = "relaxed" run) the exit status is 0 only if
 violations were found (blob violations as well, with --expect-blobs): proof that the audit can
-see them.
+see them (body violations as well, whenever the trace shows segment writes).
 
 Only the Python standard library is used.
 """
@@ -181,11 +190,29 @@ class Blob:
         self.removed = None  # start of the unlink
 
 
+class Segment:
+    """One life of one body log segment (`bodies/<16 hex digits>.seg`), from its open to its
+    unlink."""
+
+    def __init__(self, path, created):
+        self.path = path
+        self.created = created  # end of the creating open; None if it existed before the trace
+        self.writes = 0
+        self.syncs = []  # (start, end) of each fsync or fdatasync on it
+        self.removed = None  # start of the unlink
+
+
 class OpenFile:
-    """What an fd names: sled's log (`db`), the blobs directory, a blob file, or another file."""
+    """What an fd names: sled's log (`db`), the blobs directory, a blob file, the bodies
+    directory, a body log segment, or another file."""
 
     def __init__(self, path, kind, blob=None):
         self.path, self.kind, self.blob = path, kind, blob
+
+
+SEGMENT_NAME = re.compile(r"^[0-9a-f]{16}\.seg$")
+# Where a payload of the load starts inside a body: its JSON text is stored as it was published.
+PAYLOAD_START = re.compile(rb'\{\s*"n"\s*:')
 
 
 def file_kind(path):
@@ -194,6 +221,10 @@ def file_kind(path):
         return "blobdir"
     if os.path.basename(parent) == "blobs":
         return "blob"
+    if base == "bodies":
+        return "bodydir"
+    if os.path.basename(parent) == "bodies" and SEGMENT_NAME.match(base):
+        return "segment"
     if base == "db":
         return "log"
     return "other"
@@ -246,6 +277,22 @@ def first_at_or_after(starts, t):
     return i if i < len(starts) else None
 
 
+def payloads_in(data):
+    """The payload keys (as `check` keys payloads) of the load's payloads found in `data`, the
+    bytes of a write to a body log segment."""
+    found = set()
+    dec = json.JSONDecoder()
+    for m in PAYLOAD_START.finditer(data):
+        try:
+            # Payloads are capped at 64 KiB.
+            v, _ = dec.raw_decode(data[m.start() : m.start() + 70000].decode("utf-8", "ignore"))
+        except ValueError:
+            continue
+        if isinstance(v, dict) and "n" in v:
+            found.add(json.dumps(v, sort_keys=True))
+    return found
+
+
 def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     tables = FdTables(path)
     conns = 0
@@ -254,8 +301,12 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     oks, msgs = [], []  # (time the frame's write began, key)
     log_syncs = []  # (start, end, call) of each fsync/fdatasync of sled's log
     log_opened = False
-    dir_syncs = {}  # blobs directory -> [(start, end)]
+    dir_syncs = {}  # blobs or bodies directory -> [(start, end)]
     blobs, live = [], {}  # every blob life; path -> its current life
+    segments, live_segs = [], {}  # every segment life; path -> its current life
+    publish_payload = {}  # (connection, ref) -> payload key
+    body_writes = {}  # payload key -> [(segment, start, end)] of each write holding its body
+    cut_writes = []  # (start, end, segment) of segment writes whose buffer strace cut short
     for tid, name, start, end, text, ret in parse_trace(path):
         fds = tables.of(tid)
         fd_m = re.match(r"\s*(\d+)", text)
@@ -276,6 +327,13 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
                     blob = Blob(p, end if creating else None)
                     blobs.append(blob)
                     live[p] = blob
+            elif kind == "segment":
+                blob = live_segs.get(p)
+                if blob is None or blob.removed is not None:
+                    creating = name == "creat" or "O_CREAT" in text
+                    blob = Segment(p, end if creating else None)
+                    segments.append(blob)
+                    live_segs[p] = blob
             elif kind == "log":
                 log_opened = True
             fds[ret] = OpenFile(p, kind, blob)
@@ -287,7 +345,7 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
             fds.pop(fd, None)
         elif name in ("unlink", "unlinkat") and ret == 0:
             p = call_path(text, fds)
-            blob = live.get(p) if p else None
+            blob = (live.get(p) or live_segs.get(p)) if p else None
             if blob is not None and blob.removed is None:
                 blob.removed = start
         elif name in SYNCS and ret == 0:
@@ -296,9 +354,9 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
                 continue
             if f.kind == "log":
                 log_syncs.append((start, end, name))
-            elif f.kind == "blob" and f.blob is not None:
+            elif f.kind in ("blob", "segment") and f.blob is not None:
                 f.blob.syncs.append((start, end))
-            elif f.kind == "blobdir":
+            elif f.kind in ("blobdir", "bodydir"):
                 dir_syncs.setdefault(os.path.normpath(f.path), []).append((start, end))
         elif name in READS and ret > 0:
             conn = fds.get(fd)
@@ -307,11 +365,28 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
             data = b"".join(unhex(h) for h in HEX.findall(text))[:ret]
             for v in stream_json(conn.streams["in"], data):
                 if v.get("type") == "publish":
-                    publish_read[(conn.number, json.dumps(v.get("ref")))] = end
-                    payload_read[json.dumps(v.get("payload"), sort_keys=True)] = end
+                    key = (conn.number, json.dumps(v.get("ref")))
+                    pkey = json.dumps(v.get("payload"), sort_keys=True)
+                    publish_read[key] = end
+                    publish_payload[key] = pkey
+                    payload_read[pkey] = end
         elif name in WRITES and ret > 0:
             target = fds.get(fd)
             if isinstance(target, OpenFile):
+                if target.kind == "segment" and target.blob is not None:
+                    seg = target.blob
+                    seg.writes += 1
+                    strings = HEX.findall(text)
+                    data = b"".join(unhex(h) for h in strings)[:ret]
+                    # The byte count asked for follows the buffer(s): pwrite64(fd, "...", count,
+                    # offset); less written than asked, or less shown than written, and part of
+                    # the bodies is not in `data`.
+                    asked = re.search(r'"(?:\.\.\.)?,\s*(\d+)', text)
+                    if len(data) < ret or (name in ("write", "pwrite64") and asked and int(asked.group(1)) != ret):
+                        cut_writes.append((start, end, seg))
+                    for pkey in payloads_in(data):
+                        body_writes.setdefault(pkey, []).append((seg, start, end))
+                    continue
                 if target.blob is not None:
                     b = target.blob
                     b.written = end if b.written is None else max(b.written, end)
@@ -360,6 +435,18 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     # went out after a sync of the log that could hold the blob's pointer.
     blob_result = check_blobs(blobs, log_syncs, dir_syncs, oks, msgs)
 
+    # Rule 3: the body of each ok and msg frame's message is written to a body log segment,
+    # that segment fdatasynced and its directory entry fsynced, before the frame.
+    frames = [(t, "ok", key, publish_payload.get(key), publish_read.get(key)) for t, key in oks]
+    frames += [(t, "msg", key, key, payload_read.get(key)) for t, key in msgs]
+    if expect_blobs:
+        # The blob layout keeps bodies inline in sled, as data dirs from before the body log do:
+        # rules 1 and 2 cover them; there is no body log to check.
+        print("body audit: bodies inline in sled in this layout, none in a body log; not checked")
+        body_result = {"writes": 0, "violations": 0}
+    else:
+        body_result = check_bodies(frames, segments, body_writes, cut_writes, dir_syncs)
+
     failed = []
     if not log_opened:
         failed.append("the trace shows no open of sled's log (db): was openat traced?")
@@ -369,6 +456,9 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
             f"the blob audit checked no blob file ({blob_result['written']} written): "
             "payload too small, or a data dir whose segments keep every record in the log?"
         )
+    if body_result["writes"] == 0 and not expect_blobs:
+        failed.append("the trace shows no write to a body log segment (bodies/*.seg): "
+                      "was pwrite64 traced, does the broker keep a body log?")
     if expect_no_blobs and blob_result["written"]:
         failed.append(f"the broker wrote {blob_result['written']} blob files; its sled segments "
                       "should keep every record out of them")
@@ -379,6 +469,8 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
             failed.append("expected violations (relaxed mode) but found none: the audit is blind")
         if expect_blobs and blob_result["written"] and not (blob_result["violations"] + blob_result["gap"]):
             failed.append("expected blob violations (relaxed mode) but found none: the blob audit is blind")
+        if body_result["writes"] and not body_result["violations"]:
+            failed.append("expected body violations (relaxed mode) but found none: the body audit is blind")
         for f in failed:
             print(f"audit: FAILED: {f}")
         if failed:
@@ -389,7 +481,63 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
         failed.append("nothing was checked (the trace holds no publishes or frames)")
     for f in failed:
         print(f"audit: FAILED: {f}")
-    return 1 if failed or violations or blob_result["violations"] else 0
+    return 1 if failed or violations or blob_result["violations"] or body_result["violations"] else 0
+
+
+def check_bodies(frames, segments, body_writes, cut_writes, dir_syncs):
+    """Rule 3. `frames`: (time the write began, "ok" or "msg", key, payload key, time the
+    publish was read). A frame is covered by a write W to a segment S that holds its body (W
+    ended before the frame) when an fsync or fdatasync of S began after W ended and ended before
+    the frame, and, if S was created during the trace, an fsync of its directory began after
+    the creation and ended before the frame. The writes that hold a body are those whose buffer
+    shows its payload; when it shows in none, the segment writes strace cut short that began
+    after the publish was read stand in for them (the body may be in the part not shown).
+    Prints the counts; returns them."""
+    cut_writes.sort(key=lambda w: w[0])
+    cut_starts = [s for s, _, _ in cut_writes]
+    checked = by_payload = by_time = 0
+    bad = []  # (frame, why)
+    for t, kind, key, pkey, t_read in frames:
+        if pkey is None or t_read is None:
+            continue
+        checked += 1
+        cands = [(seg, s, e) for seg, s, e in body_writes.get(pkey, []) if e <= t]
+        if cands:
+            by_payload += 1
+        else:
+            i = bisect.bisect_left(cut_starts, t_read)
+            cands = [(seg, s, e) for s, e, seg in cut_writes[i:] if e <= t]
+            if cands:
+                by_time += 1
+        if not cands:
+            bad.append(((t, kind, key, t_read), "with no write of its body to a body log segment before it"))
+            continue
+        why = None
+        for seg, s, e in cands:
+            if not any(ss >= e and se <= t for ss, se in seg.syncs):
+                why = why or (f"bodies/{os.path.basename(seg.path)} written until {e:.6f} and not "
+                              "synced after that before the frame")
+                continue
+            if seg.created is not None and not any(
+                ds >= seg.created and de <= t for ds, de in dir_syncs.get(os.path.dirname(seg.path), [])
+            ):
+                why = why or (f"the bodies directory not fsynced between the creation of "
+                              f"bodies/{os.path.basename(seg.path)} and the frame")
+                continue
+            why = None
+            break
+        if why:
+            bad.append(((t, kind, key, t_read), why))
+    writes = sum(seg.writes for seg in segments)
+    print(
+        f"body audit: {len(segments)} body log segments, {writes} writes to them; {checked} frames "
+        f"checked ({by_payload} found their body's write by payload, {by_time} by time only: "
+        f"strace cut the buffer short); {len(bad)} violation(s)"
+    )
+    for (t, kind, key, t_read), why in bad[:10]:
+        what = f"ok ref {key[1]} on connection {key[0]}" if kind == "ok" else f"msg {short(key)}"
+        print(f"  violation: {what} read at {t_read:.6f}, written at {t:.6f}, {why}")
+    return {"writes": writes, "checked": checked, "violations": len(bad)}
 
 
 def check_blobs(blobs, log_syncs, dir_syncs, oks, msgs):

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::{BackupOutcome, StoreError};
+use super::bodies::Bodies;
+use super::{chunks, keys, BackupOutcome, StoreError};
 
 /// Records between two progress lines in the log.
 const PROGRESS_EVERY: u64 = 100_000;
@@ -72,9 +73,13 @@ fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
 /// Copies `clients` and `outbox` (the store in `data_dir`) into a new store at `to`, which
 /// must not exist or be empty and must lie outside `data_dir` ([`check_target`]), and makes
 /// the copy durable before returning.
+///
+/// The copy holds every body inline (see `chunks::inline`): it stands without the body log, so
+/// a copy is one sled db, as before the body log.
 pub(super) fn copy_trees(
     clients: &sled::Tree,
     outbox: &sled::Tree,
+    bodies: &dyn Bodies,
     data_dir: &Path,
     to: &Path,
 ) -> Result<BackupOutcome, StoreError> {
@@ -108,6 +113,14 @@ pub(super) fn copy_trees(
         let mut in_batch = 0;
         for item in tree.iter() {
             let (k, v) = item?;
+            let v = if name == "outbox" && k.first() == Some(&keys::MSG) {
+                match chunks::inline(&k, &v, bodies)? {
+                    Some(v) => v,
+                    None => continue,
+                }
+            } else {
+                v
+            };
             out.bytes += (k.len() + v.len()) as u64;
             batch.insert(k, v);
             in_batch += 1;

@@ -19,6 +19,7 @@ use std::ops::Bound;
 
 use sled::IVec;
 
+use super::bodies::{self, Bodies, BodyRef, Facts};
 use super::records::corrupt;
 use super::{keys, StoreError};
 use crate::codec::{self, CodecError, StoredMessage};
@@ -51,9 +52,91 @@ pub(super) fn encode(entries: &[(u64, IVec)]) -> Vec<u8> {
     codec::encode_chunk(entries.iter().map(|(s, b)| (*s, b.as_ref())))
 }
 
-/// Decodes one message body out of the chunk under `key`.
-pub(super) fn message(key: &[u8], body: &[u8]) -> Result<StoredMessage, StoreError> {
-    codec::decode_body(body).map_err(|e| corrupt(key, e))
+/// Decodes one message out of the chunk under `key`: its body inline, or where its reference
+/// points in the body log. None when the body log no longer holds it (its segment was deleted
+/// since the chunk was read: the message is no longer stored).
+pub(super) fn message(
+    key: &[u8],
+    entry: &[u8],
+    bodies: &dyn Bodies,
+) -> Result<Option<StoredMessage>, StoreError> {
+    match BodyRef::decode(entry) {
+        None => codec::decode_body(entry)
+            .map(Some)
+            .map_err(|e| corrupt(key, e)),
+        Some((r, _)) => match bodies.body(r)? {
+            Some(body) => codec::decode_body(&body)
+                .map(Some)
+                .map_err(|e| corrupt(key, e)),
+            None => Ok(None),
+        },
+    }
+}
+
+/// [`message`] where the message must be there: the writer's own reads, whose body log deletes
+/// nothing the tree still refers to.
+pub(super) fn stored_message(
+    key: &[u8],
+    entry: &[u8],
+    bodies: &dyn Bodies,
+) -> Result<StoredMessage, StoreError> {
+    message(key, entry, bodies)?
+        .ok_or_else(|| corrupt(key, CodecError::Body("its body is gone".into())))
+}
+
+/// The chunk `value` (under `key`) with every body inline: what a copy of the store holds, so it
+/// stands without the body log. None when none of its messages is stored any more.
+pub(super) fn inline(
+    key: &[u8],
+    value: &IVec,
+    bodies: &dyn Bodies,
+) -> Result<Option<IVec>, StoreError> {
+    let entries = split(key, value)?;
+    if !entries.iter().any(|(_, e)| bodies::is_ref(e)) {
+        return Ok(Some(value.clone()));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (seq, e) in entries {
+        match BodyRef::decode(&e) {
+            None => out.push((seq, e)),
+            Some((r, _)) => {
+                if let Some(body) = bodies.body(r)? {
+                    out.push((seq, IVec::from(body)));
+                }
+            }
+        }
+    }
+    Ok((!out.is_empty()).then(|| IVec::from(encode(&out))))
+}
+
+/// The body log references the chunk `value` holds.
+pub(super) fn refs(key: &[u8], value: &[u8]) -> Result<Vec<BodyRef>, StoreError> {
+    let seq = keys::seq_of(key).ok_or_else(|| corrupt(key, CodecError::Empty))?;
+    let parts = codec::split_chunk(seq, value).map_err(|e| corrupt(key, e))?;
+    Ok(parts
+        .into_iter()
+        .filter_map(|(_, r)| value.get(r).and_then(BodyRef::decode).map(|(r, _)| r))
+        .collect())
+}
+
+/// What the writer needs of the message `entry` (in the chunk under `key`) without its body:
+/// from the reference, or from the inline body.
+pub(super) fn facts(key: &[u8], entry: &[u8]) -> Result<Facts, StoreError> {
+    if let Some((_, f)) = BodyRef::decode(entry) {
+        return Ok(f);
+    }
+    if bodies::is_ref(entry) {
+        return Err(corrupt(
+            key,
+            CodecError::Body("a malformed reference".into()),
+        ));
+    }
+    let m: StoredMessage = codec::decode_body(entry).map_err(|e| corrupt(key, e))?;
+    Ok(Facts {
+        ts: m.ts,
+        expires_at: m.expires_at,
+        size: super::records::payload_len(&m.payload),
+    })
 }
 
 /// The stored chunk of `cid` that can hold `seq`: the greatest key at or below it.
@@ -71,6 +154,7 @@ pub(super) fn holding(
 /// holds them now.
 pub(super) fn read(
     tree: &sled::Tree,
+    bodies: &dyn Bodies,
     cid: u64,
     from: u64,
     to: u64,
@@ -88,7 +172,9 @@ pub(super) fn read(
             if seq >= to || out.len() >= limit {
                 return Ok(false);
             }
-            out.push((seq, message(key, &body)?));
+            if let Some(m) = message(key, &body, bodies)? {
+                out.push((seq, m));
+            }
         }
         Ok(out.len() < limit)
     };
@@ -114,6 +200,7 @@ pub(super) fn read(
 /// One stored message of `cid`, None when it is not stored.
 pub(super) fn get(
     tree: &sled::Tree,
+    bodies: &dyn Bodies,
     cid: u64,
     seq: u64,
 ) -> Result<Option<StoredMessage>, StoreError> {
@@ -121,7 +208,7 @@ pub(super) fn get(
         return Ok(None);
     };
     match split(&k, &v)?.into_iter().find(|(s, _)| *s == seq) {
-        Some((_, body)) => Ok(Some(message(&k, &body)?)),
+        Some((_, body)) => message(&k, &body, bodies),
         None => Ok(None),
     }
 }
@@ -170,15 +257,31 @@ mod tests {
         // Another client's chunks on both sides must not show.
         put(&t, 6, &[4]);
         put(&t, 8, &[1]);
-        assert_eq!(seqs(read(&t, 7, 2, 100, 100).unwrap()), vec![2, 3, 5, 6, 9]);
-        assert_eq!(seqs(read(&t, 7, 4, 100, 100).unwrap()), vec![5, 6, 9]);
-        assert_eq!(seqs(read(&t, 7, 0, 6, 100).unwrap()), vec![1, 2, 3, 5]);
-        assert_eq!(seqs(read(&t, 7, 3, 100, 2).unwrap()), vec![3, 5]);
-        assert!(read(&t, 7, 10, 100, 100).unwrap().is_empty());
-        assert!(read(&t, 9, 0, 100, 100).unwrap().is_empty());
-        assert_eq!(get(&t, 7, 6).unwrap(), Some(msg(6)));
-        assert_eq!(get(&t, 7, 4).unwrap(), None);
-        assert_eq!(get(&t, 7, 0).unwrap(), None);
+        assert_eq!(
+            seqs(read(&t, &bodies::Inline, 7, 2, 100, 100).unwrap()),
+            vec![2, 3, 5, 6, 9]
+        );
+        assert_eq!(
+            seqs(read(&t, &bodies::Inline, 7, 4, 100, 100).unwrap()),
+            vec![5, 6, 9]
+        );
+        assert_eq!(
+            seqs(read(&t, &bodies::Inline, 7, 0, 6, 100).unwrap()),
+            vec![1, 2, 3, 5]
+        );
+        assert_eq!(
+            seqs(read(&t, &bodies::Inline, 7, 3, 100, 2).unwrap()),
+            vec![3, 5]
+        );
+        assert!(read(&t, &bodies::Inline, 7, 10, 100, 100)
+            .unwrap()
+            .is_empty());
+        assert!(read(&t, &bodies::Inline, 9, 0, 100, 100)
+            .unwrap()
+            .is_empty());
+        assert_eq!(get(&t, &bodies::Inline, 7, 6).unwrap(), Some(msg(6)));
+        assert_eq!(get(&t, &bodies::Inline, 7, 4).unwrap(), None);
+        assert_eq!(get(&t, &bodies::Inline, 7, 0).unwrap(), None);
     }
 
     #[test]
@@ -191,7 +294,10 @@ mod tests {
         )
         .unwrap();
         put(&t, 1, &[5, 6]);
-        assert_eq!(seqs(read(&t, 1, 0, 10, 10).unwrap()), vec![4, 5, 6]);
+        assert_eq!(
+            seqs(read(&t, &bodies::Inline, 1, 0, 10, 10).unwrap()),
+            vec![4, 5, 6]
+        );
     }
 
     #[test]
@@ -202,7 +308,7 @@ mod tests {
         t.insert(keys::seq_key(keys::MSG, 1, 3), encode(&[(2, body)]))
             .unwrap();
         assert!(matches!(
-            read(&t, 1, 0, 10, 10),
+            read(&t, &bodies::Inline, 1, 0, 10, 10),
             Err(StoreError::Corrupt { .. })
         ));
     }

@@ -24,9 +24,10 @@ use std::time::Instant;
 
 use tracing::{debug, error};
 
+use super::bodies::{BodyLog, BodyRef, Facts};
 use super::clients::Clients;
 use super::records::encode;
-use super::{blobs, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
+use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
 use crate::codec::DedupEntry;
 use crate::config::Durability;
 use crate::faults::Faults;
@@ -45,6 +46,10 @@ pub(super) struct Disk {
     commit_no: u64,
     /// sled's blob files, which the commit must fsync besides the log.
     blobs: blobs::BlobSync,
+    /// Message bodies, written and synced before any reference to them reaches the tree.
+    bodies: BodyLog,
+    /// When the body log's removals were last made durable with `durability = "relaxed"`.
+    freed_at: Instant,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
     /// When the group was last applied to the tree.
@@ -67,6 +72,7 @@ pub(super) struct Files {
     pub outbox: sled::Tree,
     pub log: File,
     pub seal: integrity::Seal,
+    pub bodies: BodyLog,
 }
 
 impl Disk {
@@ -79,6 +85,8 @@ impl Disk {
             commit_no: files.seal.sealed(),
             seal: files.seal,
             blobs: blobs::BlobSync::new(&opts.data_dir),
+            bodies: files.bodies,
+            freed_at: Instant::now(),
             group: group::Group::default(),
             applied_at: Instant::now(),
             commits: 0,
@@ -102,6 +110,25 @@ impl Disk {
 
     pub(super) fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The body log, to read bodies (the group's own ones too).
+    pub(super) fn bodies(&self) -> &BodyLog {
+        &self.bodies
+    }
+
+    /// Appends a message body to the body log; the returned entry (its reference and `facts`)
+    /// goes into the group's chunks in its place.
+    pub(super) fn append_body(&mut self, body: &[u8], facts: Facts) -> Result<Vec<u8>, StoreError> {
+        self.writable()?;
+        Ok(self.bodies.append(body).encode(facts))
+    }
+
+    /// Notes references removed from the tree outside the group (purge, delete).
+    pub(super) fn release_bodies(&mut self, refs: impl IntoIterator<Item = BodyRef>) {
+        for r in refs {
+            self.bodies.release(r);
+        }
     }
 
     /// The group gathered so far, to read (the writer's reads look at it before the tree).
@@ -230,6 +257,12 @@ impl Disk {
             self.seal
                 .advance(self.commit_no)
                 .map_err(|e| format!("writing the commit seal failed: {e}"))?;
+            // Every removal applied so far is durable: their bodies may go.
+            self.bodies.free();
+        } else if self.bodies.has_released() && self.freed_at.elapsed().as_secs() >= 1 {
+            self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+            self.freed_at = Instant::now();
+            self.bodies.free();
         }
         Ok(())
     }
@@ -250,6 +283,8 @@ impl Disk {
             .and_then(|()| self.seal.sync())
         {
             error!(error = %e, "writing the commit seal failed");
+        } else {
+            self.bodies.free();
         }
     }
 
@@ -322,6 +357,14 @@ impl Disk {
     /// Hands over the group gathered so far, with the meta of every client it changed.
     fn take_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
+        // No reference may reach the tree (or sled's log, which sled may flush at any time)
+        // before its body is on disk.
+        if let Err(e) = self.bodies.sync() {
+            let reason = format!("writing or fsyncing the body log failed: {e}");
+            self.latch(&reason);
+            return Err(StoreError::Io(e));
+        }
+        self.count_refs()?;
         if let Some((new, id)) = self.group.take_dedup() {
             if let Err(e) = self.store_dedup_keys(new, id) {
                 // The group's messages must not be committed without their keys (a retry would
@@ -338,6 +381,35 @@ impl Disk {
             writes.insert(sled::IVec::from(&keys::meta(cid)[..]), Some(meta.into()));
         }
         Ok(Some(writes))
+    }
+
+    /// Counts the body references the group's chunks add to the tree and notes those they
+    /// remove from it (their counts drop once the removal is durable).
+    fn count_refs(&mut self) -> Result<(), StoreError> {
+        for (key, entries) in self.group.chunks() {
+            let old = match self.outbox.get(key)? {
+                Some(v) => chunks::refs(key, &v)?,
+                None => Vec::new(),
+            };
+            let new: Vec<BodyRef> = entries
+                .map(|e| {
+                    e.iter()
+                        .filter_map(|(_, b)| BodyRef::decode(b).map(|(r, _)| r))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for r in &new {
+                if !old.contains(r) {
+                    self.bodies.add(*r);
+                }
+            }
+            for r in old {
+                if !new.contains(&r) {
+                    self.bodies.release(r);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Flush, then fdatasync of sled's log and blob files (sled's flush alone issues

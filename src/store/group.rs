@@ -122,6 +122,11 @@ impl Group {
             .find_map(|(k, e)| e.as_ref().map(|e| (*k, e)))
     }
 
+    /// The chunks the group wrote, rewrote (`Some`) or deleted (`None`), by key.
+    pub(super) fn chunks(&self) -> impl Iterator<Item = (&[u8; 17], Option<&Entries>)> {
+        self.chunks.iter().map(|(k, e)| (k, e.as_ref()))
+    }
+
     /// Leaves the chunk stored under `key` holding `entries` (deleted when they are none). It
     /// keeps its key when its first messages leave: every message in it is still at or above
     /// the key and below the next chunk's.

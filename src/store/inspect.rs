@@ -13,10 +13,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, info};
 
+use super::bodies::{self, Segments};
 use super::engine::{remove_stale_snapshots, sled_config};
 use super::records::decode;
 use super::records::delivery;
@@ -55,11 +57,13 @@ impl Inspector {
         db: sled::Db,
         clients: sled::Tree,
         outbox: sled::Tree,
+        bodies: Arc<Segments>,
     ) -> Self {
         Inspector(Source::Sled(SledView {
             dir,
             clients,
             outbox,
+            bodies,
             _db: db,
             _copy: None,
         }))
@@ -162,6 +166,8 @@ struct SledView {
     dir: PathBuf,
     clients: sled::Tree,
     outbox: sled::Tree,
+    /// The body log's segments.
+    bodies: Arc<Segments>,
     /// Kept open for the trees' sake.
     _db: sled::Db,
     /// The private copy an offline inspector reads; removed on drop.
@@ -187,7 +193,8 @@ impl SledView {
         let copy = tempfile::Builder::new()
             .prefix("outboxd-inspect-")
             .tempdir()?;
-        let bytes = copy_dir(data_dir, copy.path())?;
+        // sled's files only: the body log is append-only and read in place.
+        let bytes = copy_dir(data_dir, copy.path(), Some(bodies::DIR))?;
         debug!(
             bytes,
             took_ms = started.elapsed().as_millis() as u64,
@@ -228,12 +235,15 @@ impl SledView {
         }
         // Counts from a store that lost records would be shown as if true.
         super::integrity::check_seal(copy.path(), &outbox)?.map_err(damaged)?;
-        super::integrity::verify(&clients, &outbox).map_err(damaged)?;
+        // The bodies are read where they are: no broker runs, so nothing deletes them.
+        let bodies = Segments::open(data_dir, false)?;
+        super::integrity::verify(&clients, &outbox, &bodies).map_err(damaged)?;
         info!(dir = %data_dir.display(), "data dir opened read-only (a private copy)");
         Ok(SledView {
             dir: data_dir.to_path_buf(),
             clients,
             outbox,
+            bodies,
             _db: db,
             _copy: Some(copy),
         })
@@ -264,7 +274,7 @@ impl SledView {
             Some(item) => {
                 let (k, v) = item?;
                 match chunks::split(&k, &v)?.first() {
-                    Some((_, body)) => Ok(Some(chunks::message(&k, body)?)),
+                    Some((_, body)) => chunks::message(&k, body, &*self.bodies),
                     None => Ok(None),
                 }
             }
@@ -363,7 +373,14 @@ impl SledView {
         let Some(meta) = self.meta(cid)? else {
             return Ok(None);
         };
-        let mut found = chunks::read(&self.outbox, cid, from, u64::MAX, limit.saturating_add(1))?;
+        let mut found = chunks::read(
+            &self.outbox,
+            &*self.bodies,
+            cid,
+            from,
+            u64::MAX,
+            limit.saturating_add(1),
+        )?;
         let next_from = (found.len() > limit).then(|| found[limit].0);
         found.truncate(limit);
         let messages = found.into_iter().map(|(seq, m)| delivery(seq, m)).collect();
@@ -407,7 +424,7 @@ impl SledView {
     /// Writes a copy of what this inspector sees to the new directory `to`, which must lie
     /// outside the directory it reads ([`StoreError::BackupInsideDataDir`]).
     fn backup(&self, to: &Path) -> Result<super::BackupOutcome, StoreError> {
-        super::backup::copy_trees(&self.clients, &self.outbox, &self.dir, to)
+        super::backup::copy_trees(&self.clients, &self.outbox, &*self.bodies, &self.dir, to)
     }
 
     /// Totals over the directory.
@@ -453,15 +470,18 @@ fn held_by_another_process(db_file: &Path) -> Result<bool, StoreError> {
 }
 
 /// Copies the files under `from` into `to`; returns the bytes copied.
-fn copy_dir(from: &Path, to: &Path) -> Result<u64, StoreError> {
+fn copy_dir(from: &Path, to: &Path, skip: Option<&str>) -> Result<u64, StoreError> {
     let mut total = 0;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
+        if skip.is_some_and(|s| entry.file_name() == s) {
+            continue;
+        }
         let target = to.join(entry.file_name());
         let kind = entry.file_type()?;
         if kind.is_dir() {
             std::fs::create_dir_all(&target)?;
-            total += copy_dir(&entry.path(), &target)?;
+            total += copy_dir(&entry.path(), &target, None)?;
         } else if kind.is_file() {
             total += std::fs::copy(entry.path(), &target)?;
         }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::bodies::{self, Bodies, BodyRef, Segments};
 use super::engine::{remove_stale_snapshots, sled_config};
 use super::records::{decode, encode, fresh_meta, new_epoch, payload_len};
 use super::{chunks, keys, StoreError};
@@ -273,15 +274,25 @@ pub struct Checked {
 /// Reads every record of both trees and checks them against each other. sled checks each page
 /// it reads; the codec checks each record. A panic inside sled on a damaged page is reported as
 /// damage too.
-pub fn verify(clients: &sled::Tree, outbox: &sled::Tree) -> Result<Checked, Damage> {
-    guarded("reading it", || verify_trees(clients, outbox))?
+///
+/// Every body a chunk refers to is read from the body log's `segments` and checked too.
+pub(super) fn verify(
+    clients: &sled::Tree,
+    outbox: &sled::Tree,
+    segments: &Segments,
+) -> Result<Checked, Damage> {
+    guarded("reading it", || verify_trees(clients, outbox, segments))?
 }
 
 fn unreadable(what: &str, e: &dyn std::fmt::Display) -> Damage {
     Damage(format!("a page of {what} cannot be read: {e}"))
 }
 
-fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<Checked, Damage> {
+fn verify_trees(
+    clients: &sled::Tree,
+    outbox: &sled::Tree,
+    segments: &Segments,
+) -> Result<Checked, Damage> {
     let mut names: HashMap<u64, String> = HashMap::new();
     let mut table = Vec::new();
     for item in clients.iter() {
@@ -307,23 +318,31 @@ fn verify_trees(clients: &sled::Tree, outbox: &sled::Tree) -> Result<Checked, Da
         let others = scope.spawn(|| {
             scan(outbox.range(..&lo[..]))
                 .and_then(|_| scan(outbox.range(&hi[..]..)))
-                .map(|_| HashMap::new())
+                .map(|_| (HashMap::new(), Vec::new()))
         });
         let first = scope.spawn(|| scan(outbox.range(&lo[..]..end)));
         let second = scan(outbox.range(start..&hi[..]));
         [others.join(), first.join(), Ok(second)]
     });
     let mut counted: HashMap<u64, Counted> = HashMap::new();
+    let mut refs = Vec::new();
     for part in parts {
-        let part = part.map_err(|_| {
+        let (part, part_refs) = part.map_err(|_| {
             Damage("the storage engine failed while reading a damaged page".into())
         })??;
+        refs.extend(part_refs);
         for (cid, c) in part {
             let t = counted.entry(cid).or_default();
             t.messages += c.messages;
             t.max_seq = t.max_seq.max(c.max_seq);
         }
     }
+    segments.check(refs).map_err(|(cid, seq, why)| {
+        let who = names.get(&cid).map_or("?", String::as_str);
+        Damage(format!(
+            "the body of message {seq} in the outbox of {who:?} (#{cid}) {why}"
+        ))
+    })?;
     for (cid, meta) in &metas {
         let who = names.get(cid).ok_or_else(|| {
             Damage(format!(
@@ -383,10 +402,15 @@ fn message_split(metas: &BTreeMap<u64, ClientMeta>) -> Vec<u8> {
 }
 
 /// Checks every record `records` yields; counts the messages of each outbox.
+/// What [`scan`] read: the messages of each outbox, and the body log references the chunks
+/// hold, with the outbox and seq of each.
+type Scanned = (HashMap<u64, Counted>, Vec<(BodyRef, u64, u64)>);
+
 fn scan(
     records: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<HashMap<u64, Counted>, Damage> {
+) -> Result<Scanned, Damage> {
     let mut counted: HashMap<u64, Counted> = HashMap::new();
+    let mut refs = Vec::new();
     for item in records {
         let (k, v) = item.map_err(|e| unreadable("the outboxes", &e))?;
         let bad = |e: &dyn std::fmt::Display| bad(&k, e);
@@ -397,6 +421,13 @@ fn scan(
             Some(keys::MSG) => {
                 let entries = chunks::split(&k, &v).map_err(|e| bad(&e))?;
                 let cid = cid_of(&k).ok_or_else(|| bad(&"short key"))?;
+                for (seq, entry) in &entries {
+                    if bodies::is_ref(entry) {
+                        let (r, _) = BodyRef::decode(entry)
+                            .ok_or_else(|| bad(&format!("seq {seq} has a malformed reference")))?;
+                        refs.push((r, cid, *seq));
+                    }
+                }
                 let c = counted.entry(cid).or_default();
                 c.messages += entries.len() as u64;
                 if let Some((last, _)) = entries.last() {
@@ -412,7 +443,7 @@ fn scan(
             },
         }
     }
-    Ok(counted)
+    Ok((counted, refs))
 }
 
 /// Whether a record the check only has to read back (idempotency keys, their expiry lists, the
@@ -498,7 +529,7 @@ pub fn repair_dir(dir: &Path) -> Result<RepairReport, StoreError> {
         damage: Damage(format!("after the repair: {d}")),
     };
     check_seal(dir, &outbox)?.map_err(still)?;
-    verify(&clients, &outbox).map_err(still)?;
+    verify(&clients, &outbox, &*Segments::open(dir, false)?).map_err(still)?;
     Ok(report)
 }
 
@@ -510,7 +541,8 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
     let clients = db.open_tree("clients")?;
     let outbox = db.open_tree("outbox")?;
     let sealed = check_seal(dir, &outbox)?;
-    let damage = match (sealed, verify(&clients, &outbox)) {
+    let segments = Segments::open(dir, false)?;
+    let damage = match (sealed, verify(&clients, &outbox, &segments)) {
         (Ok(_), Ok(_)) => return Ok(RepairReport::default()),
         (Err(d), _) | (Ok(_), Err(d)) => d,
     };
@@ -570,7 +602,8 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
                     entries
                         .iter()
                         .map(|(s, body)| {
-                            chunks::message(&k, body).map(|m| (*s, payload_len(&m.payload)))
+                            chunks::stored_message(&k, body, &*segments as &dyn Bodies)
+                                .map(|m| (*s, payload_len(&m.payload)))
                         })
                         .collect::<Result<Vec<_>, _>>()
                 }) {

@@ -58,6 +58,7 @@ use writer::{Command, Reply};
 
 mod backup;
 mod blobs;
+mod bodies;
 mod chunks;
 mod clients;
 mod commit;
@@ -472,6 +473,8 @@ struct SledFiles {
     db: std::mem::ManuallyDrop<sled::Db>,
     clients: std::mem::ManuallyDrop<sled::Tree>,
     outbox: std::mem::ManuallyDrop<sled::Tree>,
+    /// The body log's segments (the writer adds and removes them).
+    bodies: Arc<bodies::Segments>,
     dir: PathBuf,
 }
 
@@ -599,10 +602,12 @@ impl Store {
             return Ok(batch);
         }
         batch.items = match &self.engine {
-            Engine::Sled(f) => chunks::read(&f.outbox, handle.cid, start, frontier, limit)?
-                .into_iter()
-                .map(|(seq, m)| records::delivery(seq, m))
-                .collect(),
+            Engine::Sled(f) => {
+                chunks::read(&f.outbox, &*f.bodies, handle.cid, start, frontier, limit)?
+                    .into_iter()
+                    .map(|(seq, m)| records::delivery(seq, m))
+                    .collect()
+            }
             // Boxed: a connection's future holds room for this one only while it reads.
             Engine::Postgres(r) => {
                 Box::pin(r.read(handle.cid, generation, start, frontier, limit)).await?
@@ -626,9 +631,8 @@ impl Store {
             return Ok(None);
         }
         match &self.engine {
-            Engine::Sled(f) => {
-                Ok(chunks::get(&f.outbox, handle.cid, seq)?.map(|m| records::delivery(seq, m)))
-            }
+            Engine::Sled(f) => Ok(chunks::get(&f.outbox, &*f.bodies, handle.cid, seq)?
+                .map(|m| records::delivery(seq, m))),
             Engine::Postgres(r) => {
                 let mut found = Box::pin(r.read(handle.cid, generation, seq, seq + 1, 1)).await?;
                 Ok(found.pop())
@@ -719,6 +723,7 @@ impl Store {
                 sled::Db::clone(&f.db),
                 sled::Tree::clone(&f.clients),
                 sled::Tree::clone(&f.outbox),
+                Arc::clone(&f.bodies),
             ),
             Engine::Postgres(r) => Inspector::over_postgres(r.clone()),
         }

@@ -14,12 +14,14 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::bodies::{self, BodyLog};
 use super::commit::Files;
 use super::engine::{existing_segment_bytes, remove_stale_snapshots};
 use super::integrity::{self, damaged};
 use super::writer::{WriterState, QUEUE_DEPTH};
 use super::SEGMENT_BYTES;
 use super::{journal, Engine, Handles, SledFiles, Store, StoreError, StoreOptions, Writer};
+use crate::config::Durability;
 
 /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
 ///
@@ -90,7 +92,8 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     }
     let commit = integrity::check_seal(&dir, &outbox)?.map_err(|d| damaged(&dir, d))?;
     let started = Instant::now();
-    let checked = integrity::verify(&clients, &outbox).map_err(|d| damaged(&dir, d))?;
+    let segments = bodies::Segments::open(&dir, true)?;
+    let checked = integrity::verify(&clients, &outbox, &segments).map_err(|d| damaged(&dir, d))?;
     info!(
         took_ms = started.elapsed().as_millis() as u64,
         commit, "store checked: every record reads back and every outbox is whole"
@@ -103,7 +106,10 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     let seal = integrity::Seal::open(&dir, commit)?;
     let latched = Arc::new(AtomicBool::new(false));
     let handles = Handles::default();
+    let bodies = BodyLog::open(segments, &outbox, opts.durability == Durability::Fsync)?;
+    let read_bodies = bodies.segments();
     let files = Files {
+        bodies,
         db: db.clone(),
         clients: clients.clone(),
         outbox: outbox.clone(),
@@ -130,6 +136,7 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
                 db: std::mem::ManuallyDrop::new(db),
                 clients: std::mem::ManuallyDrop::new(clients),
                 outbox: std::mem::ManuallyDrop::new(outbox),
+                bodies: read_bodies,
                 dir,
             })),
         },

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use super::bodies::Facts;
 use super::chunks::{self, Entries};
-use super::records::{decode, encode, fresh_meta, new_epoch, payload_len, stored_payload};
+use super::records::{decode, encode, fresh_meta, new_epoch, stored_payload};
 use super::writer::WriterState;
 use super::{dedup, keys, StoreError};
 use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
@@ -152,7 +153,21 @@ impl WriterState {
             payload: stored_payload(req.payload),
             expires_at,
         };
-        let body = sled::IVec::from(codec::encode_body(&record).map_err(StoreError::Encode)?);
+        let encoded = codec::encode_body(&record).map_err(StoreError::Encode)?;
+        // The body goes to the body log once, however many outboxes it reaches; each chunk
+        // holds its reference (see `bodies`).
+        let body = if recipients.is_empty() {
+            sled::IVec::default()
+        } else if self.opts.faults.inline_bodies() {
+            sled::IVec::from(encoded)
+        } else {
+            let facts = Facts {
+                ts: now,
+                expires_at,
+                size,
+            };
+            sled::IVec::from(self.disk.append_body(&encoded, facts)?)
+        };
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
         if max_msgs > 0 || max_bytes > 0 {
             for cid in &recipients {
@@ -273,13 +288,13 @@ impl WriterState {
                 .partition(|(s, _)| (lo..=hi).contains(s));
             if !gone.is_empty() {
                 for (seq, body) in &gone {
-                    let m = chunks::message(&key, body)?;
+                    let m = chunks::facts(&key, body)?;
                     if m.expires_at > 0 {
                         self.disk
                             .group_mut()?
                             .remove(keys::expiry(m.expires_at, cid, *seq));
                     }
-                    freed_bytes += payload_len(&m.payload);
+                    freed_bytes += m.size;
                     freed += 1;
                     published_at.push(m.ts);
                 }
@@ -416,6 +431,7 @@ impl WriterState {
         self.apply_group()?;
         let mut batch = sled::Batch::default();
         let mut removed = 0u64;
+        let mut released = Vec::new();
         for item in self
             .disk
             .tree()
@@ -423,13 +439,14 @@ impl WriterState {
         {
             let (k, v) = item?;
             for (seq, body) in chunks::split(&k, &v)? {
-                let m = chunks::message(&k, &body)?;
+                let m = chunks::facts(&k, &body)?;
                 if m.expires_at > 0 {
                     batch.remove(&keys::expiry(m.expires_at, cid, seq));
                 }
                 batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
                 removed += 1;
             }
+            released.extend(chunks::refs(&k, &v)?);
             batch.remove(k);
         }
         let Some(c) = self.clients.state_mut(cid) else {
@@ -443,6 +460,7 @@ impl WriterState {
         let epoch = c.meta.epoch.clone();
         batch.insert(&keys::meta(cid), encode(&c.meta)?);
         self.disk.apply_batch(batch)?;
+        self.disk.release_bodies(released);
         self.touched.push(cid);
         Ok(Some(PurgeOutcome { removed, epoch }))
     }
@@ -459,6 +477,7 @@ impl WriterState {
         self.apply_group()?;
         let mut batch = sled::Batch::default();
         let mut removed = 0u64;
+        let mut released = Vec::new();
         for item in self
             .disk
             .tree()
@@ -466,12 +485,13 @@ impl WriterState {
         {
             let (k, v) = item?;
             for (seq, body) in chunks::split(&k, &v)? {
-                let m = chunks::message(&k, &body)?;
+                let m = chunks::facts(&k, &body)?;
                 if m.expires_at > 0 {
                     batch.remove(&keys::expiry(m.expires_at, cid, seq));
                 }
                 removed += 1;
             }
+            released.extend(chunks::refs(&k, &v)?);
             batch.remove(k);
         }
         for k in self
@@ -499,6 +519,7 @@ impl WriterState {
         }
         batch.remove(&keys::meta(cid));
         self.disk.apply_batch(batch)?;
+        self.disk.release_bodies(released);
         // The name last: a crash before it leaves a name without records, which the next
         // open gives a fresh, empty outbox.
         self.disk.unname_client(client)?;

@@ -9,7 +9,7 @@
 
 use tracing::info;
 
-use super::records::{decode, payload_len};
+use super::records::decode;
 use super::writer::WriterState;
 use super::{chunks, group, keys, StoreError};
 use crate::codec::DedupEntry;
@@ -43,14 +43,14 @@ impl WriterState {
                 continue;
             };
             let (_, body) = entries.remove(i);
-            let m = chunks::message(&key, &body)?;
+            let m = chunks::facts(&key, &body)?;
             self.disk.group_mut()?.put_chunk(key, entries);
             self.disk
                 .group_mut()?
                 .insert(keys::seq_key(keys::MISSED, cid, seq), &[][..]);
             if let Some(c) = self.clients.state_mut(cid) {
                 c.meta.pending = c.meta.pending.saturating_sub(1);
-                c.meta.bytes = c.meta.bytes.saturating_sub(payload_len(&m.payload));
+                c.meta.bytes = c.meta.bytes.saturating_sub(m.size);
                 self.disk.group_mut()?.touch_meta(cid);
             }
             self.opts.metrics.expired.inc();

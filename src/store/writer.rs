@@ -550,6 +550,7 @@ impl WriterState {
                     Ok(()) => backup::copy_trees(
                         self.disk.clients_tree(),
                         self.disk.tree(),
+                        self.disk.bodies(),
                         &data_dir,
                         &to,
                     ),

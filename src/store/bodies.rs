@@ -1,0 +1,692 @@
+//! The body log: message bodies in append-only segment files of the store's own, beside sled,
+//! so that sled holds only a short reference per message.
+//!
+//! sled writes a record many times over (its log, leaf rewrites every few updates, segment
+//! cleaning, the journal), and a message body is most of what the store writes: a 256 B message
+//! cost about 3.7 KB of disk writes when its body sat in the tree. Here a body is written once,
+//! appended to `<data_dir>/bodies/<segment>.seg` as `[len u32 LE][crc32 u32 LE][body]`, and the
+//! message chunk (see `chunks`) holds a [`BodyRef`] in its place. A publish to many subscribers
+//! writes its body once; every outbox's chunk refers to the same place.
+//!
+//! Durability: the writer writes the bodies of a group and fdatasyncs them before any reference
+//! to them reaches sled ([`BodyLog::sync`], called as the group is taken), so a reference that
+//! sled recovers always has its body on disk. A crash may leave bodies no reference names (a
+//! group that was never committed): they are garbage, never read.
+//!
+//! Space: the writer counts the references into each segment. A reference leaves with its
+//! message (ack, purge, delete, expiry); the count drops only after that removal is durable in
+//! sled ([`BodyLog::released`], applied at the next synced commit by [`BodyLog::free`]), and a
+//! segment with no reference left, other than the one being appended to, is deleted. Every open
+//! starts a new segment and deletes the segments nothing refers to.
+//!
+//! A segment keeps its space while any of its messages is stored: one outbox that never acks
+//! keeps every segment from its first unacked message on (bounded by the message TTL and the
+//! outbox quotas). Moving the live messages of old segments forward is not done yet.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tracing::{debug, info, warn};
+
+use super::StoreError;
+use crate::codec::CodecError;
+
+/// The directory of the segments, inside the data dir.
+pub(super) const DIR: &str = "bodies";
+/// A new segment is started once the current one reaches this size (at a commit: one group's
+/// bodies always go to one segment).
+pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
+/// The first byte of a reference. A body in a chunk starts with its message id as a bincode
+/// varint, whose first byte is never 255.
+const MARK: u8 = 0xFF;
+/// A record's length and checksum before its body.
+const HEADER: usize = 8;
+
+/// Where a body is: its segment, the offset of its record, its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct BodyRef {
+    pub seg: u64,
+    pub off: u64,
+    pub len: u32,
+}
+
+/// What the writer needs of a message without reading its body: an ack, an expiry or a purge
+/// reads these from the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Facts {
+    /// Publish time, Unix ms.
+    pub ts: u64,
+    /// Unix ms after which retention removes it, 0 = never.
+    pub expires_at: u64,
+    /// Payload bytes, as the outbox quotas count them.
+    pub size: u64,
+}
+
+impl BodyRef {
+    /// The chunk entry for a body stored here: the mark, then the place and the facts as
+    /// LEB128 varints (about 17 bytes for a message today).
+    pub(super) fn encode(&self, facts: Facts) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24);
+        out.push(MARK);
+        for v in [
+            self.seg,
+            self.off,
+            u64::from(self.len),
+            facts.ts,
+            facts.expires_at,
+            facts.size,
+        ] {
+            put_varint(&mut out, v);
+        }
+        out
+    }
+
+    /// The reference and facts a chunk entry holds, None when the entry holds its body itself
+    /// (or is not a well-formed reference).
+    pub(super) fn decode(entry: &[u8]) -> Option<(BodyRef, Facts)> {
+        let (&mark, mut rest) = entry.split_first()?;
+        if mark != MARK {
+            return None;
+        }
+        let mut v = [0u64; 6];
+        for slot in &mut v {
+            *slot = take_varint(&mut rest)?;
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        Some((
+            BodyRef {
+                seg: v[0],
+                off: v[1],
+                len: u32::try_from(v[2]).ok()?,
+            },
+            Facts {
+                ts: v[3],
+                expires_at: v[4],
+                size: v[5],
+            },
+        ))
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Whether a chunk entry is a reference (or a body stored inline, as before the body log).
+pub(super) fn is_ref(entry: &[u8]) -> bool {
+    entry.first() == Some(&MARK)
+}
+
+/// Where the bodies of references come from: the writer's [`BodyLog`] (which also holds the
+/// bodies of the group not yet written) or the [`Segments`] every reader shares.
+pub(super) trait Bodies {
+    /// The body `r` names; None when its segment was deleted since the reference was read
+    /// (the message is no longer stored). A body that is missing or damaged otherwise is
+    /// [`StoreError::Corrupt`].
+    fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// No body log: every body is inline (tests, and chunks from before the body log).
+#[cfg(test)]
+pub(super) struct Inline;
+
+#[cfg(test)]
+impl Bodies for Inline {
+    fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(damaged(r, "no body log here"))
+    }
+}
+
+fn damaged(r: BodyRef, why: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("body log segment {:016x} at {}", r.seg, r.off),
+        source: CodecError::Body(why.into()),
+    }
+}
+
+fn segment_name(seg: u64) -> String {
+    format!("{seg:016x}.seg")
+}
+
+fn segment_of(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// The segment files, open for reading: shared by the writer (which adds and removes them) and
+/// every reader.
+pub(super) struct Segments {
+    dir: PathBuf,
+    files: RwLock<HashMap<u64, Arc<File>>>,
+    /// Whether a writer owns the directory: then a segment missing from `files` was deleted
+    /// because nothing refers to it any longer. Without one (an offline view), a missing
+    /// segment is damage.
+    written: bool,
+}
+
+impl Segments {
+    /// Opens every segment in `data_dir`'s body log for reading (none when it has no body log).
+    pub(super) fn open(data_dir: &Path, written: bool) -> Result<Arc<Segments>, StoreError> {
+        let dir = data_dir.join(DIR);
+        let mut files = HashMap::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e?;
+                    if let Some(seg) = e.file_name().to_str().and_then(segment_of) {
+                        files.insert(seg, Arc::new(File::open(e.path())?));
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Arc::new(Segments {
+            dir,
+            files: RwLock::new(files),
+            written,
+        }))
+    }
+
+    fn file(&self, seg: u64) -> Option<Arc<File>> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&seg)
+            .cloned()
+    }
+
+    /// Reads every body `refs` names (with the outbox and seq each belongs to) and checks it:
+    /// the open check. Each segment is read once, start to end. Err with the first reference
+    /// whose body is missing or damaged, and what is wrong with it.
+    pub(super) fn check(
+        &self,
+        mut refs: Vec<(BodyRef, u64, u64)>,
+    ) -> Result<(), (u64, u64, String)> {
+        refs.sort_unstable_by_key(|(r, _, _)| (r.seg, r.off));
+        let mut at = 0;
+        while at < refs.len() {
+            let seg = refs[at].0.seg;
+            let end = refs[at..]
+                .iter()
+                .position(|(r, _, _)| r.seg != seg)
+                .map_or(refs.len(), |n| at + n);
+            let group = &refs[at..end];
+            at = end;
+            let (_, cid, seq) = group[0];
+            let Some(file) = self.file(seg) else {
+                return Err((
+                    cid,
+                    seq,
+                    format!("is in body log segment {seg:016x}, which is missing"),
+                ));
+            };
+            let bytes = file
+                .metadata()
+                .and_then(|m| {
+                    let mut bytes = vec![0u8; usize::try_from(m.len()).unwrap_or(usize::MAX)];
+                    file.read_exact_at(&mut bytes, 0).map(|()| bytes)
+                })
+                .map_err(|e| {
+                    (
+                        cid,
+                        seq,
+                        format!("cannot be read from segment {seg:016x}: {e}"),
+                    )
+                })?;
+            for (r, cid, seq) in group {
+                let record = usize::try_from(r.off)
+                    .ok()
+                    .and_then(|off| bytes.get(off..off + HEADER + r.len as usize))
+                    .ok_or_else(|| {
+                        (
+                            *cid,
+                            *seq,
+                            format!(
+                                "is past the end of body log segment {seg:016x} ({} bytes)",
+                                bytes.len()
+                            ),
+                        )
+                    })?;
+                check_record(*r, record).map_err(|e| (*cid, *seq, e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn path(&self, seg: u64) -> PathBuf {
+        self.dir.join(segment_name(seg))
+    }
+}
+
+impl Bodies for Segments {
+    fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.file(r.seg) {
+            Some(f) => read_record(&f, r).map(Some),
+            None if self.written => Ok(None),
+            None => Err(damaged(r, "its segment file is missing")),
+        }
+    }
+}
+
+/// Reads and checks the record `r` names.
+fn read_record(f: &File, r: BodyRef) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; HEADER + r.len as usize];
+    f.read_exact_at(&mut buf, r.off).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            damaged(r, "the segment file ends before the body")
+        } else {
+            StoreError::Io(e)
+        }
+    })?;
+    check_record(r, &buf)?;
+    buf.drain(..HEADER);
+    Ok(buf)
+}
+
+fn check_record(r: BodyRef, record: &[u8]) -> Result<(), StoreError> {
+    let len = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
+    let crc = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+    if len != r.len {
+        return Err(damaged(r, "the record's length is not the reference's"));
+    }
+    if crc32fast::hash(&record[HEADER..]) != crc {
+        return Err(damaged(
+            r,
+            "checksum mismatch: the stored bytes are damaged",
+        ));
+    }
+    Ok(())
+}
+
+/// The writer's side of the body log: appends, syncs, counts references, deletes segments.
+pub(super) struct BodyLog {
+    segs: Arc<Segments>,
+    /// The segment being appended to, and its length on disk (written, maybe not yet synced).
+    current: u64,
+    file: File,
+    len: u64,
+    /// Records appended since the last write, to go at `len`.
+    pending: Vec<u8>,
+    /// Whether `file` has writes not yet fdatasynced.
+    unsynced: bool,
+    /// References into each segment, as the tree holds them (counted up as a group is taken,
+    /// down only once a removal is durable).
+    refs: HashMap<u64, u64>,
+    /// References removed from the tree, not yet durably.
+    released: Vec<u64>,
+    /// fdatasync the segments (false with `durability = "relaxed"`).
+    fsync: bool,
+}
+
+impl BodyLog {
+    /// Opens the body log of `data_dir` for the writer: counts the references `tree` holds,
+    /// deletes the segments none refers to and starts a new one. `tree` is the recovered outbox
+    /// tree (after the journal's replay); the open check has made sure every reference points
+    /// into a segment that holds it.
+    pub(super) fn open(
+        segs: Arc<Segments>,
+        tree: &sled::Tree,
+        fsync: bool,
+    ) -> Result<BodyLog, StoreError> {
+        let mut refs: HashMap<u64, u64> = HashMap::new();
+        for item in tree.scan_prefix([super::keys::MSG]) {
+            let (k, v) = item?;
+            for (_, entry) in super::chunks::split(&k, &v)? {
+                if let Some((r, _)) = BodyRef::decode(&entry) {
+                    *refs.entry(r.seg).or_default() += 1;
+                }
+            }
+        }
+        let existing: Vec<u64> = segs
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let next = existing.iter().max().map_or(1, |m| m + 1);
+        let mut removed = 0;
+        for seg in existing {
+            if !refs.contains_key(&seg) {
+                remove_segment(&segs, seg)?;
+                removed += 1;
+            }
+        }
+        fs::create_dir_all(&segs.dir)?;
+        let file = create_segment(&segs, next)?;
+        if removed > 0 || !refs.is_empty() {
+            info!(
+                segments = refs.len(),
+                references = refs.values().sum::<u64>(),
+                removed,
+                "body log opened"
+            );
+        }
+        Ok(BodyLog {
+            segs,
+            current: next,
+            file,
+            len: 0,
+            pending: Vec::new(),
+            unsynced: false,
+            refs,
+            released: Vec::new(),
+            fsync,
+        })
+    }
+
+    /// The segments, for readers.
+    pub(super) fn segments(&self) -> Arc<Segments> {
+        Arc::clone(&self.segs)
+    }
+
+    /// Appends `body`; the reference is good once [`BodyLog::sync`] has returned.
+    pub(super) fn append(&mut self, body: &[u8]) -> BodyRef {
+        let r = BodyRef {
+            seg: self.current,
+            off: self.len + self.pending.len() as u64,
+            // Bodies are far below 4 GiB (payloads are capped at 64 KiB).
+            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        };
+        self.pending.extend_from_slice(&r.len.to_le_bytes());
+        self.pending
+            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        self.pending.extend_from_slice(body);
+        r
+    }
+
+    /// Writes the bodies appended so far and fdatasyncs them: called before any reference to
+    /// them reaches sled. Then starts a new segment if this one is full.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.len)?;
+            self.len += self.pending.len() as u64;
+            self.pending.clear();
+            self.unsynced = true;
+        }
+        if self.unsynced && self.fsync {
+            self.file.sync_data()?;
+        }
+        self.unsynced = false;
+        if self.len >= SEGMENT_BYTES {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let old = self.current;
+        self.current += 1;
+        self.file = create_segment(&self.segs, self.current)?;
+        self.len = 0;
+        debug!(segment = self.current, "body log: new segment");
+        if self.refs.get(&old).copied().unwrap_or(0) == 0 {
+            remove_segment(&self.segs, old)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the references a group adds to the tree.
+    pub(super) fn add(&mut self, r: BodyRef) {
+        *self.refs.entry(r.seg).or_default() += 1;
+    }
+
+    /// Notes a reference the tree no longer holds; its count drops at [`BodyLog::free`], once
+    /// the removal is durable.
+    pub(super) fn release(&mut self, r: BodyRef) {
+        self.released.push(r.seg);
+    }
+
+    /// Whether removals wait for a durable commit.
+    pub(super) fn has_released(&self) -> bool {
+        !self.released.is_empty()
+    }
+
+    /// After a commit made every removal so far durable: drops their counts and deletes the
+    /// segments no reference is left in (never the current one).
+    pub(super) fn free(&mut self) {
+        for seg in std::mem::take(&mut self.released) {
+            let Some(n) = self.refs.get_mut(&seg) else {
+                warn!(segment = seg, "body log: a reference was released twice");
+                continue;
+            };
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.refs.remove(&seg);
+                if seg != self.current {
+                    if let Err(e) = remove_segment(&self.segs, seg) {
+                        warn!(segment = seg, error = %e, "body log: removing a segment failed; it is removed at the next start");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Segments on disk and references counted (for tests and metrics).
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> (usize, u64) {
+        (
+            self.segs
+                .files
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+            self.refs.values().sum(),
+        )
+    }
+}
+
+impl Bodies for BodyLog {
+    fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
+        if r.seg == self.current && r.off >= self.len {
+            let at = (r.off - self.len) as usize;
+            let record = self
+                .pending
+                .get(at..at + HEADER + r.len as usize)
+                .ok_or_else(|| damaged(r, "past the end of the group's bodies"))?;
+            check_record(r, record)?;
+            return Ok(Some(record[HEADER..].to_vec()));
+        }
+        match self.segs.file(r.seg) {
+            Some(f) => read_record(&f, r).map(Some),
+            None => Err(damaged(r, "its segment file is missing")),
+        }
+    }
+}
+
+fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {
+    let path = segs.path(seg);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    // The new file's name must be durable before a reference to it is.
+    File::open(&segs.dir)?.sync_all()?;
+    segs.files
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(seg, Arc::new(file.try_clone()?));
+    Ok(file)
+}
+
+fn remove_segment(segs: &Segments, seg: u64) -> io::Result<()> {
+    segs.files
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&seg);
+    match fs::remove_file(segs.path(seg)) {
+        Ok(()) => {
+            debug!(
+                segment = seg,
+                "body log: segment removed, nothing refers to it"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FACTS: Facts = Facts {
+        ts: 1_796_000_000_000,
+        expires_at: 0,
+        size: 256,
+    };
+
+    #[test]
+    fn a_reference_round_trips_and_is_told_from_an_inline_body() {
+        let r = BodyRef {
+            seg: 7,
+            off: 1 << 40,
+            len: 300,
+        };
+        let facts = Facts {
+            expires_at: u64::MAX,
+            ..FACTS
+        };
+        assert_eq!(BodyRef::decode(&r.encode(facts)), Some((r, facts)));
+        assert!(is_ref(&r.encode(facts)));
+        let small = BodyRef {
+            seg: 1,
+            off: 70_000,
+            len: 290,
+        };
+        assert!(small.encode(FACTS).len() <= 18, "{:?}", small.encode(FACTS));
+        let mut long = small.encode(FACTS);
+        long.push(0);
+        assert_eq!(BodyRef::decode(&long), None, "trailing bytes");
+        assert_eq!(BodyRef::decode(&long[..5]), None, "cut short");
+        let inline = crate::codec::encode_body(&(u64::MAX, 1u8)).unwrap();
+        assert!(!is_ref(&inline), "a varint's first byte is never the mark");
+        assert_eq!(BodyRef::decode(&inline), None);
+    }
+
+    fn tree() -> (sled::Db, sled::Tree) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("o").unwrap();
+        (db, t)
+    }
+
+    #[test]
+    fn bodies_read_back_before_and_after_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let a = log.append(b"first body");
+        let b = log.append(b"second");
+        assert_eq!(log.body(a).unwrap().unwrap(), b"first body");
+        log.sync().unwrap();
+        let c = log.append(b"third");
+        assert_eq!(log.body(b).unwrap().unwrap(), b"second");
+        assert_eq!(log.body(c).unwrap().unwrap(), b"third");
+        let readers = log.segments();
+        assert_eq!(readers.body(a).unwrap().unwrap(), b"first body");
+    }
+
+    #[test]
+    fn a_damaged_body_is_corrupt_and_a_deleted_segment_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let a = log.append(b"a body of some length");
+        log.sync().unwrap();
+        let path = dir.path().join(DIR).join(segment_name(a.seg));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER + 3] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(log.body(a), Err(StoreError::Corrupt { .. })));
+        let short = BodyRef { len: 4000, ..a };
+        assert!(matches!(log.body(short), Err(StoreError::Corrupt { .. })));
+        // Offline, a missing segment is damage; with a writer, it was deleted.
+        let offline = Segments::open(dir.path(), false).unwrap();
+        let elsewhere = BodyRef { seg: 99, ..a };
+        assert!(matches!(
+            offline.body(elsewhere),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(log.segments().body(elsewhere).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_segment_is_deleted_once_its_last_reference_is_durably_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, false).unwrap();
+        let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
+        let a = log.append(&big);
+        let b = log.append(&big);
+        log.add(a);
+        log.add(b);
+        log.sync().unwrap();
+        assert_ne!(log.current, a.seg, "a full segment rolls over");
+        assert_eq!(log.counts(), (2, 2));
+        log.release(a);
+        assert_eq!(
+            log.counts(),
+            (2, 2),
+            "nothing is freed before the removal is durable"
+        );
+        log.free();
+        assert_eq!(log.counts(), (2, 1));
+        log.release(b);
+        log.free();
+        assert_eq!(log.counts(), (1, 0), "only the current segment is left");
+        assert!(log.segments().body(a).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_open_keeps_the_segments_the_tree_refers_to_and_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let kept = log.append(b"kept");
+        log.sync().unwrap();
+        drop(log);
+        let entry = kept.encode(FACTS);
+        t.insert(
+            super::super::keys::seq_key(super::super::keys::MSG, 1, 1),
+            crate::codec::encode_chunk([(1u64, &entry[..])]),
+        )
+        .unwrap();
+        // A second segment that nothing refers to (a group a crash cut short).
+        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let orphan = log.append(b"orphan");
+        log.sync().unwrap();
+        drop(log);
+        let log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        assert_eq!(log.body(kept).unwrap().unwrap(), b"kept");
+        assert!(matches!(log.body(orphan), Err(StoreError::Corrupt { .. })));
+        assert_eq!(log.counts(), (2, 1), "the kept segment and the new one");
+        assert!(log.current > orphan.seg);
+    }
+}

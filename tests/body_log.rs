@@ -1,0 +1,196 @@
+//! The body log (`<data_dir>/bodies`): message bodies written once, beside sled, their space
+//! given back once every message in a segment is gone, and a damaged body refused at start,
+//! never served.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{seqs, Broker, Client, Opts};
+use serde_json::{json, Value};
+
+/// Bytes of the body log's files.
+fn body_log_bytes(data: &Path) -> u64 {
+    std::fs::read_dir(data.join("bodies"))
+        .expect("the data dir has a body log")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum()
+}
+
+fn big(n: u64) -> Value {
+    json!({"n": n, "pad": format!("{n:>8}").repeat(2000)})
+}
+
+/// Publishes `count` messages made by `payload` to `to`, `window` at a time, each answered `ok`.
+async fn publish_many(
+    alice: &mut Client,
+    to: &str,
+    count: u64,
+    window: u64,
+    payload: impl Fn(u64) -> Value,
+) {
+    let mut n = 0;
+    while n < count {
+        let batch = window.min(count - n);
+        for i in n..n + batch {
+            alice
+                .send(json!({"type": "publish", "ref": format!("p{i}"), "to": to, "payload": payload(i)}))
+                .await;
+        }
+        for _ in 0..batch {
+            let a = alice.recv_skip_pings().await;
+            assert_eq!(a["type"], "ok", "publish refused: {a}");
+        }
+        n += batch;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_give_their_body_log_space_back() {
+    // Catches segments kept after every message in them was acked (the disk fills up), and a
+    // segment deleted while a message in it is still stored (that message lost).
+    let mut broker = Broker::start(Opts::new());
+    let data = broker.data_dir();
+    let (mut alice, _) = broker.client("alice").await;
+    // 2,600 bodies of 16 KB: more than one 32 MiB segment.
+    const SENT: u64 = 2_600;
+    publish_many(&mut alice, "client:bob", SENT, 200, big).await;
+    let written = body_log_bytes(&data);
+    assert!(written > 40_000_000, "bodies written: {written} bytes");
+
+    let (mut bob, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], SENT, "{w}");
+    let mut got = Vec::new();
+    while (got.len() as u64) < SENT {
+        let m = bob.recv_msg().await;
+        let seq = common::seq(&m);
+        assert_eq!(
+            m["payload"],
+            big(seq - 1),
+            "the body served is the one stored"
+        );
+        bob.ack(seq).await;
+        got.push(m);
+    }
+    bob.sync().await;
+    // The acks are durable with the next commit; then the segments go.
+    alice
+        .publish_ok("after", "client:bob", json!({"after": 1}))
+        .await;
+    let last = bob.recv_msg().await;
+    assert_eq!(last["payload"], json!({"after": 1}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = body_log_bytes(&data);
+        if now < written / 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the body log still holds {now} of {written} bytes after every message was acked"
+        );
+        alice.sync().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(bob);
+    // The message still stored survives a crash, its segment with it.
+    broker.kill9();
+    broker.restart();
+    let (mut bob, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], 1, "{w}");
+    let m = bob.recv_msg().await;
+    assert_eq!(m["payload"], json!({"after": 1}));
+    assert_eq!(common::seq(&m), SENT + 1);
+    assert!(body_log_bytes(&data) < written / 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_many_subscribers_has_its_body_written_once() {
+    // Catches a topic publish writing its body once per subscriber.
+    let broker = Broker::start(Opts::new());
+    let data = broker.data_dir();
+    const SUBS: usize = 40;
+    const SENT: u64 = 20;
+    let mut subs = Vec::new();
+    for i in 0..SUBS {
+        let (mut c, _) = broker.client(&format!("sub{i}")).await;
+        let a = c.subscribe("s", "news").await;
+        assert_eq!(a["type"], "ok", "{a}");
+        subs.push(c);
+    }
+    let (mut alice, _) = broker.client("alice").await;
+    let before = body_log_bytes(&data);
+    publish_many(&mut alice, "topic:news", SENT, 5, big).await;
+    let grew = body_log_bytes(&data) - before;
+    let one = serde_json::to_string(&big(0)).expect("json").len() as u64;
+    assert!(
+        grew >= SENT * one && grew < 2 * SENT * one,
+        "{SENT} publishes of {one} bytes to {SUBS} subscribers grew the body log by {grew} bytes"
+    );
+    for c in &mut subs {
+        let msgs = c.recv_msgs(SENT as usize).await;
+        assert_eq!(seqs(&msgs), (1..=SENT).collect::<Vec<_>>());
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m["payload"], big(i as u64));
+        }
+    }
+}
+
+fn outboxd(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run outboxd");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_body_is_refused_at_start_and_its_loss_reported_after_repair() {
+    // Catches a body whose bytes changed on disk being served (garbage) or dropped silently.
+    let mut broker = Broker::start(Opts::new());
+    let data = broker.data_dir();
+    let (mut alice, _) = broker.client("alice").await;
+    publish_many(&mut alice, "client:bob", 10, 10, big).await;
+    let (_, w) = broker.client("bob").await;
+    let epoch = w["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(broker.sigterm().code(), Some(0));
+
+    let seg = std::fs::read_dir(data.join("bodies"))
+        .expect("bodies")
+        .map(|e| e.expect("entry").path())
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&seg, bytes).expect("write");
+
+    let d = data.to_str().expect("utf-8 path");
+    let root = data.parent().expect("parent");
+    let (code, out) = outboxd(root, &["inspect", "--data", d, "clients"]);
+    assert_eq!(code, 4, "inspect of a damaged body log: {out}");
+    assert!(out.contains("is damaged") && out.contains("body"), "{out}");
+    let (code, out) = outboxd(root, &["repair", "--data", d, "--accept-loss", "--json"]);
+    assert_eq!(code, 0, "repair: {out}");
+
+    broker.restart();
+    let mut bob = Client::connect(&broker.url).await;
+    let w = bob.hello("bob", Some((&epoch, 0))).await;
+    assert_eq!(w["resumed"], false, "told of the loss: {w}");
+    let pending = w["pending"].as_u64().expect("pending");
+    let missed = w["missed"].as_u64().expect("missed");
+    assert!(missed >= 1 && pending + missed == 10, "{w}");
+    for m in bob.recv_msgs(pending as usize).await {
+        assert_eq!(m["payload"], big(common::seq(&m) - 1), "garbage served");
+    }
+}
