@@ -32,6 +32,12 @@ pub struct Faults {
     /// as in a data dir written before the body log (with small segments, sled's blob files
     /// come back with them).
     inline_bodies: bool,
+    /// `OUTBOXD_FAULT_BODY_SEGMENT_BYTES`: the body log starts a new segment at this size
+    /// instead of `store::bodies::SEGMENT_BYTES`, so tests see many segments.
+    body_segment_bytes: Option<u64>,
+    /// `OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS`: how long after it filled a body log segment may
+    /// be compacted, instead of a minute.
+    body_compact_after_ms: Option<u64>,
 }
 
 impl Faults {
@@ -47,6 +53,8 @@ impl Faults {
             crash_before_apply_after: var("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER"),
             segment_bytes: var("OUTBOXD_FAULT_SEGMENT_BYTES"),
             inline_bodies: var::<u64>("OUTBOXD_FAULT_INLINE_BODIES").is_some(),
+            body_segment_bytes: var("OUTBOXD_FAULT_BODY_SEGMENT_BYTES"),
+            body_compact_after_ms: var("OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS"),
         }
     }
 
@@ -58,6 +66,8 @@ impl Faults {
             || self.crash_before_apply_after.is_some()
             || self.segment_bytes.is_some()
             || self.inline_bodies
+            || self.body_segment_bytes.is_some()
+            || self.body_compact_after_ms.is_some()
     }
 
     /// The error a commit's flush fails with, after `commits` successful commits.
@@ -94,6 +104,17 @@ impl Faults {
     /// Whether new message bodies stay inline in their chunks (no body log).
     pub fn inline_bodies(&self) -> bool {
         self.inline_bodies
+    }
+
+    /// The body log's segment size, when a test sets one.
+    pub fn body_segment_bytes(&self) -> Option<u64> {
+        self.body_segment_bytes
+    }
+
+    /// How long a full body log segment waits before it may be compacted, when a test sets it.
+    pub fn body_compact_after(&self) -> Option<std::time::Duration> {
+        self.body_compact_after_ms
+            .map(std::time::Duration::from_millis)
     }
 
     /// sled's segment size for a new data dir, when a test sets one.

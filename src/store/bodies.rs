@@ -29,6 +29,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -339,9 +340,33 @@ pub(super) struct BodyLog {
     refs: HashMap<u64, u64>,
     /// References removed from the tree, not yet durably.
     released: Vec<u64>,
+    /// Segments left behind by a roll, deleted at the next [`BodyLog::free`] if nothing refers
+    /// to them then.
+    rolled: Vec<u64>,
+    /// The chunks (keys) that refer to each segment now, with how many references each: what
+    /// [`BodyLog::compaction`] moves.
+    holders: HashMap<u64, HashMap<ChunkKey, u32>>,
+    /// Bytes of the records the tree refers to in each segment (a body shared by several
+    /// chunks counts once per chunk).
+    live: HashMap<u64, u64>,
+    /// Sizes of the segments before the current one, and since when they are full.
+    sizes: HashMap<u64, (u64, Instant)>,
+    /// A full segment is compacted no sooner than this after it filled: a subscriber that is
+    /// draining it acks its messages first, and nothing is copied for nothing.
+    compact_after: Duration,
+    /// A segment is full at this size ([`SEGMENT_BYTES`] unless a test sets another).
+    segment_bytes: u64,
     /// fdatasync the segments (false with `durability = "relaxed"`).
     fsync: bool,
 }
+
+/// A message chunk's key (`O cid seq`).
+pub(super) type ChunkKey = [u8; 17];
+
+/// The most body bytes one compaction step moves (the rest moves at the next sweep).
+const COMPACT_BYTES: u64 = 4 << 20;
+/// How long after it filled a segment may be compacted (unless a test sets another).
+const COMPACT_AFTER: Duration = Duration::from_secs(60);
 
 impl BodyLog {
     /// Opens the body log of `data_dir` for the writer: counts the references `tree` holds,
@@ -352,16 +377,9 @@ impl BodyLog {
         segs: Arc<Segments>,
         tree: &sled::Tree,
         fsync: bool,
+        segment_bytes: Option<u64>,
+        compact_after: Option<Duration>,
     ) -> Result<BodyLog, StoreError> {
-        let mut refs: HashMap<u64, u64> = HashMap::new();
-        for item in tree.scan_prefix([super::keys::MSG]) {
-            let (k, v) = item?;
-            for (_, entry) in super::chunks::split(&k, &v)? {
-                if let Some((r, _)) = BodyRef::decode(&entry) {
-                    *refs.entry(r.seg).or_default() += 1;
-                }
-            }
-        }
         let existing: Vec<u64> = segs
             .files
             .read()
@@ -370,34 +388,54 @@ impl BodyLog {
             .copied()
             .collect();
         let next = existing.iter().max().map_or(1, |m| m + 1);
-        let mut removed = 0;
-        for seg in existing {
-            if !refs.contains_key(&seg) {
-                remove_segment(&segs, seg)?;
-                removed += 1;
-            }
-        }
         fs::create_dir_all(&segs.dir)?;
         let file = create_segment(&segs, next)?;
-        if removed > 0 || !refs.is_empty() {
-            info!(
-                segments = refs.len(),
-                references = refs.values().sum::<u64>(),
-                removed,
-                "body log opened"
-            );
-        }
-        Ok(BodyLog {
-            segs,
+        let mut log = BodyLog {
+            segs: Arc::clone(&segs),
             current: next,
             file,
             len: 0,
             pending: Vec::new(),
             unsynced: false,
-            refs,
+            refs: HashMap::new(),
             released: Vec::new(),
+            rolled: Vec::new(),
+            holders: HashMap::new(),
+            live: HashMap::new(),
+            sizes: HashMap::new(),
+            compact_after: compact_after.unwrap_or(COMPACT_AFTER),
+            segment_bytes: segment_bytes.unwrap_or(SEGMENT_BYTES),
             fsync,
-        })
+        };
+        for item in tree.scan_prefix([super::keys::MSG]) {
+            let (k, v) = item?;
+            let Ok(key) = ChunkKey::try_from(k.as_ref()) else {
+                continue;
+            };
+            for r in super::chunks::refs(&k, &v)? {
+                log.add(key, r);
+            }
+        }
+        let mut removed = 0;
+        for seg in existing {
+            if log.refs.contains_key(&seg) {
+                if let Some(f) = segs.file(seg) {
+                    log.sizes.insert(seg, (f.metadata()?.len(), Instant::now()));
+                }
+            } else {
+                remove_segment(&segs, seg)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 || !log.refs.is_empty() {
+            info!(
+                segments = log.refs.len(),
+                references = log.refs.values().sum::<u64>(),
+                removed,
+                "body log opened"
+            );
+        }
+        Ok(log)
     }
 
     /// The segments, for readers.
@@ -433,33 +471,87 @@ impl BodyLog {
             self.file.sync_data()?;
         }
         self.unsynced = false;
-        if self.len >= SEGMENT_BYTES {
+        if self.len >= self.segment_bytes {
             self.roll()?;
         }
         Ok(())
     }
 
+    /// Starts a new segment. The old one is never deleted here: the group just written may
+    /// refer to it before its references are counted; [`BodyLog::free`] decides after the
+    /// commit.
     fn roll(&mut self) -> io::Result<()> {
         let old = self.current;
-        self.current += 1;
-        self.file = create_segment(&self.segs, self.current)?;
+        self.file = create_segment(&self.segs, old + 1)?;
+        self.current = old + 1;
+        self.sizes.insert(old, (self.len, Instant::now()));
+        self.rolled.push(old);
         self.len = 0;
         debug!(segment = self.current, "body log: new segment");
-        if self.refs.get(&old).copied().unwrap_or(0) == 0 {
-            remove_segment(&self.segs, old)?;
-        }
         Ok(())
     }
 
-    /// Counts the references a group adds to the tree.
-    pub(super) fn add(&mut self, r: BodyRef) {
+    /// Counts a reference the tree now holds in the chunk under `key`.
+    pub(super) fn add(&mut self, key: ChunkKey, r: BodyRef) {
         *self.refs.entry(r.seg).or_default() += 1;
+        *self
+            .holders
+            .entry(r.seg)
+            .or_default()
+            .entry(key)
+            .or_default() += 1;
+        *self.live.entry(r.seg).or_default() += HEADER as u64 + u64::from(r.len);
     }
 
-    /// Notes a reference the tree no longer holds; its count drops at [`BodyLog::free`], once
-    /// the removal is durable.
-    pub(super) fn release(&mut self, r: BodyRef) {
+    /// Notes a reference the chunk under `key` no longer holds; its count drops at
+    /// [`BodyLog::free`], once the removal is durable.
+    pub(super) fn release(&mut self, key: ChunkKey, r: BodyRef) {
         self.released.push(r.seg);
+        if let Some(h) = self.holders.get_mut(&r.seg) {
+            if let Some(n) = h.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    h.remove(&key);
+                }
+            }
+            if h.is_empty() {
+                self.holders.remove(&r.seg);
+            }
+        }
+        if let Some(b) = self.live.get_mut(&r.seg) {
+            *b = b.saturating_sub(HEADER as u64 + u64::from(r.len));
+        }
+    }
+
+    /// The next compaction step, if one is due: the oldest segment, full for
+    /// [`COMPACT_AFTER`] at least, less than half of whose bytes the tree still refers to, and the chunks that refer to it, up to about
+    /// [`COMPACT_BYTES`] of bodies. The writer rewrites those chunks with their bodies appended
+    /// again ([`BodyLog::append`]); once that is durable the segment goes.
+    pub(super) fn compaction(&self) -> Option<(u64, Vec<ChunkKey>)> {
+        let seg = self
+            .holders
+            .keys()
+            .copied()
+            .filter(|seg| *seg != self.current)
+            .filter(|seg| {
+                let Some((size, full_since)) = self.sizes.get(seg) else {
+                    return false;
+                };
+                let live = self.live.get(seg).copied().unwrap_or(0);
+                live.saturating_mul(2) < *size && full_since.elapsed() >= self.compact_after
+            })
+            .min()?;
+        let holders = self.holders.get(&seg)?;
+        // Chunks hold at most 64 references; a step takes enough chunks for its budget.
+        let per_chunk =
+            (self.live.get(&seg).copied().unwrap_or(0) / holders.len().max(1) as u64).max(1);
+        let take = usize::try_from(COMPACT_BYTES / per_chunk)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut keys: Vec<ChunkKey> = holders.keys().copied().collect();
+        keys.sort_unstable();
+        keys.truncate(take);
+        Some((seg, keys))
     }
 
     /// Whether removals wait for a durable commit.
@@ -470,6 +562,11 @@ impl BodyLog {
     /// After a commit made every removal so far durable: drops their counts and deletes the
     /// segments no reference is left in (never the current one).
     pub(super) fn free(&mut self) {
+        for seg in std::mem::take(&mut self.rolled) {
+            if !self.refs.contains_key(&seg) {
+                self.delete(seg);
+            }
+        }
         for seg in std::mem::take(&mut self.released) {
             let Some(n) = self.refs.get_mut(&seg) else {
                 warn!(segment = seg, "body log: a reference was released twice");
@@ -479,11 +576,18 @@ impl BodyLog {
             if *n == 0 {
                 self.refs.remove(&seg);
                 if seg != self.current {
-                    if let Err(e) = remove_segment(&self.segs, seg) {
-                        warn!(segment = seg, error = %e, "body log: removing a segment failed; it is removed at the next start");
-                    }
+                    self.delete(seg);
                 }
             }
+        }
+    }
+
+    fn delete(&mut self, seg: u64) {
+        self.sizes.remove(&seg);
+        self.live.remove(&seg);
+        self.holders.remove(&seg);
+        if let Err(e) = remove_segment(&self.segs, seg) {
+            warn!(segment = seg, error = %e, "body log: removing a segment failed; it is removed at the next start");
         }
     }
 
@@ -601,7 +705,14 @@ mod tests {
     fn bodies_read_back_before_and_after_they_are_written() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let mut log = BodyLog::open(
+            Segments::open(dir.path(), true).unwrap(),
+            &t,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         let a = log.append(b"first body");
         let b = log.append(b"second");
         assert_eq!(log.body(a).unwrap().unwrap(), b"first body");
@@ -617,7 +728,14 @@ mod tests {
     fn a_damaged_body_is_corrupt_and_a_deleted_segment_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let mut log = BodyLog::open(
+            Segments::open(dir.path(), true).unwrap(),
+            &t,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         let a = log.append(b"a body of some length");
         log.sync().unwrap();
         let path = dir.path().join(DIR).join(segment_name(a.seg));
@@ -641,16 +759,23 @@ mod tests {
     fn a_segment_is_deleted_once_its_last_reference_is_durably_released() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, false).unwrap();
-        let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
+        let segs = Segments::open(dir.path(), true).unwrap();
+        let mut log = BodyLog::open(segs, &t, false, Some(1 << 20), None).unwrap();
+        let big = vec![7u8; 600 << 10];
         let a = log.append(&big);
         let b = log.append(&big);
-        log.add(a);
-        log.add(b);
         log.sync().unwrap();
         assert_ne!(log.current, a.seg, "a full segment rolls over");
-        assert_eq!(log.counts(), (2, 2));
-        log.release(a);
+        // The group's references are counted after its bodies are written (and the roll).
+        log.add(KEY_A, a);
+        log.add(KEY_B, b);
+        log.free();
+        assert_eq!(
+            log.counts(),
+            (2, 2),
+            "a rolled segment that is referred to stays"
+        );
+        log.release(KEY_A, a);
         assert_eq!(
             log.counts(),
             (2, 2),
@@ -658,17 +783,71 @@ mod tests {
         );
         log.free();
         assert_eq!(log.counts(), (2, 1));
-        log.release(b);
+        log.release(KEY_B, b);
         log.free();
         assert_eq!(log.counts(), (1, 0), "only the current segment is left");
         assert!(log.segments().body(a).unwrap().is_none());
+    }
+
+    const KEY_A: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+    const KEY_B: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    #[test]
+    fn a_segment_that_fills_while_nothing_else_in_it_is_stored_keeps_the_group_just_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let segs = Segments::open(dir.path(), true).unwrap();
+        let mut log = BodyLog::open(segs, &t, true, Some(1 << 10), None).unwrap();
+        let a = log.append(&[1u8; 2000]);
+        log.sync().unwrap();
+        assert_ne!(log.current, a.seg);
+        log.add(KEY_A, a);
+        log.free();
+        assert_eq!(log.body(a).unwrap().unwrap(), vec![1u8; 2000]);
+    }
+
+    #[test]
+    fn compaction_picks_the_oldest_mostly_dead_segment_once_it_has_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let segs = Segments::open(dir.path(), true).unwrap();
+        let mut log = BodyLog::open(segs, &t, true, Some(10_000), Some(Duration::ZERO)).unwrap();
+        let kept = log.append(&[1u8; 1000]);
+        let gone: Vec<BodyRef> = (0..9).map(|_| log.append(&[2u8; 1000])).collect();
+        log.sync().unwrap();
+        log.add(KEY_A, kept);
+        for r in &gone {
+            log.add(KEY_B, *r);
+        }
+        assert_eq!(
+            log.compaction(),
+            None,
+            "a segment whose bodies are all stored"
+        );
+        for r in &gone {
+            log.release(KEY_B, *r);
+        }
+        assert_eq!(log.compaction(), Some((kept.seg, vec![KEY_A])));
+        log.compact_after = Duration::from_secs(3600);
+        assert_eq!(
+            log.compaction(),
+            None,
+            "a segment that filled a moment ago waits"
+        );
     }
 
     #[test]
     fn an_open_keeps_the_segments_the_tree_refers_to_and_starts_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let mut log = BodyLog::open(
+            Segments::open(dir.path(), true).unwrap(),
+            &t,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         let kept = log.append(b"kept");
         log.sync().unwrap();
         drop(log);
@@ -679,11 +858,25 @@ mod tests {
         )
         .unwrap();
         // A second segment that nothing refers to (a group a crash cut short).
-        let mut log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let mut log = BodyLog::open(
+            Segments::open(dir.path(), true).unwrap(),
+            &t,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         let orphan = log.append(b"orphan");
         log.sync().unwrap();
         drop(log);
-        let log = BodyLog::open(Segments::open(dir.path(), true).unwrap(), &t, true).unwrap();
+        let log = BodyLog::open(
+            Segments::open(dir.path(), true).unwrap(),
+            &t,
+            true,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(log.body(kept).unwrap().unwrap(), b"kept");
         assert!(matches!(log.body(orphan), Err(StoreError::Corrupt { .. })));
         assert_eq!(log.counts(), (2, 1), "the kept segment and the new one");

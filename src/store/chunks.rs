@@ -84,6 +84,17 @@ pub(super) fn stored_message(
         .ok_or_else(|| corrupt(key, CodecError::Body("its body is gone".into())))
 }
 
+/// The body `r` (in the chunk under `key`) where it must be there: the writer's own reads.
+pub(super) fn stored_body(
+    key: &[u8],
+    r: BodyRef,
+    bodies: &dyn Bodies,
+) -> Result<Vec<u8>, StoreError> {
+    bodies
+        .body(r)?
+        .ok_or_else(|| corrupt(key, CodecError::Body("its body is gone".into())))
+}
+
 /// The chunk `value` (under `key`) with every body inline: what a copy of the store holds, so it
 /// stands without the body log. None when none of its messages is stored any more.
 pub(super) fn inline(

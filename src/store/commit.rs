@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use tracing::{debug, error};
 
-use super::bodies::{BodyLog, BodyRef, Facts};
+use super::bodies::{BodyLog, BodyRef, ChunkKey, Facts};
 use super::clients::Clients;
 use super::records::encode;
 use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
@@ -124,11 +124,20 @@ impl Disk {
         Ok(self.bodies.append(body).encode(facts))
     }
 
-    /// Notes references removed from the tree outside the group (purge, delete).
-    pub(super) fn release_bodies(&mut self, refs: impl IntoIterator<Item = BodyRef>) {
-        for r in refs {
-            self.bodies.release(r);
+    /// Notes references removed from the tree outside the group (purge, delete): the chunk
+    /// under each key, with its references.
+    pub(super) fn release_bodies(&mut self, chunks: Vec<(ChunkKey, Vec<BodyRef>)>) {
+        for (key, refs) in chunks {
+            for r in refs {
+                self.bodies.release(key, r);
+            }
         }
+    }
+
+    /// Appends a body again for a compaction (see [`BodyLog::compaction`]).
+    pub(super) fn body_log_mut(&mut self) -> Result<&mut BodyLog, StoreError> {
+        self.writable()?;
+        Ok(&mut self.bodies)
     }
 
     /// The group gathered so far, to read (the writer's reads look at it before the tree).
@@ -400,12 +409,12 @@ impl Disk {
                 .unwrap_or_default();
             for r in &new {
                 if !old.contains(r) {
-                    self.bodies.add(*r);
+                    self.bodies.add(*key, *r);
                 }
             }
             for r in old {
                 if !new.contains(&r) {
-                    self.bodies.release(r);
+                    self.bodies.release(*key, r);
                 }
             }
         }

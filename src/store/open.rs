@@ -106,7 +106,13 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     let seal = integrity::Seal::open(&dir, commit)?;
     let latched = Arc::new(AtomicBool::new(false));
     let handles = Handles::default();
-    let bodies = BodyLog::open(segments, &outbox, opts.durability == Durability::Fsync)?;
+    let bodies = BodyLog::open(
+        segments,
+        &outbox,
+        opts.durability == Durability::Fsync,
+        opts.faults.body_segment_bytes(),
+        opts.faults.body_compact_after(),
+    )?;
     let read_bodies = bodies.segments();
     let files = Files {
         bodies,

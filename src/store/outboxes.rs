@@ -446,7 +446,9 @@ impl WriterState {
                 batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
                 removed += 1;
             }
-            released.extend(chunks::refs(&k, &v)?);
+            if let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) {
+                released.push((key, chunks::refs(&k, &v)?));
+            }
             batch.remove(k);
         }
         let Some(c) = self.clients.state_mut(cid) else {
@@ -491,7 +493,9 @@ impl WriterState {
                 }
                 removed += 1;
             }
-            released.extend(chunks::refs(&k, &v)?);
+            if let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) {
+                released.push((key, chunks::refs(&k, &v)?));
+            }
             batch.remove(k);
         }
         for k in self

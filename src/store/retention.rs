@@ -6,9 +6,16 @@
 //! commit group like every other command. The dedup expiry index is one record per commit
 //! group (`G` for keys stored one per record, `H` for runs; `D` per key in data dirs from
 //! before), so forgetting a group's keys is one range scan.
+//!
+//! The same sweep compacts the body log: the bodies still stored in a mostly dead segment are
+//! appended again and their chunks rewritten, so the segment can go (see `bodies`).
 
+use std::collections::HashMap;
+
+use sled::IVec;
 use tracing::info;
 
+use super::bodies::BodyRef;
 use super::records::decode;
 use super::writer::WriterState;
 use super::{chunks, group, keys, StoreError};
@@ -20,6 +27,61 @@ use crate::model::now_ms;
 const SWEEP_BATCH: usize = 10_000;
 
 impl WriterState {
+    /// One step of the body log's compaction, when one is due: the chunks that still refer to
+    /// the oldest mostly dead segment get those bodies appended again (once per body, however
+    /// many chunks share it) and are rewritten; once that is durable, nothing refers to the
+    /// segment and it is deleted. Its writes join the group.
+    pub(super) fn compact_bodies(&mut self) -> Result<(), StoreError> {
+        if self.disk.is_latched() || self.disk.bodies().compaction().is_none() {
+            return Ok(());
+        }
+        // The chunks are read from the tree, and the references counted, as the group leaves
+        // them.
+        self.apply_group()?;
+        let Some((seg, keys)) = self.disk.bodies().compaction() else {
+            return Ok(());
+        };
+        let mut moved: HashMap<BodyRef, IVec> = HashMap::new();
+        let mut chunks_rewritten = 0usize;
+        for key in keys {
+            let Some(value) = self.disk.tree().get(key)? else {
+                continue;
+            };
+            let mut entries = chunks::split(&key, &value)?;
+            let mut changed = false;
+            for (_, entry) in &mut entries {
+                let Some((r, facts)) = BodyRef::decode(entry) else {
+                    continue;
+                };
+                if r.seg != seg {
+                    continue;
+                }
+                let new = match moved.get(&r) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let body = chunks::stored_body(&key, r, self.disk.bodies())?;
+                        let n = IVec::from(self.disk.body_log_mut()?.append(&body).encode(facts));
+                        moved.insert(r, n.clone());
+                        n
+                    }
+                };
+                *entry = new;
+                changed = true;
+            }
+            if changed {
+                self.disk.group_mut()?.put_chunk(key, entries);
+                chunks_rewritten += 1;
+            }
+        }
+        info!(
+            segment = format!("{seg:016x}"),
+            bodies = moved.len(),
+            chunks = chunks_rewritten,
+            "body log: moved the bodies still stored in a mostly dead segment forward"
+        );
+        Ok(())
+    }
+
     /// Retention: expire messages past their TTL (leaving a tombstone so the client is told)
     /// and forget idempotency keys older than the dedup window. Its writes join the group.
     pub(super) fn sweep(&mut self) -> Result<(), StoreError> {

@@ -344,6 +344,12 @@ impl WriterState {
                     self.opts.metrics.store_errors.inc();
                     self.disk.latch(&format!("retention sweep failed: {e}"));
                 }
+                if let Err(e) = self.compact_bodies() {
+                    // Nothing is lost: the bodies stay where they are; a write that failed
+                    // latches the store at the commit.
+                    self.opts.metrics.store_errors.inc();
+                    warn!(error = %e, "body log compaction failed; the segment stays");
+                }
             }
             self.commit();
         }
