@@ -246,10 +246,72 @@ async fn redis_subscribe(conn: &mut resp::Conn, stream: &str, stats: &SubStats) 
     }
 }
 
+/// Connects an async-nats client to `endpoint` (`nats://` or `ws://`).
+///
+/// Over `ws://`, async-nats (0.51, and 0.52 alike) opens its socket through tokio-websockets
+/// and, unlike on its TCP path, never sets `TCP_NODELAY` on it. A pull consumer then stalls:
+/// its acks and its next pull request are small writes, Nagle's algorithm holds the pull
+/// request back until the server ACKs the acks, and the server's delayed ACK comes 40 ms
+/// later, so a subscriber got one batch of 200 (async-nats's default) per 40 ms, about 5k
+/// msg/s whatever the broker could do. The harness sets the option itself once the client is
+/// connected (see [`set_nodelay_towards`]), as async-nats does over TCP.
+async fn nats_connect(endpoint: &str) -> Result<async_nats::Client> {
+    let client = async_nats::connect(endpoint).await?;
+    if let Some(rest) = endpoint.strip_prefix("ws://") {
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let peer: std::net::SocketAddr = authority
+            .parse()
+            .with_context(|| format!("nats-ws endpoint {endpoint}: not IP:PORT"))?;
+        let set = set_nodelay_towards(peer)?;
+        if set == 0 {
+            bail!("nats-ws: found no socket of this process connected to {peer} to set TCP_NODELAY on");
+        }
+    }
+    Ok(client)
+}
+
+/// Sets `TCP_NODELAY` on every TCP socket of this process whose peer is `peer`; returns how
+/// many such sockets there are. Reads the process's open files from /proc/self/fd (Linux).
+fn set_nodelay_towards(peer: std::net::SocketAddr) -> Result<usize> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let mut found = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")? {
+        let Ok(entry) = entry else { continue };
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is open (just listed) and only borrowed for the two calls
+        // below, which fail harmlessly if another task closed it meanwhile.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let to_peer = sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a == peer);
+        if to_peer && sock.r#type().ok() == Some(socket2::Type::STREAM) {
+            sock.set_tcp_nodelay(true)
+                .with_context(|| format!("setting TCP_NODELAY on a socket to {peer}"))?;
+            found += 1;
+        }
+    }
+    Ok(found)
+}
+
 /// Creates what a system needs before anyone subscribes (NATS: the stream).
 pub async fn setup(system: System, endpoint: &str) -> Result<()> {
     if system.protocol() == Protocol::Nats {
-        let client = async_nats::connect(endpoint).await?;
+        let client = nats_connect(endpoint).await?;
         let js = jetstream::new(client);
         js.get_or_create_stream(stream::Config {
             name: STREAM.into(),
@@ -305,7 +367,7 @@ async fn nats_consumer(
     name: &str,
     route: Route,
 ) -> Result<(async_nats::Client, consumer::PullConsumer)> {
-    let client = async_nats::connect(endpoint).await?;
+    let client = nats_connect(endpoint).await?;
     let js = jetstream::new(client.clone());
     let stream = js
         .get_stream(STREAM)
@@ -587,7 +649,7 @@ impl Publisher {
                 })
             }
             Protocol::Nats => {
-                let client = async_nats::connect(endpoint).await?;
+                let client = nats_connect(endpoint).await?;
                 let js = jetstream::new(client);
                 let (pending, mut rx) =
                     mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
