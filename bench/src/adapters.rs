@@ -15,6 +15,15 @@
 //!   before its `ok`. One shared stream with a group per subscriber would write one copy, a
 //!   different (cheaper) promise from the one outboxd keeps, and would leave acked entries in
 //!   the stream until every group acked them.
+//! - RabbitMQ (quorum queues): lapin, AMQP 0-9-1. One durable quorum queue per subscriber,
+//!   `bench.sub-N`, is its outbox: a direct publish goes to it through the default exchange
+//!   (routing key = the queue's name); fan-out goes through the fanout exchange `bench.fanout`,
+//!   to which every subscriber binds its own queue, so each publish is stored once per
+//!   subscriber, as outboxd writes one copy per outbox. Messages are persistent
+//!   (`delivery_mode` 2) and published `mandatory` on a channel in confirm mode: the confirm
+//!   (sent once every queue it went to has the message in its fsync'd Raft log) is the
+//!   confirmation, and a returned (unroutable) message counts as a failure. The subscriber
+//!   consumes with manual acks and a prefetch of [`DELIVERY_WINDOW`].
 //!
 //! A subscriber hands every delivery to its [`SubStats`] and then acks it. A publisher returns
 //! from [`Publisher::send`] once the message is handed to its client library; the broker's
@@ -54,6 +63,8 @@ const REDIS_READ_COUNT: &str = "512";
 const REDIS_BLOCK_MS: &str = "1000";
 /// Bytes of queued commands a Redis publisher writes at once.
 const REDIS_WRITE_BATCH: usize = 1 << 20;
+/// The exchange every RabbitMQ subscriber of the topic binds its queue to (fan-out).
+const AMQP_FANOUT: &str = "bench.fanout";
 
 /// Where one publisher's messages go.
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +111,16 @@ impl Route {
         }
     }
 
+    /// The exchange and routing key a RabbitMQ publisher publishes with: the default exchange
+    /// and the subscriber's queue, or the fanout exchange.
+    fn amqp_target(self) -> (&'static str, String) {
+        match self {
+            Route::One => ("", amqp_queue("sub-0")),
+            Route::Pair(i) => ("", amqp_queue(&format!("sub-{i}"))),
+            Route::All => (AMQP_FANOUT, String::new()),
+        }
+    }
+
     /// The subject a NATS consumer is filtered on; `None`: the whole stream.
     fn nats_filter(self) -> Option<String> {
         match self {
@@ -130,6 +151,90 @@ pub fn mqtt_connect_options(endpoint: &str, name: &str) -> Result<MqttOptions> {
 /// Subscriber `name`'s stream: its outbox.
 fn redis_stream(name: &str) -> String {
     format!("bench:{name}")
+}
+
+/// Subscriber `name`'s quorum queue: its outbox.
+fn amqp_queue(name: &str) -> String {
+    format!("bench.{name}")
+}
+
+/// Connects to RabbitMQ at `endpoint` (`amqp://...`), naming the connection `name`.
+async fn amqp_connect(endpoint: &str, name: &str) -> Result<lapin::Connection> {
+    lapin::Connection::connect(
+        endpoint,
+        lapin::ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+    .with_context(|| format!("rabbitmq: connecting {name}"))
+}
+
+/// A lapin call that is under way: it queued its frames when first polled; what is left is
+/// waiting for them to be written (and whatever the call awaits after that).
+type AmqpCall<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// Polls `call` once and returns the rest of it. lapin queues a call's frames for its
+/// connection's I/O thread on the first poll and then waits for the thread to write them;
+/// awaiting each publish or ack in turn would hand every message from a tokio worker to that
+/// thread and back, one at a time. Polled once here, the calls queue in order, and their
+/// completions are awaited in order by a collector task.
+async fn amqp_start<T: Send + 'static>(
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> AmqpCall<T> {
+    let mut call: AmqpCall<T> = Box::pin(call);
+    match futures_util::poll!(&mut call) {
+        std::task::Poll::Ready(v) => Box::pin(std::future::ready(v)),
+        std::task::Poll::Pending => call,
+    }
+}
+
+/// Declares the fanout exchange of the topic (idempotent).
+async fn amqp_declare_fanout(ch: &lapin::Channel) -> Result<()> {
+    ch.exchange_declare(
+        AMQP_FANOUT.into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .context("rabbitmq: declaring the fanout exchange")
+}
+
+/// Declares subscriber `name`'s quorum queue if missing (and, for the topic, binds it to the
+/// fanout exchange), so messages published from now on are kept for it. Returns its name.
+async fn amqp_register(ch: &lapin::Channel, name: &str, route: Route) -> Result<String> {
+    use lapin::types::{AMQPValue, FieldTable};
+    let queue = amqp_queue(name);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .with_context(|| format!("rabbitmq: declaring the quorum queue {queue}"))?;
+    if let Route::All = route {
+        amqp_declare_fanout(ch).await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            AMQP_FANOUT.into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("rabbitmq: binding {queue} to {AMQP_FANOUT}"))?;
+    }
+    Ok(queue)
 }
 
 /// Creates subscriber `name`'s stream and consumer group if missing (and, for the topic, adds
@@ -333,6 +438,8 @@ pub struct Subscriber {
     task: JoinHandle<()>,
     /// Kept so the MQTT connection is closed with its client.
     _mqtt: Option<AsyncClient>,
+    /// Kept so the AMQP connection lives as long as the subscriber.
+    _amqp: Option<lapin::Connection>,
 }
 
 impl Drop for Subscriber {
@@ -437,6 +544,12 @@ pub async fn register_offline(
             let mut conn = resp::Conn::open(endpoint).await?;
             redis_register(&mut conn, name, route).await?;
         }
+        Protocol::Amqp => {
+            let conn = amqp_connect(endpoint, name).await?;
+            let ch = conn.create_channel().await?;
+            amqp_register(&ch, name, route).await?;
+            conn.close(200, "registered".into()).await?;
+        }
     }
     Ok(())
 }
@@ -463,7 +576,11 @@ pub async fn subscriber(
                     }
                 }
             });
-            Ok(Subscriber { task, _mqtt: None })
+            Ok(Subscriber {
+                task,
+                _mqtt: None,
+                _amqp: None,
+            })
         }
         Protocol::Mqtt => {
             let mut opts = mqtt_options(endpoint, name, false, Duration::from_secs(60))?;
@@ -504,6 +621,7 @@ pub async fn subscriber(
             Ok(Subscriber {
                 task,
                 _mqtt: Some(client),
+                _amqp: None,
             })
         }
         Protocol::Nats => {
@@ -523,7 +641,11 @@ pub async fn subscriber(
                     }
                 }
             });
-            Ok(Subscriber { task, _mqtt: None })
+            Ok(Subscriber {
+                task,
+                _mqtt: None,
+                _amqp: None,
+            })
         }
         Protocol::Redis => {
             let mut conn = resp::Conn::open(endpoint).await?;
@@ -546,7 +668,70 @@ pub async fn subscriber(
                     }
                 }
             });
-            Ok(Subscriber { task, _mqtt: None })
+            Ok(Subscriber {
+                task,
+                _mqtt: None,
+                _amqp: None,
+            })
+        }
+        Protocol::Amqp => {
+            use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+            let conn = amqp_connect(endpoint, name).await?;
+            let ch = conn.create_channel().await?;
+            let queue = amqp_register(&ch, name, route).await?;
+            // The subscriber's window of unacked deliveries, as for the other systems.
+            ch.basic_qos(
+                u16::try_from(DELIVERY_WINDOW).unwrap_or(u16::MAX),
+                BasicQosOptions::default(),
+            )
+            .await?;
+            let mut consumer = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    name.into(),
+                    BasicConsumeOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("rabbitmq: consuming from {queue}"))?;
+            // One basic.ack per delivery, queued in order (see `amqp_start`); their
+            // completions are awaited by a second task.
+            let (acks, mut acked) = mpsc::unbounded_channel::<AmqpCall<lapin::Result<()>>>();
+            let task = tokio::spawn(async move {
+                let collector = tokio::spawn(async move {
+                    while let Some(a) = acked.recv().await {
+                        if let Err(e) = a.await {
+                            eprintln!("rabbitmq subscriber: ack: {e}");
+                        }
+                    }
+                });
+                while let Some(d) = consumer.next().await {
+                    match d {
+                        Ok(d) => {
+                            stats.on_delivery(&d.data);
+                            let ch = ch.clone();
+                            let tag = d.delivery_tag;
+                            let ack = amqp_start(async move {
+                                ch.basic_ack(tag, BasicAckOptions::default()).await
+                            })
+                            .await;
+                            if acks.send(ack).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("rabbitmq subscriber: {e}");
+                            break;
+                        }
+                    }
+                }
+                collector.abort();
+            });
+            Ok(Subscriber {
+                task,
+                _mqtt: None,
+                _amqp: Some(conn),
+            })
         }
     }
 }
@@ -580,6 +765,14 @@ pub enum Publisher {
         /// Encoded commands, one message's at a time, to the writer task.
         queue: mpsc::UnboundedSender<Vec<u8>>,
         writer: JoinHandle<()>,
+        collector: JoinHandle<()>,
+    },
+    Amqp {
+        _conn: lapin::Connection,
+        channel: lapin::Channel,
+        exchange: &'static str,
+        routing_key: String,
+        pending: mpsc::UnboundedSender<AmqpCall<lapin::Result<lapin::PublisherConfirm>>>,
         collector: JoinHandle<()>,
     },
 }
@@ -752,6 +945,50 @@ impl Publisher {
                     collector,
                 })
             }
+            Protocol::Amqp => {
+                let conn = amqp_connect(endpoint, name).await?;
+                let channel = conn.create_channel().await?;
+                channel
+                    .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                    .await?;
+                let (exchange, routing_key) = route.amqp_target();
+                if !exchange.is_empty() {
+                    amqp_declare_fanout(&channel).await?;
+                }
+                let (pending, mut rx) =
+                    mpsc::unbounded_channel::<AmqpCall<lapin::Result<lapin::PublisherConfirm>>>();
+                // Confirms come back in publish order on one channel (possibly several at
+                // once, `multiple`), so awaiting them in order is exact: first the publish's
+                // write, then its confirm.
+                let collector = tokio::spawn(async move {
+                    while let Some(p) = rx.recv().await {
+                        let confirmed = match p.await {
+                            Ok(c) => c.await,
+                            Err(e) => Err(e),
+                        };
+                        match confirmed {
+                            Ok(lapin::Confirmation::Ack(None)) => stats.confirm(),
+                            Ok(lapin::Confirmation::Ack(Some(m))) => stats.fail(format!(
+                                "rabbitmq: returned unroutable: {} {}",
+                                m.reply_code, m.reply_text
+                            )),
+                            Ok(lapin::Confirmation::Nack(_)) => stats.fail("rabbitmq: nack".into()),
+                            Ok(lapin::Confirmation::NotRequested) => {
+                                stats.fail("rabbitmq: the channel is not in confirm mode".into())
+                            }
+                            Err(e) => stats.fail(format!("rabbitmq: {e}")),
+                        }
+                    }
+                });
+                Ok(Publisher::Amqp {
+                    _conn: conn,
+                    channel,
+                    exchange,
+                    routing_key,
+                    pending,
+                    collector,
+                })
+            }
         }
     }
 
@@ -821,6 +1058,36 @@ impl Publisher {
                     .send(cmd)
                     .map_err(|_| anyhow!("the redis writer stopped"))?;
             }
+            Publisher::Amqp {
+                channel,
+                exchange,
+                routing_key,
+                pending,
+                ..
+            } => {
+                let channel = channel.clone();
+                let exchange: lapin::types::ShortString = (*exchange).into();
+                let routing_key: lapin::types::ShortString = routing_key.as_str().into();
+                let publish = amqp_start(async move {
+                    channel
+                        .basic_publish(
+                            exchange,
+                            routing_key,
+                            lapin::options::BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            &body,
+                            // 2: persistent.
+                            lapin::BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                })
+                .await;
+                pending
+                    .send(publish)
+                    .map_err(|_| anyhow!("the confirmation collector stopped"))?;
+            }
         }
         Ok(())
     }
@@ -829,9 +1096,9 @@ impl Publisher {
 impl Drop for Publisher {
     fn drop(&mut self) {
         match self {
-            Publisher::Outboxd { collector, .. } | Publisher::Nats { collector, .. } => {
-                collector.abort()
-            }
+            Publisher::Outboxd { collector, .. }
+            | Publisher::Nats { collector, .. }
+            | Publisher::Amqp { collector, .. } => collector.abort(),
             Publisher::Mqtt { events, .. } => events.abort(),
             Publisher::Redis {
                 writer, collector, ..

@@ -1,7 +1,7 @@
 //! Starting and stopping the brokers on fresh data directories (outboxd, Mosquitto, NATS
-//! JetStream, Redis; Mosquitto and NATS with or without their WebSocket listener; outboxd on
-//! PostgreSQL, one broker or three on one database), and reading their processes' CPU, memory,
-//! disk writes and fsync calls.
+//! JetStream, Redis, RabbitMQ; Mosquitto and NATS with or without their WebSocket listener;
+//! outboxd on PostgreSQL, one broker or three on one database), and reading their processes'
+//! CPU, memory, disk writes and fsync calls.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,6 +43,10 @@ pub enum System {
     #[serde(rename = "outboxd-pg3")]
     #[value(name = "outboxd-pg3")]
     OutboxdPg3,
+    /// RabbitMQ 3.10 with one quorum queue per subscriber, persistent messages and publisher
+    /// confirms: a peer that makes outboxd's promise (a quorum queue confirms once the Raft
+    /// log holding the message is fsync'd).
+    Rabbitmq,
 }
 
 /// The protocol a system speaks, whatever its transport.
@@ -53,6 +57,8 @@ pub enum Protocol {
     Nats,
     /// RESP2 over TCP (Redis).
     Redis,
+    /// AMQP 0-9-1 over TCP (RabbitMQ).
+    Amqp,
 }
 
 impl System {
@@ -66,6 +72,7 @@ impl System {
             System::Redis => "redis",
             System::OutboxdPg => "outboxd-pg",
             System::OutboxdPg3 => "outboxd-pg3",
+            System::Rabbitmq => "rabbitmq",
         }
     }
 
@@ -93,6 +100,7 @@ impl System {
             System::Mosquitto | System::MosquittoWs => Protocol::Mqtt,
             System::Nats | System::NatsWs => Protocol::Nats,
             System::Redis => Protocol::Redis,
+            System::Rabbitmq => Protocol::Amqp,
         }
     }
 
@@ -118,6 +126,9 @@ impl System {
             System::OutboxdPg | System::OutboxdPg3 => {
                 "yes (PostgreSQL, synchronous_commit = on with a synchronous standby: the ok follows a COMMIT that the primary fsync'd and the standby flushed)"
             }
+            System::Rabbitmq => {
+                "yes (quorum queues, persistent messages, publisher confirms: a message is confirmed once it is in the queue's Raft log, and the log's WAL is fdatasync'd before the Raft server learns of the write)"
+            }
         }
     }
 
@@ -125,7 +136,11 @@ impl System {
     pub fn fsyncs_before_confirm(self) -> bool {
         matches!(
             self,
-            System::Outboxd | System::Redis | System::OutboxdPg | System::OutboxdPg3
+            System::Outboxd
+                | System::Redis
+                | System::Rabbitmq
+                | System::OutboxdPg
+                | System::OutboxdPg3
         )
     }
 }
@@ -144,10 +159,14 @@ pub struct Paths {
 /// One running broker.
 pub struct Broker {
     child: Child,
+    /// A helper the broker needs for as long as it runs, stopped after it (RabbitMQ: its own
+    /// epmd, on a port of its own).
+    helper: Option<Child>,
+    /// The process to watch: the broker's (RabbitMQ: beam.smp, which `child` becomes by exec).
     pub pid: u32,
     /// outboxd: `ws://HOST:PORT/ws`; mosquitto: `HOST:PORT`; mosquitto-ws:
     /// `ws://HOST:PORT/mqtt`; nats: `nats://HOST:PORT`; nats-ws: `ws://HOST:PORT`; redis:
-    /// `HOST:PORT`.
+    /// `HOST:PORT`; rabbitmq: `amqp://guest:guest@HOST:PORT/%2f`.
     pub endpoint: String,
     /// outboxd's admin API (`http://HOST:PORT`), for its commit counter.
     pub admin: Option<String>,
@@ -259,6 +278,7 @@ impl Broker {
                 Ok(Broker {
                     pid: child.id(),
                     child,
+                    helper: None,
                     endpoint,
                     admin: None,
                     ready_after: started.elapsed(),
@@ -305,12 +325,14 @@ impl Broker {
                 Ok(Broker {
                     pid: child.id(),
                     child,
+                    helper: None,
                     endpoint,
                     admin: None,
                     ready_after: started.elapsed(),
                 })
             }
             System::Redis => Broker::start_redis(dir, log, started),
+            System::Rabbitmq => Broker::start_rabbitmq(dir, log, started),
         }
     }
 
@@ -383,6 +405,7 @@ impl Broker {
             } else if let Some(ws) = line.strip_prefix("outboxd ready: ") {
                 return Ok(Broker {
                     child,
+                    helper: None,
                     pid,
                     endpoint: ws.trim().to_string(),
                     admin,
@@ -445,7 +468,155 @@ impl Broker {
         Ok(Broker {
             pid: child.id(),
             child,
+            helper: None,
             endpoint: format!("127.0.0.1:{port}"),
+            admin: None,
+            ready_after: started.elapsed(),
+        })
+    }
+
+    /// Starts RabbitMQ on `dir/rabbitmq` (kept across a restart, with its node name: the
+    /// node's database is named after it) as a plain process, and returns once it answers the
+    /// AMQP handshake, which it does only after booting and recovering its queues.
+    ///
+    /// Everything the node would otherwise take from the system is its own: an Erlang cookie
+    /// in its own `HOME`, its own epmd on a free port (`ERL_EPMD_PORT`, so neither another
+    /// user's epmd nor the Debian service's node is touched, and the epmd goes with the
+    /// broker), the distribution port, the AMQP port, the config file and an empty
+    /// `enabled_plugins` (no management plugin), its database (`RABBITMQ_MNESIA_BASE`) and
+    /// logs (`RABBITMQ_LOG_BASE`).
+    fn start_rabbitmq(dir: &Path, log: fs::File, started: Instant) -> Result<Broker> {
+        let base = dir.join("rabbitmq");
+        let home = base.join("home");
+        fs::create_dir_all(&home)?;
+        // The node name stays the same across a restart of the same case.
+        let name_file = base.join("nodename");
+        let node = match fs::read_to_string(&name_file) {
+            Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
+            _ => {
+                static NODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let k = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = format!("outboxd-bench-{}-{k}@localhost", std::process::id());
+                fs::write(&name_file, &n)?;
+                n
+            }
+        };
+        // The node and any CLI tool read the cookie from $HOME; it must not be readable by
+        // others, or Erlang refuses it.
+        let cookie = home.join(".erlang.cookie");
+        if !cookie.exists() {
+            use std::io::Read;
+            use std::os::unix::fs::PermissionsExt;
+            let mut raw = [0u8; 16];
+            fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+            let text: String = raw.iter().map(|b| format!("{b:02X}")).collect();
+            fs::write(&cookie, text)?;
+            fs::set_permissions(&cookie, fs::Permissions::from_mode(0o400))?;
+        }
+        let enabled_plugins = base.join("enabled_plugins");
+        fs::write(&enabled_plugins, "[].\n")?;
+        let env_file = base.join("rabbitmq-env.conf");
+        fs::write(
+            &env_file,
+            "# written by outboxd-bench: nothing from /etc/rabbitmq\n",
+        )?;
+        let port = free_port()?;
+        let dist_port = free_port()?;
+        let epmd_port = free_port()?;
+        let conf = base.join("rabbitmq.conf");
+        fs::write(
+            &conf,
+            format!(
+                "# written by outboxd-bench\n\
+                 listeners.tcp.default = 127.0.0.1:{port}\n\
+                 loopback_users = none\n\
+                 log.console = false\n\
+                 log.file.level = warning\n"
+            ),
+        )?;
+        let mut epmd = Command::new("epmd")
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.try_clone()?)
+            .spawn()
+            .context("starting epmd (apt-get install rabbitmq-server brings it)")?;
+        if let Err(e) = wait_for_port(epmd_port, &mut epmd, Duration::from_secs(30)) {
+            let _ = epmd.kill();
+            let _ = epmd.wait();
+            return Err(e.context("epmd"));
+        }
+        // The script itself, not /usr/sbin/rabbitmq-server (which switches to the rabbitmq
+        // user). With RABBITMQ_ALLOW_INPUT it execs erl, which execs beam.smp, so the child is
+        // the node itself; -noinput keeps the Erlang shell off all the same.
+        let spawned = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            .env("HOME", &home)
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-noinput -kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("RABBITMQ_CONF_ENV_FILE", &env_file)
+            .env("RABBITMQ_CONFIG_FILE", &conf)
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                base.join("advanced.config"),
+            )
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", &enabled_plugins)
+            .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", base.join("log"))
+            .env("RABBITMQ_PID_FILE", base.join("pid"))
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_USE_LONGNAME", "false")
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting rabbitmq-server (apt-get install rabbitmq-server)");
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = epmd.kill();
+                let _ = epmd.wait();
+                return Err(e);
+            }
+        };
+        let ready = wait_for_port(port, &mut child, Duration::from_secs(300)).and_then(|()| {
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                match amqp_handshake(port) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if Instant::now() > until => {
+                        return Err(e.context("rabbitmq: no AMQP handshake within 60 s"))
+                    }
+                    Err(_) => {}
+                }
+                if let Some(status) = child.try_wait()? {
+                    bail!("rabbitmq-server exited while starting: {status}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        if let Err(e) = ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = epmd.kill();
+            let _ = epmd.wait();
+            return Err(e.context(format!(
+                "rabbitmq node {node} (its logs: {})",
+                base.join("log").display()
+            )));
+        }
+        let pid = beam_of(child.id());
+        Ok(Broker {
+            pid,
+            child,
+            helper: Some(epmd),
+            endpoint: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
             admin: None,
             ready_after: started.elapsed(),
         })
@@ -453,6 +624,15 @@ impl Broker {
 
     /// Ends the broker: SIGTERM and a wait (graceful), or SIGKILL.
     pub fn stop(mut self, kill: bool) -> Result<()> {
+        self.stop_broker(kill)?;
+        if let Some(mut h) = self.helper.take() {
+            let _ = h.kill();
+            h.wait()?;
+        }
+        Ok(())
+    }
+
+    fn stop_broker(&mut self, kill: bool) -> Result<()> {
         if kill {
             self.child.kill()?;
         } else {
@@ -603,11 +783,55 @@ pub fn commit_groups_at(admin: &str) -> Option<u64> {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        for c in std::iter::once(&mut self.child).chain(self.helper.as_mut()) {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
+}
+
+/// Opens an AMQP 0-9-1 connection to 127.0.0.1:`port` far enough to read the server's first
+/// frame; Ok when it is a method frame (`connection.start`).
+fn amqp_handshake(port: u16) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"AMQP\x00\x00\x09\x01")?;
+    let mut head = [0u8; 7];
+    s.read_exact(&mut head)?;
+    if head[0] != 1 {
+        bail!(
+            "rabbitmq answered the AMQP header with frame type {}",
+            head[0]
+        );
+    }
+    Ok(())
+}
+
+/// The beam.smp process of a node started as `pid`: `pid` itself when the start script
+/// exec'd into it (as it does here), else its first descendant named beam.smp.
+fn beam_of(pid: u32) -> u32 {
+    let comm = |p: u32| fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    if comm(pid).trim() == "beam.smp" {
+        return pid;
+    }
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        let children = fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            if comm(c).trim() == "beam.smp" {
+                return c;
+            }
+            frontier.push(c);
+        }
+    }
+    pid
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -801,6 +1025,10 @@ pub fn version(system: System, paths: &Paths) -> String {
         System::Mosquitto | System::MosquittoWs => Command::new("mosquitto").arg("-h").output(),
         System::Nats | System::NatsWs => Command::new("nats-server").arg("--version").output(),
         System::Redis => Command::new("redis-server").arg("--version").output(),
+        System::Rabbitmq => Command::new("dpkg-query")
+            .args(["-W", "-f", "rabbitmq-server ${Version}\\n"])
+            .arg("rabbitmq-server")
+            .output(),
     };
     match out {
         Ok(o) => {

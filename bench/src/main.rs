@@ -39,7 +39,7 @@ enum Which {
 #[derive(Parser, Debug)]
 #[command(
     name = "outboxd-bench",
-    about = "Side-by-side benchmark: outboxd, Mosquitto, NATS JetStream, Redis Streams"
+    about = "Side-by-side benchmark: outboxd, Mosquitto, NATS JetStream, Redis Streams, RabbitMQ"
 )]
 struct Args {
     /// Systems to measure, in this order within each repetition.

@@ -311,7 +311,7 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
     let w = &mut o;
     let _ = writeln!(
         w,
-        "# Benchmarks: outboxd, Mosquitto, NATS JetStream and Redis Streams, side by side\n"
+        "# Benchmarks: outboxd, Mosquitto, NATS JetStream, Redis Streams and RabbitMQ, side by side\n"
     );
     let _ = writeln!(
         w,
@@ -571,8 +571,10 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
             "outboxd: a topic publish (one copy per subscriber's outbox, written before the \
              `ok`); Mosquitto: one QoS 1 topic, N persistent sessions; NATS: one stream, N \
              durable pull consumers (interest retention); Redis: one stream per subscriber, \
-             the N XADDs of a message in one MULTI/EXEC. Closed loop as in saturation, gated \
-             by the slowest subscriber.\n"
+             the N XADDs of a message in one MULTI/EXEC; RabbitMQ: one quorum queue per \
+             subscriber, each bound to one fanout exchange, so a publish is stored N times and \
+             confirmed once every queue has it. Closed loop as in saturation, gated by the \
+             slowest subscriber.\n"
         );
         let mut ns: Vec<usize> = fan.iter().map(|x| x.subscribers).collect();
         ns.sort();
@@ -641,7 +643,8 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
              subscriber on its own connection (outboxd: a direct publish to `client:sub-i`; \
              Mosquitto: topic `bench/t/i`, QoS 1, `clean_session = false`; NATS: subject \
              `bench.t.i` on the one stream, a durable pull consumer per subscriber filtered on \
-             it; Redis: stream `bench:sub-i`, read through a consumer group). Each publisher sends one message every {period_s} s; the N schedules are \
+             it; Redis: stream `bench:sub-i`, read through a consumer group; RabbitMQ: quorum \
+             queue `bench.sub-i` through the default exchange). Each publisher sends one message every {period_s} s; the N schedules are \
              spread evenly over the period, so N msg/s are offered in total. Latency is from \
              the intended send time, as in the latency table; loss is checked per pair. \
              Connections: publishers + subscribers established, of 2 N.\n"
@@ -695,8 +698,9 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
         let _ = writeln!(
             w,
             "N clients connect (64 handshakes in flight; outboxd: upgrade + hello + welcome, \
-             which creates the client's outbox; MQTT: CONNECT/CONNACK; NATS: INFO/CONNECT), then \
-             stay idle with a 5 s heartbeat (outboxd ping, MQTT keepalive, NATS client ping) for \
+             which creates the client's outbox; MQTT: CONNECT/CONNACK; NATS: INFO/CONNECT; AMQP: \
+             the connection handshake), then stay idle with a 5 s heartbeat (outboxd ping, MQTT \
+             keepalive, NATS client ping, AMQP heartbeat) for \
              the hold time. RSS per connection = (broker RSS after the hold − RSS before) / N.\n"
         );
         let _ = writeln!(
@@ -829,6 +833,25 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
              delivery is fsync'd in its event-loop turn like a publish."
         );
     }
+    if systems.contains(&System::Rabbitmq) {
+        let _ = writeln!(
+            w,
+            "- RabbitMQ: Debian's `rabbitmq-server` 3.10, one node per case started as a plain \
+             process (its own epmd on a free port, Erlang cookie, node name, AMQP and \
+             distribution ports on 127.0.0.1, `RABBITMQ_MNESIA_BASE` and `RABBITMQ_LOG_BASE` \
+             in the temp dir; no plugins, so no management plugin; otherwise its defaults). \
+             One durable quorum queue per subscriber (`x-queue-type = quorum`, one member; \
+             `bench.sub-N`); fan-out through a durable fanout exchange every subscriber's \
+             queue is bound to, so each publish is stored once per subscriber. A quorum queue \
+             confirms a message once it is in its Raft log, whose WAL is fdatasync'd first. \
+             Client: lapin (AMQP 0-9-1), one channel in confirm mode per publisher, \
+             persistent messages (`delivery_mode` 2) published `mandatory` (a returned \
+             message counts as a failure), at most {PUBLISH_WINDOW} unconfirmed in the closed \
+             loop; subscribers consume with manual acks, one `basic.ack` per message, \
+             `basic.qos` prefetch {}. Measured: the node's beam.smp process.",
+            crate::adapters::DELIVERY_WINDOW
+        );
+    }
     if systems.contains(&System::MosquittoWs) {
         let _ = writeln!(
             w,
@@ -861,10 +884,11 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
 }
 
 /// Every system outboxd is compared with, over either transport.
-const PEERS: [System; 5] = [
+const PEERS: [System; 6] = [
     System::Mosquitto,
     System::Nats,
     System::Redis,
+    System::Rabbitmq,
     System::MosquittoWs,
     System::NatsWs,
 ];
@@ -1006,6 +1030,7 @@ pub fn svg(r: &Report, systems: &[System]) -> String {
         System::Redis => "#ff7f0e",
         System::OutboxdPg => "#9467bd",
         System::OutboxdPg3 => "#8c564b",
+        System::Rabbitmq => "#e377c2",
     };
     let lat: Vec<&Summary> = r
         .summary

@@ -991,6 +991,25 @@ async fn idle_client(
                 }
             }
         }
+        Protocol::Amqp => {
+            // AMQP heartbeats at the interval asked for in the URI (lapin sends them from its
+            // connection's own I/O thread).
+            let uri = format!("{endpoint}?heartbeat={}", hb.as_secs().max(1));
+            let Ok(conn) =
+                lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            loop {
+                tokio::time::sleep(hb).await;
+                if !conn.status().connected() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
     }
 }
 
