@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the benchmark suite: outboxd against Mosquitto, NATS JetStream and Redis Streams, side by
-# side.
+# Runs the benchmark suite: outboxd against Mosquitto, NATS JetStream, Redis Streams and RabbitMQ,
+# side by side.
 #
 #   bench/run.sh                 the full suite (about 15 to 20 minutes on 2 cores); writes
 #                                bench/results/latest.json, bench/results/latency.svg and
@@ -24,10 +24,11 @@
 #                                (target/release/outboxd-bench --help lists them); --systems
 #                                replaces the default list below
 #
-# Installs the peers from Debian's packages (mosquitto, nats-server, redis-server; linux-perf to
-# count fsync calls; postgresql for --pg) when they are missing and this runs as root with
-# apt-get. Each case starts its broker itself, on 127.0.0.1 with a fresh temp data dir, and stops
-# it afterwards. The PostgreSQL systems run on one cluster per run (tools/pg-cluster.sh, which the
+# Installs the peers from Debian's packages (mosquitto, nats-server, redis-server; rabbitmq-server,
+# except for --smoke, which leaves RabbitMQ out; linux-perf to count fsync calls; postgresql for
+# --pg) when they are missing and this runs as root with apt-get. Each case starts its broker
+# itself, on 127.0.0.1 with a fresh temp data dir, and stops it afterwards (RabbitMQ as a plain
+# process with its own epmd, cookie and node name, whatever the package's service does). The PostgreSQL systems run on one cluster per run (tools/pg-cluster.sh, which the
 # driver stops at its end, on an error, and on SIGINT or SIGTERM), a fresh database per case.
 set -euo pipefail
 
@@ -60,19 +61,24 @@ if (( ! pg )); then
     command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # The driver runs the start script itself (the one in /usr/sbin switches user).
+    if (( ! smoke )) && [[ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
+        missing+=(rabbitmq-server)
+    fi
 elif ! tools/pg-cluster.sh check >/dev/null 2>&1; then
     missing+=(postgresql)
 fi
 if (( ! smoke )) && ! command -v perf >/dev/null 2>&1; then
     missing+=(linux-perf)
 fi
-# The peers over TCP, then over their WebSocket listeners; the smoke run keeps to TCP.
+# The peers over TCP, then over their WebSocket listeners; the smoke run keeps to TCP and leaves
+# RabbitMQ out (its node takes about 5 s to start).
 if (( smoke )); then
     systems=outboxd,mosquitto,nats,redis
 elif (( pg )); then
     systems=outboxd,outboxd-pg,outboxd-pg3
 else
-    systems=outboxd,mosquitto,nats,redis,mosquitto-ws,nats-ws
+    systems=outboxd,mosquitto,nats,redis,rabbitmq,mosquitto-ws,nats-ws
 fi
 if (( ${#missing[@]} )); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
-//! outboxd-bench: one driver, four adapters (outboxd, Mosquitto, NATS JetStream, Redis
-//! Streams; Mosquitto and NATS over TCP or over their WebSocket listeners), the workloads of
+//! outboxd-bench: one driver, five adapters (outboxd, Mosquitto, NATS JetStream, Redis
+//! Streams, RabbitMQ; Mosquitto and NATS over TCP or over their WebSocket listeners), the workloads of
 //! issue 7, and the report. outboxd runs on its sled store, or on PostgreSQL (`outboxd-pg`,
 //! `outboxd-pg3`) beside it.
 //! `bench/run.sh` installs the peers, builds, and runs this; see docs/benchmarks.md for the
@@ -47,7 +47,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "outboxd,mosquitto,nats,redis,mosquitto-ws,nats-ws"
+        default_value = "outboxd,mosquitto,nats,redis,rabbitmq,mosquitto-ws,nats-ws"
     )]
     systems: Vec<System>,
     /// Workloads to run.
