@@ -993,8 +993,9 @@ async fn idle_client(
         }
         Protocol::Amqp => {
             // AMQP heartbeats at the interval asked for in the URI (lapin sends them from its
-            // connection's own I/O thread).
-            let uri = format!("{endpoint}?heartbeat={}", hb.as_secs().max(1));
+            // connection's own I/O thread); small frames, as lapin's buffers are 32 frames.
+            let uri =
+                adapters::amqp_small_uri(endpoint, &format!("heartbeat={}", hb.as_secs().max(1)));
             let Ok(conn) =
                 lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await
             else {
