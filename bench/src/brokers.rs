@@ -634,6 +634,10 @@ impl Broker {
 
     fn stop_broker(&mut self, kill: bool) -> Result<()> {
         if kill {
+            // The process watched, if the child is only a wrapper around it.
+            if self.pid != self.child.id() {
+                signal(self.pid, "KILL");
+            }
             self.child.kill()?;
         } else {
             signal(self.pid, "TERM");
@@ -783,6 +787,9 @@ pub fn commit_groups_at(admin: &str) -> Option<u64> {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if self.pid != self.child.id() && matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid, "KILL");
+        }
         for c in std::iter::once(&mut self.child).chain(self.helper.as_mut()) {
             if let Ok(None) = c.try_wait() {
                 let _ = c.kill();
