@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two outboxd builds against each other, in alternating runs (A B, then B A, ...), so a noisy
-# machine's drift lands on both: saturation 1 -> 1 at 256 B and the p99 at a fixed rate.
+# machine's drift lands on both: saturation 1 -> 1 at 256 B (with the bytes written per message
+# and the broker's CPU) and the p50 and p99 at a fixed rate.
 #
 # Usage: bench/alternate.sh OLD_OUTBOXD NEW_OUTBOXD [PAIRS] [RATE]   (defaults: 8 pairs, 5000)
 # Needs target/release/outboxd-bench (cargo build --release -p outboxd-bench). Prints each
@@ -25,19 +26,26 @@ python3 - "$out" <<'PY'
 import glob, json, statistics as st, sys
 out = sys.argv[1]
 def runs(which):
-    sat, p99 = [], []
+    m = {"sat": [], "bytes": [], "cpu": [], "p50": [], "p99": []}
     for f in glob.glob(f"{out}/{which}-*.json"):
         for s in json.load(open(f))["summary"]:
             if s["workload"] == "saturation":
-                sat.append(s["delivered_per_s"]["median"])
+                m["sat"].append(s["delivered_per_s"]["median"])
+                if s.get("write_bytes_per_delivery"):
+                    m["bytes"].append(s["write_bytes_per_delivery"]["median"])
+                if s.get("cpu_pct"):
+                    m["cpu"].append(s["cpu_pct"]["median"])
             elif s["workload"] == "latency":
-                p99.append(s["p99_us"]["median"])
-    return sat, p99
+                m["p50"].append(s["p50_us"]["median"])
+                m["p99"].append(s["p99_us"]["median"])
+    return m
 res = {w: runs(w) for w in ("old", "new")}
-for w, (sat, p99) in res.items():
-    q = lambda xs: " / ".join(f"{v:.0f}" for v in st.quantiles(xs, n=4))
-    print(f"{w}: saturation msg/s (q1 / median / q3) {q(sat)}; p99 µs {q(p99)}")
+names = {"sat": "saturation msg/s", "bytes": "bytes written/msg (saturation)",
+         "cpu": "broker CPU % (saturation)", "p50": f"p50 µs at the rate", "p99": "p99 µs at the rate"}
+for w, m in res.items():
+    q = lambda xs: " / ".join(f"{v:.0f}" for v in st.quantiles(xs, n=4)) if len(xs) > 1 else "-"
+    print(f"{w}: " + "; ".join(f"{names[k]} (q1 / median / q3) {q(v)}" for k, v in m.items()))
 o, n = res["old"], res["new"]
-print(f"new/old: saturation {st.median(n[0]) / st.median(o[0]):.3f}, p99 {st.median(n[1]) / st.median(o[1]):.3f}")
+print("new/old: " + ", ".join(f"{k} {st.median(n[k]) / st.median(o[k]):.3f}" for k in o if o[k] and n[k]))
 print(f"runs kept in {out}")
 PY

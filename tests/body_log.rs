@@ -305,3 +305,71 @@ async fn an_outbox_that_never_acks_does_not_keep_the_body_log_growing() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_outlive_the_segments_their_messages_were_in() {
+    // Catches a run of idempotency keys lost when the segment it was written to is compacted
+    // or deleted with its acked messages: a retry would then be written twice.
+    let mut broker = Broker::start(small_segments());
+    let data = broker.data_dir();
+    let (mut alice, _) = broker.client("alice").await;
+    let (mut bob, _) = broker.client("bob").await;
+    const SENT: u64 = 300;
+    let mut ids = Vec::new();
+    for n in 0..SENT {
+        alice
+            .send(
+                json!({"type": "publish", "ref": n, "to": "client:bob", "payload": big(n),
+                         "key": format!("order-{n:06}")}),
+            )
+            .await;
+        if n % 50 == 49 {
+            for _ in 0..50 {
+                let a = alice.recv_skip_pings().await;
+                assert_eq!(a["type"], "ok", "{a}");
+                ids.push(a["id"].clone());
+            }
+        }
+    }
+    let msgs = bob.recv_msgs(SENT as usize).await;
+    bob.ack_upto(common::seq(msgs.last().expect("msgs"))).await;
+    bob.sync().await;
+    // Every message is acked: their segments go, the key runs in them are moved first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !broker.stderr().contains("moved the bodies still stored") {
+        assert!(
+            Instant::now() < deadline,
+            "no compaction: {}",
+            broker.stderr()
+        );
+        alice
+            .publish_ok("tick", "topic:nobody", json!("tick"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    alice
+        .publish_ok("tock", "topic:nobody", json!("tock"))
+        .await;
+    assert!(body_log_bytes(&data) < 3 << 20, "{}", body_log_bytes(&data));
+    drop(alice);
+    drop(bob);
+    broker.kill9();
+    broker.restart();
+    let (mut alice, _) = broker.client("alice").await;
+    for n in 0..SENT {
+        let a = alice
+            .request(
+                json!({"type": "publish", "ref": n, "to": "client:bob", "payload": big(n),
+                            "key": format!("order-{n:06}")}),
+            )
+            .await;
+        assert_eq!(a["type"], "ok", "{a}");
+        assert_eq!(a["duplicate"], true, "retry {n} written again: {a}");
+        assert_eq!(
+            a["id"], ids[n as usize],
+            "retry {n} answered with another id"
+        );
+    }
+    let (_, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], 0, "{w}");
+}

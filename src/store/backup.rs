@@ -74,8 +74,8 @@ fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
 /// must not exist or be empty and must lie outside `data_dir` ([`check_target`]), and makes
 /// the copy durable before returning.
 ///
-/// The copy holds every body inline (see `chunks::inline`): it stands without the body log, so
-/// a copy is one sled db, as before the body log.
+/// The copy holds every body and every run of idempotency keys inline (see `chunks::inline`):
+/// it stands without the body log, so a copy is one sled db, as before the body log.
 pub(super) fn copy_trees(
     clients: &sled::Tree,
     outbox: &sled::Tree,
@@ -113,13 +113,15 @@ pub(super) fn copy_trees(
         let mut in_batch = 0;
         for item in tree.iter() {
             let (k, v) = item?;
-            let v = if name == "outbox" && k.first() == Some(&keys::MSG) {
-                match chunks::inline(&k, &v, bodies)? {
+            let v = match k.first() {
+                Some(&keys::MSG) if name == "outbox" => match chunks::inline(&k, &v, bodies)? {
                     Some(v) => v,
                     None => continue,
+                },
+                Some(&keys::DEDUP_RUN) if name == "outbox" && super::bodies::is_ref(&v) => {
+                    sled::IVec::from(super::records::encode(&super::dedup::run(&k, &v, bodies)?)?)
                 }
-            } else {
-                v
+                _ => v,
             };
             out.bytes += (k.len() + v.len()) as u64;
             batch.insert(k, v);

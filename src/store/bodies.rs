@@ -135,6 +135,31 @@ fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
     None
 }
 
+/// A reference to a record other than a message body (a run of idempotency keys) followed by
+/// `rest`: the mark, segment, offset and length as varints, then `rest` as it is.
+pub(super) fn encode_place(r: BodyRef, rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + rest.len());
+    out.push(MARK);
+    for v in [r.seg, r.off, u64::from(r.len)] {
+        put_varint(&mut out, v);
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The reference and the rest of a value written by [`encode_place`]; None for any other
+/// value (a record of the codec starts with its format version, never with the mark).
+pub(super) fn decode_place(value: &[u8]) -> Option<(BodyRef, &[u8])> {
+    let (&mark, mut rest) = value.split_first()?;
+    if mark != MARK {
+        return None;
+    }
+    let seg = take_varint(&mut rest)?;
+    let off = take_varint(&mut rest)?;
+    let len = u32::try_from(take_varint(&mut rest)?).ok()?;
+    Some((BodyRef { seg, off, len }, rest))
+}
+
 /// Whether a chunk entry is a reference (or a body stored inline, as before the body log).
 pub(super) fn is_ref(entry: &[u8]) -> bool {
     entry.first() == Some(&MARK)
@@ -324,17 +349,33 @@ fn check_record(r: BodyRef, record: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The writer's side of the body log: appends, syncs, counts references, deletes segments.
-pub(super) struct BodyLog {
-    segs: Arc<Segments>,
-    /// The segment being appended to, and its length on disk (written, maybe not yet synced).
-    current: u64,
+/// Where an append goes. The young head takes what is written now; the cold head takes what a
+/// compaction moves (message bodies and key runs that outlived their segment), so the young
+/// head's segments tend to die whole and what is long-lived is moved about once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    Young = 0,
+    Cold = 1,
+}
+
+/// A segment being appended to.
+struct Head {
+    seg: u64,
     file: File,
+    /// Its length on disk (written, maybe not yet synced).
     len: u64,
     /// Records appended since the last write, to go at `len`.
     pending: Vec<u8>,
     /// Whether `file` has writes not yet fdatasynced.
     unsynced: bool,
+}
+
+/// The writer's side of the body log: appends, syncs, counts references, deletes segments.
+pub(super) struct BodyLog {
+    segs: Arc<Segments>,
+    heads: [Head; 2],
+    /// The number the next new segment gets.
+    next_seg: u64,
     /// References into each segment, as the tree holds them (counted up as a group is taken,
     /// down only once a removal is durable).
     refs: HashMap<u64, u64>,
@@ -343,13 +384,13 @@ pub(super) struct BodyLog {
     /// Segments left behind by a roll, deleted at the next [`BodyLog::free`] if nothing refers
     /// to them then.
     rolled: Vec<u64>,
-    /// The chunks (keys) that refer to each segment now, with how many references each: what
-    /// [`BodyLog::compaction`] moves.
-    holders: HashMap<u64, HashMap<ChunkKey, u32>>,
+    /// The records (keys: message chunks, key runs) that refer to each segment now, with how
+    /// many references each: what [`BodyLog::compaction`] moves.
+    holders: HashMap<u64, HashMap<Vec<u8>, u32>>,
     /// Bytes of the records the tree refers to in each segment (a body shared by several
     /// chunks counts once per chunk).
     live: HashMap<u64, u64>,
-    /// Sizes of the segments before the current one, and since when they are full.
+    /// Sizes of the segments no longer appended to, and since when they are full.
     sizes: HashMap<u64, (u64, Instant)>,
     /// A full segment is compacted no sooner than this after it filled: a subscriber that is
     /// draining it acks its messages first, and nothing is copied for nothing.
@@ -368,11 +409,21 @@ const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
 const COMPACT_AFTER: Duration = Duration::from_secs(60);
 
+fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
+    Ok(Head {
+        seg,
+        file: create_segment(segs, seg)?,
+        len: 0,
+        pending: Vec::new(),
+        unsynced: false,
+    })
+}
+
 impl BodyLog {
-    /// Opens the body log of `data_dir` for the writer: counts the references `tree` holds,
-    /// deletes the segments none refers to and starts a new one. `tree` is the recovered outbox
-    /// tree (after the journal's replay); the open check has made sure every reference points
-    /// into a segment that holds it.
+    /// Opens the body log of `data_dir` for the writer: counts the references `tree` holds
+    /// (message chunks and key runs), deletes the segments none refers to and starts new
+    /// heads. `tree` is the recovered outbox tree (after the journal's replay); the open check
+    /// has made sure every reference points into a segment that holds it.
     pub(super) fn open(
         segs: Arc<Segments>,
         tree: &sled::Tree,
@@ -389,14 +440,10 @@ impl BodyLog {
             .collect();
         let next = existing.iter().max().map_or(1, |m| m + 1);
         fs::create_dir_all(&segs.dir)?;
-        let file = create_segment(&segs, next)?;
         let mut log = BodyLog {
+            heads: [head(&segs, next)?, head(&segs, next + 1)?],
+            next_seg: next + 2,
             segs: Arc::clone(&segs),
-            current: next,
-            file,
-            len: 0,
-            pending: Vec::new(),
-            unsynced: false,
             refs: HashMap::new(),
             released: Vec::new(),
             rolled: Vec::new(),
@@ -409,11 +456,14 @@ impl BodyLog {
         };
         for item in tree.scan_prefix([super::keys::MSG]) {
             let (k, v) = item?;
-            let Ok(key) = ChunkKey::try_from(k.as_ref()) else {
-                continue;
-            };
             for r in super::chunks::refs(&k, &v)? {
-                log.add(key, r);
+                log.add(&k, r);
+            }
+        }
+        for item in tree.scan_prefix([super::keys::DEDUP_RUN]) {
+            let (k, v) = item?;
+            if let Some((r, _)) = decode_place(&v) {
+                log.add(&k, r);
             }
         }
         let mut removed = 0;
@@ -438,80 +488,90 @@ impl BodyLog {
         Ok(log)
     }
 
+    /// Whether `seg` is being appended to.
+    fn is_head(&self, seg: u64) -> bool {
+        self.heads.iter().any(|h| h.seg == seg)
+    }
+
     /// The segments, for readers.
     pub(super) fn segments(&self) -> Arc<Segments> {
         Arc::clone(&self.segs)
     }
 
-    /// Appends `body`; the reference is good once [`BodyLog::sync`] has returned.
-    pub(super) fn append(&mut self, body: &[u8]) -> BodyRef {
+    /// Appends `body` at the head of `lane`; the reference is good once [`BodyLog::sync`] has
+    /// returned.
+    pub(super) fn append(&mut self, lane: Lane, body: &[u8]) -> BodyRef {
+        let h = &mut self.heads[lane as usize];
         let r = BodyRef {
-            seg: self.current,
-            off: self.len + self.pending.len() as u64,
-            // Bodies are far below 4 GiB (payloads are capped at 64 KiB).
+            seg: h.seg,
+            off: h.len + h.pending.len() as u64,
+            // Bodies are far below 4 GiB (payloads are capped at 64 KiB, key runs at 48 KiB).
             len: u32::try_from(body.len()).unwrap_or(u32::MAX),
         };
-        self.pending.extend_from_slice(&r.len.to_le_bytes());
-        self.pending
+        h.pending.extend_from_slice(&r.len.to_le_bytes());
+        h.pending
             .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        self.pending.extend_from_slice(body);
+        h.pending.extend_from_slice(body);
         r
     }
 
     /// Writes the bodies appended so far and fdatasyncs them: called before any reference to
-    /// them reaches sled. Then starts a new segment if this one is full.
+    /// them reaches sled. Then starts a new segment for a head that is full.
     pub(super) fn sync(&mut self) -> io::Result<()> {
-        if !self.pending.is_empty() {
-            self.file.write_all_at(&self.pending, self.len)?;
-            self.len += self.pending.len() as u64;
-            self.pending.clear();
-            self.unsynced = true;
+        for h in &mut self.heads {
+            if !h.pending.is_empty() {
+                h.file.write_all_at(&h.pending, h.len)?;
+                h.len += h.pending.len() as u64;
+                h.pending.clear();
+                h.unsynced = true;
+            }
+            if h.unsynced && self.fsync {
+                h.file.sync_data()?;
+            }
+            h.unsynced = false;
         }
-        if self.unsynced && self.fsync {
-            self.file.sync_data()?;
-        }
-        self.unsynced = false;
-        if self.len >= self.segment_bytes {
-            self.roll()?;
+        for i in 0..self.heads.len() {
+            if self.heads[i].len >= self.segment_bytes {
+                self.roll(i)?;
+            }
         }
         Ok(())
     }
 
-    /// Starts a new segment. The old one is never deleted here: the group just written may
-    /// refer to it before its references are counted; [`BodyLog::free`] decides after the
-    /// commit.
-    fn roll(&mut self) -> io::Result<()> {
-        let old = self.current;
-        self.file = create_segment(&self.segs, old + 1)?;
-        self.current = old + 1;
-        self.sizes.insert(old, (self.len, Instant::now()));
-        self.rolled.push(old);
-        self.len = 0;
-        debug!(segment = self.current, "body log: new segment");
+    /// Starts a new segment for head `i`. The old one is never deleted here: the group just
+    /// written may refer to it before its references are counted; [`BodyLog::free`] decides
+    /// after the commit.
+    fn roll(&mut self, i: usize) -> io::Result<()> {
+        let new = head(&self.segs, self.next_seg)?;
+        self.next_seg += 1;
+        let old = std::mem::replace(&mut self.heads[i], new);
+        self.sizes.insert(old.seg, (old.len, Instant::now()));
+        self.rolled.push(old.seg);
+        debug!(segment = self.heads[i].seg, "body log: new segment");
         Ok(())
     }
 
-    /// Counts a reference the tree now holds in the chunk under `key`.
-    pub(super) fn add(&mut self, key: ChunkKey, r: BodyRef) {
+    /// Counts a reference the tree now holds in the record under `key`.
+    pub(super) fn add(&mut self, key: &[u8], r: BodyRef) {
         *self.refs.entry(r.seg).or_default() += 1;
         *self
             .holders
             .entry(r.seg)
             .or_default()
-            .entry(key)
+            .entry(key.to_vec())
             .or_default() += 1;
         *self.live.entry(r.seg).or_default() += HEADER as u64 + u64::from(r.len);
     }
 
     /// Notes a reference the chunk under `key` no longer holds; its count drops at
     /// [`BodyLog::free`], once the removal is durable.
-    pub(super) fn release(&mut self, key: ChunkKey, r: BodyRef) {
+    pub(super) fn release(&mut self, key: &[u8], r: BodyRef) {
         self.released.push(r.seg);
         if let Some(h) = self.holders.get_mut(&r.seg) {
-            if let Some(n) = h.get_mut(&key) {
+            if let Some(n) = h.get_mut(key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    h.remove(&key);
+                    h.remove(key);
                 }
             }
             if h.is_empty() {
@@ -527,12 +587,12 @@ impl BodyLog {
     /// [`COMPACT_AFTER`] at least, less than half of whose bytes the tree still refers to, and the chunks that refer to it, up to about
     /// [`COMPACT_BYTES`] of bodies. The writer rewrites those chunks with their bodies appended
     /// again ([`BodyLog::append`]); once that is durable the segment goes.
-    pub(super) fn compaction(&self) -> Option<(u64, Vec<ChunkKey>)> {
+    pub(super) fn compaction(&self) -> Option<(u64, Vec<Vec<u8>>)> {
         let seg = self
             .holders
             .keys()
             .copied()
-            .filter(|seg| *seg != self.current)
+            .filter(|seg| !self.is_head(*seg))
             .filter(|seg| {
                 let Some((size, full_since)) = self.sizes.get(seg) else {
                     return false;
@@ -548,7 +608,7 @@ impl BodyLog {
         let take = usize::try_from(COMPACT_BYTES / per_chunk)
             .unwrap_or(usize::MAX)
             .max(1);
-        let mut keys: Vec<ChunkKey> = holders.keys().copied().collect();
+        let mut keys: Vec<Vec<u8>> = holders.keys().cloned().collect();
         keys.sort_unstable();
         keys.truncate(take);
         Some((seg, keys))
@@ -575,7 +635,7 @@ impl BodyLog {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.refs.remove(&seg);
-                if seg != self.current {
+                if !self.is_head(seg) {
                     self.delete(seg);
                 }
             }
@@ -607,11 +667,11 @@ impl BodyLog {
 
 impl Bodies for BodyLog {
     fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
-        if r.seg == self.current && r.off >= self.len {
-            let at = (r.off - self.len) as usize;
-            let record = self
-                .pending
-                .get(at..at + HEADER + r.len as usize)
+        if let Some(h) = self.heads.iter().find(|h| h.seg == r.seg && r.off >= h.len) {
+            let at = usize::try_from(r.off - h.len).unwrap_or(usize::MAX);
+            let record = at
+                .checked_add(HEADER + r.len as usize)
+                .and_then(|end| h.pending.get(at..end))
                 .ok_or_else(|| damaged(r, "past the end of the group's bodies"))?;
             check_record(r, record)?;
             return Ok(Some(record[HEADER..].to_vec()));
@@ -713,11 +773,11 @@ mod tests {
             None,
         )
         .unwrap();
-        let a = log.append(b"first body");
-        let b = log.append(b"second");
+        let a = log.append(Lane::Young, b"first body");
+        let b = log.append(Lane::Young, b"second");
         assert_eq!(log.body(a).unwrap().unwrap(), b"first body");
         log.sync().unwrap();
-        let c = log.append(b"third");
+        let c = log.append(Lane::Young, b"third");
         assert_eq!(log.body(b).unwrap().unwrap(), b"second");
         assert_eq!(log.body(c).unwrap().unwrap(), b"third");
         let readers = log.segments();
@@ -736,7 +796,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let a = log.append(b"a body of some length");
+        let a = log.append(Lane::Young, b"a body of some length");
         log.sync().unwrap();
         let path = dir.path().join(DIR).join(segment_name(a.seg));
         let mut bytes = fs::read(&path).unwrap();
@@ -762,30 +822,30 @@ mod tests {
         let segs = Segments::open(dir.path(), true).unwrap();
         let mut log = BodyLog::open(segs, &t, false, Some(1 << 20), None).unwrap();
         let big = vec![7u8; 600 << 10];
-        let a = log.append(&big);
-        let b = log.append(&big);
+        let a = log.append(Lane::Young, &big);
+        let b = log.append(Lane::Young, &big);
         log.sync().unwrap();
-        assert_ne!(log.current, a.seg, "a full segment rolls over");
+        assert_ne!(log.heads[0].seg, a.seg, "a full segment rolls over");
         // The group's references are counted after its bodies are written (and the roll).
-        log.add(KEY_A, a);
-        log.add(KEY_B, b);
+        log.add(&KEY_A, a);
+        log.add(&KEY_B, b);
         log.free();
         assert_eq!(
             log.counts(),
-            (2, 2),
-            "a rolled segment that is referred to stays"
+            (3, 2),
+            "a rolled segment that is referred to stays (beside the two heads)"
         );
-        log.release(KEY_A, a);
+        log.release(&KEY_A, a);
         assert_eq!(
             log.counts(),
-            (2, 2),
+            (3, 2),
             "nothing is freed before the removal is durable"
         );
         log.free();
-        assert_eq!(log.counts(), (2, 1));
-        log.release(KEY_B, b);
+        assert_eq!(log.counts(), (3, 1));
+        log.release(&KEY_B, b);
         log.free();
-        assert_eq!(log.counts(), (1, 0), "only the current segment is left");
+        assert_eq!(log.counts(), (2, 0), "only the two heads are left");
         assert!(log.segments().body(a).unwrap().is_none());
     }
 
@@ -798,10 +858,10 @@ mod tests {
         let (_db, t) = tree();
         let segs = Segments::open(dir.path(), true).unwrap();
         let mut log = BodyLog::open(segs, &t, true, Some(1 << 10), None).unwrap();
-        let a = log.append(&[1u8; 2000]);
+        let a = log.append(Lane::Young, &[1u8; 2000]);
         log.sync().unwrap();
-        assert_ne!(log.current, a.seg);
-        log.add(KEY_A, a);
+        assert_ne!(log.heads[0].seg, a.seg);
+        log.add(&KEY_A, a);
         log.free();
         assert_eq!(log.body(a).unwrap().unwrap(), vec![1u8; 2000]);
     }
@@ -812,12 +872,14 @@ mod tests {
         let (_db, t) = tree();
         let segs = Segments::open(dir.path(), true).unwrap();
         let mut log = BodyLog::open(segs, &t, true, Some(10_000), Some(Duration::ZERO)).unwrap();
-        let kept = log.append(&[1u8; 1000]);
-        let gone: Vec<BodyRef> = (0..9).map(|_| log.append(&[2u8; 1000])).collect();
+        let kept = log.append(Lane::Young, &[1u8; 1000]);
+        let gone: Vec<BodyRef> = (0..9)
+            .map(|_| log.append(Lane::Young, &[2u8; 1000]))
+            .collect();
         log.sync().unwrap();
-        log.add(KEY_A, kept);
+        log.add(&KEY_A, kept);
         for r in &gone {
-            log.add(KEY_B, *r);
+            log.add(&KEY_B, *r);
         }
         assert_eq!(
             log.compaction(),
@@ -825,9 +887,9 @@ mod tests {
             "a segment whose bodies are all stored"
         );
         for r in &gone {
-            log.release(KEY_B, *r);
+            log.release(&KEY_B, *r);
         }
-        assert_eq!(log.compaction(), Some((kept.seg, vec![KEY_A])));
+        assert_eq!(log.compaction(), Some((kept.seg, vec![KEY_A.to_vec()])));
         log.compact_after = Duration::from_secs(3600);
         assert_eq!(
             log.compaction(),
@@ -848,7 +910,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let kept = log.append(b"kept");
+        let kept = log.append(Lane::Young, b"kept");
         log.sync().unwrap();
         drop(log);
         let entry = kept.encode(FACTS);
@@ -866,7 +928,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let orphan = log.append(b"orphan");
+        let orphan = log.append(Lane::Young, b"orphan");
         log.sync().unwrap();
         drop(log);
         let log = BodyLog::open(
@@ -879,7 +941,11 @@ mod tests {
         .unwrap();
         assert_eq!(log.body(kept).unwrap().unwrap(), b"kept");
         assert!(matches!(log.body(orphan), Err(StoreError::Corrupt { .. })));
-        assert_eq!(log.counts(), (2, 1), "the kept segment and the new one");
-        assert!(log.current > orphan.seg);
+        assert_eq!(
+            log.counts(),
+            (3, 1),
+            "the kept segment and the two new heads"
+        );
+        assert!(log.heads[0].seg > orphan.seg);
     }
 }

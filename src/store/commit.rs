@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use tracing::{debug, error};
 
-use super::bodies::{BodyLog, BodyRef, ChunkKey, Facts};
+use super::bodies::{self, BodyLog, BodyRef, ChunkKey, Facts, Lane};
 use super::clients::Clients;
 use super::records::encode;
 use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
@@ -121,7 +121,7 @@ impl Disk {
     /// goes into the group's chunks in its place.
     pub(super) fn append_body(&mut self, body: &[u8], facts: Facts) -> Result<Vec<u8>, StoreError> {
         self.writable()?;
-        Ok(self.bodies.append(body).encode(facts))
+        Ok(self.bodies.append(Lane::Young, body).encode(facts))
     }
 
     /// Notes references removed from the tree outside the group (purge, delete): the chunk
@@ -129,7 +129,7 @@ impl Disk {
     pub(super) fn release_bodies(&mut self, chunks: Vec<(ChunkKey, Vec<BodyRef>)>) {
         for (key, refs) in chunks {
             for r in refs {
-                self.bodies.release(key, r);
+                self.bodies.release(&key, r);
             }
         }
     }
@@ -351,7 +351,11 @@ impl Disk {
         }
         let mut runs: group::Expiring = Vec::with_capacity(placed.runs.len());
         for (body, run) in placed.runs {
-            self.group.insert(keys::dedup_run(&body), encode(&run)?);
+            // The run itself goes to the body log; its record in the tree says where, and
+            // its first key, which a lookup reads without the run (see `dedup`).
+            let at = self.bodies.append(Lane::Young, &encode(&run)?);
+            self.group
+                .insert(keys::dedup_run(&body), bodies::encode_place(at, &run.first));
             runs.push((dedup::newest(&run), body));
         }
         for (list, kind) in [(singles, keys::DEDUP_LIST), (runs, keys::DEDUP_RUN_LIST)] {
@@ -366,14 +370,6 @@ impl Disk {
     /// Hands over the group gathered so far, with the meta of every client it changed.
     fn take_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
-        // No reference may reach the tree (or sled's log, which sled may flush at any time)
-        // before its body is on disk.
-        if let Err(e) = self.bodies.sync() {
-            let reason = format!("writing or fsyncing the body log failed: {e}");
-            self.latch(&reason);
-            return Err(StoreError::Io(e));
-        }
-        self.count_refs()?;
         if let Some((new, id)) = self.group.take_dedup() {
             if let Err(e) = self.store_dedup_keys(new, id) {
                 // The group's messages must not be committed without their keys (a retry would
@@ -382,6 +378,14 @@ impl Disk {
                 return Err(e);
             }
         }
+        // No reference may reach the tree (or sled's log, which sled may flush at any time)
+        // before its body is on disk.
+        if let Err(e) = self.bodies.sync() {
+            let reason = format!("writing or fsyncing the body log failed: {e}");
+            self.latch(&reason);
+            return Err(StoreError::Io(e));
+        }
+        self.count_refs()?;
         let Some((mut writes, dirty)) = self.group.take() else {
             return Ok(None);
         };
@@ -409,13 +413,30 @@ impl Disk {
                 .unwrap_or_default();
             for r in &new {
                 if !old.contains(r) {
-                    self.bodies.add(*key, *r);
+                    self.bodies.add(&key[..], *r);
                 }
             }
             for r in old {
                 if !new.contains(&r) {
-                    self.bodies.release(*key, r);
+                    self.bodies.release(&key[..], r);
                 }
+            }
+        }
+        // Runs of idempotency keys refer to the body log too (see `dedup`).
+        for (key, value) in self.group.ops_of(keys::DEDUP_RUN) {
+            let old = self
+                .outbox
+                .get(key)?
+                .and_then(|v| bodies::decode_place(&v).map(|(r, _)| r));
+            let new = value.and_then(|v| bodies::decode_place(v).map(|(r, _)| r));
+            if old == new {
+                continue;
+            }
+            if let Some(r) = new {
+                self.bodies.add(key, r);
+            }
+            if let Some(r) = old {
+                self.bodies.release(key, r);
             }
         }
         Ok(())

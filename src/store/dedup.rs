@@ -23,8 +23,9 @@
 
 use std::collections::BTreeMap;
 
+use super::bodies::{self, Bodies};
 use super::records::decode;
-use super::{keys, StoreError};
+use super::{chunks, keys, StoreError};
 use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
 
 /// The most keys one run holds.
@@ -71,6 +72,10 @@ fn run_at_or_after(
     let scope = &key[..1 + scope_len(body)];
     match tree.range(key.as_slice()..).next().transpose()? {
         Some((k, v)) if k.starts_with(scope) => {
+            if let Some((_, first)) = bodies::decode_place(&v) {
+                let first = first.to_vec();
+                return Ok(Some((k, v, first)));
+            }
             let head: DedupRunHead =
                 codec::decode_head(&v).map_err(|source| StoreError::Corrupt {
                     key: format!("{:02x?}", &k[..]),
@@ -82,8 +87,21 @@ fn run_at_or_after(
     }
 }
 
+/// The run stored under `k`: in the body log (the record says where), or in the record itself
+/// (runs stored before the body log).
+pub(super) fn run(k: &[u8], v: &[u8], bodies: &dyn Bodies) -> Result<DedupRun, StoreError> {
+    match bodies::decode_place(v) {
+        Some((r, _)) => decode(k, &chunks::stored_body(k, r, bodies)?),
+        None => decode(k, v),
+    }
+}
+
 /// The entry a stored run holds for `body` (scope + key), if any.
-pub(super) fn find(tree: &sled::Tree, body: &[u8]) -> Result<Option<DedupEntry>, StoreError> {
+pub(super) fn find(
+    tree: &sled::Tree,
+    bodies: &dyn Bodies,
+    body: &[u8],
+) -> Result<Option<DedupEntry>, StoreError> {
     let Some((k, v, first)) = run_at_or_after(tree, body)? else {
         return Ok(None);
     };
@@ -91,7 +109,7 @@ pub(super) fn find(tree: &sled::Tree, body: &[u8]) -> Result<Option<DedupEntry>,
     if first.as_slice() > key {
         return Ok(None);
     }
-    let run: DedupRun = decode(&k, &v)?;
+    let run = run(&k, &v, bodies)?;
     Ok(run
         .entries
         .binary_search_by(|(k, _)| k.as_slice().cmp(key))
@@ -278,7 +296,9 @@ mod tests {
             .get(keys::dedup(&body))
             .unwrap()
             .map(|v| decode::<DedupEntry>(b"K", &v).unwrap());
-        single.or(find(t, &body).unwrap()).map(|e| e.id)
+        single
+            .or(find(t, &crate::store::bodies::Inline, &body).unwrap())
+            .map(|e| e.id)
     }
 
     fn runs_of(p: &Placement) -> Vec<(String, usize)> {

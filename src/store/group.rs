@@ -122,6 +122,14 @@ impl Group {
             .find_map(|(k, e)| e.as_ref().map(|e| (*k, e)))
     }
 
+    /// The group's writes (`Some`) and removals (`None`) of records of `kind` (a key's first
+    /// byte).
+    pub(super) fn ops_of(&self, kind: u8) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.ops
+            .range(IVec::from(&[kind][..])..IVec::from(&[kind + 1][..]))
+            .map(|(k, v)| (k.as_ref(), v.as_deref()))
+    }
+
     /// The chunks the group wrote, rewrote (`Some`) or deleted (`None`), by key.
     pub(super) fn chunks(&self) -> impl Iterator<Item = (&[u8; 17], Option<&Entries>)> {
         self.chunks.iter().map(|(k, e)| (k, e.as_ref()))

@@ -316,9 +316,10 @@ fn verify_trees(
     let (lo, hi, start, end) = ([keys::MSG], [keys::MSG + 1], &split[..], &split[..]);
     let parts = std::thread::scope(|scope| {
         let others = scope.spawn(|| {
-            scan(outbox.range(..&lo[..]))
-                .and_then(|_| scan(outbox.range(&hi[..]..)))
-                .map(|_| (HashMap::new(), Vec::new()))
+            // No messages here; the references are those of key runs.
+            let (_, mut refs) = scan(outbox.range(..&lo[..]))?;
+            refs.extend(scan(outbox.range(&hi[..]..))?.1);
+            Ok((HashMap::new(), refs))
         });
         let first = scope.spawn(|| scan(outbox.range(&lo[..]..end)));
         let second = scan(outbox.range(start..&hi[..]));
@@ -338,6 +339,9 @@ fn verify_trees(
         }
     }
     segments.check(refs).map_err(|(cid, seq, why)| {
+        if cid == KEY_RUN {
+            return Damage(format!("a run of idempotency keys in the body log {why}"));
+        }
         let who = names.get(&cid).map_or("?", String::as_str);
         Damage(format!(
             "the body of message {seq} in the outbox of {who:?} (#{cid}) {why}"
@@ -402,6 +406,10 @@ fn message_split(metas: &BTreeMap<u64, ClientMeta>) -> Vec<u8> {
 }
 
 /// Checks every record `records` yields; counts the messages of each outbox.
+/// In the references [`scan`] collects, the outbox number of a run of idempotency keys (the
+/// others belong to messages).
+const KEY_RUN: u64 = u64::MAX;
+
 /// What [`scan`] read: the messages of each outbox, and the body log references the chunks
 /// hold, with the outbox and seq of each.
 type Scanned = (HashMap<u64, Counted>, Vec<(BodyRef, u64, u64)>);
@@ -436,6 +444,11 @@ fn scan(
             }
             Some(keys::COMMIT) => {
                 codec::decode::<u64>(&v).map_err(|e| bad(&e))?;
+            }
+            Some(keys::DEDUP_RUN) if bodies::is_ref(&v) => {
+                let (r, _) = bodies::decode_place(&v)
+                    .ok_or_else(|| bad(&"a malformed reference into the body log"))?;
+                refs.push((r, KEY_RUN, 0));
             }
             kind => match kind.and_then(|kind| reads_back(kind, &v)) {
                 Some(r) => r.map_err(|e| bad(&e))?,
@@ -624,6 +637,9 @@ pub fn repair(dir: &Path, db: &sled::Db) -> Result<RepairReport, StoreError> {
             (Some(keys::COMMIT), _) => {
                 commit = codec::decode::<u64>(&v).unwrap_or(0);
                 true
+            }
+            (Some(keys::DEDUP_RUN), _) if bodies::is_ref(&v) => {
+                super::dedup::run(&k, &v, &*segments).is_ok()
             }
             (kind, _) => kind
                 .and_then(|kind| reads_back(kind, &v))

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use sled::IVec;
 use tracing::info;
 
-use super::bodies::BodyRef;
+use super::bodies::{self, BodyRef, Lane};
 use super::records::decode;
 use super::writer::WriterState;
 use super::{chunks, group, keys, StoreError};
@@ -41,10 +41,25 @@ impl WriterState {
         let Some((seg, keys)) = self.disk.bodies().compaction() else {
             return Ok(());
         };
-        let mut moved: HashMap<BodyRef, IVec> = HashMap::new();
-        let mut chunks_rewritten = 0usize;
+        let mut moved: HashMap<BodyRef, BodyRef> = HashMap::new();
+        let mut records = 0usize;
         for key in keys {
-            let Some(value) = self.disk.tree().get(key)? else {
+            let Some(value) = self.disk.tree().get(&key)? else {
+                continue;
+            };
+            if key.first() == Some(&keys::DEDUP_RUN) {
+                let Some((r, first)) = bodies::decode_place(&value) else {
+                    continue;
+                };
+                if r.seg == seg {
+                    let new = self.move_body(&key, r, &mut moved)?;
+                    let value = bodies::encode_place(new, first);
+                    self.disk.group_mut()?.insert(&key, value);
+                    records += 1;
+                }
+                continue;
+            }
+            let Ok(chunk) = <[u8; 17]>::try_from(key.as_slice()) else {
                 continue;
             };
             let mut entries = chunks::split(&key, &value)?;
@@ -56,30 +71,38 @@ impl WriterState {
                 if r.seg != seg {
                     continue;
                 }
-                let new = match moved.get(&r) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let body = chunks::stored_body(&key, r, self.disk.bodies())?;
-                        let n = IVec::from(self.disk.body_log_mut()?.append(&body).encode(facts));
-                        moved.insert(r, n.clone());
-                        n
-                    }
-                };
-                *entry = new;
+                *entry = IVec::from(self.move_body(&key, r, &mut moved)?.encode(facts));
                 changed = true;
             }
             if changed {
-                self.disk.group_mut()?.put_chunk(key, entries);
-                chunks_rewritten += 1;
+                self.disk.group_mut()?.put_chunk(chunk, entries);
+                records += 1;
             }
         }
         info!(
             segment = format!("{seg:016x}"),
             bodies = moved.len(),
-            chunks = chunks_rewritten,
+            records,
             "body log: moved the bodies still stored in a mostly dead segment forward"
         );
         Ok(())
+    }
+
+    /// Appends the body `r` (held by the record under `key`) again, to the cold head: once
+    /// per body, however many records share it (`moved`).
+    fn move_body(
+        &mut self,
+        key: &[u8],
+        r: BodyRef,
+        moved: &mut HashMap<BodyRef, BodyRef>,
+    ) -> Result<BodyRef, StoreError> {
+        if let Some(n) = moved.get(&r) {
+            return Ok(*n);
+        }
+        let body = chunks::stored_body(key, r, self.disk.bodies())?;
+        let n = self.disk.body_log_mut()?.append(Lane::Cold, &body);
+        moved.insert(r, n);
+        Ok(n)
     }
 
     /// Retention: expire messages past their TTL (leaving a tombstone so the client is told)

@@ -247,9 +247,8 @@ fn idempotency_keys_in_runs_and_records_answer_retries_until_their_window_passes
             .scan_prefix([keys::DEDUP_RUN])
             .map(|r| {
                 let (k, v) = r.unwrap();
-                codec::decode::<codec::DedupRun>(&v)
-                    .map(|run| (k, run))
-                    .unwrap()
+                let run = super::dedup::run(&k, &v, &*files.bodies).unwrap();
+                (k, run)
             })
             .filter(|(_, run)| run.entries.len() >= 2)
             .map(|(_, run)| format!("{}a", String::from_utf8(run.first).unwrap()))
