@@ -11,7 +11,8 @@
 //!   `chunks`; a record of one `StoredMessage` before chunks); `X cid seq` -> () a message
 //!   that retention removed unacked (counted in `missed`); `E expires cid seq` -> () the expiry
 //!   index; `S len topic cid` -> () a subscription; `R len scope key` -> a run of
-//!   idempotency keys of one scope up to `key` (see `dedup`); `K len scope key` ->
+//!   idempotency keys of one scope up to `key` (see `dedup`): where the run is in the body log
+//!   and its first key, or (written before the body log) the run itself; `K len scope key` ->
 //!   `DedupEntry`, a key not stored in a run; `G ts id` -> the (time, scope + key) of each `K`
 //!   one group stored, `ts` the newest, and `H ts id` the same for its runs: the dedup expiry
 //!   index (data dirs from before hold `D ts len scope key` -> (), one per key, still read);
