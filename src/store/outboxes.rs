@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::bodies::Facts;
+use super::bodies::{BodyRef, ChunkKey, Facts};
 use super::chunks::{self, Entries};
 use super::records::{decode, encode, fresh_meta, new_epoch, stored_payload};
 use super::writer::WriterState;
@@ -19,6 +19,9 @@ use super::{dedup, keys, StoreError};
 use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
 use crate::codec::{self, DedupEntry, StoredMessage};
 use crate::model::{now_ms, Ack, ClientId, Resume, Target, Topic};
+
+/// The message chunks a removal deletes, with their body log references.
+type Released = Vec<(ChunkKey, Vec<BodyRef>)>;
 
 impl WriterState {
     /// Finds or creates the client's outbox. Creation writes the name first, so a client number
@@ -420,16 +423,16 @@ impl WriterState {
             .filter(|s| *s < end))
     }
 
-    /// Removes every stored message of `client` (leaving tombstones) and moves its outbox to a
-    /// new epoch; written at once, since the scan must see every message.
-    pub(super) fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
-        self.disk.writable()?;
-        let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
-            return Ok(None);
-        };
-        // The scan below must see every message, including this group's.
-        self.apply_group()?;
-        let mut batch = sled::Batch::default();
+    /// Adds to `batch` the removal of every stored message of outbox `cid` and of their expiry
+    /// entries, with a tombstone for each when `tombstones`. Returns how many messages it
+    /// removes and the body log references of the chunks it deletes (released once `batch` is
+    /// applied). The group must have been applied: the scan reads the tree.
+    fn remove_messages(
+        &self,
+        cid: u64,
+        batch: &mut sled::Batch,
+        tombstones: bool,
+    ) -> Result<(u64, Released), StoreError> {
         let mut removed = 0u64;
         let mut released = Vec::new();
         for item in self
@@ -443,7 +446,9 @@ impl WriterState {
                 if m.expires_at > 0 {
                     batch.remove(&keys::expiry(m.expires_at, cid, seq));
                 }
-                batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+                if tombstones {
+                    batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+                }
                 removed += 1;
             }
             if let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) {
@@ -451,6 +456,20 @@ impl WriterState {
             }
             batch.remove(k);
         }
+        Ok((removed, released))
+    }
+
+    /// Removes every stored message of `client` (leaving tombstones) and moves its outbox to a
+    /// new epoch; written at once, since the scan must see every message.
+    pub(super) fn purge(&mut self, client: &ClientId) -> Result<Option<PurgeOutcome>, StoreError> {
+        self.disk.writable()?;
+        let Some(cid) = self.clients.get(client).map(|c| c.handle.cid) else {
+            return Ok(None);
+        };
+        // The scan below must see every message, including this group's.
+        self.apply_group()?;
+        let mut batch = sled::Batch::default();
+        let (removed, released) = self.remove_messages(cid, &mut batch, true)?;
         let Some(c) = self.clients.state_mut(cid) else {
             return Ok(None);
         };
@@ -478,26 +497,7 @@ impl WriterState {
         // The scans below must see every record, including this group's.
         self.apply_group()?;
         let mut batch = sled::Batch::default();
-        let mut removed = 0u64;
-        let mut released = Vec::new();
-        for item in self
-            .disk
-            .tree()
-            .scan_prefix(keys::seq_prefix(keys::MSG, cid))
-        {
-            let (k, v) = item?;
-            for (seq, body) in chunks::split(&k, &v)? {
-                let m = chunks::facts(&k, &body)?;
-                if m.expires_at > 0 {
-                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
-                }
-                removed += 1;
-            }
-            if let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) {
-                released.push((key, chunks::refs(&k, &v)?));
-            }
-            batch.remove(k);
-        }
+        let (removed, released) = self.remove_messages(cid, &mut batch, false)?;
         for k in self
             .disk
             .tree()
