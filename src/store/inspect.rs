@@ -436,6 +436,16 @@ impl SledView {
             for item in tree.iter() {
                 let (k, v) = item?;
                 live_bytes += (k.len() + v.len()) as u64;
+                // What the record refers to in the body log (a body once per outbox holding it).
+                let refs = match k.first() {
+                    Some(&keys::MSG) => chunks::refs(&k, &v)?,
+                    Some(&keys::DEDUP_RUN) => bodies::decode_place(&v)
+                        .map(|(r, _)| r)
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                live_bytes += refs.iter().map(|r| u64::from(r.len)).sum::<u64>();
             }
         }
         Ok(StoreStats {
