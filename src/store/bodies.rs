@@ -401,6 +401,9 @@ pub(super) struct BodyLog {
     fsync: bool,
 }
 
+/// The references the tree holds: each record's key and its references.
+pub(super) type Stored = Vec<(Vec<u8>, Vec<BodyRef>)>;
+
 /// A message chunk's key (`O cid seq`).
 pub(super) type ChunkKey = [u8; 17];
 
@@ -420,13 +423,13 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
 }
 
 impl BodyLog {
-    /// Opens the body log of `data_dir` for the writer: counts the references `tree` holds
-    /// (message chunks and key runs), deletes the segments none refers to and starts new
-    /// heads. `tree` is the recovered outbox tree (after the journal's replay); the open check
-    /// has made sure every reference points into a segment that holds it.
+    /// Opens the body log for the writer: counts the references the tree holds (`stored`: each
+    /// record's key and references, see `chunks::stored_refs`), deletes the segments none
+    /// refers to and starts new heads. The open check has made sure every reference points into
+    /// a segment that holds it.
     pub(super) fn open(
         segs: Arc<Segments>,
-        tree: &sled::Tree,
+        stored: Stored,
         fsync: bool,
         segment_bytes: Option<u64>,
         compact_after: Option<Duration>,
@@ -454,16 +457,9 @@ impl BodyLog {
             segment_bytes: segment_bytes.unwrap_or(SEGMENT_BYTES),
             fsync,
         };
-        for item in tree.scan_prefix([super::keys::MSG]) {
-            let (k, v) = item?;
-            for r in super::chunks::refs(&k, &v)? {
-                log.add(&k, r);
-            }
-        }
-        for item in tree.scan_prefix([super::keys::DEDUP_RUN]) {
-            let (k, v) = item?;
-            if let Some((r, _)) = decode_place(&v) {
-                log.add(&k, r);
+        for (key, refs) in stored {
+            for r in refs {
+                log.add(&key, r);
             }
         }
         let mut removed = 0;
@@ -755,6 +751,11 @@ mod tests {
         assert_eq!(BodyRef::decode(&inline), None);
     }
 
+    /// The references `t` holds, as the store's open reads them.
+    fn stored(t: &sled::Tree) -> Stored {
+        super::super::chunks::stored_refs(t).unwrap()
+    }
+
     fn tree() -> (sled::Db, sled::Tree) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = db.open_tree("o").unwrap();
@@ -767,7 +768,7 @@ mod tests {
         let (_db, t) = tree();
         let mut log = BodyLog::open(
             Segments::open(dir.path(), true).unwrap(),
-            &t,
+            stored(&t),
             true,
             None,
             None,
@@ -790,7 +791,7 @@ mod tests {
         let (_db, t) = tree();
         let mut log = BodyLog::open(
             Segments::open(dir.path(), true).unwrap(),
-            &t,
+            stored(&t),
             true,
             None,
             None,
@@ -820,7 +821,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
         let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log = BodyLog::open(segs, &t, false, Some(1 << 20), None).unwrap();
+        let mut log = BodyLog::open(segs, stored(&t), false, Some(1 << 20), None).unwrap();
         let big = vec![7u8; 600 << 10];
         let a = log.append(Lane::Young, &big);
         let b = log.append(Lane::Young, &big);
@@ -857,7 +858,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
         let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log = BodyLog::open(segs, &t, true, Some(1 << 10), None).unwrap();
+        let mut log = BodyLog::open(segs, stored(&t), true, Some(1 << 10), None).unwrap();
         let a = log.append(Lane::Young, &[1u8; 2000]);
         log.sync().unwrap();
         assert_ne!(log.heads[0].seg, a.seg);
@@ -871,7 +872,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
         let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log = BodyLog::open(segs, &t, true, Some(10_000), Some(Duration::ZERO)).unwrap();
+        let mut log =
+            BodyLog::open(segs, stored(&t), true, Some(10_000), Some(Duration::ZERO)).unwrap();
         let kept = log.append(Lane::Young, &[1u8; 1000]);
         let gone: Vec<BodyRef> = (0..9)
             .map(|_| log.append(Lane::Young, &[2u8; 1000]))
@@ -904,7 +906,7 @@ mod tests {
         let (_db, t) = tree();
         let mut log = BodyLog::open(
             Segments::open(dir.path(), true).unwrap(),
-            &t,
+            stored(&t),
             true,
             None,
             None,
@@ -922,7 +924,7 @@ mod tests {
         // A second segment that nothing refers to (a group a crash cut short).
         let mut log = BodyLog::open(
             Segments::open(dir.path(), true).unwrap(),
-            &t,
+            stored(&t),
             true,
             None,
             None,
@@ -933,7 +935,7 @@ mod tests {
         drop(log);
         let log = BodyLog::open(
             Segments::open(dir.path(), true).unwrap(),
-            &t,
+            stored(&t),
             true,
             None,
             None,

@@ -19,7 +19,7 @@ use std::ops::Bound;
 
 use sled::IVec;
 
-use super::bodies::{self, Bodies, BodyRef, Facts};
+use super::bodies::{self, Bodies, BodyRef, Facts, Stored};
 use super::records::corrupt;
 use super::{keys, StoreError};
 use crate::codec::{self, CodecError, StoredMessage};
@@ -128,6 +128,26 @@ pub(super) fn refs(key: &[u8], value: &[u8]) -> Result<Vec<BodyRef>, StoreError>
         .into_iter()
         .filter_map(|(_, r)| value.get(r).and_then(BodyRef::decode).map(|(r, _)| r))
         .collect())
+}
+
+/// Every body log reference `tree` holds, by record: the message chunks' and the key runs'
+/// (what the body log counts when it opens).
+pub(super) fn stored_refs(tree: &sled::Tree) -> Result<Stored, StoreError> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix([keys::MSG]) {
+        let (k, v) = item?;
+        let refs = refs(&k, &v)?;
+        if !refs.is_empty() {
+            out.push((k.to_vec(), refs));
+        }
+    }
+    for item in tree.scan_prefix([keys::DEDUP_RUN]) {
+        let (k, v) = item?;
+        if let Some((r, _)) = bodies::decode_place(&v) {
+            out.push((k.to_vec(), vec![r]));
+        }
+    }
+    Ok(out)
 }
 
 /// What the writer needs of the message `entry` (in the chunk under `key`) without its body:

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::bodies::{self, BodyLog};
+use super::chunks;
 use super::commit::Files;
 use super::engine::{existing_segment_bytes, remove_stale_snapshots};
 use super::integrity::{self, damaged};
@@ -108,7 +109,7 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     let handles = Handles::default();
     let bodies = BodyLog::open(
         segments,
-        &outbox,
+        chunks::stored_refs(&outbox)?,
         opts.durability == Durability::Fsync,
         opts.faults.body_segment_bytes(),
         opts.faults.body_compact_after(),
