@@ -756,6 +756,18 @@ mod tests {
         super::super::chunks::stored_refs(t).unwrap()
     }
 
+    /// The writer's body log of `dir`, opened over what `t` refers to.
+    fn open_log(
+        dir: &Path,
+        t: &sled::Tree,
+        fsync: bool,
+        segment_bytes: Option<u64>,
+        compact_after: Option<Duration>,
+    ) -> BodyLog {
+        let segs = Segments::open(dir, true).unwrap();
+        BodyLog::open(segs, stored(t), fsync, segment_bytes, compact_after).unwrap()
+    }
+
     fn tree() -> (sled::Db, sled::Tree) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = db.open_tree("o").unwrap();
@@ -766,14 +778,7 @@ mod tests {
     fn bodies_read_back_before_and_after_they_are_written() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(
-            Segments::open(dir.path(), true).unwrap(),
-            stored(&t),
-            true,
-            None,
-            None,
-        )
-        .unwrap();
+        let mut log = open_log(dir.path(), &t, true, None, None);
         let a = log.append(Lane::Young, b"first body");
         let b = log.append(Lane::Young, b"second");
         assert_eq!(log.body(a).unwrap().unwrap(), b"first body");
@@ -789,14 +794,7 @@ mod tests {
     fn a_damaged_body_is_corrupt_and_a_deleted_segment_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(
-            Segments::open(dir.path(), true).unwrap(),
-            stored(&t),
-            true,
-            None,
-            None,
-        )
-        .unwrap();
+        let mut log = open_log(dir.path(), &t, true, None, None);
         let a = log.append(Lane::Young, b"a body of some length");
         log.sync().unwrap();
         let path = dir.path().join(DIR).join(segment_name(a.seg));
@@ -820,8 +818,7 @@ mod tests {
     fn a_segment_is_deleted_once_its_last_reference_is_durably_released() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log = BodyLog::open(segs, stored(&t), false, Some(1 << 20), None).unwrap();
+        let mut log = open_log(dir.path(), &t, false, Some(1 << 20), None);
         let big = vec![7u8; 600 << 10];
         let a = log.append(Lane::Young, &big);
         let b = log.append(Lane::Young, &big);
@@ -857,8 +854,7 @@ mod tests {
     fn a_segment_that_fills_while_nothing_else_in_it_is_stored_keeps_the_group_just_written() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log = BodyLog::open(segs, stored(&t), true, Some(1 << 10), None).unwrap();
+        let mut log = open_log(dir.path(), &t, true, Some(1 << 10), None);
         let a = log.append(Lane::Young, &[1u8; 2000]);
         log.sync().unwrap();
         assert_ne!(log.heads[0].seg, a.seg);
@@ -871,9 +867,7 @@ mod tests {
     fn compaction_picks_the_oldest_mostly_dead_segment_once_it_has_waited() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let segs = Segments::open(dir.path(), true).unwrap();
-        let mut log =
-            BodyLog::open(segs, stored(&t), true, Some(10_000), Some(Duration::ZERO)).unwrap();
+        let mut log = open_log(dir.path(), &t, true, Some(10_000), Some(Duration::ZERO));
         let kept = log.append(Lane::Young, &[1u8; 1000]);
         let gone: Vec<BodyRef> = (0..9)
             .map(|_| log.append(Lane::Young, &[2u8; 1000]))
@@ -904,14 +898,7 @@ mod tests {
     fn an_open_keeps_the_segments_the_tree_refers_to_and_starts_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
-        let mut log = BodyLog::open(
-            Segments::open(dir.path(), true).unwrap(),
-            stored(&t),
-            true,
-            None,
-            None,
-        )
-        .unwrap();
+        let mut log = open_log(dir.path(), &t, true, None, None);
         let kept = log.append(Lane::Young, b"kept");
         log.sync().unwrap();
         drop(log);
@@ -922,25 +909,11 @@ mod tests {
         )
         .unwrap();
         // A second segment that nothing refers to (a group a crash cut short).
-        let mut log = BodyLog::open(
-            Segments::open(dir.path(), true).unwrap(),
-            stored(&t),
-            true,
-            None,
-            None,
-        )
-        .unwrap();
+        let mut log = open_log(dir.path(), &t, true, None, None);
         let orphan = log.append(Lane::Young, b"orphan");
         log.sync().unwrap();
         drop(log);
-        let log = BodyLog::open(
-            Segments::open(dir.path(), true).unwrap(),
-            stored(&t),
-            true,
-            None,
-            None,
-        )
-        .unwrap();
+        let log = open_log(dir.path(), &t, true, None, None);
         assert_eq!(log.body(kept).unwrap().unwrap(), b"kept");
         assert!(matches!(log.body(orphan), Err(StoreError::Corrupt { .. })));
         assert_eq!(
