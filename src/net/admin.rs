@@ -298,6 +298,13 @@ async fn require_token(State(st): State<AdminState>, req: Request, next: Next) -
 }
 
 /// Runs a store read off the async runtime (a scan, or a walk of the data directory).
+/// An inspector that sees every ack the broker has received before this request: the store's
+/// writer holds acks back to batch them, and a view read past them would show stale counts.
+async fn settled(shared: &Shared) -> Result<Inspector, AdminError> {
+    shared.store.settle().await?;
+    Ok(shared.store.inspector())
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, AdminError> {
@@ -412,7 +419,7 @@ async fn clients(
     let q = query(q)?;
     let by = sort_by(q.sort.as_deref())?;
     let shared = st.shared()?;
-    let inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     let mut list: Vec<ClientView> = blocking(move || inspector.clients())
         .await?
         .into_iter()
@@ -434,7 +441,7 @@ async fn client(
 ) -> Result<Json<ClientView>, AdminError> {
     let id = client_id(path)?;
     let shared = st.shared()?;
-    let inspector: Inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     let name = id.as_str().to_owned();
     let mut view = blocking(move || inspector.client(&name))
         .await?
@@ -470,7 +477,7 @@ async fn outbox(
     };
     let from = q.from.unwrap_or(0);
     let shared = st.shared()?;
-    let inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     let name = id.as_str().to_owned();
     let mut page = blocking(move || inspector.outbox(&name, from, limit))
         .await?
@@ -544,7 +551,7 @@ async fn unsubscribe(
     let topic = crate::model::Topic::new(&topic)
         .map_err(|e| AdminError::invalid(ErrorCode::BadTopic, e.to_string()))?;
     let shared = st.shared()?;
-    let inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     let name = id.as_str().to_owned();
     let view = blocking(move || inspector.client(&name))
         .await?
@@ -571,14 +578,14 @@ async fn topics(
     State(st): State<AdminState>,
 ) -> Result<Json<Vec<crate::views::TopicView>>, AdminError> {
     let shared = st.shared()?;
-    let inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     let topics = blocking(move || inspector.topics()).await?;
     Ok(Json(topics.into_iter().map(Into::into).collect()))
 }
 
 async fn stats(State(st): State<AdminState>) -> Result<Json<crate::views::StatsView>, AdminError> {
     let shared = st.shared()?;
-    let inspector = shared.store.inspector();
+    let inspector = settled(&shared).await?;
     Ok(Json(blocking(move || inspector.stats()).await?.into()))
 }
 

@@ -671,6 +671,12 @@ impl Store {
         .await
     }
 
+    /// Waits until every command queued before this call is applied and visible to reads: the
+    /// acks a connection has received and queued are then in what an [`Inspector`] reads.
+    pub async fn settle(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Settle { reply }).await
+    }
+
     /// Writes a consistent copy of the store to the new directory `to`, between two writes:
     /// a broker started on `to` serves what was stored at that moment.
     ///

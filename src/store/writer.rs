@@ -94,6 +94,10 @@ pub(super) enum Command {
         client: ClientId,
         reply: Reply<Option<u64>>,
     },
+    /// A read barrier: answers once every command queued before it is applied and visible to
+    /// reads (the acks held back for batching included), so a view the admin API reads next
+    /// shows them.
+    Settle { reply: Reply<()> },
     Backup {
         to: PathBuf,
         /// The store's own directory, which the copy must stay out of.
@@ -113,6 +117,7 @@ enum Pending {
     ),
     Delete(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
     Forget(Reply<bool>, Result<bool, StoreError>),
+    Settle(Reply<()>),
 }
 
 impl Pending {
@@ -125,6 +130,7 @@ impl Pending {
             Pending::Purge(tx, r) => drop(tx.send(r)),
             Pending::Delete(tx, r) => drop(tx.send(r)),
             Pending::Forget(tx, r) => drop(tx.send(r)),
+            Pending::Settle(tx) => drop(tx.send(Ok(()))),
         }
     }
 
@@ -141,6 +147,8 @@ impl Pending {
             Pending::Purge(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Delete(tx, r) => drop(tx.send(latched(r, err))),
             Pending::Forget(tx, r) => drop(tx.send(latched(r, err))),
+            // A failed commit changes nothing a reader sees: the barrier is passed all the same.
+            Pending::Settle(tx) => drop(tx.send(Ok(()))),
         }
     }
 }
@@ -546,6 +554,8 @@ impl WriterState {
                 }
                 self.pending.push(Pending::Purge(reply, r));
             }
+            // Acks were settled above; the commit applies them to the tree.
+            Command::Settle { reply } => self.pending.push(Pending::Settle(reply)),
             Command::Backup {
                 to,
                 data_dir,

@@ -58,6 +58,7 @@ enum Pending {
     ),
     Delete(Reply<Option<u64>>, Result<Option<Deleted>, StoreError>),
     Forget(Reply<bool>, Result<Option<Deleted>, StoreError>),
+    Settle(Reply<()>),
 }
 
 /// A hello as the transaction left it; the handle is made once it committed.
@@ -146,7 +147,7 @@ impl Touches {
                 Command::Ack { cid, .. } => {
                     t.cids.insert(*cid);
                 }
-                Command::Backup { .. } => {}
+                Command::Backup { .. } | Command::Settle { .. } => {}
             }
         }
         t.make = make.into_iter().collect();
@@ -614,6 +615,10 @@ impl PgWriter {
                     } else {
                         apply_acks(&tx, prepared, acks, &self.opts).await
                     }
+                }
+                Command::Settle { reply } => {
+                    pending.push(Pending::Settle(reply));
+                    Ok(())
                 }
                 Command::Backup { .. } => Ok(()),
             };
@@ -1823,6 +1828,7 @@ fn work_into_pending(cmds: Vec<Command>) -> Vec<Pending> {
             Command::Forget { reply, .. } => {
                 out.push(Pending::Forget(reply, Err(StoreError::Closed)))
             }
+            Command::Settle { reply } => out.push(Pending::Settle(reply)),
             Command::Ack { .. } | Command::Backup { .. } => {}
         }
     }
@@ -1841,6 +1847,7 @@ impl Pending {
             Pending::Purge(tx, r) => drop(tx.send(r.map(|p| p.map(|p| p.outcome)))),
             Pending::Delete(tx, r) => drop(tx.send(r.map(|d| d.map(|d| d.removed)))),
             Pending::Forget(tx, r) => drop(tx.send(r.map(|d| d.is_some()))),
+            Pending::Settle(tx) => drop(tx.send(Ok(()))),
         }
     }
 
@@ -1857,6 +1864,8 @@ impl Pending {
             Pending::Purge(tx, _) => drop(tx.send(Err(e()))),
             Pending::Delete(tx, _) => drop(tx.send(Err(e()))),
             Pending::Forget(tx, _) => drop(tx.send(Err(e()))),
+            // Nothing of the group is visible: the barrier is passed all the same.
+            Pending::Settle(tx) => drop(tx.send(Ok(()))),
         }
     }
 }
