@@ -9,7 +9,10 @@
 //! flipped bit can turn bincode into another valid record; the checksum catches it).
 //!
 //! Versions: 2 (written today) = `[2][crc32 of body, little-endian][body]`; 1 = `[1][body]`,
-//! still read.
+//! still read. The records of idempotency keys ([`DedupEntry`], [`DedupRun`]) are written in
+//! [`DEDUP_VERSION`] = `[4][crc32][body]`, whose entries carry the fingerprint of the publish
+//! that named the key; the same records of version 1 or 2 have none, and read with a
+//! fingerprint of 0 ([`decode_dedup`]).
 //!
 //! Messages are stored several to a record (a *chunk*, see `store::chunks`), in their own
 //! version: [`CHUNK_VERSION`] = `[3][crc32 of the rest, little-endian]` then, per message,
@@ -25,6 +28,8 @@ pub const FORMAT_VERSION: u8 = 2;
 const FORMAT_V1: u8 = 1;
 /// A record of several messages of one outbox.
 pub const CHUNK_VERSION: u8 = 3;
+/// A record of idempotency keys whose entries carry fingerprints ([`encode_dedup`]).
+pub const DEDUP_VERSION: u8 = 4;
 /// Records larger than this are refused on decode (the largest payload is 64 KiB).
 const MAX_RECORD: usize = 1 << 20;
 
@@ -54,45 +59,68 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes `value` with the current version byte and the body's checksum in front.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![FORMAT_VERSION, 0, 0, 0, 0];
+    framed(FORMAT_VERSION, value)
+}
+
+fn framed<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![version, 0, 0, 0, 0];
     bincode::serde::encode_into_std_write(value, &mut out, config())?;
     let crc = crc32fast::hash(&out[5..]);
     out[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
 }
 
-/// Decodes a record written by [`encode`].
+/// Decodes a record written by [`encode`]. A record of idempotency keys is refused here (its
+/// layout depends on its version): read it with [`decode_dedup`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let body = checked_body(bytes)?;
-    let (value, used) = bincode::serde::decode_from_slice(body, config())?;
-    if used != body.len() {
-        return Err(CodecError::Trailing(body.len() - used));
+    match checked_body(bytes)? {
+        (DEDUP_VERSION, _) => Err(CodecError::Version(DEDUP_VERSION)),
+        (_, body) => decode_body(body),
     }
-    Ok(value)
 }
 
-/// The bincode body of a record written by [`encode`], once its version and checksum are good.
-fn checked_body(bytes: &[u8]) -> Result<&[u8], CodecError> {
+/// The version and bincode body of a record written by [`encode`] or [`encode_dedup`], once
+/// its version and checksum are good.
+fn checked_body(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     match version {
-        FORMAT_VERSION => {
+        FORMAT_VERSION | DEDUP_VERSION => {
             let (crc, body) = rest.split_at_checked(4).ok_or(CodecError::Checksum)?;
             let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
             if crc32fast::hash(body) != crc {
                 return Err(CodecError::Checksum);
             }
-            Ok(body)
+            Ok((version, body))
         }
-        FORMAT_V1 => Ok(rest),
+        FORMAT_V1 => Ok((version, rest)),
         other => Err(CodecError::Version(other)),
     }
 }
 
-/// Decodes the leading fields of a record written by [`encode`]: `T` is a struct made of the
-/// record's first fields (see [`DedupRunHead`]). The version and the checksum are checked as
-/// in [`decode`]; the rest of the record is left unread.
+/// Decodes the leading fields of a record written by [`encode`] or [`encode_dedup`]: `T` is a
+/// struct made of the record's first fields (see [`DedupRunHead`]). The version and the
+/// checksum are checked as in [`decode`]; the rest of the record is left unread.
 pub fn decode_head<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    Ok(bincode::serde::decode_from_slice(checked_body(bytes)?, config())?.0)
+    Ok(bincode::serde::decode_from_slice(checked_body(bytes)?.1, config())?.0)
+}
+
+/// A record of idempotency keys, and its layout before fingerprints.
+pub trait DedupRecord: Serialize + DeserializeOwned {
+    type Before: DeserializeOwned + Into<Self>;
+}
+
+/// Encodes a record of idempotency keys in [`DEDUP_VERSION`].
+pub fn encode_dedup<T: DedupRecord>(value: &T) -> Result<Vec<u8>, CodecError> {
+    framed(DEDUP_VERSION, value)
+}
+
+/// Decodes a record of idempotency keys of any version; one written before fingerprints has
+/// `fp` 0 in every entry.
+pub fn decode_dedup<T: DedupRecord>(bytes: &[u8]) -> Result<T, CodecError> {
+    match checked_body(bytes)? {
+        (DEDUP_VERSION, body) => decode_body(body),
+        (_, body) => decode_body::<T::Before>(body).map(Into::into),
+    }
 }
 
 /// Encodes a message's body alone (no version byte, no checksum): what a chunk holds per
@@ -233,6 +261,32 @@ pub struct DedupEntry {
     pub id: u64,
     pub ts: u64,
     pub recipients: u64,
+    /// A checksum of the publish's target and payload, so the key named again for another
+    /// message is told from a retry; 0 when not known (a key stored before fingerprints).
+    pub fp: u32,
+}
+
+/// A [`DedupEntry`] as written before fingerprints (version 1 or 2).
+#[derive(Deserialize)]
+pub struct DedupEntryBefore {
+    id: u64,
+    ts: u64,
+    recipients: u64,
+}
+
+impl From<DedupEntryBefore> for DedupEntry {
+    fn from(e: DedupEntryBefore) -> Self {
+        DedupEntry {
+            id: e.id,
+            ts: e.ts,
+            recipients: e.recipients,
+            fp: 0,
+        }
+    }
+}
+
+impl DedupRecord for DedupEntry {
+    type Before = DedupEntryBefore;
 }
 
 /// The idempotency keys of one scope that one commit group stored together (see
@@ -242,6 +296,26 @@ pub struct DedupEntry {
 pub struct DedupRun {
     pub first: Vec<u8>,
     pub entries: Vec<(Vec<u8>, DedupEntry)>,
+}
+
+/// A [`DedupRun`] as written before fingerprints (version 1 or 2).
+#[derive(Deserialize)]
+pub struct DedupRunBefore {
+    first: Vec<u8>,
+    entries: Vec<(Vec<u8>, DedupEntryBefore)>,
+}
+
+impl From<DedupRunBefore> for DedupRun {
+    fn from(r: DedupRunBefore) -> Self {
+        DedupRun {
+            first: r.first,
+            entries: r.entries.into_iter().map(|(k, e)| (k, e.into())).collect(),
+        }
+    }
+}
+
+impl DedupRecord for DedupRun {
+    type Before = DedupRunBefore;
 }
 
 /// The first field of a [`DedupRun`], read without its entries ([`decode_head`]).
@@ -369,6 +443,7 @@ mod tests {
             id: 1,
             ts: 2,
             recipients: 3,
+            fp: 7,
         })
         .unwrap();
         let twice = encode_chunk([(5, body.as_slice()), (5, body.as_slice())]);
@@ -385,6 +460,7 @@ mod tests {
             id: 1,
             ts: 2,
             recipients: 3,
+            fp: 7,
         };
         let mut bytes = encode(&entry).unwrap();
         bytes[0] = 9;
@@ -411,11 +487,77 @@ mod tests {
     }
 
     #[test]
+    fn key_records_from_before_fingerprints_read_with_fp_0_and_todays_keep_theirs() {
+        #[derive(Serialize)]
+        struct EntryBefore {
+            id: u64,
+            ts: u64,
+            recipients: u64,
+        }
+        #[derive(Serialize)]
+        struct RunBefore {
+            first: Vec<u8>,
+            entries: Vec<(Vec<u8>, EntryBefore)>,
+        }
+        let old = encode(&EntryBefore {
+            id: 1,
+            ts: 2,
+            recipients: 3,
+        })
+        .unwrap();
+        let e: DedupEntry = decode_dedup(&old).unwrap();
+        assert_eq!((e.id, e.ts, e.recipients, e.fp), (1, 2, 3, 0));
+        let old_run = encode(&RunBefore {
+            first: b"k-1".to_vec(),
+            entries: vec![
+                (
+                    b"k-1".to_vec(),
+                    EntryBefore {
+                        id: 4,
+                        ts: 5,
+                        recipients: 6,
+                    },
+                ),
+                (
+                    b"k-2".to_vec(),
+                    EntryBefore {
+                        id: 7,
+                        ts: 8,
+                        recipients: 9,
+                    },
+                ),
+            ],
+        })
+        .unwrap();
+        let run: DedupRun = decode_dedup(&old_run).unwrap();
+        assert_eq!(run.entries.len(), 2);
+        assert_eq!((run.entries[1].1.id, run.entries[1].1.fp), (7, 0));
+        let head: DedupRunHead = decode_head(&old_run).unwrap();
+        assert_eq!(head.first, b"k-1");
+
+        let today = DedupEntry {
+            id: 1,
+            ts: 2,
+            recipients: 3,
+            fp: 0xdead_beef,
+        };
+        let bytes = encode_dedup(&today).unwrap();
+        assert_eq!(bytes[0], DEDUP_VERSION);
+        assert_eq!(decode_dedup::<DedupEntry>(&bytes).unwrap(), today);
+        // Read without knowing its version, today's layout would be misread: refused instead.
+        assert!(matches!(
+            decode::<DedupEntry>(&bytes),
+            Err(CodecError::Version(DEDUP_VERSION))
+        ));
+    }
+
+    #[test]
     fn a_runs_first_key_reads_without_its_entries_and_a_damaged_run_is_refused() {
         let entry = DedupEntry {
             id: 1,
             ts: 2,
             recipients: 3,
+            fp: 7,
         };
         let run = DedupRun {
             first: b"k-01".to_vec(),

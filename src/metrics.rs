@@ -181,7 +181,7 @@ impl CloseReason {
 }
 
 /// Every error code, in the order `outboxd_refused_total` lists them.
-const ERROR_CODES: [ErrorCode; 11] = [
+const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::BadFrame,
     ErrorCode::UnknownType,
     ErrorCode::BadClientId,
@@ -193,6 +193,7 @@ const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::Forbidden,
     ErrorCode::RateLimited,
     ErrorCode::BadAck,
+    ErrorCode::KeyReused,
 ];
 
 fn code_index(code: ErrorCode) -> usize {
@@ -209,6 +210,7 @@ fn code_index(code: ErrorCode) -> usize {
         ErrorCode::Forbidden => 8,
         ErrorCode::RateLimited => 9,
         ErrorCode::BadAck => 10,
+        ErrorCode::KeyReused => 11,
     }
 }
 

@@ -205,6 +205,15 @@ async fn http_publish_confirmed_before_sigkill_is_delivered_after_restart() {
     let retry = retry.json();
     assert_eq!(retry["duplicate"], true, "{retry}");
     assert_eq!(retry["id"], id, "{retry}");
+    // The key named again for another payload: 409 key_reused, nothing written.
+    let reused = broker
+        .admin_post(
+            "/v1/publish",
+            json!({"to": "client:bob", "payload": {"order": 18}, "key": "order-17", "from": "backend"}),
+        )
+        .await;
+    assert_eq!(reused.status, 409, "{reused:?}");
+    assert_eq!(reused.json()["error"]["code"], "key_reused", "{reused:?}");
 
     let (mut bob, welcome) = broker.client("bob").await;
     assert_eq!(welcome["pending"], 2, "{welcome}");

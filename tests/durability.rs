@@ -50,6 +50,25 @@ async fn publish_with_same_key_is_written_once_even_across_a_crash() {
     assert_eq!(retry["type"], "ok", "{retry}");
     assert_eq!(retry["duplicate"], true, "a retry with a seen key: {retry}");
     assert_eq!(retry["ref"], "a2", "{retry}");
+    // The same key for another message (payload or recipient) is refused, not answered as a
+    // duplicate of the first: that would tell the publisher a message it never wrote is stored.
+    for (r, to, payload) in [
+        ("a4", "client:bob", "other"),
+        ("a5", "client:carol", "once"),
+    ] {
+        let reused = alice
+            .request(
+                json!({"type": "publish", "ref": r, "to": to, "payload": payload, "key": "k-1"}),
+            )
+            .await;
+        assert_error(&reused, "key_reused");
+        assert_eq!(reused["ref"], r, "{reused}");
+        let message = reused["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("k-1") && message.contains("nothing was written"),
+            "{reused}"
+        );
+    }
     // Another key from the same publisher, and the same key from another publisher, are new.
     let other_key = alice
         .request(json!({"type": "publish", "ref": "a3", "to": "client:bob", "payload": "two", "key": "k-2"}))
@@ -72,6 +91,11 @@ async fn publish_with_same_key_is_written_once_even_across_a_crash() {
     let payloads: Vec<_> = got.iter().map(|m| m["payload"].clone()).collect();
     assert_eq!(payloads, vec![json!("once"), json!("two"), json!("three")]);
     bob.expect_quiet(QUIET).await;
+    let (_carol, welcome) = broker.client("carol").await;
+    assert_eq!(
+        welcome["pending"], 0,
+        "the refused publish wrote nothing: {welcome}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ export class OutboxdError extends Error {
   name: "OutboxdError";
   /**
    * The broker's codes (bad_frame, bad_ack, unknown_type, bad_client_id, bad_topic, unauthorized,
-   * forbidden, outbox_full, payload_too_large, rate_limited, internal), or the client's:
+   * forbidden, outbox_full, key_reused, payload_too_large, rate_limited, internal), or the client's:
    * closed, replaced, refused, aborted, frame_too_large, handler_failed, store_failed,
    * connect_failed, bad_url, no_websocket, bad_frame_from_broker, token_failed.
    */

@@ -34,6 +34,8 @@ impl PublishOk {
 pub(crate) enum PublishRefusal {
     /// A direct publish to a full outbox: nothing was written.
     OutboxFull(ClientId),
+    /// The key was named for another message within the dedup window: nothing was written.
+    KeyReused(StoreError),
     /// The store failed or refuses writes: nothing was written.
     Store(StoreError),
 }
@@ -42,6 +44,7 @@ impl PublishRefusal {
     pub fn code(&self) -> ErrorCode {
         match self {
             PublishRefusal::OutboxFull(_) => ErrorCode::OutboxFull,
+            PublishRefusal::KeyReused(_) => ErrorCode::KeyReused,
             PublishRefusal::Store(_) => ErrorCode::Internal,
         }
     }
@@ -51,6 +54,7 @@ impl PublishRefusal {
             PublishRefusal::OutboxFull(c) => {
                 format!("the outbox of {c} is full; nothing was written")
             }
+            PublishRefusal::KeyReused(e) => e.to_string(),
             PublishRefusal::Store(e) => store_error_message(e),
         }
     }
@@ -92,6 +96,10 @@ pub(crate) fn publish_answer(
                 })
             }
         },
+        Err(e @ StoreError::KeyReused { .. }) => {
+            metrics.refused(ErrorCode::KeyReused);
+            Err(PublishRefusal::KeyReused(e))
+        }
         Err(e) => {
             metrics.refused(ErrorCode::Internal);
             Err(PublishRefusal::Store(e))

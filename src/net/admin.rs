@@ -89,6 +89,8 @@ pub enum AdminError {
     Conflict(String),
     #[error("the outbox of {0} is full; nothing was written")]
     OutboxFull(ClientId),
+    #[error("{0}")]
+    KeyReused(String),
     #[error("{}", store_error_message(.0))]
     Store(#[from] StoreError),
     #[error("the broker is shutting down")]
@@ -119,7 +121,9 @@ impl AdminError {
             | AdminError::NoRoute(_) => StatusCode::NOT_FOUND,
             AdminError::Method => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
-            AdminError::Conflict(_) | AdminError::OutboxFull(_) => StatusCode::CONFLICT,
+            AdminError::Conflict(_) | AdminError::OutboxFull(_) | AdminError::KeyReused(_) => {
+                StatusCode::CONFLICT
+            }
             AdminError::Store(StoreError::Latched(_) | StoreError::Closed)
             | AdminError::ShuttingDown
             | AdminError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -139,6 +143,7 @@ impl AdminError {
             AdminError::Unauthorized => ErrorCode::Unauthorized.as_str(),
             AdminError::Conflict(_) => "conflict",
             AdminError::OutboxFull(_) => ErrorCode::OutboxFull.as_str(),
+            AdminError::KeyReused(_) => ErrorCode::KeyReused.as_str(),
             AdminError::Store(_)
             | AdminError::ShuttingDown
             | AdminError::NotReady(_)
@@ -151,6 +156,7 @@ impl From<PublishRefusal> for AdminError {
     fn from(r: PublishRefusal) -> Self {
         match r {
             PublishRefusal::OutboxFull(c) => AdminError::OutboxFull(c),
+            PublishRefusal::KeyReused(e) => AdminError::KeyReused(e.to_string()),
             PublishRefusal::Store(e) => AdminError::Store(e),
         }
     }

@@ -51,6 +51,8 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     OutboxFull,
+    /// An idempotency key named again for another message (extension of the v1 contract).
+    KeyReused,
     PayloadTooLarge,
     RateLimited,
     Internal,
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::OutboxFull => "outbox_full",
+            ErrorCode::KeyReused => "key_reused",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",

@@ -119,7 +119,9 @@ pub(super) fn copy_trees(
                     None => continue,
                 },
                 Some(&keys::DEDUP_RUN) if name == "outbox" && super::bodies::is_ref(&v) => {
-                    sled::IVec::from(super::records::encode(&super::dedup::run(&k, &v, bodies)?)?)
+                    sled::IVec::from(super::records::encode_dedup(&super::dedup::run(
+                        &k, &v, bodies,
+                    )?)?)
                 }
                 _ => v,
             };

@@ -26,7 +26,7 @@ use tracing::{debug, error};
 
 use super::bodies::{self, BodyLog, BodyRef, ChunkKey, Facts, Lane};
 use super::clients::Clients;
-use super::records::encode;
+use super::records::{encode, encode_dedup};
 use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
 use crate::codec::DedupEntry;
 use crate::config::Durability;
@@ -346,14 +346,14 @@ impl Disk {
         let placed = dedup::place(&self.outbox, new)?;
         let mut singles: group::Expiring = Vec::with_capacity(placed.singles.len());
         for (body, entry) in placed.singles {
-            self.group.insert(keys::dedup(&body), encode(&entry)?);
+            self.group.insert(keys::dedup(&body), encode_dedup(&entry)?);
             singles.push((entry.ts, body));
         }
         let mut runs: group::Expiring = Vec::with_capacity(placed.runs.len());
         for (body, run) in placed.runs {
             // The run itself goes to the body log; its record in the tree says where, and
             // its first key, which a lookup reads without the run (see `dedup`).
-            let at = self.bodies.append(Lane::Young, &encode(&run)?);
+            let at = self.bodies.append(Lane::Young, &encode_dedup(&run)?);
             self.group
                 .insert(keys::dedup_run(&body), bodies::encode_place(at, &run.first));
             runs.push((dedup::newest(&run), body));

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 
 use super::bodies::{self, Bodies};
-use super::records::decode;
+use super::records::decode_dedup;
 use super::{chunks, keys, StoreError};
 use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
 
@@ -96,8 +96,8 @@ fn run_at_or_after(
 /// (runs stored before the body log).
 pub(super) fn run(k: &[u8], v: &[u8], bodies: &dyn Bodies) -> Result<DedupRun, StoreError> {
     match bodies::decode_place(v) {
-        Some((r, _)) => decode(k, &chunks::stored_body(k, r, bodies)?),
-        None => decode(k, v),
+        Some((r, _)) => decode_dedup(k, &chunks::stored_body(k, r, bodies)?),
+        None => decode_dedup(k, v),
     }
 }
 
@@ -259,7 +259,7 @@ pub(super) fn newest(run: &DedupRun) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::records::encode;
+    use crate::store::records::encode_dedup;
 
     fn tree() -> sled::Tree {
         let db = sled::Config::new().temporary(true).open().unwrap();
@@ -271,6 +271,7 @@ mod tests {
             id,
             ts: 1000 + id,
             recipients: 1,
+            fp: 7,
         }
     }
 
@@ -285,10 +286,11 @@ mod tests {
     fn store(t: &sled::Tree, new: BTreeMap<Vec<u8>, DedupEntry>) -> Placement {
         let p = place(t, new).unwrap();
         for (body, e) in &p.singles {
-            t.insert(keys::dedup(body), encode(e).unwrap()).unwrap();
+            t.insert(keys::dedup(body), encode_dedup(e).unwrap())
+                .unwrap();
         }
         for (body, run) in &p.runs {
-            t.insert(keys::dedup_run(body), encode(run).unwrap())
+            t.insert(keys::dedup_run(body), encode_dedup(run).unwrap())
                 .unwrap();
         }
         p
@@ -300,7 +302,7 @@ mod tests {
         let single = t
             .get(keys::dedup(&body))
             .unwrap()
-            .map(|v| decode::<DedupEntry>(b"K", &v).unwrap());
+            .map(|v| decode_dedup::<DedupEntry>(b"K", &v).unwrap());
         single
             .or(find(t, &crate::store::bodies::Inline, &body).unwrap())
             .map(|e| e.id)
@@ -375,7 +377,7 @@ mod tests {
                     .scan_prefix([keys::DEDUP_RUN])
                     .map(|r| {
                         let (k, v) = r.unwrap();
-                        let run: DedupRun = decode(&k, &v).unwrap();
+                        let run: DedupRun = decode_dedup(&k, &v).unwrap();
                         (run.first, k[3..].to_vec())
                     })
                     .collect();

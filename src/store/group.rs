@@ -227,6 +227,7 @@ mod tests {
                 id: 1,
                 ts: 2,
                 recipients: 1,
+                fp: 7,
             },
         );
         g.touch_meta(3);
@@ -303,6 +304,7 @@ mod tests {
                 id,
                 ts: 100,
                 recipients: 1,
+                fp: 7,
             };
             g.store_dedup(key.as_bytes(), entry);
         }

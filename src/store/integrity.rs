@@ -464,8 +464,8 @@ fn scan(
 /// which the check reads itself).
 fn reads_back(kind: u8, v: &[u8]) -> Option<Result<(), CodecError>> {
     Some(match kind {
-        keys::DEDUP => codec::decode::<DedupEntry>(v).map(drop),
-        keys::DEDUP_RUN => codec::decode::<DedupRun>(v).map(drop),
+        keys::DEDUP => codec::decode_dedup::<DedupEntry>(v).map(drop),
+        keys::DEDUP_RUN => codec::decode_dedup::<DedupRun>(v).map(drop),
         keys::DEDUP_LIST | keys::DEDUP_RUN_LIST => {
             codec::decode::<super::group::Expiring>(v).map(drop)
         }

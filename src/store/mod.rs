@@ -133,6 +133,13 @@ pub enum StoreError {
     },
     #[error("this client already holds limits.max_subscriptions = {limit} subscriptions; unsubscribe from one first")]
     TooManySubscriptions { limit: u32 },
+    /// An idempotency key named again within the dedup window for another message (another
+    /// target or payload): answered `key_reused`, nothing written.
+    #[error(
+        "key {key:?} was already used within the dedup window for another message (another \
+         recipient or payload); nothing was written: give each message its own key"
+    )]
+    KeyReused { key: String },
     #[error(
         "the store in {path} is damaged: {damage}. It is not served as if whole: its clients \
          would never learn of the lost messages, and their seqs would be assigned again. Either \

@@ -13,7 +13,7 @@ use tracing::info;
 
 use super::bodies::{BodyRef, ChunkKey, Facts};
 use super::chunks::{self, Entries};
-use super::records::{decode, encode, fresh_meta, new_epoch, stored_payload};
+use super::records::{decode_dedup, encode, fingerprint, fresh_meta, new_epoch, stored_payload};
 use super::writer::WriterState;
 use super::{dedup, keys, StoreError};
 use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
@@ -121,8 +121,14 @@ impl WriterState {
             .key
             .as_ref()
             .map(|k| keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k));
+        let fp = fingerprint(&req.to, &req.payload);
         if let Some(body) = &dedup_body {
             if let Some(entry) = self.find_dedup(body, now)? {
+                if entry.fp != 0 && entry.fp != fp {
+                    return Err(StoreError::KeyReused {
+                        key: req.key.unwrap_or_default(),
+                    });
+                }
                 return Ok(PublishOutcome {
                     id: format!("{:x}", entry.id),
                     recipients: entry.recipients,
@@ -209,6 +215,7 @@ impl WriterState {
                     id,
                     ts: now,
                     recipients: written,
+                    fp,
                 };
                 group.store_dedup(body, entry);
             }
@@ -233,7 +240,7 @@ impl WriterState {
         }
         let k = keys::dedup(body);
         if let Some(v) = self.disk.tree().get(&k)? {
-            let e: DedupEntry = decode(&k, &v)?;
+            let e: DedupEntry = decode_dedup(&k, &v)?;
             if fresh(&e) {
                 return Ok(Some(e));
             }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Delivery, StoreError};
 use crate::codec::{self, ClientMeta, CodecError, StoredMessage, StoredPayload};
-use crate::model::{ClientId, Payload};
+use crate::model::{ClientId, Payload, Target};
 
 /// The error for the record under `key` that does not read back.
 pub(super) fn corrupt(key: &[u8], source: CodecError) -> StoreError {
@@ -25,8 +25,38 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(
     codec::decode(bytes).map_err(|source| corrupt(key, source))
 }
 
+/// [`decode`] for the records of idempotency keys, which read in every version.
+pub(super) fn decode_dedup<T: codec::DedupRecord>(
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    codec::decode_dedup(bytes).map_err(|source| corrupt(key, source))
+}
+
+pub(super) fn encode_dedup<T: codec::DedupRecord>(value: &T) -> Result<Vec<u8>, StoreError> {
+    codec::encode_dedup(value).map_err(StoreError::Encode)
+}
+
 pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     codec::encode(value).map_err(StoreError::Encode)
+}
+
+/// The fingerprint an idempotency key keeps of the publish that named it: a CRC-32 of the
+/// target and the payload, never 0 (0 means a key stored before fingerprints).
+pub(crate) fn fingerprint(to: &Target, payload: &Payload) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(to.wire().as_bytes());
+    match payload {
+        Payload::Json(s) => {
+            h.update(b"\0j");
+            h.update(s.as_bytes());
+        }
+        Payload::Binary(b) => {
+            h.update(b"\0b");
+            h.update(b);
+        }
+    }
+    h.finalize().max(1)
 }
 
 /// A new, random epoch for outbox `cid`.

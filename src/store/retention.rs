@@ -16,7 +16,7 @@ use sled::IVec;
 use tracing::info;
 
 use super::bodies::{self, BodyRef, Lane};
-use super::records::decode;
+use super::records::{decode, decode_dedup};
 use super::writer::WriterState;
 use super::{chunks, group, keys, StoreError};
 use crate::codec::DedupEntry;
@@ -148,7 +148,7 @@ impl WriterState {
             for (ts, body) in listed {
                 let dk = keys::dedup(&body);
                 if let Some(v) = self.disk.tree().get(&dk)? {
-                    let e: DedupEntry = decode(&dk, &v)?;
+                    let e: DedupEntry = decode_dedup(&dk, &v)?;
                     // A later publish under the same key (after the window) owns it now.
                     if e.ts == ts {
                         self.disk.group_mut()?.remove(dk);

@@ -9,7 +9,7 @@ use super::engine::sled_config;
 use super::records::delivery;
 use super::records::payload_len;
 use super::*;
-use crate::codec::{self, DedupEntry, StoredMessage, StoredPayload};
+use crate::codec::{self, StoredMessage, StoredPayload};
 
 fn options(dir: &Path) -> StoreOptions {
     StoreOptions {
@@ -64,7 +64,14 @@ fn write_data_dir_of_one_record_per_message(dir: &Path) {
         outbox.insert(keys::seq_key(keys::MSG, 1, seq), m).unwrap();
     }
     let body = keys::dedup_body("", "k-old");
-    let entry = DedupEntry {
+    // A key as stored before fingerprints (record version 2, no `fp`).
+    #[derive(serde::Serialize)]
+    struct EntryBefore {
+        id: u64,
+        ts: u64,
+        recipients: u64,
+    }
+    let entry = EntryBefore {
         id: 1,
         ts: 1,
         recipients: 1,

@@ -587,7 +587,11 @@ impl WriterState {
     /// Counts a failed store operation; refusals because of an earlier failure or a shutdown
     /// are not new errors.
     fn count_error(&self, e: &StoreError) {
-        if !matches!(e, StoreError::Latched(_) | StoreError::Closed) {
+        // A key named for another message is the publisher's mistake, not the store's.
+        if !matches!(
+            e,
+            StoreError::Latched(_) | StoreError::Closed | StoreError::KeyReused { .. }
+        ) {
             self.opts.metrics.store_errors.inc();
         }
     }

@@ -24,7 +24,7 @@ use super::failed;
 use crate::store::StoreError;
 
 /// The schema version this broker writes (shown where sled shows its record format).
-pub(crate) const SCHEMA_VERSION: u8 = 2;
+pub(crate) const SCHEMA_VERSION: u8 = 3;
 
 /// How many message ids one `nextval` hands a broker.
 pub(super) const ID_BLOCK: u64 = 4096;
@@ -80,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: which PostgreSQL cluster the outboxes were written in (see `check_cluster`).
     "CREATE TABLE outboxd_store (system_identifier bigint NOT NULL);
      INSERT INTO outboxd_store SELECT system_identifier FROM pg_control_system();",
+    // 3: what each idempotency key remembers of its publish (`store::records::fingerprint`),
+    // so the key named for another message is refused; 0 for the keys stored before.
+    "ALTER TABLE outboxd_dedup ADD COLUMN fp bigint NOT NULL DEFAULT 0;",
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`].

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::schema::{check_cluster, migrate, ID_BLOCK};
 use super::{connect, failed, i, u, Live, OnMessage, Target};
 use crate::model::{now_ms, Ack, ClientId, Payload, Resume, Target as To, Topic};
+use crate::store::records::fingerprint;
 use crate::store::writer::{Command, Reply};
 use crate::store::{Handles, HelloOutcome, PublishOutcome, PublishRequest};
 use crate::store::{PurgeOutcome, ResumeRefused, StoreError, StoreOptions};
@@ -956,19 +957,32 @@ impl PgWriter {
                 })
             })
             .collect();
-        let unique: BTreeSet<&Vec<u8>> = dkeys.iter().flatten().collect();
-        let mut earlier: HashMap<Vec<u8>, PublishOutcome> = HashMap::new();
+        // What each key is claimed with: the fingerprint of the first publish naming it.
+        let fps: Vec<i64> = reqs
+            .iter()
+            .map(|r| i64::from(fingerprint(&r.to, &r.payload)))
+            .collect();
+        let mut unique: BTreeMap<&Vec<u8>, i64> = BTreeMap::new();
+        for (k, fp) in dkeys.iter().zip(&fps) {
+            if let Some(k) = k {
+                unique.entry(k).or_insert(*fp);
+            }
+        }
+        // A key stored before: the answer of its publish and that publish's fingerprint.
+        let mut earlier: HashMap<Vec<u8>, (PublishOutcome, i64)> = HashMap::new();
         if !unique.is_empty() {
-            let keys: Vec<&[u8]> = unique.iter().map(|k| k.as_slice()).collect();
+            let keys: Vec<&[u8]> = unique.keys().map(|k| k.as_slice()).collect();
+            let key_fps: Vec<i64> = unique.values().copied().collect();
             let horizon = i(now.saturating_sub(window));
             let claimed: HashSet<Vec<u8>> = tx
                 .query(
-                    "INSERT INTO outboxd_dedup (dkey, id, ts, recipients) \
-                       SELECT k, 0, $2, 0 FROM unnest($1::bytea[]) AS k \
-                     ON CONFLICT (dkey) DO UPDATE SET id = 0, ts = EXCLUDED.ts, recipients = 0 \
+                    "INSERT INTO outboxd_dedup (dkey, id, ts, recipients, fp) \
+                       SELECT k, 0, $2, 0, fp FROM unnest($1::bytea[], $4::bigint[]) AS v(k, fp) \
+                     ON CONFLICT (dkey) DO UPDATE SET id = 0, ts = EXCLUDED.ts, recipients = 0, \
+                       fp = EXCLUDED.fp \
                        WHERE outboxd_dedup.ts <= $3 \
                      RETURNING dkey",
-                    &[&keys, &i(now), &horizon],
+                    &[&keys, &i(now), &horizon, &key_fps],
                 )
                 .await?
                 .iter()
@@ -982,19 +996,22 @@ impl PgWriter {
             if !taken.is_empty() {
                 for row in tx
                     .query(
-                        "SELECT dkey, id, recipients FROM outboxd_dedup WHERE dkey = ANY($1)",
+                        "SELECT dkey, id, recipients, fp FROM outboxd_dedup WHERE dkey = ANY($1)",
                         &[&taken],
                     )
                     .await?
                 {
                     earlier.insert(
                         row.try_get(0)?,
-                        PublishOutcome {
-                            id: format!("{:x}", u(row.try_get(1)?)),
-                            recipients: u(row.try_get(2)?),
-                            duplicate: true,
-                            full: Vec::new(),
-                        },
+                        (
+                            PublishOutcome {
+                                id: format!("{:x}", u(row.try_get(1)?)),
+                                recipients: u(row.try_get(2)?),
+                                duplicate: true,
+                                full: Vec::new(),
+                            },
+                            row.try_get(3)?,
+                        ),
                     );
                 }
             }
@@ -1098,10 +1115,16 @@ impl PgWriter {
         let mut outcomes = Vec::with_capacity(reqs.len());
         let mut dedup_rows: Vec<(Vec<u8>, i64, i64)> = Vec::new();
         let mut unclaim: Vec<Vec<u8>> = Vec::new();
-        for (req, dkey) in reqs.into_iter().zip(dkeys) {
-            if let Some(o) = dkey.as_ref().and_then(|k| earlier.get(k)) {
-                fx.duplicates += 1;
-                outcomes.push(Ok(o.clone()));
+        for ((req, dkey), fp) in reqs.into_iter().zip(dkeys).zip(fps) {
+            if let Some((o, first_fp)) = dkey.as_ref().and_then(|k| earlier.get(k)) {
+                if *first_fp != 0 && *first_fp != fp {
+                    outcomes.push(Err(StoreError::KeyReused {
+                        key: req.key.unwrap_or_default(),
+                    }));
+                } else {
+                    fx.duplicates += 1;
+                    outcomes.push(Ok(o.clone()));
+                }
                 continue;
             }
             let recipients = recipients_of(&req, &self.cids);
@@ -1172,7 +1195,7 @@ impl PgWriter {
                 let mut again = outcome.clone();
                 again.duplicate = true;
                 again.full = Vec::new();
-                earlier.insert(k, again);
+                earlier.insert(k, (again, fp));
             }
             outcomes.push(Ok(outcome));
         }
