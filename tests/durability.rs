@@ -265,9 +265,9 @@ async fn a_burst_of_numbered_keys_is_written_once_even_across_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_the_commit_and_the_tree_write_loses_nothing_and_stores_nothing_twice() {
-    // Catches a small commit group that is durable only in its journal record when the broker
-    // dies and is not finished at the next start (the publish would be lost), or is finished
-    // without its idempotency key (the retry would be stored a second time).
+    // Catches a commit group that is durable only in its journal record (in the body log) when
+    // the broker dies and is not finished at the next start (the publish would be lost), or is
+    // finished without its idempotency key (the retry would be stored a second time).
     let mut broker = Broker::start(Opts::new().env("OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER", 3));
     let (mut alice, _) = broker.client("alice").await;
     let mut confirmed = Vec::new();
@@ -298,7 +298,7 @@ async fn crash_between_the_commit_and_the_tree_write_loses_nothing_and_stores_no
 
     broker.restart_with(Opts::new());
     assert!(
-        broker.stderr_shows("finished the last commit group", Duration::from_secs(5)),
+        broker.stderr_shows("finished the commit groups", Duration::from_secs(5)),
         "the start after the crash found the journal record: {}",
         broker.stderr()
     );

@@ -743,11 +743,11 @@ async fn migrate_makes_the_schema_once_and_a_broker_then_serves_on_it() {
         let out = tool(&db, &["migrate", "--json"]);
         assert!(out.status.success(), "{out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        assert_eq!(v["schema_version"], 2, "{v}");
+        assert_eq!(v["schema_version"], 3, "{v}");
     }
     assert_eq!(
         pg.psql_on(&db, "SELECT count(*) FROM outboxd_schema"),
-        "2",
+        "3",
         "each migration recorded once"
     );
     let broker = node(&db);

@@ -21,8 +21,9 @@ dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
   3. reassembles the frames the broker wrote and notes when each `ok` and `msg` frame's write
      began;
   4. for each `ok` (matched to its publish by `ref`) and each `msg` (matched by its unique
-     payload), requires an fdatasync of the log that began after the publish was read and
-     ended before the frame's write began;
+     payload), requires a commit barrier that began after the publish was read and ended
+     before the frame's write began: an fdatasync of the log, or of a body log segment (where
+     the commit journal goes with the bodies);
   5. for each blob file written (last write ended at t_w), takes F, the first sync of the log
      (the broker's fdatasync or sled's own fsync) that began after t_w, and requires every
      `ok` and `msg` frame whose write began after F ended (and before sled unlinked the file)
@@ -300,6 +301,7 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
     payload_read = {}  # payload -> time
     oks, msgs = [], []  # (time the frame's write began, key)
     log_syncs = []  # (start, end, call) of each fsync/fdatasync of sled's log
+    journal_syncs = []  # (start, end) of each fsync/fdatasync of a body log segment
     log_opened = False
     dir_syncs = {}  # blobs or bodies directory -> [(start, end)]
     blobs, live = [], {}  # every blob life; path -> its current life
@@ -356,6 +358,8 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
                 log_syncs.append((start, end, name))
             elif f.kind in ("blob", "segment") and f.blob is not None:
                 f.blob.syncs.append((start, end))
+                if f.kind == "segment":
+                    journal_syncs.append((start, end))
             elif f.kind in ("blobdir", "bodydir"):
                 dir_syncs.setdefault(os.path.normpath(f.path), []).append((start, end))
         elif name in READS and ret > 0:
@@ -401,9 +405,9 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
                 elif v.get("type") == "msg":
                     msgs.append((start, json.dumps(v.get("payload"), sort_keys=True)))
 
-    # Rule 1: every ok and msg frame follows an fdatasync of the log that began after its
-    # publish was read.
-    syncs = sorted((s, e) for s, e, call in log_syncs if call == "fdatasync")
+    # Rule 1: every ok and msg frame follows a commit barrier (an fdatasync of the log, or of a
+    # body log segment, which holds the commit journal) that began after its publish was read.
+    syncs = sorted([(s, e) for s, e, call in log_syncs if call == "fdatasync"] + journal_syncs)
 
     def covered(t_read, t_write):
         return any(s >= t_read and e <= t_write for s, e in syncs)
@@ -425,7 +429,7 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
             violations.append(("msg", key, t_read, t_write))
     print(
         f"audit: {checked['ok']} ok frames and {checked['msg']} msg frames checked against "
-        f"{len(syncs)} fdatasync calls of the log; {len(violations)} violation(s)"
+        f"{len(syncs)} fdatasync calls of the log and the body log; {len(violations)} violation(s)"
     )
     for kind, key, t_read, t_write in violations[:10]:
         what = f"ok ref {key[1]} on connection {key[0]}" if kind == "ok" else f"msg {short(key)}"

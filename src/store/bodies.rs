@@ -9,19 +9,21 @@
 //! writes its body once; every outbox's chunk refers to the same place.
 //!
 //! Durability: the writer writes the bodies of a group and fdatasyncs them before any reference
-//! to them reaches sled ([`BodyLog::sync`], called as the group is taken), so a reference that
-//! sled recovers always has its body on disk. A crash may leave bodies no reference names (a
-//! group that was never committed): they are garbage, never read.
+//! to them reaches sled ([`BodyLog::sync`]), so a reference that sled recovers always has its
+//! body on disk. The group's journal record (see `journal`) follows its bodies in the young
+//! head and is synced with them; its length carries [`JOURNAL_FLAG`], so no reference names it
+//! and [`scan_journal`] finds it. A crash may leave bodies no reference names (a group that was
+//! never committed): they are garbage, never read.
 //!
 //! Space: the writer counts the references into each segment. A reference leaves with its
 //! message (ack, purge, delete, expiry); the count drops only after that removal is durable in
-//! sled ([`BodyLog::released`], applied at the next synced commit by [`BodyLog::free`]), and a
-//! segment with no reference left, other than the one being appended to, is deleted. Every open
-//! starts a new segment and deletes the segments nothing refers to.
+//! sled ([`BodyLog::release`], applied at the next checkpoint by [`BodyLog::free`], when no
+//! journal record before it is needed either), and a segment with no reference left, other than
+//! the ones being appended to, is deleted. Every open starts new heads and deletes the segments
+//! nothing refers to.
 //!
-//! A segment keeps its space while any of its messages is stored: one outbox that never acks
-//! keeps every segment from its first unacked message on (bounded by the message TTL and the
-//! outbox quotas). Moving the live messages of old segments forward is not done yet.
+//! A segment keeps its space while any of its messages is stored; the retention sweep moves the
+//! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -46,6 +48,9 @@ pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
 const MARK: u8 = 0xFF;
 /// A record's length and checksum before its body.
 const HEADER: usize = 8;
+/// Set in the length of a commit journal's record (see `journal`): a body's length never has it,
+/// so a reference never names a journal record, and a scan tells the two apart.
+const JOURNAL_FLAG: u32 = 1 << 31;
 
 /// Where a body is: its segment, the offset of its record, its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -511,10 +516,30 @@ impl BodyLog {
         r
     }
 
-    /// Writes the bodies appended so far and fdatasyncs them: called before any reference to
-    /// them reaches sled. Then starts a new segment for a head that is full.
+    /// Appends a commit group's journal record (see `journal`) at the young head, after the
+    /// group's bodies: the next [`BodyLog::sync`] writes and syncs both at once.
+    pub(super) fn append_journal(&mut self, record: &[u8]) {
+        let h = &mut self.heads[Lane::Young as usize];
+        // A record is far below 2 GiB (a group holds at most 50 000 writes of small values).
+        let len = u32::try_from(record.len()).unwrap_or(u32::MAX) | JOURNAL_FLAG;
+        h.pending.extend_from_slice(&len.to_le_bytes());
+        h.pending
+            .extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+        h.pending.extend_from_slice(record);
+    }
+
+    /// Where the next journal record goes: the young head's segment and end.
+    pub(super) fn journal_end(&self) -> (u64, u64) {
+        let h = &self.heads[Lane::Young as usize];
+        (h.seg, h.len + h.pending.len() as u64)
+    }
+
+    /// Writes the records appended so far and fdatasyncs them: called before any reference to
+    /// them reaches sled, and before a journal record is taken as durable. The cold head goes
+    /// first: a journal record in the young head may refer to bodies a compaction moved there.
+    /// Then starts a new segment for a head that is full.
     pub(super) fn sync(&mut self) -> io::Result<()> {
-        for h in &mut self.heads {
+        for h in self.heads.iter_mut().rev() {
             if !h.pending.is_empty() {
                 h.file.write_all_at(&h.pending, h.len)?;
                 h.len += h.pending.len() as u64;
@@ -615,11 +640,12 @@ impl BodyLog {
         !self.released.is_empty()
     }
 
-    /// After a commit made every removal so far durable: drops their counts and deletes the
-    /// segments no reference is left in (never the current one).
+    /// After a checkpoint made every removal so far durable in sled (and no journal record in
+    /// a segment is needed any more): drops their counts and deletes the segments no reference
+    /// is left in (never a head).
     pub(super) fn free(&mut self) {
         for seg in std::mem::take(&mut self.rolled) {
-            if !self.refs.contains_key(&seg) {
+            if !self.refs.contains_key(&seg) && !self.is_head(seg) {
                 self.delete(seg);
             }
         }
@@ -677,6 +703,62 @@ impl Bodies for BodyLog {
             None => Err(damaged(r, "its segment file is missing")),
         }
     }
+}
+
+/// Calls `f` with the place and body of every commit journal record in `data_dir`'s body log
+/// from segment `seg`, offset `off` on, in the order they were written (segments in number
+/// order; records of other kinds are stepped over). A segment is read up to its first record
+/// that is cut short or fails its checksum; that place is returned (the last one met), for the
+/// caller to judge: at the log's end it is a write a crash cut short.
+pub(super) fn scan_journal(
+    data_dir: &Path,
+    seg: u64,
+    off: u64,
+    mut f: impl FnMut(&str, &[u8]) -> Result<(), StoreError>,
+) -> Result<Option<String>, StoreError> {
+    let dir = data_dir.join(DIR);
+    let mut segs: Vec<u64> = match fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(segment_of))
+            .filter(|s| *s >= seg)
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    segs.sort_unstable();
+    let mut cut = None;
+    for s in segs {
+        let bytes = fs::read(dir.join(segment_name(s)))?;
+        let mut at = if s == seg {
+            usize::try_from(off).unwrap_or(usize::MAX)
+        } else {
+            0
+        };
+        while at < bytes.len() {
+            let place = format!("segment {s:016x} offset {at}");
+            let Some(header) = bytes.get(at..at + HEADER) else {
+                cut = Some(place);
+                break;
+            };
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let body_len = (len & !JOURNAL_FLAG) as usize;
+            let Some(body) = bytes.get(at + HEADER..at + HEADER + body_len) else {
+                cut = Some(place);
+                break;
+            };
+            if crc32fast::hash(body) != crc {
+                cut = Some(place);
+                break;
+            }
+            if len & JOURNAL_FLAG != 0 {
+                f(&place, body)?;
+            }
+            at += HEADER + body_len;
+        }
+    }
+    Ok(cut)
 }
 
 fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {

@@ -1,10 +1,12 @@
 //! The durability barrier, and the latch that every write passes through.
 //!
-//! [`Disk`] owns the db, its trees, sled's log file, the commit seal and the group of writes
-//! not yet applied. A commit numbers the group (record `C`), writes it (the journal record or
-//! one batch, see `journal`), flushes and fdatasyncs the log (and sled's blob files, see
-//! `blobs`), applies a journaled group to the tree, and only then advances the seal. Nothing
-//! is confirmed before that sequence returns.
+//! [`Disk`] owns the db, its trees, sled's log file, the body log, the commit seal and the
+//! group of writes not yet applied. A commit numbers the group (record `C`), appends its
+//! journal record to the body log after the group's bodies, writes and fdatasyncs them at once
+//! (see `journal`), applies the writes to the tree and only then advances the seal. Nothing is
+//! confirmed before that sequence returns. A checkpoint ([`Disk::checkpoint`], about once a
+//! second) flushes sled and fdatasyncs its log (and sled's blob files, see `blobs`); only then
+//! are body log segments deleted.
 //!
 //! A failed write, flush or fsync latches the store: after a failed fsync the kernel may have
 //! dropped the dirty pages, so a retry could confirm what is not on disk. The latch lives here
@@ -20,7 +22,7 @@
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error};
 
@@ -48,14 +50,19 @@ pub(super) struct Disk {
     blobs: blobs::BlobSync,
     /// Message bodies, written and synced before any reference to them reaches the tree.
     bodies: BodyLog,
-    /// When the body log's removals were last made durable with `durability = "relaxed"`.
-    freed_at: Instant,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
     /// When the group was last applied to the tree.
     applied_at: Instant,
     /// Successful fsync commits.
     commits: u64,
+    /// Writes applied to the trees outside a commit since the last one: they go into the next
+    /// journal record (see `journal`).
+    carried: Vec<journal::Entry>,
+    /// Journal bytes written since the last checkpoint.
+    journaled: u64,
+    /// When the last checkpoint was made.
+    checkpointed_at: Instant,
     /// Why writes are refused, once they are.
     latch: Option<String>,
     /// The latch as the rest of the broker sees it ([`super::Store::is_latched`]).
@@ -64,6 +71,13 @@ pub(super) struct Disk {
     faults: Faults,
     metrics: Arc<Metrics>,
 }
+
+/// A checkpoint is made this often while anything was written since the last one.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// ... and as soon as this many journal bytes or carried writes wait for one (a bound on what
+/// an open replays and on what the writer holds).
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_CARRIED: usize = 100_000;
 
 /// What [`Disk::new`] takes: the opened db, its trees, sled's log file and the seal.
 pub(super) struct Files {
@@ -86,10 +100,12 @@ impl Disk {
             seal: files.seal,
             blobs: blobs::BlobSync::new(&opts.data_dir),
             bodies: files.bodies,
-            freed_at: Instant::now(),
             group: group::Group::default(),
             applied_at: Instant::now(),
             commits: 0,
+            carried: Vec::new(),
+            journaled: 0,
+            checkpointed_at: Instant::now(),
             latch: None,
             latched,
             durability: opts.durability,
@@ -173,39 +189,53 @@ impl Disk {
         Ok(&mut self.group)
     }
 
-    /// Inserts into the outbox tree at once (not durable before the next commit).
-    pub(super) fn insert(&self, key: impl AsRef<[u8]>, value: Vec<u8>) -> Result<(), StoreError> {
+    /// Inserts into the outbox tree at once (durable with the next commit).
+    pub(super) fn insert(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: Vec<u8>,
+    ) -> Result<(), StoreError> {
         self.writable()?;
-        self.outbox.insert(key, value)?;
+        let (key, value) = (sled::IVec::from(key.as_ref()), sled::IVec::from(value));
+        self.outbox.insert(&key, &value)?;
+        self.carried.push((journal::OUTBOX, key, Some(value)));
         Ok(())
     }
 
-    /// Removes from the outbox tree at once (not durable before the next commit).
-    pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
+    /// Removes from the outbox tree at once (durable with the next commit).
+    pub(super) fn remove(&mut self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         self.writable()?;
-        self.outbox.remove(key)?;
+        let key = sled::IVec::from(key.as_ref());
+        self.outbox.remove(&key)?;
+        self.carried.push((journal::OUTBOX, key, None));
         Ok(())
     }
 
-    /// Applies `batch` to the outbox tree at once (not durable before the next commit).
-    pub(super) fn apply_batch(&self, batch: sled::Batch) -> Result<(), StoreError> {
+    /// Applies `writes` to the outbox tree at once, as one batch (durable with the next commit).
+    pub(super) fn apply_batch(&mut self, writes: group::Writes) -> Result<(), StoreError> {
         self.writable()?;
-        self.outbox.apply_batch(batch)?;
+        self.outbox.apply_batch(journal::to_batch(writes.clone()))?;
+        self.carried
+            .extend(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
         Ok(())
     }
 
     /// Writes a new client's name and number, before anything that uses the number.
-    pub(super) fn name_client(&self, name: &ClientId, cid: u64) -> Result<(), StoreError> {
+    pub(super) fn name_client(&mut self, name: &ClientId, cid: u64) -> Result<(), StoreError> {
         self.writable()?;
-        self.clients
-            .insert(name.as_str().as_bytes(), &cid.to_be_bytes())?;
+        let key = sled::IVec::from(name.as_str().as_bytes());
+        let value = sled::IVec::from(&cid.to_be_bytes()[..]);
+        self.clients.insert(&key, &value)?;
+        self.carried.push((journal::CLIENTS, key, Some(value)));
         Ok(())
     }
 
     /// Removes a client's name (after its outbox's records are gone).
-    pub(super) fn unname_client(&self, name: &ClientId) -> Result<(), StoreError> {
+    pub(super) fn unname_client(&mut self, name: &ClientId) -> Result<(), StoreError> {
         self.writable()?;
-        self.clients.remove(name.as_str().as_bytes())?;
+        let key = sled::IVec::from(name.as_str().as_bytes());
+        self.clients.remove(&key)?;
+        self.carried.push((journal::CLIENTS, key, None));
         Ok(())
     }
 
@@ -246,54 +276,130 @@ impl Disk {
     }
 
     fn write_and_sync(&mut self, clients: &Clients) -> Result<(), String> {
-        let journaled = self
-            .number_group()
-            .and_then(|()| self.write_group(clients))
-            .map_err(|e| format!("writing the commit group failed: {e}"))?;
-        if self.durability == Durability::Fsync {
-            self.sync()?;
-        }
-        if journaled.is_some() && self.faults.crash_before_apply(self.commits) {
-            error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
-            std::process::abort();
-        }
-        if let Some(writes) = journaled {
-            journal::apply(&self.outbox, writes)
-                .map_err(|e| format!("applying the commit group failed: {e}"))?;
+        let failed = |e: StoreError| format!("writing the commit group failed: {e}");
+        self.number_group().map_err(failed)?;
+        // Bodies stored inline (data dirs from before the body log, kept for a test of that
+        // layout) make records too large to write twice: such a group is applied as one batch
+        // and checkpointed at once.
+        let journaled = !self.faults.inline_bodies();
+        let writes = self.take_group(clients, !journaled).map_err(failed)?;
+        if journaled {
+            let record = journal::encode(self.commit_no, &self.carried, writes.as_ref());
+            self.bodies.append_journal(&record);
+            self.journaled += record.len() as u64;
+            self.sync_journal()?;
+            if self.faults.crash_before_apply(self.commits) {
+                error!("injected crash (OUTBOXD_FAULT_CRASH_BEFORE_APPLY_AFTER)");
+                std::process::abort();
+            }
+            // Carried writes are in the record now: a replay applies them again.
+            self.carried.clear();
+            if let Some(writes) = writes {
+                journal::apply(&self.outbox, writes)
+                    .map_err(|e| format!("applying the commit group failed: {e}"))?;
+            }
+        } else {
+            let started = Instant::now();
+            if let Some(writes) = writes {
+                self.outbox
+                    .apply_batch(journal::to_batch(writes))
+                    .map_err(|e| format!("writing the commit group failed: {e}"))?;
+            }
+            self.checkpoint()?;
+            if self.durability == Durability::Fsync {
+                self.commits += 1;
+                self.metrics
+                    .commit_seconds
+                    .observe_duration(started.elapsed());
+            }
         }
         if self.durability == Durability::Fsync {
             // Only now is commit `commit_no` on disk: the seal may say so.
             self.seal
                 .advance(self.commit_no)
                 .map_err(|e| format!("writing the commit seal failed: {e}"))?;
-            // Every removal applied so far is durable: their bodies may go.
-            self.bodies.free();
-        } else if self.bodies.has_released() && self.freed_at.elapsed().as_secs() >= 1 {
-            self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
-            self.freed_at = Instant::now();
-            self.bodies.free();
         }
         Ok(())
     }
 
-    /// The last flush and fsync at shutdown, and the seal's last word. Skipped once latched:
-    /// after a failed write sled's flush can wait forever (it waits for a write that never
+    /// Writes the body log's new records (the group's bodies and journal record) and
+    /// fdatasyncs them: the commit's one wait on the disk.
+    fn sync_journal(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        if self.durability == Durability::Fsync {
+            if let Some(e) = self
+                .faults
+                .flush_error(self.commits)
+                .or_else(|| self.faults.fsync_error(self.commits))
+            {
+                return Err(e);
+            }
+        }
+        self.bodies
+            .sync()
+            .map_err(|e| format!("writing or fsyncing the body log failed: {e}"))?;
+        if self.durability == Durability::Fsync {
+            self.commits += 1;
+            let took = started.elapsed();
+            self.metrics.commit_seconds.observe_duration(took);
+            debug!(took_us = took.as_micros() as u64, "commit");
+        }
+        Ok(())
+    }
+
+    /// Makes a checkpoint when one is due: about a second after the last, while anything was
+    /// written since, or at once when much waits. A failure latches the store.
+    pub(super) fn checkpoint_if_due(&mut self) {
+        if self.latch.is_some() {
+            return;
+        }
+        let waiting = self.journaled > 0 || !self.carried.is_empty() || self.bodies.has_released();
+        let due = (waiting && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
+            || self.journaled >= CHECKPOINT_BYTES
+            || self.carried.len() >= CHECKPOINT_CARRIED;
+        if due {
+            if let Err(reason) = self.checkpoint() {
+                self.metrics.store_errors.inc();
+                self.latch(&reason);
+            }
+        }
+    }
+
+    /// Makes what the trees hold durable in sled: notes where in the body log the journal
+    /// records from now on start (`P`), flushes sled and fdatasyncs its log (with
+    /// `durability = "fsync"`). From then on no journal record before `P` is needed, so the
+    /// segments nothing refers to any more are deleted.
+    pub(super) fn checkpoint(&mut self) -> Result<(), String> {
+        let (seg, off) = self.bodies.journal_end();
+        self.outbox
+            .insert(keys::checkpoint(), journal::encode_checkpoint(seg, off))
+            .map_err(|e| format!("writing the checkpoint failed: {e}"))?;
+        if self.durability == Durability::Fsync {
+            self.sync()?;
+        } else {
+            self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+        }
+        self.carried.clear();
+        self.journaled = 0;
+        self.checkpointed_at = Instant::now();
+        self.bodies.free();
+        Ok(())
+    }
+
+    /// The last checkpoint at shutdown, and the seal's last word. Skipped once latched: after
+    /// a failed write sled's flush can wait forever (it waits for a write that never
     /// completes), and nothing after the latch was confirmed.
     pub(super) fn close(&mut self) {
         if let Some(reason) = &self.latch {
             tracing::warn!(reason = %reason, "store latched: skipping the final flush");
-        } else if let Err(e) = self.db.flush() {
-            error!(error = %e, "final flush failed");
-        } else if let Err(e) = self.blobs.sync_new().and_then(|_| self.log.sync_data()) {
-            error!(error = %e, "final fsync failed");
+        } else if let Err(e) = self.checkpoint() {
+            error!(error = %e, "final checkpoint failed");
         } else if let Err(e) = self
             .seal
             .advance(self.commit_no)
             .and_then(|()| self.seal.sync())
         {
             error!(error = %e, "writing the commit seal failed");
-        } else {
-            self.bodies.free();
         }
     }
 
@@ -305,34 +411,18 @@ impl Disk {
         Ok(())
     }
 
-    /// Writes the group gathered so far to the tree as one batch (not yet durable), with the
-    /// meta of every client it changed. Once latched, the group is dropped instead: nothing
-    /// reaches the tree after a failure, and nobody was told the group is stored.
+    /// Writes the group gathered so far to the tree as one batch (durable with the next
+    /// commit, whose journal record carries it), with the meta of every client it changed.
+    /// Once latched, the group is dropped instead: nothing reaches the tree after a failure,
+    /// and nobody was told the group is stored.
     pub(super) fn apply_group(&mut self, clients: &Clients) -> Result<(), StoreError> {
         if self.drop_group_if_latched() {
             return Ok(());
         }
-        if let Some(writes) = self.take_group(clients)? {
-            self.outbox.apply_batch(journal::to_batch(writes))?;
+        if let Some(writes) = self.take_group(clients, true)? {
+            self.apply_batch(writes)?;
         }
         Ok(())
-    }
-
-    /// The commit's write: a small group goes to the journal, and is returned to be applied to
-    /// the tree once the commit has synced it; a large one is applied as one batch (see
-    /// `journal`). Neither is durable before the sync.
-    fn write_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
-        let Some(writes) = self.take_group(clients)? else {
-            return Ok(None);
-        };
-        self.writable()?;
-        if journal::fits(&writes) {
-            journal::write(&self.outbox, &writes)?;
-            Ok(Some(writes))
-        } else {
-            self.outbox.apply_batch(journal::to_batch(writes))?;
-            Ok(None)
-        }
     }
 
     /// Adds to the group the idempotency keys it stored, as `dedup::place` puts them, and the
@@ -367,8 +457,14 @@ impl Disk {
         Ok(())
     }
 
-    /// Hands over the group gathered so far, with the meta of every client it changed.
-    fn take_group(&mut self, clients: &Clients) -> Result<Option<group::Writes>, StoreError> {
+    /// Hands over the group gathered so far, with the meta of every client it changed. With
+    /// `sync_bodies`, the bodies it refers to are written and fdatasynced first (a group that
+    /// reaches the tree before its journal record); otherwise they go with the record.
+    fn take_group(
+        &mut self,
+        clients: &Clients,
+        sync_bodies: bool,
+    ) -> Result<Option<group::Writes>, StoreError> {
         self.applied_at = Instant::now();
         if let Some((new, id)) = self.group.take_dedup() {
             if let Err(e) = self.store_dedup_keys(new, id) {
@@ -380,7 +476,7 @@ impl Disk {
         }
         // No reference may reach the tree (or sled's log, which sled may flush at any time)
         // before its body is on disk.
-        if let Err(e) = self.bodies.sync() {
+        if let Err(e) = sync_bodies.then(|| self.bodies.sync()).transpose() {
             let reason = format!("writing or fsyncing the body log failed: {e}");
             self.latch(&reason);
             return Err(StoreError::Io(e));
@@ -445,7 +541,6 @@ impl Disk {
     /// Flush, then fdatasync of sled's log and blob files (sled's flush alone issues
     /// `sync_file_range`, which is not a durability barrier).
     fn sync(&mut self) -> Result<(), String> {
-        let started = Instant::now();
         if let Some(e) = self.faults.flush_error(self.commits) {
             return Err(e);
         }
@@ -463,10 +558,6 @@ impl Disk {
         self.blobs
             .sync_new()
             .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
-        self.commits += 1;
-        let took = started.elapsed();
-        self.metrics.commit_seconds.observe_duration(took);
-        debug!(took_us = took.as_micros() as u64, "commit");
         Ok(())
     }
 }

@@ -226,7 +226,8 @@ impl SledView {
             path: data_dir.to_path_buf(),
             damage: d,
         };
-        match super::journal::replay(&outbox) {
+        // Into the private copy: the body log is only read.
+        match super::journal::recover(data_dir, &db) {
             Err(e @ StoreError::Corrupt { .. }) => {
                 return Err(damaged(super::integrity::Damage(e.to_string())))
             }

@@ -470,6 +470,12 @@ fn reads_back(kind: u8, v: &[u8]) -> Option<Result<(), CodecError>> {
             codec::decode::<super::group::Expiring>(v).map(drop)
         }
         keys::MISSED | keys::EXPIRY | keys::SUB | keys::DEDUP_EXPIRY | keys::JOURNAL => Ok(()),
+        keys::CHECKPOINT => match super::journal::decode_checkpoint(v) {
+            Some(_) => Ok(()),
+            None => Err(CodecError::Body(
+                "the journal's checkpoint is not a position".into(),
+            )),
+        },
         _ => return None,
     })
 }
@@ -521,12 +527,14 @@ pub fn repair_dir(dir: &Path) -> Result<RepairReport, StoreError> {
         e => unrepairable(format!("sled cannot open it: {e}")),
     })?;
     let outbox = db.open_tree("outbox")?;
-    match super::journal::replay(&outbox) {
+    match super::journal::recover(dir, &db) {
         Ok(_) => {}
-        Err(StoreError::Corrupt { .. }) => {
-            // The last small commit group is unreadable: it is part of the loss accepted.
-            warn!("the journal record is damaged: removing it");
+        Err(e @ StoreError::Corrupt { .. }) => {
+            // What the journal holds from the damage on is part of the loss accepted; the
+            // check below finds what it was.
+            warn!(error = %e, "the commit journal is damaged: dropping what it holds from there on");
             outbox.remove([keys::JOURNAL])?;
+            outbox.remove(keys::checkpoint())?;
         }
         Err(e) => return Err(e),
     }

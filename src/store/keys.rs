@@ -16,9 +16,10 @@
 //!   `DedupEntry`, a key not stored in a run; `G ts id` -> the (time, scope + key) of each `K`
 //!   one group stored, `ts` the newest, and `H ts id` the same for its runs: the dedup expiry
 //!   index (data dirs from before hold `D ts len scope key` -> (), one per key, still read);
-//!   `J` -> the writes of the last small commit group, present only
-//!   until they reach the tree (see `journal`); `C` -> the number of the last commit group
-//!   (see `integrity`).
+//!   `J` -> the writes of the last small commit group, present only until they reached the
+//!   tree (data dirs from before the body log journal; see `journal`); `C` -> the number of the
+//!   last commit group (see `integrity`); `P` -> the body log position from which the commit
+//!   journal's records may not be in the tree yet (see `journal`).
 
 pub const META: u8 = b'M';
 pub const MSG: u8 = b'O';
@@ -36,9 +37,15 @@ pub const DEDUP_RUN_LIST: u8 = b'H';
 pub const JOURNAL: u8 = b'J';
 /// The number of the last commit group (see `integrity`).
 pub const COMMIT: u8 = b'C';
+/// Where the commit journal's records not yet known durable in the tree start (see `journal`).
+pub const CHECKPOINT: u8 = b'P';
 
 pub fn commit() -> [u8; 1] {
     [COMMIT]
+}
+
+pub fn checkpoint() -> [u8; 1] {
+    [CHECKPOINT]
 }
 
 pub fn meta(cid: u64) -> [u8; 9] {

@@ -1,7 +1,8 @@
 //! Opening a data directory for the broker: the sled config it was made with (`engine`), the
 //! leftovers of a crash removed, sled's recovery guarded against its
-//! panics on damaged records, the last small commit group replayed from the journal, the open
-//! check (`integrity`), and then the writer thread started over what was read.
+//! panics on damaged records, the commit groups sled had not yet recovered replayed from the
+//! body log's journal (`journal`), the open check (`integrity`), and then the writer thread
+//! started over what was read.
 //!
 //! `Inspector::open_offline` and `outboxd repair` take the same steps, each with its own answer
 //! to a damaged store, from `engine` and `integrity`.
@@ -21,7 +22,7 @@ use super::engine::{existing_segment_bytes, remove_stale_snapshots};
 use super::integrity::{self, damaged};
 use super::writer::{WriterState, QUEUE_DEPTH};
 use super::SEGMENT_BYTES;
-use super::{journal, Engine, Handles, SledFiles, Store, StoreError, StoreOptions, Writer};
+use super::{journal, keys, Engine, Handles, SledFiles, Store, StoreError, StoreOptions, Writer};
 use crate::config::Durability;
 
 /// Opens (or creates) the store in `opts.data_dir` and starts its writer thread.
@@ -82,12 +83,15 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
         })?;
     let clients = db.open_tree("clients")?;
     let outbox = db.open_tree("outbox")?;
-    match journal::replay(&outbox) {
-        Ok(Some(writes)) => info!(
-            writes,
-            "finished the last commit group, which a crash had cut short"
-        ),
-        Ok(None) => {}
+    match journal::recover(&dir, &db) {
+        Ok(r) => {
+            if let Some(writes) = r.old_record {
+                info!(
+                    writes,
+                    "finished the last commit group, which a crash had cut short"
+                );
+            }
+        }
         Err(e @ StoreError::Corrupt { .. }) => return Err(damaged(&dir, e)),
         Err(e) => return Err(e),
     }
@@ -101,8 +105,10 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     );
     // Our own handle on sled's log, for the fdatasync its flush does not do.
     let log = File::open(dir.join("db"))?;
-    // What sled recovered may so far be only in the page cache (a crash between a write and
-    // its fsync): make it durable before the seal vouches for it.
+    // What sled recovered (and what was replayed) may so far be only in the page cache (a
+    // crash between a write and its fsync): make it durable before the seal vouches for it and
+    // before the body log deletes what nothing refers to.
+    db.flush()?;
     log.sync_data()?;
     let seal = integrity::Seal::open(&dir, commit)?;
     let latched = Arc::new(AtomicBool::new(false));
@@ -114,6 +120,11 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
         opts.faults.body_segment_bytes(),
         opts.faults.body_compact_after(),
     )?;
+    // The commit journal starts in the new young head.
+    let (seg, off) = bodies.journal_end();
+    outbox.insert(keys::checkpoint(), journal::encode_checkpoint(seg, off))?;
+    db.flush()?;
+    log.sync_data()?;
     let read_bodies = bodies.segments();
     let files = Files {
         bodies,

@@ -9,10 +9,13 @@
 
 use std::sync::Arc;
 
+use sled::IVec;
+
 use tracing::info;
 
 use super::bodies::{BodyRef, ChunkKey, Facts};
 use super::chunks::{self, Entries};
+use super::group::Writes;
 use super::records::{decode_dedup, encode, fingerprint, fresh_meta, new_epoch, stored_payload};
 use super::writer::WriterState;
 use super::{dedup, keys, StoreError};
@@ -437,7 +440,7 @@ impl WriterState {
     fn remove_messages(
         &self,
         cid: u64,
-        batch: &mut sled::Batch,
+        batch: &mut Writes,
         tombstones: bool,
     ) -> Result<(u64, Released), StoreError> {
         let mut removed = 0u64;
@@ -451,17 +454,20 @@ impl WriterState {
             for (seq, body) in chunks::split(&k, &v)? {
                 let m = chunks::facts(&k, &body)?;
                 if m.expires_at > 0 {
-                    batch.remove(&keys::expiry(m.expires_at, cid, seq));
+                    batch.insert(IVec::from(&keys::expiry(m.expires_at, cid, seq)[..]), None);
                 }
                 if tombstones {
-                    batch.insert(&keys::seq_key(keys::MISSED, cid, seq), &[]);
+                    batch.insert(
+                        IVec::from(&keys::seq_key(keys::MISSED, cid, seq)[..]),
+                        Some(IVec::default()),
+                    );
                 }
                 removed += 1;
             }
             if let Ok(key) = <[u8; 17]>::try_from(k.as_ref()) {
                 released.push((key, chunks::refs(&k, &v)?));
             }
-            batch.remove(k);
+            batch.insert(k, None);
         }
         Ok((removed, released))
     }
@@ -475,7 +481,7 @@ impl WriterState {
         };
         // The scan below must see every message, including this group's.
         self.apply_group()?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::new();
         let (removed, released) = self.remove_messages(cid, &mut batch, true)?;
         let Some(c) = self.clients.state_mut(cid) else {
             return Ok(None);
@@ -486,7 +492,10 @@ impl WriterState {
         c.meta.bytes = 0;
         c.meta.acked = c.meta.next_seq.saturating_sub(1);
         let epoch = c.meta.epoch.clone();
-        batch.insert(&keys::meta(cid), encode(&c.meta)?);
+        batch.insert(
+            IVec::from(&keys::meta(cid)[..]),
+            Some(encode(&c.meta)?.into()),
+        );
         self.disk.apply_batch(batch)?;
         self.disk.release_bodies(released);
         self.touched.push(cid);
@@ -503,7 +512,7 @@ impl WriterState {
         };
         // The scans below must see every record, including this group's.
         self.apply_group()?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::new();
         let (removed, released) = self.remove_messages(cid, &mut batch, false)?;
         for k in self
             .disk
@@ -511,7 +520,7 @@ impl WriterState {
             .scan_prefix(keys::seq_prefix(keys::MISSED, cid))
             .keys()
         {
-            batch.remove(k?);
+            batch.insert(k?, None);
         }
         let topics: Vec<Topic> = self
             .subscribers
@@ -520,7 +529,7 @@ impl WriterState {
             .map(|(t, _)| t.clone())
             .collect();
         for t in &topics {
-            batch.remove(keys::sub(t.as_str(), cid));
+            batch.insert(IVec::from(keys::sub(t.as_str(), cid)), None);
             if let Some(set) = self.subscribers.get_mut(t) {
                 set.remove(&cid);
                 if set.is_empty() {
@@ -528,7 +537,7 @@ impl WriterState {
                 }
             }
         }
-        batch.remove(&keys::meta(cid));
+        batch.insert(IVec::from(&keys::meta(cid)[..]), None);
         self.disk.apply_batch(batch)?;
         self.disk.release_bodies(released);
         // The name last: a crash before it leaves a name without records, which the next

@@ -360,6 +360,7 @@ impl WriterState {
                 }
             }
             self.commit();
+            self.disk.checkpoint_if_due();
         }
         self.settle_acks();
         self.commit();
