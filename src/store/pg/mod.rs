@@ -38,6 +38,14 @@ use super::{Delivery, Engine, Handles, OutboxHandle, OutboxTotals, Store, StoreE
 use super::{StoreOptions, Writer};
 use crate::model::{ClientId, Payload};
 
+mod acks;
+mod hello;
+mod locks;
+mod pending;
+mod prepared;
+mod publish;
+mod purge;
+mod retention;
 mod schema;
 mod wake;
 mod writer;
@@ -232,6 +240,9 @@ pub(super) struct Reads {
     pool: Arc<Pool>,
     unavailable: Arc<AtomicBool>,
 }
+
+/// A database error as the driver reports it.
+type Pg = tokio_postgres::Error;
 
 fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)

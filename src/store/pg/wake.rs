@@ -6,12 +6,15 @@
 //! there. Notifications are lost while the listening connection is down, so the listener also
 //! re-reads `next_seq` and `conn_gen` of every outbox a connection here watches, every
 //! `postgres.recheck_ms` and after each reconnect: a lost wake-up only delays a delivery, and
-//! an older connection is closed within that time.
+//! an older connection is closed within that time. Both ends live here: [`notify`], which the
+//! writer calls after a commit, and the listener.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use super::{connect, i, u, Live, OnMessage, Target};
@@ -19,6 +22,57 @@ use super::{connect, i, u, Live, OnMessage, Target};
 /// The notification channel of broker `node`.
 pub(super) fn channel(node: &str) -> String {
     format!("outboxd_{node}")
+}
+
+/// Tells other brokers what a commit means for them: `w<cid>:<next_seq>` for each outbox of
+/// `wake` (node → client number → next_seq) and `<kind><cid>:<generation>` for each of `kicks`
+/// (node → kind, client number, generation).
+pub(super) async fn notify(
+    client: &Client,
+    wake: HashMap<String, BTreeMap<u64, u64>>,
+    kicks: HashMap<String, Vec<(char, u64, u64)>>,
+) {
+    let mut notes: Vec<(String, String)> = Vec::new();
+    for (node, cids) in wake {
+        let items: Vec<String> = cids.iter().map(|(c, n)| format!("w{c}:{n}")).collect();
+        notes.extend(payloads(&node, items));
+    }
+    for (node, taken) in kicks {
+        let items: Vec<String> = taken
+            .iter()
+            .map(|(kind, c, g)| format!("{kind}{c}:{g}"))
+            .collect();
+        notes.extend(payloads(&node, items));
+    }
+    for (channel, payload) in notes {
+        // Best effort: the other broker's periodic re-check covers a lost one.
+        if let Err(e) = client
+            .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+            .await
+        {
+            debug!(error = %e, "wake-up not sent");
+        }
+    }
+}
+
+/// The channel and payloads that tell `node` of `items`, each payload under PostgreSQL's limit.
+fn payloads(node: &str, items: Vec<String>) -> Vec<(String, String)> {
+    let channel = channel(node);
+    let mut out = Vec::new();
+    let mut payload = String::new();
+    for item in items {
+        if !payload.is_empty() && payload.len() + item.len() + 1 > 7000 {
+            out.push((channel.clone(), std::mem::take(&mut payload)));
+        }
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(&item);
+    }
+    if !payload.is_empty() {
+        out.push((channel, payload));
+    }
+    out
 }
 
 /// Applies one notification's items to the live handles.
