@@ -3,10 +3,18 @@
 //! `main` only calls [`main`] here; everything a subcommand does lives in the library so the
 //! tests drive the same code.
 
+mod admin_client;
+mod backup;
+mod client;
 mod config_check;
 mod inspect;
 mod manual;
+mod postgres;
 mod pubsub;
+mod render;
+mod repair;
+mod source;
+mod tool_error;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
@@ -58,12 +66,12 @@ enum Command {
     /// The copy is a data directory: start a broker on it, or use `outboxd restore`.
     /// sled only: a PostgreSQL store is backed up with PostgreSQL's own tools (pg_dump, or base
     /// backups and a WAL archive); see docs/scale-out.md.
-    Backup(crate::cli::inspect::BackupArgs),
+    Backup(crate::cli::backup::BackupArgs),
     /// Make a data directory from a backup (offline; the target must be new or empty).
     ///
     /// sled only: a PostgreSQL store is restored with PostgreSQL's own tools; brokers that
     /// start on a copy restored into another cluster give every outbox a new epoch.
-    Restore(crate::cli::inspect::RestoreArgs),
+    Restore(crate::cli::backup::RestoreArgs),
     /// Copy a sled data directory into an empty PostgreSQL database (moving to scale-out).
     ///
     /// Reads a data directory no broker holds (or a backup of one) and writes every outbox,
@@ -71,20 +79,20 @@ enum Command {
     /// the database of postgres.url, in one transaction: clients resume on brokers running on
     /// PostgreSQL as if nothing happened. Idempotency keys are not copied. The database must
     /// hold no outboxes. Progress on stderr; the totals on stdout. See docs/scale-out.md.
-    Import(crate::cli::inspect::ImportArgs),
+    Import(crate::cli::postgres::ImportArgs),
     /// Create or migrate the outboxd schema in the PostgreSQL database of postgres.url.
     ///
     /// Every broker does it at start (under a lock, so brokers starting together migrate
     /// once); run it first where the brokers' database role may not create tables, with a
     /// role that may. A database made by a newer outboxd is refused.
-    Migrate(crate::cli::inspect::MigrateArgs),
+    Migrate(crate::cli::postgres::MigrateArgs),
     /// Change one client through a running broker: delete it, purge its outbox, or end one of
     /// its subscriptions.
     ///
     /// Uses the admin API (--admin URL, default http://<server.admin_listen>, with admin.token
     /// from the config or --token). delete and purge ask for confirmation on a terminal; pass
     /// --yes in scripts.
-    Client(crate::cli::inspect::ClientArgs),
+    Client(crate::cli::client::ClientArgs),
     /// Check a data directory no broker holds, and with --accept-loss repair a damaged one.
     ///
     /// Every start checks the store: that sled recovered every confirmed commit (the seal),
@@ -94,7 +102,7 @@ enum Command {
     /// With storage.backend = "postgres", --accept-loss moves every outbox to a new epoch: run
     /// it after a point-in-time recovery or a failover to a standby that was not synchronous.
     /// Exit status: 0 whole or repaired, 4 damaged (and not repaired), 1 other errors.
-    Repair(crate::cli::inspect::RepairArgs),
+    Repair(crate::cli::repair::RepairArgs),
     /// Mint a JWT for a client from the configured auth.hmac_secret (for development).
     ///
     /// Prints the token on stdout. Production tokens should come from your own identity
@@ -261,12 +269,12 @@ pub fn main() -> ExitCode {
     match command {
         Command::Serve(args) => serve(args),
         Command::Inspect(args) => crate::cli::inspect::inspect(args),
-        Command::Backup(args) => crate::cli::inspect::backup(args),
-        Command::Restore(args) => crate::cli::inspect::restore(args),
-        Command::Repair(args) => crate::cli::inspect::repair(args),
-        Command::Import(args) => crate::cli::inspect::import(args),
-        Command::Migrate(args) => crate::cli::inspect::migrate(args),
-        Command::Client(args) => crate::cli::inspect::client(args),
+        Command::Backup(args) => crate::cli::backup::backup(args),
+        Command::Restore(args) => crate::cli::backup::restore(args),
+        Command::Repair(args) => crate::cli::repair::repair(args),
+        Command::Import(args) => crate::cli::postgres::import(args),
+        Command::Migrate(args) => crate::cli::postgres::migrate(args),
+        Command::Client(args) => crate::cli::client::client(args),
         Command::Token(args) => token(args),
         Command::Pub(args) => crate::cli::pubsub::publish(args),
         Command::Sub(args) => crate::cli::pubsub::subscribe(args),
@@ -409,7 +417,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(ServeError::Store(e @ crate::store::StoreError::Damaged { .. })) => {
             error!(error = %e, "outboxd refused to serve a damaged store");
             fatal(&e);
-            ExitCode::from(crate::cli::inspect::DAMAGED_EXIT)
+            ExitCode::from(crate::cli::tool_error::DAMAGED_EXIT)
         }
         Err(e) => {
             error!(error = %e, "outboxd stopped");
