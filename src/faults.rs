@@ -38,6 +38,10 @@ pub struct Faults {
     /// `OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS`: how long after it filled a body log segment may
     /// be compacted, instead of a minute.
     body_compact_after_ms: Option<u64>,
+    /// `OUTBOXD_FAULT_CHECKPOINT_EVERY_MS`: a checkpoint this often instead of about once a
+    /// second, and no background flush of sled's own: the trees reach the disk only at
+    /// checkpoints, so a kill -9 before one leaves the commit journal alone to recover from.
+    checkpoint_every_ms: Option<u64>,
 }
 
 impl Faults {
@@ -55,6 +59,7 @@ impl Faults {
             inline_bodies: var::<u64>("OUTBOXD_FAULT_INLINE_BODIES").is_some(),
             body_segment_bytes: var("OUTBOXD_FAULT_BODY_SEGMENT_BYTES"),
             body_compact_after_ms: var("OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS"),
+            checkpoint_every_ms: var("OUTBOXD_FAULT_CHECKPOINT_EVERY_MS"),
         }
     }
 
@@ -68,6 +73,7 @@ impl Faults {
             || self.inline_bodies
             || self.body_segment_bytes.is_some()
             || self.body_compact_after_ms.is_some()
+            || self.checkpoint_every_ms.is_some()
     }
 
     /// The error a commit's flush fails with, after `commits` successful commits.
@@ -114,6 +120,13 @@ impl Faults {
     /// How long a full body log segment waits before it may be compacted, when a test sets it.
     pub fn body_compact_after(&self) -> Option<std::time::Duration> {
         self.body_compact_after_ms
+            .map(std::time::Duration::from_millis)
+    }
+
+    /// How often the store makes a checkpoint, when a test sets it (sled then never flushes on
+    /// its own).
+    pub fn checkpoint_every(&self) -> Option<std::time::Duration> {
+        self.checkpoint_every_ms
             .map(std::time::Duration::from_millis)
     }
 

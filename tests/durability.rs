@@ -440,3 +440,47 @@ async fn new_data_dir_gets_segments_too_big_for_blob_files() {
         .into_owned();
     assert!(conf.contains("segment_size: 8388608"), "{conf}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_before_any_checkpoint_recovers_every_commit_and_the_acks_applied_between_them() {
+    // Catches a commit journal that holds a group's own writes but not those applied to the
+    // trees between commits (acks, a new client's name): replayed alone after a crash, the last
+    // group would leave an outbox whose count disagrees with its messages (the start refused),
+    // or forget the acks and the names.
+    let opts = || Opts::new().env("OUTBOXD_FAULT_CHECKPOINT_EVERY_MS", 3_600_000);
+    let mut broker = Broker::start(opts());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 0..40u64 {
+        alice
+            .publish_ok(&format!("a{i}"), "client:bob", json!({"n": i}))
+            .await;
+    }
+    let (mut bob, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], 40, "{w}");
+    let got = bob.recv_msgs(40).await;
+    bob.ack_upto(common::seq(&got[29])).await;
+    bob.sync().await;
+    // The acks are applied on their own (no commit waits on them), then a commit follows.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice
+        .publish_ok("last", "client:carol", json!({"n": "last"}))
+        .await;
+    broker.kill9();
+
+    broker.restart_with(opts());
+    assert!(
+        broker.stderr_shows("finished the commit groups", Duration::from_secs(5)),
+        "nothing was replayed, so the test proves nothing: {}",
+        broker.stderr()
+    );
+    let (mut bob, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], 10, "the acks were kept: {w}");
+    let rest = bob.recv_msgs(10).await;
+    assert_eq!(common::seqs(&rest), (31..=40).collect::<Vec<_>>());
+    let (mut carol, w) = broker.client("carol").await;
+    assert_eq!(
+        w["pending"], 1,
+        "the last commit, to a client named in it: {w}"
+    );
+    assert_eq!(carol.recv_msg().await["payload"], json!({"n": "last"}));
+}

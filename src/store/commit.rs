@@ -63,6 +63,8 @@ pub(super) struct Disk {
     journaled: u64,
     /// When the last checkpoint was made.
     checkpointed_at: Instant,
+    /// How often a checkpoint is made ([`CHECKPOINT_EVERY`] unless a test sets another).
+    checkpoint_every: Duration,
     /// Why writes are refused, once they are.
     latch: Option<String>,
     /// The latch as the rest of the broker sees it ([`super::Store::is_latched`]).
@@ -106,6 +108,7 @@ impl Disk {
             carried: Vec::new(),
             journaled: 0,
             checkpointed_at: Instant::now(),
+            checkpoint_every: opts.faults.checkpoint_every().unwrap_or(CHECKPOINT_EVERY),
             latch: None,
             latched,
             durability: opts.durability,
@@ -354,7 +357,7 @@ impl Disk {
             return;
         }
         let waiting = self.journaled > 0 || !self.carried.is_empty() || self.bodies.has_released();
-        let due = (waiting && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
+        let due = (waiting && self.checkpointed_at.elapsed() >= self.checkpoint_every)
             || self.journaled >= CHECKPOINT_BYTES
             || self.carried.len() >= CHECKPOINT_CARRIED;
         if due {
