@@ -373,6 +373,7 @@ impl Disk {
     /// `durability = "fsync"`). From then on no journal record before `P` is needed, so the
     /// segments nothing refers to any more are deleted.
     pub(super) fn checkpoint(&mut self) -> Result<(), String> {
+        let started = Instant::now();
         let (seg, off) = self.bodies.journal_end();
         self.outbox
             .insert(keys::checkpoint(), journal::encode_checkpoint(seg, off))
@@ -383,9 +384,13 @@ impl Disk {
             self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
         }
         self.carried.clear();
-        self.journaled = 0;
+        let journaled = std::mem::take(&mut self.journaled);
         self.checkpointed_at = Instant::now();
         self.bodies.free();
+        debug!(
+            took_us = started.elapsed().as_micros() as u64,
+            journaled, "checkpoint"
+        );
         Ok(())
     }
 
