@@ -311,6 +311,16 @@ mod tests {
         sled::Config::new().temporary(true).open().unwrap()
     }
 
+    /// A data dir for a body log, and trees whose journal starts at segment `seg`.
+    fn store_from(seg: u64) -> (tempfile::TempDir, sled::Db, sled::Tree) {
+        let db = db();
+        let outbox = db.open_tree("outbox").unwrap();
+        outbox
+            .insert(keys::checkpoint(), encode_checkpoint(seg, 0))
+            .unwrap();
+        (tempfile::tempdir().unwrap(), db, outbox)
+    }
+
     /// Appends journal records (number, record) to one segment of a body log in `dir`, with a
     /// body record between each two, as the writer lays them out.
     fn segment(dir: &Path, seg: u64, records: &[Vec<u8>]) {
@@ -380,15 +390,10 @@ mod tests {
 
     #[test]
     fn recovery_applies_the_records_after_the_trees_commit_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = db();
-        let outbox = db.open_tree("outbox").unwrap();
+        let (dir, db, outbox) = store_from(4);
         // The tree has commit 1 (and part of commit 2); the log holds 1, 2 and 3.
         outbox.insert(keys::commit(), encode_u64(1)).unwrap();
         outbox.insert("b", "stale").unwrap();
-        outbox
-            .insert(keys::checkpoint(), encode_checkpoint(4, 0))
-            .unwrap();
         segment(
             dir.path(),
             4,
@@ -419,12 +424,7 @@ mod tests {
 
     #[test]
     fn a_record_cut_short_at_the_end_is_a_commit_never_confirmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = db();
-        let outbox = db.open_tree("outbox").unwrap();
-        outbox
-            .insert(keys::checkpoint(), encode_checkpoint(1, 0))
-            .unwrap();
+        let (dir, db, outbox) = store_from(1);
         segment(
             dir.path(),
             1,
@@ -444,12 +444,7 @@ mod tests {
 
     #[test]
     fn a_missing_commit_between_two_records_is_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = db();
-        let outbox = db.open_tree("outbox").unwrap();
-        outbox
-            .insert(keys::checkpoint(), encode_checkpoint(1, 0))
-            .unwrap();
+        let (dir, db, _) = store_from(1);
         segment(dir.path(), 1, &[commit(1, &[("a", Some("1"))])]);
         segment(dir.path(), 2, &[commit(3, &[("c", Some("3"))])]);
         let e = recover(dir.path(), &db).unwrap_err();
