@@ -441,6 +441,15 @@ impl Default for Limits {
 }
 
 impl Config {
+    /// The configuration a command runs with: the file `--config` names (which must exist), or
+    /// else `./config.toml` when there is one, then the process environment (see [`Self::load`]).
+    pub fn for_command(config: Option<&Path>) -> Result<Config, ConfigError> {
+        match config {
+            Some(p) => Config::load(p, true, std::env::vars()),
+            None => Config::load(Path::new("config.toml"), false, std::env::vars()),
+        }
+    }
+
     /// Loads defaults, then the file (required only when `required`), then the environment.
     ///
     /// `env` is the process environment as pairs; only `OUTBOXD_<SECTION>__<KEY>` names are read,

@@ -195,11 +195,7 @@ fn parse_ttl(s: &str) -> Option<u64> {
 }
 
 fn token(args: TokenArgs) -> ExitCode {
-    let (path, required) = match args.config {
-        Some(p) => (p, true),
-        None => (PathBuf::from("config.toml"), false),
-    };
-    let cfg = match Config::load(&path, required, std::env::vars()) {
+    let cfg = match Config::for_command(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outboxd: {e}");
@@ -327,11 +323,7 @@ enum Refused {
 /// the checks between keys and the refusal of an open broker on a public address. Reads only
 /// the config file; addresses, the data directory and TLS files are checked by their users.
 fn load_settings(args: &SettingsArgs) -> Result<Config, Refused> {
-    let (path, required) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from("config.toml"), false),
-    };
-    let mut cfg = Config::load(&path, required, std::env::vars())?;
+    let mut cfg = Config::for_command(args.config.as_deref())?;
     if let Some(listen) = &args.listen {
         cfg.apply_flag(Flag::Listen(listen.clone()));
     }

@@ -43,11 +43,7 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
 }
 
 fn run_migrate(args: MigrateArgs) -> Result<(), ToolError> {
-    let (path, required) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from("config.toml"), false),
-    };
-    let cfg = Config::load(&path, required, std::env::vars())?;
+    let cfg = Config::for_command(args.config.as_deref())?;
     if cfg.storage.backend != Backend::Postgres {
         return Err(ToolError::Config(ConfigError::Invalid {
             key: "storage.backend",
@@ -72,11 +68,7 @@ pub fn import(args: ImportArgs) -> ExitCode {
 }
 
 fn run_import(args: ImportArgs) -> Result<(), ToolError> {
-    let (path, required) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from("config.toml"), false),
-    };
-    let cfg = Config::load(&path, required, std::env::vars())?;
+    let cfg = Config::for_command(args.config.as_deref())?;
     if cfg.storage.backend != Backend::Postgres {
         return Err(ToolError::Config(ConfigError::Invalid {
             key: "storage.backend",

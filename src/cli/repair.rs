@@ -38,11 +38,7 @@ pub fn repair(args: RepairArgs) -> ExitCode {
 }
 
 fn run_repair(args: RepairArgs) -> Result<(), ToolError> {
-    let (path, required) = match &args.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from("config.toml"), false),
-    };
-    let cfg = Config::load(&path, required, std::env::vars())?;
+    let cfg = Config::for_command(args.config.as_deref())?;
     if args.data.is_none() && cfg.storage.backend == Backend::Postgres {
         return repair_postgres(&cfg, args.accept_loss, args.json);
     }

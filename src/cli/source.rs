@@ -53,11 +53,7 @@ pub(super) enum Source {
 
 impl Source {
     pub(super) fn open(args: &SourceArgs) -> Result<Source, ToolError> {
-        let (path, required) = match &args.config {
-            Some(p) => (p.clone(), true),
-            None => (PathBuf::from("config.toml"), false),
-        };
-        let cfg = Config::load(&path, required, std::env::vars())?;
+        let cfg = Config::for_command(args.config.as_deref())?;
         if let Some(url) = &args.admin {
             let mut ca = args.ca.clone();
             let base = if !url.is_empty() {
