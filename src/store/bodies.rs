@@ -707,9 +707,11 @@ impl Bodies for BodyLog {
 
 /// Calls `f` with the place and body of every commit journal record in `data_dir`'s body log
 /// from segment `seg`, offset `off` on, in the order they were written (segments in number
-/// order; records of other kinds are stepped over). A segment is read up to its first record
-/// that is cut short or fails its checksum; that place is returned (the last one met), for the
-/// caller to judge: at the log's end it is a write a crash cut short.
+/// order; records of other kinds are stepped over). A record that fails its checksum is stepped
+/// over too (its length still says where the next one starts: a damaged body nothing needs must
+/// not hide the journal records after it; a journal record it was shows as a gap in the commit
+/// numbers); a segment is read up to a record cut short by its end. The last such place is
+/// returned for the caller to judge: at the log's end it is a write a crash cut short.
 pub(super) fn scan_journal(
     data_dir: &Path,
     seg: u64,
@@ -750,9 +752,7 @@ pub(super) fn scan_journal(
             };
             if crc32fast::hash(body) != crc {
                 cut = Some(place);
-                break;
-            }
-            if len & JOURNAL_FLAG != 0 {
+            } else if len & JOURNAL_FLAG != 0 {
                 f(&place, body)?;
             }
             at += HEADER + body_len;

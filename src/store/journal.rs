@@ -443,6 +443,28 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_body_between_two_records_does_not_hide_the_second() {
+        let (dir, db, outbox) = store_from(1);
+        segment(
+            dir.path(),
+            1,
+            &[
+                commit(1, &[("a", Some("1"))]),
+                commit(2, &[("b", Some("2"))]),
+            ],
+        );
+        // The second body (between the two records) loses a bit.
+        let path = dir.path().join(bodies::DIR).join(format!("{:016x}.seg", 1));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = bytes.len() - commit(2, &[("b", Some("2"))]).len() - 8 - 4;
+        bytes[second] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let r = recover(dir.path(), &db).unwrap();
+        assert_eq!((r.groups, r.commit), (2, 2));
+        assert_eq!(outbox.get("b").unwrap().as_deref(), Some(&b"2"[..]));
+    }
+
+    #[test]
     fn a_missing_commit_between_two_records_is_damage() {
         let (dir, db, _) = store_from(1);
         segment(dir.path(), 1, &[commit(1, &[("a", Some("1"))])]);
