@@ -484,3 +484,23 @@ async fn sigkill_before_any_checkpoint_recovers_every_commit_and_the_acks_applie
     );
     assert_eq!(carol.recv_msg().await["payload"], json!({"n": "last"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_durability_loses_nothing_confirmed_when_only_the_broker_is_killed() {
+    // Catches a "relaxed" store that confirms writes it still holds in its own memory: a
+    // kill -9 of the broker (not of the machine) would then lose them.
+    let opts = || Opts::new().set("storage", "durability", "relaxed");
+    let mut broker = Broker::start(opts());
+    let (mut alice, _) = broker.client("alice").await;
+    for i in 0..200u64 {
+        alice
+            .publish_ok(&format!("r{i}"), "client:bob", json!({"n": i}))
+            .await;
+    }
+    broker.kill9();
+    broker.restart_with(opts());
+    let (mut bob, w) = broker.client("bob").await;
+    assert_eq!(w["pending"], 200, "{w}");
+    let got = bob.recv_msgs(200).await;
+    assert_eq!(common::seqs(&got), (1..=200).collect::<Vec<_>>());
+}
