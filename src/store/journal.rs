@@ -327,7 +327,7 @@ mod tests {
         use std::io::Write;
         let bodies = dir.join(bodies::DIR);
         std::fs::create_dir_all(&bodies).unwrap();
-        let mut f = std::fs::File::create(bodies.join(format!("{seg:016x}.seg"))).unwrap();
+        let mut f = std::fs::File::create(segment_path(dir, seg)).unwrap();
         for r in records {
             let body = b"a message body";
             f.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
@@ -338,6 +338,10 @@ mod tests {
             f.write_all(&crc32fast::hash(r).to_le_bytes()).unwrap();
             f.write_all(r).unwrap();
         }
+    }
+
+    fn segment_path(dir: &Path, seg: u64) -> std::path::PathBuf {
+        dir.join(bodies::DIR).join(format!("{seg:016x}.seg"))
     }
 
     fn commit(n: u64, pairs: &[(&str, Option<&str>)]) -> Vec<u8> {
@@ -433,7 +437,7 @@ mod tests {
                 commit(2, &[("b", Some("2"))]),
             ],
         );
-        let path = dir.path().join(bodies::DIR).join(format!("{:016x}.seg", 1));
+        let path = segment_path(dir.path(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
@@ -454,7 +458,7 @@ mod tests {
             ],
         );
         // The second body (between the two records) loses a bit.
-        let path = dir.path().join(bodies::DIR).join(format!("{:016x}.seg", 1));
+        let path = segment_path(dir.path(), 1);
         let mut bytes = std::fs::read(&path).unwrap();
         let second = bytes.len() - commit(2, &[("b", Some("2"))]).len() - 8 - 4;
         bytes[second] ^= 1;

@@ -124,7 +124,11 @@ impl WriterState {
             .key
             .as_ref()
             .map(|k| keys::dedup_body(req.from.as_ref().map(|c| c.as_str()).unwrap_or(""), k));
-        let fp = fingerprint(&req.to, &req.payload);
+        // Kept only with a key: a publish without one is not checked against anything.
+        let fp = match &dedup_body {
+            Some(_) => fingerprint(&req.to, &req.payload),
+            None => 0,
+        };
         if let Some(body) = &dedup_body {
             if let Some(entry) = self.find_dedup(body, now)? {
                 if entry.fp != 0 && entry.fp != fp {

@@ -45,7 +45,17 @@ pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreErr
 /// target and the payload, never 0 (0 means a key stored before fingerprints).
 pub(crate) fn fingerprint(to: &Target, payload: &Payload) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(to.wire().as_bytes());
+    // The bytes of `to.wire()`, without building the string on the publish path.
+    match to {
+        Target::Client(c) => {
+            h.update(b"client:");
+            h.update(c.as_str().as_bytes());
+        }
+        Target::Topic(t) => {
+            h.update(b"topic:");
+            h.update(t.as_str().as_bytes());
+        }
+    }
     match payload {
         Payload::Json(s) => {
             h.update(b"\0j");

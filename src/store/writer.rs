@@ -555,7 +555,15 @@ impl WriterState {
                 }
                 self.pending.push(Pending::Purge(reply, r));
             }
-            // Acks were settled above; the commit applies them to the tree.
+            // Acks were settled above. When nothing waits on a commit, what the group holds
+            // (acks, retention) is applied now and the barrier passed without one; otherwise it
+            // is answered after the commit.
+            Command::Settle { reply } if self.pending.is_empty() && self.touched.is_empty() => {
+                if let Err(e) = self.apply_group() {
+                    self.maybe_latch(&e);
+                }
+                let _ = reply.send(Ok(()));
+            }
             Command::Settle { reply } => self.pending.push(Pending::Settle(reply)),
             Command::Backup {
                 to,

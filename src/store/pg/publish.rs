@@ -62,7 +62,10 @@ impl PgWriter {
         // What each key is claimed with: the fingerprint of the first publish naming it.
         let fps: Vec<i64> = reqs
             .iter()
-            .map(|r| i64::from(fingerprint(&r.to, &r.payload)))
+            .map(|r| match r.key {
+                Some(_) => i64::from(fingerprint(&r.to, &r.payload)),
+                None => 0,
+            })
             .collect();
         let mut unique: BTreeMap<&Vec<u8>, i64> = BTreeMap::new();
         for (k, fp) in dkeys.iter().zip(&fps) {
