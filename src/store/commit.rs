@@ -217,7 +217,8 @@ impl Disk {
     /// Applies `writes` to the outbox tree at once, as one batch (durable with the next commit).
     pub(super) fn apply_batch(&mut self, writes: group::Writes) -> Result<(), StoreError> {
         self.writable()?;
-        self.outbox.apply_batch(journal::to_batch(writes.clone()))?;
+        let batch = journal::to_batch(writes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.outbox.apply_batch(batch)?;
         self.carried
             .extend(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
         Ok(())

@@ -257,8 +257,7 @@ fn replay_old_record(tree: &sled::Tree) -> Result<Option<usize>, StoreError> {
         record
             .writes
             .into_iter()
-            .map(|(k, v)| (IVec::from(k), v.map(IVec::from)))
-            .collect(),
+            .map(|(k, v)| (IVec::from(k), v.map(IVec::from))),
     );
     batch.remove(KEY);
     tree.apply_batch(batch)?;
@@ -266,7 +265,7 @@ fn replay_old_record(tree: &sled::Tree) -> Result<Option<usize>, StoreError> {
 }
 
 /// The writes as one sled batch.
-pub(super) fn to_batch(writes: Writes) -> sled::Batch {
+pub(super) fn to_batch(writes: impl IntoIterator<Item = (IVec, Option<IVec>)>) -> sled::Batch {
     let mut batch = sled::Batch::default();
     for (key, value) in writes {
         match value {
