@@ -52,6 +52,9 @@ pub(super) struct Disk {
     bodies: BodyLog,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
+    /// The run records of idempotency keys the tree holds (see `dedup`): every write of the
+    /// tree below notes the ones it makes.
+    runs: dedup::Runs,
     /// When the group was last applied to the tree.
     applied_at: Instant,
     /// Successful fsync commits.
@@ -92,8 +95,13 @@ pub(super) struct Files {
 }
 
 impl Disk {
-    pub(super) fn new(files: Files, opts: &StoreOptions, latched: Arc<AtomicBool>) -> Disk {
-        Disk {
+    pub(super) fn new(
+        files: Files,
+        opts: &StoreOptions,
+        latched: Arc<AtomicBool>,
+    ) -> Result<Disk, StoreError> {
+        Ok(Disk {
+            runs: dedup::Runs::load(&files.outbox)?,
             db: files.db,
             clients: files.clients,
             outbox: files.outbox,
@@ -114,7 +122,7 @@ impl Disk {
             durability: opts.durability,
             faults: opts.faults,
             metrics: Arc::clone(&opts.metrics),
-        }
+        })
     }
 
     /// The outbox tree, to read. Writes go through [`Disk::insert`], [`Disk::remove`],
@@ -129,6 +137,11 @@ impl Disk {
 
     pub(super) fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The run records of idempotency keys the tree holds, to look keys up in.
+    pub(super) fn runs(&self) -> &dedup::Runs {
+        &self.runs
     }
 
     /// The body log, to read bodies (the group's own ones too).
@@ -201,6 +214,7 @@ impl Disk {
         self.writable()?;
         let (key, value) = (sled::IVec::from(key.as_ref()), sled::IVec::from(value));
         self.outbox.insert(&key, &value)?;
+        self.runs.note(&key, Some(&value));
         self.carried.push((journal::OUTBOX, key, Some(value)));
         Ok(())
     }
@@ -210,6 +224,7 @@ impl Disk {
         self.writable()?;
         let key = sled::IVec::from(key.as_ref());
         self.outbox.remove(&key)?;
+        self.runs.note(&key, None);
         self.carried.push((journal::OUTBOX, key, None));
         Ok(())
     }
@@ -219,6 +234,7 @@ impl Disk {
         self.writable()?;
         let batch = journal::to_batch(writes.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.outbox.apply_batch(batch)?;
+        self.runs.note_all(&writes);
         self.carried
             .extend(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
         Ok(())
@@ -299,12 +315,14 @@ impl Disk {
             // Carried writes are in the record now: a replay applies them again.
             self.carried.clear();
             if let Some(writes) = writes {
+                self.runs.note_all(&writes);
                 journal::apply(&self.outbox, writes)
                     .map_err(|e| format!("applying the commit group failed: {e}"))?;
             }
         } else {
             let started = Instant::now();
             if let Some(writes) = writes {
+                self.runs.note_all(&writes);
                 self.outbox
                     .apply_batch(journal::to_batch(writes))
                     .map_err(|e| format!("writing the commit group failed: {e}"))?;
@@ -442,7 +460,7 @@ impl Disk {
         new: std::collections::BTreeMap<Vec<u8>, DedupEntry>,
         id: u64,
     ) -> Result<(), StoreError> {
-        let placed = dedup::place(&self.outbox, new)?;
+        let placed = dedup::place(&self.runs, new)?;
         let mut singles: group::Expiring = Vec::with_capacity(placed.singles.len());
         for (body, entry) in placed.singles {
             self.group.insert(keys::dedup(&body), encode_dedup(&entry)?);

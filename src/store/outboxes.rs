@@ -252,7 +252,7 @@ impl WriterState {
                 return Ok(Some(e));
             }
         }
-        Ok(dedup::find(self.disk.tree(), self.disk.bodies(), body)?.filter(fresh))
+        Ok(dedup::find(self.disk.runs(), self.disk.bodies(), body)?.filter(fresh))
     }
 
     /// Adds to the group the removal of the tombstones at or below `upto`.

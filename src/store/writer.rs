@@ -224,7 +224,7 @@ impl WriterState {
         handles: Handles,
     ) -> Result<Self, StoreError> {
         let integrity::Checked { clients, mut metas } = checked;
-        let disk = Disk::new(files, &opts, latched);
+        let disk = Disk::new(files, &opts, latched)?;
         let mut st = WriterState {
             disk,
             opts,
