@@ -32,10 +32,6 @@ fn middle_of_a_body(segment: &[u8]) -> usize {
     let mut at = 0;
     while at + 8 <= segment.len() {
         let len = u32::from_le_bytes(segment[at..at + 4].try_into().expect("4 bytes"));
-        if len == 0 {
-            // Zeros written ahead of the records: their end.
-            break;
-        }
         let n = (len & !(1 << 31)) as usize;
         if len & (1 << 31) == 0 {
             bodies.push(at + 8 + n / 2);

@@ -24,15 +24,6 @@
 //!
 //! A segment keeps its space while any of its messages is stored; the retention sweep moves the
 //! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
-//!
-//! Latency at low rates: an fdatasync of a file that grew must also write its inode (the size
-//! changed), one more I/O request on the commit's path; rewriting blocks the file already has
-//! needs none. So while the body log is written slower than [`ZERO_AHEAD_BELOW`], a write that
-//! makes the young head grow writes [`ZERO_CHUNK`] zeros after its records in the same
-//! `pwrite` (synced by the same fdatasync), and the commits after it write over them without
-//! growing the file. At higher rates it does not: the zeros would double the bytes written,
-//! and an fdatasync is shared by many messages there. A record's length is never 0, so a zero
-//! header marks the end of a segment's records.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -57,15 +48,6 @@ pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
 const MARK: u8 = 0xFF;
 /// A record's length and checksum before its body.
 const HEADER: usize = 8;
-/// The young head is written with zeros ahead of its records while the body log is written
-/// slower than this many bytes a second (about 25k messages of 256 B).
-const ZERO_AHEAD_BELOW: u64 = 8 << 20;
-/// How many zeros a write that makes the young head grow adds after its records: the next
-/// commits write over them (about ten commits of one 256 B message each). Larger runs of
-/// zeros made the commit that writes them slow enough to show at p99.
-const ZERO_CHUNK: u64 = 16 << 10;
-/// The rate is measured over windows this long (a burst starting is seen within one).
-const RATE_WINDOW: Duration = Duration::from_millis(250);
 /// Set in the length of a commit journal's record (see `journal`): a body's length never has it,
 /// so a reference never names a journal record, and a scan tells the two apart.
 const JOURNAL_FLAG: u32 = 1 << 31;
@@ -391,9 +373,6 @@ struct Head {
     pending: Vec<u8>,
     /// Whether `file` has writes not yet fdatasynced.
     unsynced: bool,
-    /// How far the file is written, with records or with zeros ahead of them: a write below
-    /// this does not make the file grow.
-    zeroed: u64,
 }
 
 /// The writer's side of the body log: appends, syncs, counts references, deletes segments.
@@ -425,11 +404,6 @@ pub(super) struct BodyLog {
     segment_bytes: u64,
     /// fdatasync the segments (false with `durability = "relaxed"`).
     fsync: bool,
-    /// Bytes written to the young head since `rate_since`, and the rate last measured (bytes a
-    /// second): below [`ZERO_AHEAD_BELOW`], zeros are written ahead of its records.
-    rate_bytes: u64,
-    rate_since: Instant,
-    rate: u64,
 }
 
 /// The references the tree holds: each record's key and its references.
@@ -450,7 +424,6 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
         len: 0,
         pending: Vec::new(),
         unsynced: false,
-        zeroed: 0,
     })
 }
 
@@ -488,10 +461,6 @@ impl BodyLog {
             compact_after: compact_after.unwrap_or(COMPACT_AFTER),
             segment_bytes: segment_bytes.unwrap_or(SEGMENT_BYTES),
             fsync,
-            rate_bytes: 0,
-            rate_since: Instant::now(),
-            // Not measured yet: no zeros until it is.
-            rate: u64::MAX,
         };
         for (key, refs) in stored {
             for r in refs {
@@ -570,19 +539,10 @@ impl BodyLog {
     /// first: a journal record in the young head may refer to bodies a compaction moved there.
     /// Then starts a new segment for a head that is full.
     pub(super) fn sync(&mut self) -> io::Result<()> {
-        let zero_ahead = self.zero_ahead();
-        let limit = self.segment_bytes;
-        for (i, h) in self.heads.iter_mut().enumerate().rev() {
+        for h in self.heads.iter_mut().rev() {
             if !h.pending.is_empty() {
-                let records = h.pending.len();
-                let end = h.len + records as u64;
-                if zero_ahead && i == Lane::Young as usize && end > h.zeroed && end < limit {
-                    let to = (end + ZERO_CHUNK).min(limit);
-                    h.pending.resize(records + (to - end) as usize, 0);
-                }
                 h.file.write_all_at(&h.pending, h.len)?;
-                h.zeroed = h.zeroed.max(h.len + h.pending.len() as u64);
-                h.len = end;
+                h.len += h.pending.len() as u64;
                 h.pending.clear();
                 h.unsynced = true;
             }
@@ -597,20 +557,6 @@ impl BodyLog {
             }
         }
         Ok(())
-    }
-
-    /// Whether this write of the young head may add zeros after its records: only while the
-    /// body log is written slowly (measured over [`RATE_WINDOW`]) and synced.
-    fn zero_ahead(&mut self) -> bool {
-        self.rate_bytes += self.heads[Lane::Young as usize].pending.len() as u64;
-        let elapsed = self.rate_since.elapsed();
-        if elapsed >= RATE_WINDOW {
-            let per_s = u128::from(self.rate_bytes) * 1_000_000 / elapsed.as_micros().max(1);
-            self.rate = u64::try_from(per_s).unwrap_or(u64::MAX);
-            self.rate_bytes = 0;
-            self.rate_since = Instant::now();
-        }
-        self.fsync && self.rate < ZERO_AHEAD_BELOW
     }
 
     /// Starts a new segment for head `i`. The old one is never deleted here: the group just
@@ -764,9 +710,7 @@ impl Bodies for BodyLog {
 /// order; records of other kinds are stepped over). A record that fails its checksum is stepped
 /// over too (its length still says where the next one starts: a damaged body nothing needs must
 /// not hide the journal records after it; a journal record it was shows as a gap in the commit
-/// numbers); a segment is read up to a record cut short by its end, or up to a header of
-/// length 0 (the zeros written ahead of its records, see the module's doc). The last
-/// place cut short is
+/// numbers); a segment is read up to a record cut short by its end. The last such place is
 /// returned for the caller to judge: at the log's end it is a write a crash cut short.
 pub(super) fn scan_journal(
     data_dir: &Path,
@@ -800,10 +744,6 @@ pub(super) fn scan_journal(
                 break;
             };
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-            if len == 0 {
-                // No record is empty: zeros written ahead of the records, their end.
-                break;
-            }
             let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
             let body_len = (len & !JOURNAL_FLAG) as usize;
             let Some(body) = bytes.get(at + HEADER..at + HEADER + body_len) else {
@@ -1034,75 +974,6 @@ mod tests {
             None,
             "a segment that filled a moment ago waits"
         );
-    }
-
-    fn young_file_len(log: &BodyLog) -> u64 {
-        log.heads[Lane::Young as usize]
-            .file
-            .metadata()
-            .unwrap()
-            .len()
-    }
-
-    #[test]
-    fn at_a_low_rate_a_write_that_grows_the_young_head_writes_zeros_the_next_ones_write_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_db, t) = tree();
-        let mut log = open_log(dir.path(), &t, true, None, None);
-        log.rate = 0;
-        let a = log.append(Lane::Young, b"first body");
-        log.sync().unwrap();
-        let end_a = a.off + (HEADER + 10) as u64;
-        assert_eq!(
-            young_file_len(&log),
-            end_a + ZERO_CHUNK,
-            "zeros after the record"
-        );
-        let b = log.append(Lane::Young, b"second body");
-        let j = {
-            log.append_journal(b"a journal record");
-            log.journal_end()
-        };
-        log.sync().unwrap();
-        assert_eq!(b.off, end_a, "the next record goes where the records end");
-        assert_eq!(
-            young_file_len(&log),
-            end_a + ZERO_CHUNK,
-            "the next write goes over the zeros: the file does not grow"
-        );
-        assert_eq!(log.body(a).unwrap().unwrap(), b"first body");
-        assert_eq!(log.segments().body(b).unwrap().unwrap(), b"second body");
-        // A scan ends at the zeros: no record cut short, the journal record found once.
-        let mut found = Vec::new();
-        let cut = scan_journal(dir.path(), a.seg, 0, |_, body| {
-            found.push(body.to_vec());
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(cut, None, "zeros are the end, not a record cut short");
-        assert_eq!(found, vec![b"a journal record".to_vec()]);
-        assert_eq!(j.0, a.seg);
-    }
-
-    #[test]
-    fn at_a_high_rate_or_without_fsync_no_zeros_are_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_db, t) = tree();
-        let mut log = open_log(dir.path(), &t, true, None, None);
-        assert_eq!(
-            log.rate,
-            u64::MAX,
-            "the rate is not known before it is measured"
-        );
-        let a = log.append(Lane::Young, b"body");
-        log.sync().unwrap();
-        assert_eq!(young_file_len(&log), a.off + (HEADER + 4) as u64);
-        let dir = tempfile::tempdir().unwrap();
-        let mut relaxed = open_log(dir.path(), &t, false, None, None);
-        relaxed.rate = 0;
-        let a = relaxed.append(Lane::Young, b"body");
-        relaxed.sync().unwrap();
-        assert_eq!(young_file_len(&relaxed), a.off + (HEADER + 4) as u64);
     }
 
     #[test]
