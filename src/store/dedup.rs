@@ -39,6 +39,7 @@ use std::ops::Bound;
 use sled::IVec;
 
 use super::bodies::{self, Bodies};
+use super::group::Writes;
 use super::records::decode_dedup;
 use super::{chunks, keys, StoreError};
 use crate::codec::{self, DedupEntry, DedupRun, DedupRunHead};
@@ -104,12 +105,10 @@ impl Runs {
         };
     }
 
-    /// Notes every run record among `writes` (in key order, so the runs are one range).
-    pub(super) fn note_all<'a>(
-        &mut self,
-        writes: impl IntoIterator<Item = (&'a IVec, &'a Option<IVec>)>,
-    ) {
-        for (k, v) in writes {
+    /// Notes every run record among `writes` (sorted by key, so they are one range of it).
+    pub(super) fn note_all(&mut self, writes: &Writes) {
+        let runs = IVec::from(&[keys::DEDUP_RUN][..])..IVec::from(&[keys::DEDUP_RUN + 1][..]);
+        for (k, v) in writes.range(runs) {
             self.note(k, v.as_ref());
         }
     }
@@ -318,7 +317,6 @@ pub(super) fn newest(run: &DedupRun) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::group::Writes;
     use crate::store::records::encode_dedup;
 
     fn tree() -> sled::Tree {
