@@ -339,6 +339,21 @@ mod tests {
         }
     }
 
+    /// A store whose journal starts in segment 1, which holds commit 1 (`a` = 1) and commit 2
+    /// (`b` = 2), each after a body.
+    fn two_commits_in_segment_1() -> (tempfile::TempDir, sled::Db, sled::Tree) {
+        let (dir, db, outbox) = store_from(1);
+        segment(
+            dir.path(),
+            1,
+            &[
+                commit(1, &[("a", Some("1"))]),
+                commit(2, &[("b", Some("2"))]),
+            ],
+        );
+        (dir, db, outbox)
+    }
+
     fn segment_path(dir: &Path, seg: u64) -> std::path::PathBuf {
         dir.join(bodies::DIR).join(format!("{seg:016x}.seg"))
     }
@@ -427,15 +442,7 @@ mod tests {
 
     #[test]
     fn a_record_cut_short_at_the_end_is_a_commit_never_confirmed() {
-        let (dir, db, outbox) = store_from(1);
-        segment(
-            dir.path(),
-            1,
-            &[
-                commit(1, &[("a", Some("1"))]),
-                commit(2, &[("b", Some("2"))]),
-            ],
-        );
+        let (dir, db, outbox) = two_commits_in_segment_1();
         let path = segment_path(dir.path(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -447,15 +454,7 @@ mod tests {
 
     #[test]
     fn a_damaged_body_between_two_records_does_not_hide_the_second() {
-        let (dir, db, outbox) = store_from(1);
-        segment(
-            dir.path(),
-            1,
-            &[
-                commit(1, &[("a", Some("1"))]),
-                commit(2, &[("b", Some("2"))]),
-            ],
-        );
+        let (dir, db, outbox) = two_commits_in_segment_1();
         // The second body (between the two records) loses a bit.
         let path = segment_path(dir.path(), 1);
         let mut bytes = std::fs::read(&path).unwrap();
