@@ -24,14 +24,18 @@ fn big(n: u64) -> Value {
 }
 
 /// The offset of a byte in the middle of the middle message body of a body log segment. A
-/// segment's records are `[len u32 LE][crc32 u32 LE][bytes]`; a commit journal's record has the
-/// top bit of its length set, and once a checkpoint follows it nothing needs it, so damage
-/// there is no loss (the middle of the file often falls into one between two groups).
+/// segment starts with an 8-byte mark, then its records are `[len u32 LE][crc32 u32 LE][bytes]`
+/// up to one of length zero; a commit journal's record has the top bit of its length set, and
+/// once a checkpoint follows it nothing needs it, so damage there is no loss (the middle of the
+/// file often falls into one between two groups).
 fn middle_of_a_body(segment: &[u8]) -> usize {
     let mut bodies = Vec::new();
-    let mut at = 0;
+    let mut at = 8;
     while at + 8 <= segment.len() {
         let len = u32::from_le_bytes(segment[at..at + 4].try_into().expect("4 bytes"));
+        if len == 0 {
+            break;
+        }
         let n = (len & !(1 << 31)) as usize;
         if len & (1 << 31) == 0 {
             bodies.push(at + 8 + n / 2);

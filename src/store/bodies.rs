@@ -5,7 +5,10 @@
 //! cleaning, the journal), and a message body is most of what the store writes: a 256 B message
 //! cost about 3.7 KB of disk writes when its body sat in the tree. Here a body is written once,
 //! appended to `<data_dir>/bodies/<segment>.seg` as `[len u32 LE][crc32 u32 LE][body]`, and the
-//! message chunk (see `chunks`) holds a [`BodyRef`] in its place. A publish to many subscribers
+//! message chunk (see `chunks`) holds a [`BodyRef`] in its place. A segment starts with a mark
+//! ([`SALTED`]) saying that its checksums cover its number before the body; every write ends
+//! with a record of length zero ([`END`]), which the next write starts over. Segments from
+//! before the mark have plain checksums and no end record, and read as they are. A publish to many subscribers
 //! writes its body once; every outbox's chunk refers to the same place.
 //!
 //! Durability: the writer writes the bodies of a group and fdatasyncs them before any reference
@@ -48,9 +51,18 @@ pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
 const MARK: u8 = 0xFF;
 /// A record's length and checksum before its body.
 const HEADER: usize = 8;
+/// The first bytes of a segment whose checksums are salted with its number (every segment
+/// written since; older ones start with their first record, whose length is never all ones).
+pub(super) const SALTED: [u8; 8] = [0xFF, 0xFF, 0xFF, 0xFF, b'o', b'b', b'x', 2];
+/// Where the first record of a salted segment starts.
+const FIRST: u64 = SALTED.len() as u64;
+/// Written after the last record of every write: a record header of zero length, which no
+/// record has, so a scan stops there and never reads what the file held before (a recycled
+/// segment) as records.
+pub(super) const END: [u8; HEADER] = [0; HEADER];
 /// Set in the length of a commit journal's record (see `journal`): a body's length never has it,
 /// so a reference never names a journal record, and a scan tells the two apart.
-const JOURNAL_FLAG: u32 = 1 << 31;
+pub(super) const JOURNAL_FLAG: u32 = 1 << 31;
 
 /// Where a body is: its segment, the offset of its record, its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,11 +220,46 @@ fn segment_of(name: &str) -> Option<u64> {
         .flatten()
 }
 
+/// A segment file open for reading.
+struct Seg {
+    file: File,
+    /// Whether its checksums are salted with its number (it starts with [`SALTED`]).
+    salted: bool,
+}
+
+impl Seg {
+    /// The salt of the checksums in segment `seg`.
+    fn salt(&self, seg: u64) -> Option<u64> {
+        self.salted.then_some(seg)
+    }
+}
+
+/// A record's checksum: the CRC-32 of its bytes, after the segment's number when `salt` is
+/// given. The salt makes a record written into a segment file under an earlier number (a
+/// recycled one) fail its check under the file's new number.
+fn checksum(salt: Option<u64>, bytes: &[u8]) -> u32 {
+    match salt {
+        Some(seg) => {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&seg.to_le_bytes());
+            h.update(bytes);
+            h.finalize()
+        }
+        None => crc32fast::hash(bytes),
+    }
+}
+
+/// Whether a segment's first bytes say its checksums are salted. A file shorter than the mark
+/// holds no record yet (the mark goes with the first write), so it is taken as salted.
+fn is_salted(head: &[u8]) -> bool {
+    head.len() < SALTED.len() || head.starts_with(&SALTED)
+}
+
 /// The segment files, open for reading: shared by the writer (which adds and removes them) and
 /// every reader.
 pub(super) struct Segments {
     dir: PathBuf,
-    files: RwLock<HashMap<u64, Arc<File>>>,
+    files: RwLock<HashMap<u64, Arc<Seg>>>,
     /// Whether a writer owns the directory: then a segment missing from `files` was deleted
     /// because nothing refers to it any longer. Without one (an offline view), a missing
     /// segment is damage.
@@ -229,7 +276,11 @@ impl Segments {
                 for e in entries {
                     let e = e?;
                     if let Some(seg) = e.file_name().to_str().and_then(segment_of) {
-                        files.insert(seg, Arc::new(File::open(e.path())?));
+                        let file = File::open(e.path())?;
+                        let mut head = [0u8; SALTED.len()];
+                        let n = file.read_at(&mut head, 0)?;
+                        let salted = is_salted(&head[..n]);
+                        files.insert(seg, Arc::new(Seg { file, salted }));
                     }
                 }
             }
@@ -243,7 +294,7 @@ impl Segments {
         }))
     }
 
-    fn file(&self, seg: u64) -> Option<Arc<File>> {
+    fn file(&self, seg: u64) -> Option<Arc<Seg>> {
         self.files
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -276,11 +327,13 @@ impl Segments {
                     format!("is in body log segment {seg:016x}, which is missing"),
                 ));
             };
+            let salt = file.salt(seg);
             let bytes = file
+                .file
                 .metadata()
                 .and_then(|m| {
                     let mut bytes = vec![0u8; usize::try_from(m.len()).unwrap_or(usize::MAX)];
-                    file.read_exact_at(&mut bytes, 0).map(|()| bytes)
+                    file.file.read_exact_at(&mut bytes, 0).map(|()| bytes)
                 })
                 .map_err(|e| {
                     (
@@ -303,7 +356,7 @@ impl Segments {
                             ),
                         )
                     })?;
-                check_record(*r, record).map_err(|e| (*cid, *seq, e.to_string()))?;
+                check_record(*r, record, salt).map_err(|e| (*cid, *seq, e.to_string()))?;
             }
         }
         Ok(())
@@ -325,27 +378,27 @@ impl Bodies for Segments {
 }
 
 /// Reads and checks the record `r` names.
-fn read_record(f: &File, r: BodyRef) -> Result<Vec<u8>, StoreError> {
+fn read_record(f: &Seg, r: BodyRef) -> Result<Vec<u8>, StoreError> {
     let mut buf = vec![0u8; HEADER + r.len as usize];
-    f.read_exact_at(&mut buf, r.off).map_err(|e| {
+    f.file.read_exact_at(&mut buf, r.off).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             damaged(r, "the segment file ends before the body")
         } else {
             StoreError::Io(e)
         }
     })?;
-    check_record(r, &buf)?;
+    check_record(r, &buf, f.salt(r.seg))?;
     buf.drain(..HEADER);
     Ok(buf)
 }
 
-fn check_record(r: BodyRef, record: &[u8]) -> Result<(), StoreError> {
+fn check_record(r: BodyRef, record: &[u8], salt: Option<u64>) -> Result<(), StoreError> {
     let len = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
     let crc = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
     if len != r.len {
         return Err(damaged(r, "the record's length is not the reference's"));
     }
-    if crc32fast::hash(&record[HEADER..]) != crc {
+    if checksum(salt, &record[HEADER..]) != crc {
         return Err(damaged(
             r,
             "checksum mismatch: the stored bytes are damaged",
@@ -422,9 +475,18 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
         seg,
         file: create_segment(segs, seg)?,
         len: 0,
-        pending: Vec::new(),
+        // The mark goes to disk with the first records.
+        pending: SALTED.to_vec(),
         unsynced: false,
     })
+}
+
+/// Appends a record of `bytes` to `pending`, its length `len` (with [`JOURNAL_FLAG`] for a
+/// journal record), its checksum salted with the segment `seg`.
+pub(super) fn put_record(pending: &mut Vec<u8>, seg: u64, len: u32, bytes: &[u8]) {
+    pending.extend_from_slice(&len.to_le_bytes());
+    pending.extend_from_slice(&checksum(Some(seg), bytes).to_le_bytes());
+    pending.extend_from_slice(bytes);
 }
 
 impl BodyLog {
@@ -471,7 +533,8 @@ impl BodyLog {
         for seg in existing {
             if log.refs.contains_key(&seg) {
                 if let Some(f) = segs.file(seg) {
-                    log.sizes.insert(seg, (f.metadata()?.len(), Instant::now()));
+                    log.sizes
+                        .insert(seg, (f.file.metadata()?.len(), Instant::now()));
                 }
             } else {
                 remove_segment(&segs, seg)?;
@@ -509,10 +572,7 @@ impl BodyLog {
             // Bodies are far below 4 GiB (payloads are capped at 64 KiB, key runs at 48 KiB).
             len: u32::try_from(body.len()).unwrap_or(u32::MAX),
         };
-        h.pending.extend_from_slice(&r.len.to_le_bytes());
-        h.pending
-            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        h.pending.extend_from_slice(body);
+        put_record(&mut h.pending, h.seg, r.len, body);
         r
     }
 
@@ -522,10 +582,7 @@ impl BodyLog {
         let h = &mut self.heads[Lane::Young as usize];
         // A record is far below 2 GiB (a group holds at most 50 000 writes of small values).
         let len = u32::try_from(record.len()).unwrap_or(u32::MAX) | JOURNAL_FLAG;
-        h.pending.extend_from_slice(&len.to_le_bytes());
-        h.pending
-            .extend_from_slice(&crc32fast::hash(record).to_le_bytes());
-        h.pending.extend_from_slice(record);
+        put_record(&mut h.pending, h.seg, len, record);
     }
 
     /// Where the next journal record goes: the young head's segment and end.
@@ -541,8 +598,11 @@ impl BodyLog {
     pub(super) fn sync(&mut self) -> io::Result<()> {
         for h in self.heads.iter_mut().rev() {
             if !h.pending.is_empty() {
+                let records = h.pending.len();
+                // The end mark goes after the records; the next write starts over it.
+                h.pending.extend_from_slice(&END);
                 h.file.write_all_at(&h.pending, h.len)?;
-                h.len += h.pending.len() as u64;
+                h.len += records as u64;
                 h.pending.clear();
                 h.unsynced = true;
             }
@@ -695,7 +755,7 @@ impl Bodies for BodyLog {
                 .checked_add(HEADER + r.len as usize)
                 .and_then(|end| h.pending.get(at..end))
                 .ok_or_else(|| damaged(r, "past the end of the group's bodies"))?;
-            check_record(r, record)?;
+            check_record(r, record, Some(h.seg))?;
             return Ok(Some(record[HEADER..].to_vec()));
         }
         match self.segs.file(r.seg) {
@@ -710,7 +770,8 @@ impl Bodies for BodyLog {
 /// order; records of other kinds are stepped over). A record that fails its checksum is stepped
 /// over too (its length still says where the next one starts: a damaged body nothing needs must
 /// not hide the journal records after it; a journal record it was shows as a gap in the commit
-/// numbers); a segment is read up to a record cut short by its end. The last such place is
+/// numbers); a segment is read up to its end mark (a record of length zero), or up to a record
+/// cut short by its end. The first place that failed after the last record that read is
 /// returned for the caller to judge: at the log's end it is a write a crash cut short.
 pub(super) fn scan_journal(
     data_dir: &Path,
@@ -732,28 +793,33 @@ pub(super) fn scan_journal(
     let mut cut = None;
     for s in segs {
         let bytes = fs::read(dir.join(segment_name(s)))?;
-        let mut at = if s == seg {
-            usize::try_from(off).unwrap_or(usize::MAX)
-        } else {
-            0
-        };
+        let salt = is_salted(bytes.get(..SALTED.len()).unwrap_or(&bytes)).then_some(s);
+        let first = if salt.is_some() { FIRST } else { 0 };
+        let mut at =
+            usize::try_from(if s == seg { off.max(first) } else { first }).unwrap_or(usize::MAX);
         while at < bytes.len() {
             let place = format!("segment {s:016x} offset {at}");
             let Some(header) = bytes.get(at..at + HEADER) else {
-                cut = Some(place);
+                cut = cut.or(Some(place));
                 break;
             };
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
             let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            if len == 0 {
+                break;
+            }
             let body_len = (len & !JOURNAL_FLAG) as usize;
             let Some(body) = bytes.get(at + HEADER..at + HEADER + body_len) else {
-                cut = Some(place);
+                cut = cut.or(Some(place));
                 break;
             };
-            if crc32fast::hash(body) != crc {
-                cut = Some(place);
-            } else if len & JOURNAL_FLAG != 0 {
-                f(&place, body)?;
+            if checksum(salt, body) != crc {
+                cut = cut.or(Some(place));
+            } else {
+                cut = None;
+                if len & JOURNAL_FLAG != 0 {
+                    f(&place, body)?;
+                }
             }
             at += HEADER + body_len;
         }
@@ -773,7 +839,13 @@ fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {
     segs.files
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(seg, Arc::new(file.try_clone()?));
+        .insert(
+            seg,
+            Arc::new(Seg {
+                file: file.try_clone()?,
+                salted: true,
+            }),
+        );
     Ok(file)
 }
 
@@ -881,7 +953,7 @@ mod tests {
         log.sync().unwrap();
         let path = dir.path().join(DIR).join(segment_name(a.seg));
         let mut bytes = fs::read(&path).unwrap();
-        bytes[HEADER + 3] ^= 0x40;
+        bytes[a.off as usize + HEADER + 3] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
         assert!(matches!(log.body(a), Err(StoreError::Corrupt { .. })));
         let short = BodyRef { len: 4000, ..a };

@@ -320,23 +320,25 @@ mod tests {
         (tempfile::tempdir().unwrap(), db, outbox)
     }
 
-    /// Appends journal records (number, record) to one segment of a body log in `dir`, with a
-    /// body record between each two, as the writer lays them out.
+    /// Writes one segment of a body log in `dir` as the writer lays it out: the mark of salted
+    /// checksums, then each journal record after a body record, then the end mark.
     fn segment(dir: &Path, seg: u64, records: &[Vec<u8>]) {
-        use std::io::Write;
-        let bodies = dir.join(bodies::DIR);
-        std::fs::create_dir_all(&bodies).unwrap();
-        let mut f = std::fs::File::create(segment_path(dir, seg)).unwrap();
+        let mut bytes = bodies::SALTED.to_vec();
+        bytes.extend(records_of(seg, records));
+        bytes.extend_from_slice(&bodies::END);
+        std::fs::create_dir_all(dir.join(bodies::DIR)).unwrap();
+        std::fs::write(segment_path(dir, seg), bytes).unwrap();
+    }
+
+    /// Journal records, each after a body record, salted with segment `seg`.
+    fn records_of(seg: u64, records: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
         for r in records {
             let body = b"a message body";
-            f.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
-            f.write_all(&crc32fast::hash(body).to_le_bytes()).unwrap();
-            f.write_all(body).unwrap();
-            f.write_all(&((r.len() as u32) | (1 << 31)).to_le_bytes())
-                .unwrap();
-            f.write_all(&crc32fast::hash(r).to_le_bytes()).unwrap();
-            f.write_all(r).unwrap();
+            bodies::put_record(&mut out, seg, body.len() as u32, body);
+            bodies::put_record(&mut out, seg, r.len() as u32 | bodies::JOURNAL_FLAG, r);
         }
+        out
     }
 
     /// A store whose journal starts in segment 1, which holds commit 1 (`a` = 1) and commit 2
@@ -446,7 +448,7 @@ mod tests {
         let path = segment_path(dir.path(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(len - 3).unwrap();
+        f.set_len(len - bodies::END.len() as u64 - 3).unwrap();
         let r = recover(dir.path(), &db).unwrap();
         assert_eq!((r.groups, r.commit), (1, 1));
         assert!(outbox.get("b").unwrap().is_none());
@@ -458,7 +460,7 @@ mod tests {
         // The second body (between the two records) loses a bit.
         let path = segment_path(dir.path(), 1);
         let mut bytes = std::fs::read(&path).unwrap();
-        let second = bytes.len() - commit(2, &[("b", Some("2"))]).len() - 8 - 4;
+        let second = bytes.len() - bodies::END.len() - commit(2, &[("b", Some("2"))]).len() - 8 - 4;
         bytes[second] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let r = recover(dir.path(), &db).unwrap();
@@ -473,6 +475,57 @@ mod tests {
         segment(dir.path(), 2, &[commit(3, &[("c", Some("3"))])]);
         let e = recover(dir.path(), &db).unwrap_err();
         assert!(e.to_string().contains("commit 2 is missing"), "{e}");
+    }
+
+    #[test]
+    fn a_recycled_segment_s_records_from_its_earlier_number_are_never_replayed() {
+        // Segment 5 held commits 4, 5 and 6; recycled as segment 9, it was written over from
+        // its start with a new commit 4 of the same length, and the crash took the end mark.
+        let (dir, db, outbox) = store_from(9);
+        outbox.insert(keys::commit(), encode_u64(3)).unwrap();
+        segment(
+            dir.path(),
+            5,
+            &[
+                commit(4, &[("a", Some("old"))]),
+                commit(5, &[("b", Some("5"))]),
+                commit(6, &[("c", Some("6"))]),
+            ],
+        );
+        std::fs::rename(segment_path(dir.path(), 5), segment_path(dir.path(), 9)).unwrap();
+        let new = records_of(9, &[commit(4, &[("a", Some("new"))])]);
+        let mut bytes = std::fs::read(segment_path(dir.path(), 9)).unwrap();
+        let first = bodies::SALTED.len();
+        bytes[first..first + new.len()].copy_from_slice(&new);
+        std::fs::write(segment_path(dir.path(), 9), &bytes).unwrap();
+        let r = recover(dir.path(), &db).unwrap();
+        assert_eq!((r.groups, r.commit), (1, 4));
+        assert_eq!(outbox.get("a").unwrap().as_deref(), Some(&b"new"[..]));
+        assert!(
+            outbox.get("b").unwrap().is_none(),
+            "a stale record was replayed"
+        );
+        assert!(
+            outbox.get("c").unwrap().is_none(),
+            "a stale record was replayed"
+        );
+    }
+
+    #[test]
+    fn a_segment_from_before_salted_checksums_still_replays() {
+        let (dir, db, outbox) = store_from(1);
+        let mut bytes = Vec::new();
+        for (n, k) in [(1, "a"), (2, "b")] {
+            let r = commit(n, &[(k, Some("1"))]);
+            bytes.extend_from_slice(&(r.len() as u32 | bodies::JOURNAL_FLAG).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&r).to_le_bytes());
+            bytes.extend_from_slice(&r);
+        }
+        std::fs::create_dir_all(dir.path().join(bodies::DIR)).unwrap();
+        std::fs::write(segment_path(dir.path(), 1), bytes).unwrap();
+        let r = recover(dir.path(), &db).unwrap();
+        assert_eq!((r.groups, r.commit), (2, 2));
+        assert_eq!(outbox.get("b").unwrap().as_deref(), Some(&b"1"[..]));
     }
 
     #[test]
