@@ -345,6 +345,8 @@ pub struct Storage {
     pub durability: Durability,
     pub group_commit_max_delay_us: u64,
     pub cache_capacity_bytes: u64,
+    /// Emptied body log segments kept for reuse (0 = delete them).
+    pub spare_segments: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,6 +405,7 @@ impl Default for Storage {
             durability: Durability::Fsync,
             group_commit_max_delay_us: 0,
             cache_capacity_bytes: 64 * 1024 * 1024,
+            spare_segments: 4,
         }
     }
 }
@@ -1020,6 +1023,9 @@ const KEYS: &[Key] = &[
     .note("1 s at most"),
     Key::whole("storage.cache_capacity_bytes", 1024 * 1024, u64::MAX, |c| {
         c.storage.cache_capacity_bytes
+    }),
+    Key::whole("storage.spare_segments", 0, 64, |c| {
+        c.storage.spare_segments.into()
     }),
     Key::whole("heartbeat.interval_ms", 1, u64::MAX, |c| {
         c.heartbeat.interval_ms

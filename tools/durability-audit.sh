@@ -78,13 +78,16 @@ trap 'rm -rf "$work"' EXIT
 # each fd names: opens, dups and closes, unlinks, writes to files, and thread creation (threads
 # share one fd table). `?` skips calls this architecture does not have.
 traced=read,recvfrom,write,writev,sendto,sendmsg,pwrite64,pwritev,fsync,fdatasync,accept4,close
-traced+=,openat,?open,?creat,dup,?dup2,dup3,fcntl,?unlink,unlinkat,clone,clone3,?fork,?vfork
+traced+=,openat,?open,?creat,dup,?dup2,dup3,fcntl,?unlink,unlinkat,?rename,?renameat,?renameat2
+traced+=,clone,clone3,?fork,?vfork
 
 run() { # mode [layout] -> exit status of the check
     local mode=$1 layout=${2:-default}
     local dir=$work/$mode-$layout
     mkdir -p "$dir"
-    local env=()
+    # Body log segments of 8 KiB and a checkpoint every 100 ms: segments fill, are emptied by
+    # the acks and are written over as spares during the load, so the audit sees the renames.
+    local env=(OUTBOXD_FAULT_BODY_SEGMENT_BYTES=8192 OUTBOXD_FAULT_CHECKPOINT_EVERY_MS=100)
     if [[ $layout == 512k ]]; then
         # The layout from before: bodies inline in sled's leaves (as before the body log) and
         # sled's old segment size, so leaves of big messages become blob files and the blob

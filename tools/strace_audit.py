@@ -12,7 +12,7 @@ Usage:
 
 `check` reads an `strace -f -ttt -T -xx -s 1000000` trace of `outboxd serve` (it needs the
 socket calls, fsync and fdatasync, and the calls that say which file an fd names: open/openat,
-dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
+dup*, fcntl, close, unlink*, rename*, clone*; see tools/durability-audit.sh) and:
   1. keeps one fd table per process (threads share their creator's) so it knows which fd is a
      client connection, sled's log (`db`), the `blobs` directory or a blob file in it, the
      `bodies` directory or a body log segment in it (`bodies/*.seg`);
@@ -34,8 +34,8 @@ dup*, fcntl, close, unlink*, clone*; see tools/durability-audit.sh) and:
      the buffer short, any segment write that began after the publish was read), ended before
      the frame's write began, then an fsync or fdatasync of that same segment file that began
      after that write ended and ended before the frame, and, for a segment created during the
-     trace, an fsync of the bodies directory that began after its creation and ended before the
-     frame.
+     trace (a new file, or a spare renamed to a segment's name to be written over), an fsync of
+     the bodies directory that began after its creation and ended before the frame.
 Exit status 0 when every frame is covered (and at least one of each kind was checked), 1 on any
 violation. With --expect-blobs (a load with big payloads on a data dir with sled's 512 KiB
 segments) a trace in which rule 5 checked no blob file fails too, however many were written;
@@ -167,6 +167,7 @@ CLONES = ("clone", "clone3", "fork", "vfork")
 READS = ("read", "recvfrom")
 WRITES = ("write", "writev", "sendto", "sendmsg", "pwrite64", "pwritev", "pwritev2")
 SYNCS = ("fsync", "fdatasync")
+RENAMES = ("rename", "renameat", "renameat2")
 DIRFD = re.compile(r"\s*(\d+|AT_FDCWD)")
 
 
@@ -192,12 +193,14 @@ class Blob:
 
 
 class Segment:
-    """One life of one body log segment (`bodies/<16 hex digits>.seg`), from its open to its
-    unlink."""
+    """One life of one body log segment (`bodies/<16 hex digits>.seg`), from the open that
+    created it (or the rename that gave a spare its name) to its unlink (or the rename that made
+    it a spare)."""
 
     def __init__(self, path, created):
         self.path = path
-        self.created = created  # end of the creating open; None if it existed before the trace
+        self.created = created  # end of the creating open or rename; None if it existed before the trace
+        self.renamed = False  # a spare written over under this name
         self.writes = 0
         self.syncs = []  # (start, end) of each fsync or fdatasync on it
         self.removed = None  # start of the unlink
@@ -345,6 +348,18 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
         elif name == "close":
             # Linux frees the fd even when close reports an error.
             fds.pop(fd, None)
+        elif name in RENAMES and ret == 0:
+            # The audit passes absolute paths, so both names are whole.
+            names = [os.path.normpath(os.fsdecode(unhex(h))) for h in HEX.findall(text)[:2]]
+            if len(names) == 2:
+                old = live_segs.get(names[0])
+                if old is not None and old.removed is None:
+                    old.removed = start
+                if file_kind(names[1]) == "segment":
+                    seg = Segment(names[1], end)
+                    seg.renamed = True
+                    segments.append(seg)
+                    live_segs[names[1]] = seg
         elif name in ("unlink", "unlinkat") and ret == 0:
             p = call_path(text, fds)
             blob = (live.get(p) or live_segs.get(p)) if p else None
@@ -533,8 +548,10 @@ def check_bodies(frames, segments, body_writes, cut_writes, dir_syncs):
         if why:
             bad.append(((t, kind, key, t_read), why))
     writes = sum(seg.writes for seg in segments)
+    reused = sum(1 for seg in segments if seg.renamed)
     print(
-        f"body audit: {len(segments)} body log segments, {writes} writes to them; {checked} frames "
+        f"body audit: {len(segments)} body log segments ({reused} of them spares written over), "
+        f"{writes} writes to them; {checked} frames "
         f"checked ({by_payload} found their body's write by payload, {by_time} by time only: "
         f"strace cut the buffer short); {len(bad)} violation(s)"
     )

@@ -22,8 +22,11 @@
 //! message (ack, purge, delete, expiry); the count drops only after that removal is durable in
 //! sled ([`BodyLog::release`], applied at the next checkpoint by [`BodyLog::free`], when no
 //! journal record before it is needed either), and a segment with no reference left, other than
-//! the ones being appended to, is deleted. Every open starts new heads and deletes the segments
-//! nothing refers to.
+//! the ones being appended to, is given up. Every open starts new heads and gives up the
+//! segments nothing refers to. A full segment given up is kept as a spare (`<number>.spare`, up
+//! to `storage.spare_segments`) and a new young head writes over a spare when there is one: a
+//! write that does not make the file longer is one request to the disk at the fdatasync, not
+//! two (the data, then the inode for the new size). Others are deleted.
 //!
 //! A segment keeps its space while any of its messages is stored; the retention sweep moves the
 //! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
@@ -214,7 +217,20 @@ fn segment_name(seg: u64) -> String {
 }
 
 fn segment_of(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".seg")?;
+    number_of(name.strip_suffix(".seg")?)
+}
+
+/// A spare: a segment nothing refers to any more, kept under the number it last had, to be
+/// written over as a new segment.
+fn spare_name(seg: u64) -> String {
+    format!("{seg:016x}.spare")
+}
+
+fn spare_of(name: &str) -> Option<u64> {
+    number_of(name.strip_suffix(".spare")?)
+}
+
+fn number_of(hex: &str) -> Option<u64> {
     (hex.len() == 16)
         .then(|| u64::from_str_radix(hex, 16).ok())
         .flatten()
@@ -365,12 +381,42 @@ impl Segments {
     fn path(&self, seg: u64) -> PathBuf {
         self.dir.join(segment_name(seg))
     }
+
+    fn spare_path(&self, seg: u64) -> PathBuf {
+        self.dir.join(spare_name(seg))
+    }
+
+    /// Whether `f` is still the file of segment `seg` (a spare reused under a new number since a
+    /// reader took it no longer is).
+    fn holds(&self, seg: u64, f: &Arc<Seg>) -> bool {
+        self.file(seg).is_some_and(|now| Arc::ptr_eq(&now, f))
+    }
+
+    /// Stops reading segment `seg`.
+    fn forget(&self, seg: u64) {
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&seg);
+    }
+}
+
+impl Segments {
+    /// Reads `r` from `f`, the file segment `r.seg` had when the reader looked it up.
+    fn read_from(&self, f: &Arc<Seg>, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
+        match read_record(f, r) {
+            // The segment was emptied and its file reused while this was read: the body's
+            // message is no longer stored.
+            Err(StoreError::Corrupt { .. }) if self.written && !self.holds(r.seg, f) => Ok(None),
+            read => read.map(Some),
+        }
+    }
 }
 
 impl Bodies for Segments {
     fn body(&self, r: BodyRef) -> Result<Option<Vec<u8>>, StoreError> {
         match self.file(r.seg) {
-            Some(f) => read_record(&f, r).map(Some),
+            Some(f) => self.read_from(&f, r),
             None if self.written => Ok(None),
             None => Err(damaged(r, "its segment file is missing")),
         }
@@ -457,6 +503,23 @@ pub(super) struct BodyLog {
     segment_bytes: u64,
     /// fdatasync the segments (false with `durability = "relaxed"`).
     fsync: bool,
+    /// Spares on disk, by the number each last had: what a new young head writes over.
+    spares: Vec<u64>,
+    /// How many spares are kept (`storage.spare_segments`).
+    max_spares: usize,
+}
+
+/// How the writer's body log is run.
+pub(super) struct Settings {
+    /// fdatasync the segments (false with `durability = "relaxed"`).
+    pub fsync: bool,
+    /// A segment is full at this size ([`SEGMENT_BYTES`] unless a test sets another).
+    pub segment_bytes: Option<u64>,
+    /// How long a full segment waits before a compaction ([`COMPACT_AFTER`] unless a test sets
+    /// another).
+    pub compact_after: Option<Duration>,
+    /// How many emptied segments are kept to be written over (`storage.spare_segments`).
+    pub spares: usize,
 }
 
 /// The references the tree holds: each record's key and its references.
@@ -470,6 +533,7 @@ const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
 const COMPACT_AFTER: Duration = Duration::from_secs(60);
 
+/// A new head for segment `seg`: a new file.
 fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
     Ok(Head {
         seg,
@@ -479,6 +543,48 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
         pending: SALTED.to_vec(),
         unsynced: false,
     })
+}
+
+/// A new head for segment `seg` that writes over a spare when there is one (a commit that does
+/// not make its file longer costs one write to the disk less), else a new file.
+fn reused_head(segs: &Segments, seg: u64, spares: &mut Vec<u64>, fsync: bool) -> io::Result<Head> {
+    while let Some(spare) = spares.pop() {
+        match reuse(segs, spare, seg, fsync) {
+            Ok(file) => {
+                debug!(segment = seg, spare, "body log: a spare is the new segment");
+                return Ok(Head {
+                    seg,
+                    file,
+                    len: FIRST,
+                    pending: Vec::new(),
+                    unsynced: false,
+                });
+            }
+            Err(e) => {
+                warn!(spare, error = %e, "body log: a spare segment could not be reused; it is deleted");
+                for path in [segs.spare_path(spare), segs.path(seg)] {
+                    let _ = fs::remove_file(path);
+                }
+            }
+        }
+    }
+    head(segs, seg)
+}
+
+/// Renames spare `spare` to segment `seg` and marks it empty: the end record at its start goes
+/// to disk before anything refers to the segment, so what the file held before is never read.
+fn reuse(segs: &Segments, spare: u64, seg: u64, fsync: bool) -> io::Result<File> {
+    let path = segs.path(seg);
+    fs::rename(segs.spare_path(spare), &path)?;
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    let mut start = SALTED.to_vec();
+    start.extend_from_slice(&END);
+    file.write_all_at(&start, 0)?;
+    if fsync {
+        file.sync_data()?;
+    }
+    register(segs, seg, &file)?;
+    Ok(file)
 }
 
 /// Appends a record of `bytes` to `pending`, its length `len` (with [`JOURNAL_FLAG`] for a
@@ -497,9 +603,7 @@ impl BodyLog {
     pub(super) fn open(
         segs: Arc<Segments>,
         stored: Stored,
-        fsync: bool,
-        segment_bytes: Option<u64>,
-        compact_after: Option<Duration>,
+        settings: Settings,
     ) -> Result<BodyLog, StoreError> {
         let existing: Vec<u64> = segs
             .files
@@ -508,10 +612,44 @@ impl BodyLog {
             .keys()
             .copied()
             .collect();
-        let next = existing.iter().max().map_or(1, |m| m + 1);
         fs::create_dir_all(&segs.dir)?;
+        let mut spares = Vec::new();
+        for e in fs::read_dir(&segs.dir)? {
+            if let Some(spare) = e?.file_name().to_str().and_then(spare_of) {
+                spares.push(spare);
+            }
+        }
+        spares.sort_unstable();
+        while spares.len() > settings.spares {
+            if let Some(spare) = spares.pop() {
+                fs::remove_file(segs.spare_path(spare))?;
+            }
+        }
+        // A new segment's number is above every number a file here ever had, so no record a
+        // reused file holds from before passes its checksum.
+        let next = existing.iter().chain(&spares).max().map_or(1, |m| m + 1);
+        let segment_bytes = settings.segment_bytes.unwrap_or(SEGMENT_BYTES);
+        let referred: std::collections::HashSet<u64> = stored
+            .iter()
+            .flat_map(|(_, refs)| refs.iter().map(|r| r.seg))
+            .collect();
+        let mut sizes = HashMap::new();
+        let mut removed = 0;
+        for seg in existing {
+            if referred.contains(&seg) {
+                if let Some(f) = segs.file(seg) {
+                    sizes.insert(seg, (f.file.metadata()?.len(), Instant::now()));
+                }
+            } else {
+                retire(&segs, seg, &mut spares, settings.spares, segment_bytes)?;
+                removed += 1;
+            }
+        }
         let mut log = BodyLog {
-            heads: [head(&segs, next)?, head(&segs, next + 1)?],
+            heads: [
+                reused_head(&segs, next, &mut spares, settings.fsync)?,
+                head(&segs, next + 1)?,
+            ],
             next_seg: next + 2,
             segs: Arc::clone(&segs),
             refs: HashMap::new(),
@@ -519,26 +657,16 @@ impl BodyLog {
             rolled: Vec::new(),
             holders: HashMap::new(),
             live: HashMap::new(),
-            sizes: HashMap::new(),
-            compact_after: compact_after.unwrap_or(COMPACT_AFTER),
-            segment_bytes: segment_bytes.unwrap_or(SEGMENT_BYTES),
-            fsync,
+            sizes,
+            compact_after: settings.compact_after.unwrap_or(COMPACT_AFTER),
+            segment_bytes,
+            fsync: settings.fsync,
+            spares,
+            max_spares: settings.spares,
         };
         for (key, refs) in stored {
             for r in refs {
                 log.add(&key, r);
-            }
-        }
-        let mut removed = 0;
-        for seg in existing {
-            if log.refs.contains_key(&seg) {
-                if let Some(f) = segs.file(seg) {
-                    log.sizes
-                        .insert(seg, (f.file.metadata()?.len(), Instant::now()));
-                }
-            } else {
-                remove_segment(&segs, seg)?;
-                removed += 1;
             }
         }
         if removed > 0 || !log.refs.is_empty() {
@@ -546,6 +674,7 @@ impl BodyLog {
                 segments = log.refs.len(),
                 references = log.refs.values().sum::<u64>(),
                 removed,
+                spares = log.spares.len(),
                 "body log opened"
             );
         }
@@ -623,7 +752,12 @@ impl BodyLog {
     /// written may refer to it before its references are counted; [`BodyLog::free`] decides
     /// after the commit.
     fn roll(&mut self, i: usize) -> io::Result<()> {
-        let new = head(&self.segs, self.next_seg)?;
+        // Compactions write in steps of megabytes: the cold head does not need a spare.
+        let new = if i == Lane::Young as usize {
+            reused_head(&self.segs, self.next_seg, &mut self.spares, self.fsync)?
+        } else {
+            head(&self.segs, self.next_seg)?
+        };
         self.next_seg += 1;
         let old = std::mem::replace(&mut self.heads[i], new);
         self.sizes.insert(old.seg, (old.len, Instant::now()));
@@ -728,7 +862,14 @@ impl BodyLog {
         self.sizes.remove(&seg);
         self.live.remove(&seg);
         self.holders.remove(&seg);
-        if let Err(e) = remove_segment(&self.segs, seg) {
+        let spares = self.max_spares;
+        if let Err(e) = retire(
+            &self.segs,
+            seg,
+            &mut self.spares,
+            spares,
+            self.segment_bytes,
+        ) {
             warn!(segment = seg, error = %e, "body log: removing a segment failed; it is removed at the next start");
         }
     }
@@ -827,6 +968,34 @@ pub(super) fn scan_journal(
     Ok(cut)
 }
 
+/// Gives up segment `seg`, which nothing refers to: kept as a spare while fewer than `max`
+/// are kept and it is full size (`segment_bytes`, so a head that writes over it never makes it
+/// longer), else deleted. Segments from before the salted checksums are always deleted: their
+/// records would pass their checks under any number.
+fn retire(
+    segs: &Segments,
+    seg: u64,
+    spares: &mut Vec<u64>,
+    max: usize,
+    segment_bytes: u64,
+) -> io::Result<()> {
+    let reusable = spares.len() < max
+        && segs
+            .file(seg)
+            .is_some_and(|f| f.salted && f.file.metadata().is_ok_and(|m| m.len() >= segment_bytes));
+    if !reusable {
+        return remove_segment(segs, seg);
+    }
+    segs.forget(seg);
+    fs::rename(segs.path(seg), segs.spare_path(seg))?;
+    spares.push(seg);
+    debug!(
+        segment = seg,
+        "body log: segment kept as a spare, nothing refers to it"
+    );
+    Ok(())
+}
+
 fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {
     let path = segs.path(seg);
     let file = OpenOptions::new()
@@ -834,7 +1003,12 @@ fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {
         .write(true)
         .create_new(true)
         .open(&path)?;
-    // The new file's name must be durable before a reference to it is.
+    register(segs, seg, &file)?;
+    Ok(file)
+}
+
+/// Makes segment `seg`'s name durable (before any reference to it is) and opens it to readers.
+fn register(segs: &Segments, seg: u64, file: &File) -> io::Result<()> {
     File::open(&segs.dir)?.sync_all()?;
     segs.files
         .write()
@@ -846,7 +1020,7 @@ fn create_segment(segs: &Segments, seg: u64) -> io::Result<File> {
                 salted: true,
             }),
         );
-    Ok(file)
+    Ok(())
 }
 
 fn remove_segment(segs: &Segments, seg: u64) -> io::Result<()> {
@@ -918,8 +1092,118 @@ mod tests {
         segment_bytes: Option<u64>,
         compact_after: Option<Duration>,
     ) -> BodyLog {
+        open_with_spares(dir, t, fsync, segment_bytes, compact_after, 0)
+    }
+
+    fn open_with_spares(
+        dir: &Path,
+        t: &sled::Tree,
+        fsync: bool,
+        segment_bytes: Option<u64>,
+        compact_after: Option<Duration>,
+        spares: usize,
+    ) -> BodyLog {
         let segs = Segments::open(dir, true).unwrap();
-        BodyLog::open(segs, stored(t), fsync, segment_bytes, compact_after).unwrap()
+        let settings = Settings {
+            fsync,
+            segment_bytes,
+            compact_after,
+            spares,
+        };
+        BodyLog::open(segs, stored(t), settings).unwrap()
+    }
+
+    /// The names of the files in `dir`'s body log, sorted.
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn inode(dir: &Path, name: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(dir.join(DIR).join(name)).unwrap().ino()
+    }
+
+    #[test]
+    fn an_emptied_full_segment_is_written_over_as_a_later_young_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = open_with_spares(dir.path(), &t, true, Some(4 << 10), None, 2);
+        let a = log.append(Lane::Young, &[1u8; 5000]);
+        log.sync().unwrap();
+        log.add(&KEY_A, a);
+        log.free();
+        let ino = inode(dir.path(), &segment_name(a.seg));
+        let reader = log.segments();
+        let held = reader.file(a.seg).unwrap();
+        log.release(&KEY_A, a);
+        log.free();
+        assert!(
+            files_in(dir.path()).contains(&spare_name(a.seg)),
+            "{:?}",
+            files_in(dir.path())
+        );
+        assert!(reader.body(a).unwrap().is_none(), "its message is gone");
+        // The young head fills and rolls over onto the spare.
+        let b = log.append(Lane::Young, &[2u8; 5000]);
+        log.sync().unwrap();
+        let new = log.heads[Lane::Young as usize].seg;
+        assert!(new > b.seg);
+        assert_eq!(inode(dir.path(), &segment_name(new)), ino, "the same file");
+        assert!(!files_in(dir.path()).contains(&spare_name(a.seg)));
+        let c = log.append(Lane::Young, b"written over the old bytes");
+        log.sync().unwrap();
+        assert_eq!(c.off, FIRST);
+        assert_eq!(
+            reader.body(c).unwrap().unwrap(),
+            b"written over the old bytes"
+        );
+        // A reader that took the file before it was reused reads nothing, not damage.
+        assert!(reader.read_from(&held, a).unwrap().is_none());
+        // Segments opened offline read the reused file under its new number only.
+        let offline = Segments::open(dir.path(), false).unwrap();
+        assert_eq!(
+            offline.body(c).unwrap().unwrap(),
+            b"written over the old bytes"
+        );
+    }
+
+    #[test]
+    fn spares_outlast_a_restart_up_to_their_number_and_new_numbers_pass_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = open_with_spares(dir.path(), &t, true, Some(4 << 10), None, 3);
+        let mut full = Vec::new();
+        for i in 0..3u8 {
+            full.push(log.append(Lane::Young, &[i; 5000]));
+            log.sync().unwrap();
+        }
+        let last = log.heads[Lane::Young as usize].seg;
+        drop(log);
+        // Nothing refers to the three full segments: the next open keeps them as spares (a
+        // short one, the heads', is deleted), and the young head writes over one of them.
+        let log = open_with_spares(dir.path(), &t, true, Some(4 << 10), None, 3);
+        let spares: Vec<String> = files_in(dir.path())
+            .into_iter()
+            .filter(|n| n.ends_with(".spare"))
+            .collect();
+        assert_eq!(spares.len(), 2, "{:?}", files_in(dir.path()));
+        assert!(log.heads.iter().all(|h| h.seg > last));
+        assert_eq!(log.heads[Lane::Young as usize].len, FIRST, "a spare");
+        drop(log);
+        // Fewer spares allowed: the rest are deleted.
+        let log = open_with_spares(dir.path(), &t, true, Some(4 << 10), None, 1);
+        let spares = files_in(dir.path())
+            .iter()
+            .filter(|n| n.ends_with(".spare"))
+            .count();
+        assert_eq!(spares, 0, "one kept, then taken by the young head");
+        assert_eq!(log.heads[Lane::Young as usize].len, FIRST);
+        assert!(full.iter().all(|r| log.segs.file(r.seg).is_none()));
     }
 
     fn tree() -> (sled::Db, sled::Tree) {

@@ -181,6 +181,8 @@ pub struct StoreOptions {
     pub durability: Durability,
     pub group_commit_max_delay: Duration,
     pub cache_capacity_bytes: u64,
+    /// Emptied body log segments kept for reuse.
+    pub spare_segments: usize,
     pub max_outbox_messages: u64,
     pub max_outbox_bytes: u64,
     /// Durable subscriptions one client may hold (0 = no limit).
@@ -202,6 +204,7 @@ impl StoreOptions {
             durability: cfg.storage.durability,
             group_commit_max_delay: Duration::from_micros(cfg.storage.group_commit_max_delay_us),
             cache_capacity_bytes: cfg.storage.cache_capacity_bytes,
+            spare_segments: cfg.storage.spare_segments as usize,
             max_outbox_messages: cfg.limits.max_outbox_messages,
             max_outbox_bytes: cfg.limits.max_outbox_bytes,
             max_subscriptions: cfg.limits.max_subscriptions,

@@ -122,9 +122,12 @@ pub(super) fn open(opts: StoreOptions) -> Result<(Store, Writer), StoreError> {
     let bodies = BodyLog::open(
         segments,
         chunks::stored_refs(&outbox)?,
-        opts.durability == Durability::Fsync,
-        opts.faults.body_segment_bytes(),
-        opts.faults.body_compact_after(),
+        bodies::Settings {
+            fsync: opts.durability == Durability::Fsync,
+            segment_bytes: opts.faults.body_segment_bytes(),
+            compact_after: opts.faults.body_compact_after(),
+            spares: opts.spare_segments,
+        },
     )?;
     // The commit journal starts in the new young head.
     let (seg, off) = bodies.journal_end();
