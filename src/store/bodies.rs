@@ -26,7 +26,8 @@
 //! segments nothing refers to. A full segment given up is kept as a spare (`<number>.spare`, up
 //! to `storage.spare_segments`) and a new young head writes over a spare when there is one: a
 //! write that does not make the file longer is one request to the disk at the fdatasync, not
-//! two (the data, then the inode for the new size). Others are deleted.
+//! two (the data, then the inode for the new size). Others are deleted. When no spare is left
+//! and the young head fills slowly, a thread zero-fills one ([`BodyLog::prepare_spare`]).
 //!
 //! A segment keeps its space while any of its messages is stored; the retention sweep moves the
 //! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
@@ -472,6 +473,10 @@ struct Head {
     pending: Vec<u8>,
     /// Whether `file` has writes not yet fdatasynced.
     unsynced: bool,
+    /// Whether it is a new file, which every write makes longer (not a spare written over).
+    grows: bool,
+    /// When it became the head.
+    since: Instant,
 }
 
 /// The writer's side of the body log: appends, syncs, counts references, deletes segments.
@@ -507,6 +512,10 @@ pub(super) struct BodyLog {
     spares: Vec<u64>,
     /// How many spares are kept (`storage.spare_segments`).
     max_spares: usize,
+    /// The spare being zero-filled off the writer's thread, if any: its number once done.
+    preparing: Option<std::thread::JoinHandle<io::Result<u64>>>,
+    /// No spare is prepared before this (after one failed).
+    prepare_after: Option<Instant>,
 }
 
 /// How the writer's body log is run.
@@ -528,6 +537,61 @@ pub(super) type Stored = Vec<(Vec<u8>, Vec<BodyRef>)>;
 /// A message chunk's key (`O cid seq`).
 pub(super) type ChunkKey = [u8; 17];
 
+/// A young head that would take this long or more to fill at the rate it is written gets a
+/// zero-filled spare (see [`BodyLog::prepare_spare`]): 32 MiB in 4 s is 8 MiB/s.
+const SLOW_FILL: Duration = Duration::from_secs(4);
+/// The page size the writes of the heads are padded to.
+const PAGE: u64 = 4096;
+/// The name ending of a spare being zero-filled.
+const ZEROING: &str = ".zeroing";
+
+/// The first page of an empty segment: the mark, then the end record.
+fn first_page() -> Vec<u8> {
+    let mut page = SALTED.to_vec();
+    page.extend_from_slice(&END);
+    page.resize(PAGE as usize, 0);
+    page
+}
+
+/// Drops the pages of `file` the kernel holds in memory (clean ones: it was synced). Written in
+/// large writes, they are held in large folios, and a commit's few bytes in one would make the
+/// next fdatasync write the whole folio (hundreds of KiB) to the disk; pages a commit creates
+/// are only as large as its write. Advice only: failing to drop them costs speed, not data.
+fn drop_cached(file: &File) {
+    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
+        debug!(error = %e, "body log: dropping a segment's cached pages failed");
+    }
+}
+
+/// Writes spare `number` in `dir`: the mark, an end record, zeros up to `bytes`, all synced
+/// (written blocks, not holes: writing over a hole or an unwritten extent changes the file's
+/// block map, which is the second write a commit should not need), then renamed to its name.
+fn zero_filled(dir: &Path, number: u64, bytes: u64) -> io::Result<u64> {
+    let zeroing = dir.join(format!("{number:016x}{ZEROING}"));
+    let result = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&zeroing)?;
+        let start = first_page();
+        file.write_all_at(&start, 0)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = start.len() as u64;
+        while at < bytes {
+            let n = usize::try_from(bytes - at).map_or(zeros.len(), |n| n.min(zeros.len()));
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        file.sync_all()?;
+        drop_cached(&file);
+        fs::rename(&zeroing, dir.join(spare_name(number)))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&zeroing);
+    }
+    result.map(|()| number)
+}
+
 /// The most body bytes one compaction step moves (the rest moves at the next sweep).
 const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
@@ -542,6 +606,8 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
         // The mark goes to disk with the first records.
         pending: SALTED.to_vec(),
         unsynced: false,
+        grows: true,
+        since: Instant::now(),
     })
 }
 
@@ -558,6 +624,8 @@ fn reused_head(segs: &Segments, seg: u64, spares: &mut Vec<u64>, fsync: bool) ->
                     len: FIRST,
                     pending: Vec::new(),
                     unsynced: false,
+                    grows: false,
+                    since: Instant::now(),
                 });
             }
             Err(e) => {
@@ -577,9 +645,8 @@ fn reuse(segs: &Segments, spare: u64, seg: u64, fsync: bool) -> io::Result<File>
     let path = segs.path(seg);
     fs::rename(segs.spare_path(spare), &path)?;
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
-    let mut start = SALTED.to_vec();
-    start.extend_from_slice(&END);
-    file.write_all_at(&start, 0)?;
+    drop_cached(&file);
+    file.write_all_at(&first_page(), 0)?;
     if fsync {
         file.sync_data()?;
     }
@@ -615,8 +682,14 @@ impl BodyLog {
         fs::create_dir_all(&segs.dir)?;
         let mut spares = Vec::new();
         for e in fs::read_dir(&segs.dir)? {
-            if let Some(spare) = e?.file_name().to_str().and_then(spare_of) {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_str().unwrap_or_default();
+            if let Some(spare) = spare_of(name) {
                 spares.push(spare);
+            } else if name.ends_with(ZEROING) {
+                // A spare a crash stopped in the middle of its zero-filling.
+                fs::remove_file(e.path())?;
             }
         }
         spares.sort_unstable();
@@ -663,6 +736,8 @@ impl BodyLog {
             fsync: settings.fsync,
             spares,
             max_spares: settings.spares,
+            preparing: None,
+            prepare_after: None,
         };
         for (key, refs) in stored {
             for r in refs {
@@ -728,8 +803,16 @@ impl BodyLog {
         for h in self.heads.iter_mut().rev() {
             if !h.pending.is_empty() {
                 let records = h.pending.len();
-                // The end mark goes after the records; the next write starts over it.
+                // The end mark goes after the records; the next write starts over it. In a spare,
+                // zeros fill the last page: a write that covers a page whole need not read it
+                // first (its pages are on disk, not in memory). A new file has nothing to read
+                // past its end, and the padding would only add to the pages each sync writes.
                 h.pending.extend_from_slice(&END);
+                if !h.grows {
+                    let end = h.len + h.pending.len() as u64;
+                    let pad = end.next_multiple_of(PAGE) - end;
+                    h.pending.resize(h.pending.len() + pad as usize, 0);
+                }
                 h.file.write_all_at(&h.pending, h.len)?;
                 h.len += records as u64;
                 h.pending.clear();
@@ -740,12 +823,74 @@ impl BodyLog {
             }
             h.unsynced = false;
         }
+        self.take_prepared();
         for i in 0..self.heads.len() {
             if self.heads[i].len >= self.segment_bytes {
                 self.roll(i)?;
             }
         }
+        let young = Lane::Young as usize;
+        if self.heads[young].grows && !self.spares.is_empty() {
+            // A spare is ready: the next commits write over it rather than grow this file.
+            self.roll(young)?;
+        }
+        self.prepare_spare();
         Ok(())
+    }
+
+    /// Starts zero-filling a spare off the writer's thread when the young head is a new file,
+    /// no spare is left, and the head fills slowly (in [`SLOW_FILL`] or more at the rate it
+    /// has been written so far): then commits are small, and the second write to the disk that
+    /// a longer file needs is a large part of each one's wait. A fast writer (its commits are
+    /// large, and the segments it empties come back as spares soon) and a relaxed store (no
+    /// fdatasync) do without, as the zeros would double the bytes written.
+    fn prepare_spare(&mut self) {
+        let h = &self.heads[Lane::Young as usize];
+        let filled = h.len.saturating_mul(SLOW_FILL.as_millis() as u64) / self.segment_bytes.max(1);
+        let slow = h.since.elapsed().as_millis() as u64 >= filled;
+        let worth_it = self.fsync
+            && self.max_spares > 0
+            && self.spares.is_empty()
+            && self.preparing.is_none()
+            && h.grows
+            && h.len >= self.segment_bytes / 32
+            && slow
+            && self.prepare_after.is_none_or(|t| Instant::now() >= t);
+        if !worth_it {
+            return;
+        }
+        let number = self.next_seg;
+        self.next_seg += 1;
+        let dir = self.segs.dir.clone();
+        let bytes = self.segment_bytes;
+        match std::thread::Builder::new()
+            .name("outboxd-spare".into())
+            .spawn(move || zero_filled(&dir, number, bytes))
+        {
+            Ok(thread) => self.preparing = Some(thread),
+            Err(e) => self.spare_failed(&e),
+        }
+    }
+
+    /// Adds the spare zero-filled off the writer's thread, once it is done.
+    fn take_prepared(&mut self) {
+        if !self.preparing.as_ref().is_some_and(|t| t.is_finished()) {
+            return;
+        }
+        match self.preparing.take().map(|t| t.join()) {
+            Some(Ok(Ok(number))) => {
+                debug!(spare = number, "body log: a new spare is ready");
+                self.spares.push(number);
+            }
+            Some(Ok(Err(e))) => self.spare_failed(&e),
+            Some(Err(_)) => self.spare_failed(&"the thread panicked"),
+            None => {}
+        }
+    }
+
+    fn spare_failed(&mut self, e: &dyn std::fmt::Display) {
+        warn!(error = %e, "body log: preparing a spare segment failed; commits go on making the segment longer, the next try is in a minute");
+        self.prepare_after = Some(Instant::now() + Duration::from_secs(60));
     }
 
     /// Starts a new segment for head `i`. The old one is never deleted here: the group just
@@ -885,6 +1030,15 @@ impl BodyLog {
                 .len(),
             self.refs.values().sum(),
         )
+    }
+}
+
+impl Drop for BodyLog {
+    /// Waits for the spare being zero-filled, so no thread outlives the store.
+    fn drop(&mut self) {
+        if let Some(thread) = self.preparing.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -1170,6 +1324,70 @@ mod tests {
             offline.body(c).unwrap().unwrap(),
             b"written over the old bytes"
         );
+    }
+
+    /// Small commits to the young head until it writes over a spare; the references made.
+    fn small_commits_until_a_spare_is_taken(log: &mut BodyLog) -> Vec<BodyRef> {
+        let mut refs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while log.heads[Lane::Young as usize].grows {
+            assert!(Instant::now() < deadline, "no spare was prepared");
+            refs.push(log.append(Lane::Young, &[refs.len() as u8; 100]));
+            log.sync().unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        refs
+    }
+
+    #[test]
+    fn small_commits_to_a_new_file_get_a_zero_filled_spare_to_write_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = open_with_spares(dir.path(), &t, true, Some(1 << 20), None, 2);
+        let before = small_commits_until_a_spare_is_taken(&mut log);
+        let h = &log.heads[Lane::Young as usize];
+        assert!(h.seg > before[0].seg);
+        let size = h.file.metadata().unwrap().len();
+        assert_eq!(size, 1 << 20, "zero-filled to the segment's size");
+        let after: Vec<BodyRef> = (0..50u8)
+            .map(|i| {
+                let r = log.append(Lane::Young, &[i; 100]);
+                log.sync().unwrap();
+                r
+            })
+            .collect();
+        let h = &log.heads[Lane::Young as usize];
+        assert_eq!(
+            h.file.metadata().unwrap().len(),
+            size,
+            "no write made it longer"
+        );
+        let readers = log.segments();
+        for (i, r) in before.iter().enumerate() {
+            assert_eq!(readers.body(*r).unwrap().unwrap(), vec![i as u8; 100]);
+        }
+        for (i, r) in after.iter().enumerate() {
+            assert_eq!(readers.body(*r).unwrap().unwrap(), vec![i as u8; 100]);
+        }
+        assert!(!files_in(dir.path()).iter().any(|n| n.ends_with(ZEROING)));
+    }
+
+    #[test]
+    fn no_spare_is_zero_filled_for_a_fast_writer_or_without_fdatasync() {
+        for (fsync, body) in [(true, 80 << 10), (false, 100)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_db, t) = tree();
+            let mut log = open_with_spares(dir.path(), &t, fsync, Some(1 << 20), None, 2);
+            for _ in 0..30 {
+                log.append(Lane::Young, &vec![1u8; body]);
+                log.sync().unwrap();
+                assert!(
+                    log.preparing.is_none(),
+                    "fsync {fsync}, {body} bytes a commit"
+                );
+            }
+            assert!(log.spares.is_empty());
+        }
     }
 
     #[test]
