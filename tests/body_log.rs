@@ -11,22 +11,32 @@ use std::time::{Duration, Instant};
 use common::{seqs, Broker, Client, Opts};
 use serde_json::{json, Value};
 
-/// The body log's files whose names end in `suffix`: `.seg` for its segments, `.spare` for the
-/// emptied ones kept to be written over.
-fn body_log_files(data: &Path, suffix: &str) -> Vec<std::fs::DirEntry> {
-    std::fs::read_dir(data.join("bodies"))
-        .expect("the data dir has a body log")
-        .map(|e| e.expect("entry"))
-        .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
-        .collect()
+/// The body log's files whose names end in `suffix` (`.seg` for its segments, `.spare` for the
+/// emptied ones kept to be written over), with their metadata. The broker deletes and renames
+/// files while it runs: if one goes between the listing and its `stat`, the directory is listed
+/// again, so the answer is one moment's contents, never a file missed under both names.
+fn body_log_files(data: &Path, suffix: &str) -> Vec<(String, std::fs::Metadata)> {
+    'again: loop {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(data.join("bodies")).expect("the data dir has a body log") {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(suffix) {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(meta) => files.push((name, meta)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'again,
+                Err(e) => panic!("stat {name}: {e}"),
+            }
+        }
+        return files;
+    }
 }
 
 /// Bytes of the body log's files (segments, and spares if any are kept).
 fn body_log_bytes(data: &Path) -> u64 {
-    body_log_files(data, "")
-        .iter()
-        .map(|e| e.metadata().expect("meta").len())
-        .sum()
+    body_log_files(data, "").iter().map(|(_, m)| m.len()).sum()
 }
 
 /// The inodes of the body log's files whose names end in `suffix`.
@@ -34,7 +44,7 @@ fn inodes(data: &Path, suffix: &str) -> std::collections::HashSet<u64> {
     use std::os::unix::fs::MetadataExt;
     body_log_files(data, suffix)
         .iter()
-        .map(|e| e.metadata().expect("meta").ino())
+        .map(|(_, m)| m.ino())
         .collect()
 }
 
