@@ -412,6 +412,26 @@ const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
 const COMPACT_AFTER: Duration = Duration::from_secs(60);
 
+/// Writes `bytes` at `at` in pieces that each end at a page boundary. The kernel holds a file's
+/// pages in folios as large as the write that made them, and a commit of a few hundred bytes
+/// into a folio of a megabyte makes its fdatasync write the whole megabyte: pages made one at a
+/// time keep every later commit's write to the pages it touched. Those pages stay in memory
+/// while the segment is a spare and are written over when it is reused. On the virtual machines
+/// measured, memory the kernel has not touched for a few seconds costs about 3.5 ms of CPU a
+/// megabyte to write into (the hypervisor maps it back a page at a time), and pages kept in
+/// the cache 0.2 ms.
+fn write_in_pages(file: &File, bytes: &[u8], at: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let pos = at + done as u64;
+        let to_page_end = usize::try_from(PAGE - pos % PAGE).unwrap_or(usize::MAX);
+        let n = to_page_end.min(bytes.len() - done);
+        file.write_all_at(&bytes[done..done + n], pos)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// A new head for segment `seg`: a new file.
 fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
     Ok(Head {
@@ -577,15 +597,15 @@ impl BodyLog {
                 let records = h.pending.len();
                 // The end mark goes after the records; the next write starts over it. In a spare,
                 // zeros fill the last page: a write that covers a page whole need not read it
-                // first (its pages are on disk, not in memory). A new file has nothing to read
-                // past its end, and the padding would only add to the pages each sync writes.
+                // first should its page have left the cache. A new file has nothing to read past
+                // its end, and the padding would only add to the pages each sync writes.
                 h.pending.extend_from_slice(&END);
                 if !h.grows {
                     let end = h.len + h.pending.len() as u64;
                     let pad = end.next_multiple_of(PAGE) - end;
                     h.pending.resize(h.pending.len() + pad as usize, 0);
                 }
-                h.file.write_all_at(&h.pending, h.len)?;
+                write_in_pages(&h.file, &h.pending, h.len)?;
                 h.len += records as u64;
                 h.pending.clear();
                 h.unsynced = true;
@@ -1101,5 +1121,49 @@ mod tests {
             "the kept segment and the two new heads"
         );
         assert!(log.heads[0].seg > orphan.seg);
+    }
+
+    /// Bytes this thread has caused to be written to storage (`write_bytes` of
+    /// `/proc/thread-self/io`): the kernel counts a folio's whole size when a write dirties it.
+    fn dirtied_by_this_thread() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/io")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_few_bytes_written_over_a_large_write_dirty_one_page() {
+        // Catches a segment written in one large write: its pages then sit in large folios, and
+        // a later commit's few bytes among them make the fdatasync write the whole folio.
+        let dir = tempfile::tempdir().unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("seg"))
+            .unwrap();
+        let start = dirtied_by_this_thread();
+        write_in_pages(&file, &vec![7u8; 4 << 20], 0).unwrap();
+        if dirtied_by_this_thread() == start {
+            // A file system without writeback (tmpfs) counts nothing: nothing to tell apart.
+            eprintln!("skipped: the temp dir's file system does not count dirtied bytes");
+            return;
+        }
+        file.sync_data().unwrap();
+        let before = dirtied_by_this_thread();
+        file.write_all_at(&[1u8; 600], (2 << 20) + 100).unwrap();
+        let dirtied = dirtied_by_this_thread() - before;
+        assert_eq!(dirtied, PAGE, "600 bytes dirtied {dirtied} bytes");
+        file.sync_data().unwrap();
+        let mut back = vec![0u8; 4 << 20];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..(2 << 20) + 100].iter().all(|&b| b == 7));
+        assert!(back[(2 << 20) + 100..(2 << 20) + 700].iter().all(|&b| b == 1));
+        assert!(back[(2 << 20) + 700..].iter().all(|&b| b == 7));
     }
 }

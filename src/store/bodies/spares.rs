@@ -12,14 +12,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use super::{
-    head, number_of, register, remove_segment, BodyLog, Head, Lane, Segments, END, FIRST, SALTED,
+    head, number_of, register, remove_segment, write_in_pages, BodyLog, Head, Lane, Segments, END,
+    FIRST, SALTED,
 };
 
 /// A spare: a segment nothing refers to any more, kept under the number it last had, to be
@@ -50,16 +50,6 @@ fn first_page() -> Vec<u8> {
     page
 }
 
-/// Drops the pages of `file` the kernel holds in memory (clean ones: it was synced). Written in
-/// large writes, they are held in large folios, and a commit's few bytes in one would make the
-/// next fdatasync write the whole folio (hundreds of KiB) to the disk; pages a commit creates
-/// are only as large as its write. Advice only: failing to drop them costs speed, not data.
-fn drop_cached(file: &File) {
-    if let Err(e) = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed) {
-        debug!(error = %e, "body log: dropping a segment's cached pages failed");
-    }
-}
-
 /// Writes spare `number` in `dir`: the mark, an end record, zeros up to `bytes`, all synced
 /// (written blocks, not holes: writing over a hole or an unwritten extent changes the file's
 /// block map, which is the second write a commit should not need), then renamed to its name.
@@ -71,18 +61,17 @@ fn zero_filled(dir: &Path, number: u64, bytes: u64) -> io::Result<u64> {
             .create_new(true)
             .open(&zeroing)?;
         let start = first_page();
-        file.write_all_at(&start, 0)?;
+        write_in_pages(&file, &start, 0)?;
         let zeros = vec![0u8; 1 << 20];
         let mut at = start.len() as u64;
         while at < bytes {
             let n = usize::try_from(bytes - at).map_or(zeros.len(), |n| n.min(zeros.len()));
-            file.write_all_at(&zeros[..n], at)?;
+            write_in_pages(&file, &zeros[..n], at)?;
             // A megabyte at a time: the commits' fdatasyncs never queue behind 32 MiB of zeros.
             file.sync_data()?;
             at += n as u64;
         }
         file.sync_all()?;
-        drop_cached(&file);
         fs::rename(&zeroing, dir.join(spare_name(number)))
     })();
     if result.is_err() {
@@ -130,8 +119,7 @@ fn reuse(segs: &Segments, spare: u64, seg: u64, fsync: bool) -> io::Result<File>
     let path = segs.path(seg);
     fs::rename(segs.spare_path(spare), &path)?;
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
-    drop_cached(&file);
-    file.write_all_at(&first_page(), 0)?;
+    write_in_pages(&file, &first_page(), 0)?;
     if fsync {
         file.sync_data()?;
     }
