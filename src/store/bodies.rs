@@ -404,6 +404,14 @@ pub(super) struct Settings {
 /// The references the tree holds: each record's key and its references.
 pub(super) type Stored = Vec<(Vec<u8>, Vec<BodyRef>)>;
 
+/// How many of the body log's removals and full segments a checkpoint covers
+/// ([`BodyLog::mark`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FreeMark {
+    rolled: usize,
+    released: usize,
+}
+
 /// A message chunk's key (`O cid seq`).
 pub(super) type ChunkKey = [u8; 17];
 
@@ -716,16 +724,41 @@ impl BodyLog {
         !self.released.is_empty()
     }
 
-    /// After a checkpoint made every removal so far durable in sled (and no journal record in
-    /// a segment is needed any more): drops their counts and deletes the segments no reference
-    /// is left in (never a head).
+    /// How far the removals and the full segments go now: a checkpoint started now makes
+    /// those durable, and [`BodyLog::free_to`] acts on no later ones.
+    pub(super) fn mark(&self) -> FreeMark {
+        FreeMark {
+            rolled: self.rolled.len(),
+            released: self.released.len(),
+        }
+    }
+
+    /// [`BodyLog::free_to`] everything so far (a checkpoint made on the caller's thread).
+    #[cfg(test)]
     pub(super) fn free(&mut self) {
-        for seg in std::mem::take(&mut self.rolled) {
+        self.free_to(self.mark());
+    }
+
+    /// After a checkpoint made every removal up to `mark` durable in sled (and no journal record
+    /// in a segment full before it is needed any more): drops their counts and deletes the
+    /// segments no reference is left in (never a head). Removals after the mark wait for the
+    /// next checkpoint: sled may not have them yet, and a segment deleted under a reference a
+    /// crash brings back would be a lost body.
+    pub(super) fn free_to(&mut self, mark: FreeMark) {
+        let rolled: Vec<u64> = self
+            .rolled
+            .drain(..mark.rolled.min(self.rolled.len()))
+            .collect();
+        for seg in rolled {
             if !self.refs.contains_key(&seg) && !self.is_head(seg) {
                 self.delete(seg);
             }
         }
-        for seg in std::mem::take(&mut self.released) {
+        let released: Vec<u64> = self
+            .released
+            .drain(..mark.released.min(self.released.len()))
+            .collect();
+        for seg in released {
             let Some(n) = self.refs.get_mut(&seg) else {
                 warn!(segment = seg, "body log: a reference was released twice");
                 continue;
@@ -1046,7 +1079,51 @@ mod tests {
         assert!(log.segments().body(a).unwrap().is_none());
     }
 
+    #[test]
+    fn a_checkpoint_frees_only_what_was_released_before_it_started() {
+        // Catches a checkpoint that ran while the writer went on deleting a segment emptied
+        // after its flush started: sled may not have that removal, and after a crash the tree
+        // would refer to a body in a segment that is gone.
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = open_log(dir.path(), &t, false, Some(1 << 20), None);
+        let big = vec![7u8; 600 << 10];
+        let a = log.append(Lane::Young, &big);
+        let b = log.append(Lane::Young, &big);
+        log.sync().unwrap();
+        let c = log.append(Lane::Young, &big);
+        let d = log.append(Lane::Young, &big);
+        log.sync().unwrap();
+        for (key, r) in [(&KEY_A, a), (&KEY_B, b), (&KEY_C, c), (&KEY_D, d)] {
+            log.add(key, r);
+        }
+        log.free();
+        assert_eq!(
+            log.counts(),
+            (4, 4),
+            "two full segments beside the two heads"
+        );
+        log.release(&KEY_A, a);
+        log.release(&KEY_B, b);
+        let started = log.mark();
+        // Released while the checkpoint's flush runs.
+        log.release(&KEY_C, c);
+        log.release(&KEY_D, d);
+        log.free_to(started);
+        assert_eq!(
+            log.counts(),
+            (3, 2),
+            "only the segment emptied before the start goes"
+        );
+        assert!(log.segments().body(a).unwrap().is_none());
+        assert_eq!(log.body(c).unwrap().unwrap(), big);
+        log.free_to(log.mark());
+        assert_eq!(log.counts(), (2, 0), "the next checkpoint frees the other");
+    }
+
     pub(super) const KEY_A: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+    const KEY_C: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1];
+    const KEY_D: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 1];
     const KEY_B: ChunkKey = [b'O', 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1];
 
     #[test]
@@ -1163,7 +1240,9 @@ mod tests {
         let mut back = vec![0u8; 4 << 20];
         file.read_exact_at(&mut back, 0).unwrap();
         assert!(back[..(2 << 20) + 100].iter().all(|&b| b == 7));
-        assert!(back[(2 << 20) + 100..(2 << 20) + 700].iter().all(|&b| b == 1));
+        assert!(back[(2 << 20) + 100..(2 << 20) + 700]
+            .iter()
+            .all(|&b| b == 1));
         assert!(back[(2 << 20) + 700..].iter().all(|&b| b == 7));
     }
 }

@@ -4,9 +4,10 @@
 //! group of writes not yet applied. A commit numbers the group (record `C`), appends its
 //! journal record to the body log after the group's bodies, writes and fdatasyncs them at once
 //! (see `journal`), applies the writes to the tree and only then advances the seal. Nothing is
-//! confirmed before that sequence returns. A checkpoint ([`Disk::checkpoint`], about once a
-//! second) flushes sled and fdatasyncs its log (and sled's blob files, see `blobs`); only then
-//! are body log segments deleted.
+//! confirmed before that sequence returns. A checkpoint (about once a second, started by
+//! [`Disk::checkpoint_if_due`]) flushes sled and fdatasyncs its log (and sled's blob files, see
+//! `blobs`) on a thread of its own (`checkpoint`); only once it has finished are the body log
+//! segments emptied before its start deleted.
 //!
 //! A failed write, flush or fsync latches the store: after a failed fsync the kernel may have
 //! dropped the dirty pages, so a retry could confirm what is not on disk. The latch lives here
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error};
 
 use super::bodies::{self, BodyLog, BodyRef, ChunkKey, Facts, Lane};
+use super::checkpoint::{Checkpoints, Flusher, Mark};
 use super::clients::Clients;
 use super::records::{encode, encode_dedup};
 use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
@@ -41,13 +43,12 @@ pub(super) struct Disk {
     db: sled::Db,
     clients: sled::Tree,
     outbox: sled::Tree,
-    log: File,
+    /// The checkpoint's thread, with sled's log and blob files it syncs.
+    checkpoints: Checkpoints,
     /// The commit seal (see `integrity`), advanced after each commit's fdatasync.
     seal: integrity::Seal,
     /// The number of the last commit group written (record `C`).
     commit_no: u64,
-    /// sled's blob files, which the commit must fsync besides the log.
-    blobs: blobs::BlobSync,
     /// Message bodies, written and synced before any reference to them reaches the tree.
     bodies: BodyLog,
     /// The group's writes, applied as one batch at its commit.
@@ -62,6 +63,8 @@ pub(super) struct Disk {
     /// Writes applied to the trees outside a commit since the last one: they go into the next
     /// journal record (see `journal`).
     carried: Vec<journal::Entry>,
+    /// How many times a commit has emptied `carried` (see `checkpoint::Mark`).
+    carried_clears: u64,
     /// Journal bytes written since the last checkpoint.
     journaled: u64,
     /// When the last checkpoint was made.
@@ -102,18 +105,23 @@ impl Disk {
     ) -> Result<Disk, StoreError> {
         Ok(Disk {
             runs: dedup::Runs::load(&files.outbox)?,
+            checkpoints: Checkpoints::new(Flusher {
+                db: files.db.clone(),
+                log: files.log,
+                blobs: blobs::BlobSync::new(&opts.data_dir),
+                fsync: opts.durability == Durability::Fsync,
+            }),
             db: files.db,
             clients: files.clients,
             outbox: files.outbox,
-            log: files.log,
             commit_no: files.seal.sealed(),
             seal: files.seal,
-            blobs: blobs::BlobSync::new(&opts.data_dir),
             bodies: files.bodies,
             group: group::Group::default(),
             applied_at: Instant::now(),
             commits: 0,
             carried: Vec::new(),
+            carried_clears: 0,
             journaled: 0,
             checkpointed_at: Instant::now(),
             checkpoint_every: opts.faults.checkpoint_every().unwrap_or(CHECKPOINT_EVERY),
@@ -314,6 +322,7 @@ impl Disk {
             }
             // Carried writes are in the record now: a replay applies them again.
             self.carried.clear();
+            self.carried_clears += 1;
             if let Some(writes) = writes {
                 self.runs.note_all(&writes);
                 journal::apply(&self.outbox, writes)
@@ -369,46 +378,98 @@ impl Disk {
         Ok(())
     }
 
-    /// Makes a checkpoint when one is due: about a second after the last, while anything was
-    /// written since, or at once when much waits. A failure latches the store.
+    /// Starts a checkpoint when one is due (about a second after the last, while anything was
+    /// written since, or at once when much waits) and none runs; acts on one that has finished.
+    /// A failure latches the store.
     pub(super) fn checkpoint_if_due(&mut self) {
         if self.latch.is_some() {
+            return;
+        }
+        if let Some((mark, r)) = self.checkpoints.finished() {
+            self.finish_checkpoint(mark, r);
+        }
+        if self.latch.is_some() || self.checkpoints.is_running() {
             return;
         }
         let waiting = self.journaled > 0 || !self.carried.is_empty() || self.bodies.has_released();
         let due = (waiting && self.checkpointed_at.elapsed() >= self.checkpoint_every)
             || self.journaled >= CHECKPOINT_BYTES
             || self.carried.len() >= CHECKPOINT_CARRIED;
-        if due {
-            if let Err(reason) = self.checkpoint() {
+        if !due {
+            return;
+        }
+        match self.begin_checkpoint() {
+            Ok(mark) => {
+                if let Some((mark, r)) = self.checkpoints.start(mark) {
+                    self.finish_checkpoint(mark, r);
+                }
+            }
+            Err(reason) => {
                 self.metrics.store_errors.inc();
                 self.latch(&reason);
             }
         }
     }
 
-    /// Makes what the trees hold durable in sled: notes where in the body log the journal
-    /// records from now on start (`P`), flushes sled and fdatasyncs its log (with
-    /// `durability = "fsync"`). From then on no journal record before `P` is needed, so the
-    /// segments nothing refers to any more are deleted.
+    /// Acts on a finished checkpoint; a failed one latches the store.
+    fn finish_checkpoint(&mut self, mark: Mark, r: Result<(), String>) {
+        if let Err(reason) = self.checkpointed(mark, r) {
+            self.metrics.store_errors.inc();
+            self.latch(&reason);
+        }
+    }
+
+    /// Makes a checkpoint on this thread, after the running one (if any) has finished.
     pub(super) fn checkpoint(&mut self) -> Result<(), String> {
-        let started = Instant::now();
+        if let Some((mark, r)) = self.checkpoints.wait() {
+            self.checkpointed(mark, r)?;
+        }
+        let mark = self.begin_checkpoint()?;
+        let r = self.checkpoints.run_here();
+        self.checkpointed(mark, r)
+    }
+
+    /// The start of a checkpoint: notes where in the body log the journal records from now on
+    /// start (`P`); what the trees hold now is what the flush that follows makes durable.
+    fn begin_checkpoint(&mut self) -> Result<Mark, String> {
         let (seg, off) = self.bodies.journal_end();
         self.outbox
             .insert(keys::checkpoint(), journal::encode_checkpoint(seg, off))
             .map_err(|e| format!("writing the checkpoint failed: {e}"))?;
         if self.durability == Durability::Fsync {
-            self.sync()?;
-        } else {
-            self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
+            if let Some(e) = self
+                .faults
+                .flush_error(self.commits)
+                .or_else(|| self.faults.fsync_error(self.commits))
+            {
+                return Err(e);
+            }
         }
-        self.carried.clear();
-        let journaled = std::mem::take(&mut self.journaled);
+        Ok(Mark {
+            carried: self.carried.len(),
+            carried_clears: self.carried_clears,
+            journaled: self.journaled,
+            bodies: self.bodies.mark(),
+            started: Instant::now(),
+        })
+    }
+
+    /// After sled's flush (and fdatasync) of a checkpoint: no journal record before its `P` is
+    /// needed any more, so the writes carried before it are forgotten and the segments emptied
+    /// before it that nothing refers to any more are deleted.
+    fn checkpointed(&mut self, mark: Mark, r: Result<(), String>) -> Result<(), String> {
+        r?;
+        if self.carried_clears == mark.carried_clears {
+            let n = mark.carried.min(self.carried.len());
+            self.carried.drain(..n);
+        }
+        self.journaled = self.journaled.saturating_sub(mark.journaled);
         self.checkpointed_at = Instant::now();
-        self.bodies.free();
+        self.bodies.free_to(mark.bodies);
         debug!(
-            took_us = started.elapsed().as_micros() as u64,
-            journaled, "checkpoint"
+            took_us = mark.started.elapsed().as_micros() as u64,
+            journaled = mark.journaled,
+            "checkpoint"
         );
         Ok(())
     }
@@ -562,29 +623,6 @@ impl Disk {
                 self.bodies.release(key, r);
             }
         }
-        Ok(())
-    }
-
-    /// Flush, then fdatasync of sled's log and blob files (sled's flush alone issues
-    /// `sync_file_range`, which is not a durability barrier).
-    fn sync(&mut self) -> Result<(), String> {
-        if let Some(e) = self.faults.flush_error(self.commits) {
-            return Err(e);
-        }
-        self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
-        if let Some(e) = self.faults.fsync_error(self.commits) {
-            return Err(e);
-        }
-        self.blobs
-            .sync_new()
-            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
-        self.log
-            .sync_data()
-            .map_err(|e| format!("fsync of the store log failed: {e}"))?;
-        // Blobs another thread wrote while the log was syncing (see store::blobs).
-        self.blobs
-            .sync_new()
-            .map_err(|e| format!("fsync of the store's blob files failed: {e}"))?;
         Ok(())
     }
 }

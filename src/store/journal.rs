@@ -8,9 +8,10 @@
 //! appended to the body log's young head after the group's bodies, both are written and synced
 //! at once, and only then are the writes applied to the trees, the commit number (`C`) last.
 //! sled flushes on its own every half second and the writer makes a checkpoint about every
-//! second (`Disk::checkpoint`): it records the body log position from which nothing is yet
-//! known durable in sled (record `P`), flushes and fdatasyncs sled, and only then may segments
-//! be deleted.
+//! second (`Disk::checkpoint_if_due`): it records the body log position from which nothing is
+//! yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the checkpoint's own
+//! thread, while commits go on after `P`), and only then may segments emptied before `P` be
+//! deleted.
 //!
 //! Writes that reach the trees outside a commit (acks applied between commits, a purge, a new
 //! client's name) are applied at once and also go into the next record, before the group's own

@@ -28,7 +28,8 @@
 //!
 //! Inside, one concept a module:
 //! - `writer`: the writer thread's loop (gather, apply, commit, answer);
-//! - `commit`: the durability barrier, and the latch every write passes through;
+//! - `commit`: the durability barrier, and the latch every write passes through; `checkpoint`:
+//!   sled's flush and fdatasync on a thread of their own;
 //! - `outboxes`: what hello, publish, ack, purge and subscribe do to the outboxes;
 //! - `retention`: TTL expiry and the dedup window;
 //! - `group`, `journal`, `chunks`, `dedup`, `blobs`: how a commit group's writes, messages and
@@ -59,6 +60,7 @@ use writer::{Command, Reply};
 mod backup;
 mod blobs;
 mod bodies;
+mod checkpoint;
 mod chunks;
 mod clients;
 mod commit;
