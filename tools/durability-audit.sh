@@ -25,7 +25,7 @@
 #                  a backlog builds up: full tree leaves, hence blob files that outlive sled's
 #                  own periodic log fsync. Also read from OUTBOXD_AUDIT_ACK_DELAY_MS.
 # Needs strace and python3. Builds the broker (cargo build --release) unless OUTBOXD_BIN names
-# a binary.
+# a binary. AUDIT_KEEP=1 keeps the traces and data dirs (the temp dir is named at the start).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -72,7 +72,8 @@ if [[ -z $bin ]]; then
     bin=target/release/outboxd
 fi
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap '[[ -n ${AUDIT_KEEP:-} ]] || rm -rf "$work"' EXIT
+[[ -z ${AUDIT_KEEP:-} ]] || echo "audit: keeping the traces in $work"
 
 # Socket reads and writes (the frames), syncs, and what the audit needs to know which file
 # each fd names: opens, dups and closes, unlinks, writes to files, and thread creation (threads

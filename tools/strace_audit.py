@@ -204,6 +204,11 @@ class Segment:
         self.writes = 0
         self.syncs = []  # (start, end) of each fsync or fdatasync on it
         self.removed = None  # start of the unlink
+        # The broker writes a commit's bytes in pieces that end at page boundaries, so a body
+        # may span two writes: the end offset of the last write and its last bytes, joined to
+        # the next write when it starts there.
+        self.run_end = None
+        self.run_tail = b""
 
 
 class OpenFile:
@@ -215,6 +220,8 @@ class OpenFile:
 
 
 SEGMENT_NAME = re.compile(r"^[0-9a-f]{16}\.seg$")
+# The offset of a pwrite64: pwrite64(fd, "..."..., count, offset) = ret.
+PWRITE_OFFSET = re.compile(r'"(?:\.\.\.)?,\s*\d+,\s*(\d+)\s*\)\s+=')
 # Where a payload of the load starts inside a body: its JSON text is stored as it was published.
 PAYLOAD_START = re.compile(rb'\{\s*"n"\s*:')
 
@@ -401,10 +408,21 @@ def check(path, expect_violations, expect_blobs, expect_no_blobs=False):
                     # offset); less written than asked, or less shown than written, and part of
                     # the bodies is not in `data`.
                     asked = re.search(r'"(?:\.\.\.)?,\s*(\d+)', text)
-                    if len(data) < ret or (name in ("write", "pwrite64") and asked and int(asked.group(1)) != ret):
+                    cut = len(data) < ret or (name in ("write", "pwrite64") and asked and int(asked.group(1)) != ret)
+                    if cut:
                         cut_writes.append((start, end, seg))
-                    for pkey in payloads_in(data):
+                    # A piece that starts where the last write to the segment ended continues
+                    # it: a body split between them is whole in the two joined, and written
+                    # once this piece ends.
+                    at = PWRITE_OFFSET.search(text) if name == "pwrite64" else None
+                    offset = int(at.group(1)) if at else None
+                    joined = data
+                    if offset is not None and offset == seg.run_end:
+                        joined = seg.run_tail + data
+                    for pkey in payloads_in(joined):
                         body_writes.setdefault(pkey, []).append((seg, start, end))
+                    seg.run_end = None if (offset is None or cut) else offset + ret
+                    seg.run_tail = b"" if cut else joined[-70000:]
                     continue
                 if target.blob is not None:
                     b = target.blob
