@@ -6,9 +6,10 @@
 //! before used sled's 512 KiB default, where a consolidated leaf of 16 KiB messages is already a
 //! blob, written by whichever thread touched the leaf and never fsynced.
 //!
-//! For those, every commit calls [`BlobSync::sync_new`] before the log's fdatasync and again
-//! after it, before any reply: sled writes a blob whole before the log names it, so the second
-//! pass finds every blob the synced log can point at. A file is synced again when its size
+//! For those, every checkpoint (`store::checkpoint`, on its own thread) calls
+//! [`BlobSync::sync_new`] before the log's fdatasync and again after it, before the checkpoint
+//! counts as made: sled writes a blob whole before the log names it, so the second pass finds
+//! every blob the synced log can point at. A file is synced again when its size
 //! changed or it was written within the last [`RECENT`] (it may have been listed while sled was
 //! still writing it: sled's last write can leave the size as it was, and file times are
 //! coarser than one write). What this cannot close is sled's

@@ -46,7 +46,7 @@ mod refs;
 mod spares;
 
 pub(super) use refs::{decode_place, encode_place, is_ref, BodyRef, Facts};
-use spares::{retire, reused_head, spare_name, spare_of, PAGE, ZEROING};
+use spares::{retire, reused_head, spare_name, spare_of, ZEROING};
 
 /// The directory of the segments, inside the data dir.
 pub(super) const DIR: &str = "bodies";
@@ -419,6 +419,10 @@ pub(super) type ChunkKey = [u8; 17];
 const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
 const COMPACT_AFTER: Duration = Duration::from_secs(60);
+
+/// The page size: every write to a segment ends its pieces at its boundaries
+/// ([`write_in_pages`]), and a write to a spare is padded to one.
+const PAGE: u64 = 4096;
 
 /// Writes `bytes` at `at` in pieces that each end at a page boundary. The kernel holds a file's
 /// pages in folios as large as the write that made them, and a commit of a few hundred bytes

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::{
     head, number_of, register, remove_segment, write_in_pages, BodyLog, Head, Lane, Segments, END,
-    FIRST, SALTED,
+    FIRST, PAGE, SALTED,
 };
 
 /// A spare: a segment nothing refers to any more, kept under the number it last had, to be
@@ -35,9 +35,6 @@ pub(super) fn spare_of(name: &str) -> Option<u64> {
 /// A young head that would take this long or more to fill at the rate it is written gets a
 /// zero-filled spare (see [`BodyLog::prepare_spare`]): 32 MiB in 4 s is 8 MiB/s.
 const SLOW_FILL: Duration = Duration::from_secs(4);
-
-/// The page size the writes of the heads are padded to.
-pub(super) const PAGE: u64 = 4096;
 
 /// The name ending of a spare being zero-filled.
 pub(super) const ZEROING: &str = ".zeroing";
