@@ -149,7 +149,8 @@ pub enum Flag {
 pub enum Durability {
     /// Confirm and send only after an fdatasync covers the write.
     Fsync,
-    /// Confirm after the in-memory write; sled's background flush persists it later.
+    /// Confirm after the in-memory write; the next checkpoint (about a second later) persists
+    /// it.
     Relaxed,
 }
 

@@ -39,8 +39,8 @@ pub struct Faults {
     /// be compacted, instead of a minute.
     body_compact_after_ms: Option<u64>,
     /// `OUTBOXD_FAULT_CHECKPOINT_EVERY_MS`: a checkpoint this often instead of about once a
-    /// second, and no background flush of sled's own: the trees reach the disk only at
-    /// checkpoints, so a kill -9 before one leaves the commit journal alone to recover from.
+    /// second. The trees reach the disk only at checkpoints (sled's own background flush is
+    /// off), so a kill -9 before one leaves the commit journal alone to recover from.
     checkpoint_every_ms: Option<u64>,
 }
 

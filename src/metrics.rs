@@ -56,6 +56,10 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// A histogram with fixed upper bounds (`le`), cumulative only when rendered.
@@ -260,6 +264,14 @@ pub struct Metrics {
     pub commit_group_publishes: Histogram,
     /// Duration of one flush + fdatasync.
     pub commit_seconds: Histogram,
+    /// Duration of one checkpoint (sled's flush and fsyncs, on the checkpoint's thread).
+    pub checkpoint_seconds: Histogram,
+    /// Commit journal bytes written since the last checkpoint began: what an open after a
+    /// crash now would read and apply again.
+    pub journal_bytes: Gauge,
+    /// Writes applied outside a commit (held acks mostly) that neither a commit nor a
+    /// checkpoint has made durable yet: a crash now would send those messages again.
+    pub writes_not_durable: Gauge,
     /// Time from a message's publish to the ack that deleted it.
     pub publish_to_ack_seconds: Histogram,
     pub heartbeat_timeouts: Counter,
@@ -288,6 +300,9 @@ impl Default for Metrics {
             commit_groups: Counter::default(),
             commit_group_publishes: Histogram::new(GROUP_SIZES),
             commit_seconds: Histogram::new(COMMIT_SECONDS),
+            checkpoint_seconds: Histogram::new(COMMIT_SECONDS),
+            journal_bytes: Gauge::default(),
+            writes_not_durable: Gauge::default(),
             publish_to_ack_seconds: Histogram::new(ACK_SECONDS),
             heartbeat_timeouts: Counter::default(),
             takeovers: Counter::default(),
@@ -481,6 +496,24 @@ impl Metrics {
             "outboxd_commit_duration_seconds",
             "Time one commit's flush + fdatasync took.",
             &self.commit_seconds,
+        );
+        histogram(
+            o,
+            "outboxd_checkpoint_duration_seconds",
+            "Time one checkpoint (sled's flush and fsyncs, off the commit path) took.",
+            &self.checkpoint_seconds,
+        );
+        gauge(
+            o,
+            "outboxd_journal_bytes",
+            "Commit journal bytes no checkpoint covers yet: what an open after a crash applies again.",
+            self.journal_bytes.get(),
+        );
+        gauge(
+            o,
+            "outboxd_writes_not_durable",
+            "Writes applied outside a commit (held acks mostly) not yet durable: a crash now redelivers them.",
+            self.writes_not_durable.get(),
         );
         histogram(
             o,

@@ -164,9 +164,10 @@ async fn a_fan_out_burst_is_committed_in_groups_of_bounded_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_acks_reach_the_disk_without_further_traffic() {
-    // Catches acks held back to share a batch and never applied when nothing else comes: they
-    // must reach the tree within the hold (10 ms) and the disk with sled's background flush
-    // (500 ms), so a crash a while after the last ack brings nothing back.
+    // Catches acks held back to share a batch and never made durable when nothing else comes:
+    // they must reach the tree within the hold (10 ms) and the disk with the next checkpoint
+    // (about a second), so a crash after that brings nothing back. The broker's metrics tell
+    // when: the acks counted, then no write left that is not durable.
     let mut broker = Broker::start(Opts::new());
     let (mut alice, _) = broker.client("alice").await;
     for i in 1..=3 {
@@ -178,8 +179,24 @@ async fn held_acks_reach_the_disk_without_further_traffic() {
     assert_eq!(seqs(&bob.recv_msgs(3).await), vec![1, 2, 3]);
     bob.ack_upto(3).await;
     assert!(bob.sync().await.is_empty());
-    // Nothing else reaches the broker from here on.
-    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    // Nothing else reaches the store from here on (a scrape of /metrics does not).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut counted = false;
+    loop {
+        let m = broker.metrics().await;
+        counted = counted || m["outboxd_acked_total"] >= 3.0;
+        if counted && m["outboxd_writes_not_durable"] == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held acks were not made durable within 30 s without further traffic: \
+             acked {}, writes not durable {}",
+            m["outboxd_acked_total"],
+            m["outboxd_writes_not_durable"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     broker.kill9();
     broker.restart();
     let (mut bob, welcome) = broker.client("bob").await;

@@ -18,6 +18,7 @@ use std::time::Instant;
 use tracing::warn;
 
 use super::blobs::BlobSync;
+use crate::metrics::Metrics;
 use super::bodies::FreeMark;
 
 /// What a checkpoint syncs: sled's db, its log file and its blob files.
@@ -29,11 +30,22 @@ pub(super) struct Flusher {
     pub blobs: BlobSync,
     /// `durability = "fsync"`: without it a checkpoint only flushes.
     pub fsync: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Flusher {
-    /// sled's flush, then (with fsync) the fdatasync of its blob files and its log.
+    /// sled's flush, then (with fsync) the fdatasync of its blob files and its log; its time
+    /// goes to the metrics.
     fn flush(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        self.flush_and_sync()?;
+        self.metrics
+            .checkpoint_seconds
+            .observe_duration(started.elapsed());
+        Ok(())
+    }
+
+    fn flush_and_sync(&mut self) -> Result<(), String> {
         self.db.flush().map_err(|e| format!("flush failed: {e}"))?;
         if !self.fsync {
             return Ok(());

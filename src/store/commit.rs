@@ -110,6 +110,7 @@ impl Disk {
                 log: files.log,
                 blobs: blobs::BlobSync::new(&opts.data_dir),
                 fsync: opts.durability == Durability::Fsync,
+                metrics: Arc::clone(&opts.metrics),
             }),
             db: files.db,
             clients: files.clients,
@@ -224,6 +225,7 @@ impl Disk {
         self.outbox.insert(&key, &value)?;
         self.runs.note(&key, Some(&value));
         self.carried.push((journal::OUTBOX, key, Some(value)));
+        self.show_pending();
         Ok(())
     }
 
@@ -234,6 +236,7 @@ impl Disk {
         self.outbox.remove(&key)?;
         self.runs.note(&key, None);
         self.carried.push((journal::OUTBOX, key, None));
+        self.show_pending();
         Ok(())
     }
 
@@ -245,6 +248,7 @@ impl Disk {
         self.runs.note_all(&writes);
         self.carried
             .extend(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
+        self.show_pending();
         Ok(())
     }
 
@@ -255,6 +259,7 @@ impl Disk {
         let value = sled::IVec::from(&cid.to_be_bytes()[..]);
         self.clients.insert(&key, &value)?;
         self.carried.push((journal::CLIENTS, key, Some(value)));
+        self.show_pending();
         Ok(())
     }
 
@@ -264,7 +269,17 @@ impl Disk {
         let key = sled::IVec::from(name.as_str().as_bytes());
         self.clients.remove(&key)?;
         self.carried.push((journal::CLIENTS, key, None));
+        self.show_pending();
         Ok(())
+    }
+
+    /// Shows in the metrics what no checkpoint covers yet, and the writes not durable at all:
+    /// those held in the group and those applied outside a commit since the last one.
+    pub(super) fn show_pending(&self) {
+        self.metrics.journal_bytes.set(self.journaled);
+        self.metrics
+            .writes_not_durable
+            .set((self.carried.len() + self.group.writes()) as u64);
     }
 
     /// Refuses every write from now on; nothing further is confirmed.
@@ -323,6 +338,7 @@ impl Disk {
             // Carried writes are in the record now: a replay applies them again.
             self.carried.clear();
             self.carried_clears += 1;
+            self.show_pending();
             if let Some(writes) = writes {
                 self.runs.note_all(&writes);
                 journal::apply(&self.outbox, writes)
@@ -466,6 +482,7 @@ impl Disk {
         self.journaled = self.journaled.saturating_sub(mark.journaled);
         self.checkpointed_at = Instant::now();
         self.bodies.free_to(mark.bodies);
+        self.show_pending();
         debug!(
             took_us = mark.started.elapsed().as_micros() as u64,
             journaled = mark.journaled,

@@ -345,6 +345,8 @@ impl WriterState {
         c.meta.pending = c.meta.pending.saturating_sub(freed);
         c.meta.bytes = c.meta.bytes.saturating_sub(freed_bytes);
         c.meta.acked = watermark;
+        // Before the count: whoever sees the ack counted sees its writes waiting.
+        self.disk.show_pending();
         let m = &self.opts.metrics;
         m.acked.add(freed);
         let now = now_ms();

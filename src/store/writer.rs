@@ -394,9 +394,8 @@ impl WriterState {
         if self.pending.is_empty() && self.touched.is_empty() {
             // Nobody waits on this group: acks and retention only. Their writes are held until
             // the group is ACK_APPLY_EVERY old or ACK_APPLY_WRITES large (or join the next
-            // commit), then go to the tree and reach the disk with the next commit or sled's
-            // background flush; a crash before that means a redelivery, which the contract
-            // allows.
+            // commit), then go to the tree and reach the disk with the next commit or the next
+            // checkpoint; a crash before that means a redelivery, which the contract allows.
             if self.disk.group().writes() >= ACK_APPLY_WRITES
                 || self.disk.applied_at().elapsed() >= ACK_APPLY_EVERY
             {
