@@ -348,6 +348,9 @@ pub struct Storage {
     pub cache_capacity_bytes: u64,
     /// Emptied body log segments kept for reuse (0 = delete them).
     pub spare_segments: u32,
+    /// Bytes of just-committed messages kept in memory for their recipients' connections,
+    /// over all outboxes (0 = every delivery reads the store).
+    pub delivery_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -407,6 +410,7 @@ impl Default for Storage {
             group_commit_max_delay_us: 0,
             cache_capacity_bytes: 64 * 1024 * 1024,
             spare_segments: 4,
+            delivery_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -1027,6 +1031,9 @@ const KEYS: &[Key] = &[
     }),
     Key::whole("storage.spare_segments", 0, 64, |c| {
         c.storage.spare_segments.into()
+    }),
+    Key::whole("storage.delivery_cache_bytes", 0, u64::MAX, |c| {
+        c.storage.delivery_cache_bytes
     }),
     Key::whole("heartbeat.interval_ms", 1, u64::MAX, |c| {
         c.heartbeat.interval_ms

@@ -105,6 +105,40 @@ async fn publish_ttl_ms_expires_only_that_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_expires_while_a_live_connection_holds_it_back_is_not_sent() {
+    // Catches a message sent after retention removed it when the connection was already there
+    // as it was published: such a message waits in memory for the connection's next read (the
+    // outbox's list of fresh messages), and the expiry must take it out of there too.
+    let broker = Broker::start(Opts::new().set("delivery", "max_inflight", 1));
+    let (mut bob, _) = broker.client("bob").await;
+    let (mut alice, _) = broker.client("alice").await;
+    alice.publish_ok("a", "client:bob", json!("first")).await;
+    let ok = alice
+        .request(json!({"type": "publish", "ref": "b", "to": "client:bob", "payload": "short", "ttl_ms": 200}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    alice.publish_ok("c", "client:bob", json!("third")).await;
+    // The window of one holds seqs 2 and 3 back until seq 1 is acked.
+    assert_eq!(bob.recv_msg().await["seq"], 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while broker.metrics().await["outboxd_expired_total"] < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seq 2 did not expire within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bob.ack(1).await;
+    let third = bob.recv_msg().await;
+    assert_eq!(
+        third["seq"], 3,
+        "the expired message must not be delivered: {third}"
+    );
+    bob.ack(3).await;
+    bob.expect_quiet(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_expiring_while_connected_is_still_missed_after_per_seq_acks_pass_it() {
     // Catches a tombstone dropped when per-seq acks move the watermark over an expired message
     // the client never received: a resume from before it must still count it in `missed`.

@@ -565,6 +565,7 @@ async fn run(
         Err(e) => e,
     };
     shared.registry.detach(&conn.client, ticket.gen);
+    conn.handle.connection_ended();
     if conn.transient && !matches!(end, End::Replaced) {
         // A client that only publishes leaves nothing behind when nothing is stored for it.
         match shared

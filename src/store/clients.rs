@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::fresh::Budget;
 use super::{Handles, OutboxHandle, StoreError};
 use crate::codec::{ClientMeta, CodecError};
 use crate::model::ClientId;
@@ -25,13 +26,22 @@ impl ClientState {
 
 /// Every outbox's meta, by name and by client number: the writer's copy, written with each
 /// group that changes it.
-#[derive(Default)]
 pub(super) struct Clients {
     by_name: HashMap<ClientId, ClientState>,
     by_cid: HashMap<u64, ClientId>,
+    /// What the handles' lists of fresh messages may hold together.
+    budget: Arc<Budget>,
 }
 
 impl Clients {
+    pub(super) fn new(budget: Arc<Budget>) -> Clients {
+        Clients {
+            by_name: HashMap::new(),
+            by_cid: HashMap::new(),
+            budget,
+        }
+    }
+
     pub(super) fn get(&self, name: &ClientId) -> Option<&ClientState> {
         self.by_name.get(name)
     }
@@ -81,7 +91,12 @@ impl Clients {
         cid: u64,
         meta: ClientMeta,
     ) {
-        let handle = Arc::new(OutboxHandle::new(cid, name.clone(), meta.next_seq));
+        let handle = Arc::new(OutboxHandle::new(
+            cid,
+            name.clone(),
+            meta.next_seq,
+            Arc::clone(&self.budget),
+        ));
         handles
             .write()
             .unwrap_or_else(|p| p.into_inner())

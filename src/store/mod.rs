@@ -6,20 +6,21 @@
 //! watch and read), [`StoreOptions`] and [`StoreError`]. They speak the domain's types
 //! (`crate::model`), never the wire's or the disk's, so another engine could stand behind the
 //! same operations. The writes (hello, publish, ack, subscribe, purge, backup) are queued
-//! commands answered after their commit, async already; `read` and `get` read the tree directly,
-//! below the durable frontier, and `inspector` and `outbox_totals` are blocking scans.
+//! commands answered after their commit, async already; `read` and `get` read below the durable
+//! frontier without the writer, and `inspector` and `outbox_totals` are blocking scans.
 //!
 //! All writes go through one writer thread that applies commands in arrival order, then makes
-//! a whole group of them durable with a single commit: sled's `flush()` followed by our own
-//! `fdatasync` of sled's log file (sled's flush alone issues `sync_file_range`, which is not a
-//! durability barrier). Only after that commit are replies sent and the new messages made
-//! visible to sessions. That ordering is the broker's promise:
+//! a whole group of them durable with a single commit: the group's bodies and its journal
+//! record appended to the body log, one `fdatasync` (see `commit` and `journal`). Only after
+//! that commit are replies sent and the new messages made visible to sessions. That ordering
+//! is the broker's promise:
 //!
 //! > a publish is confirmed, and a message is sent, only after an fsync covers its write.
 //!
-//! Sessions read messages straight from the tree, but never past an outbox's *durable
-//! frontier* (a `watch` channel the writer advances after each commit), so they cannot send
-//! what a crash could still take back. Acks are written by the same thread without waiting
+//! Sessions read messages (from the outbox's list of those just committed, `fresh`, else from
+//! the tree and the body log), but never past an outbox's *durable frontier* (a `watch`
+//! channel the writer advances after each commit), so they cannot send what a crash could
+//! still take back. Acks are written by the same thread without waiting
 //! for a commit: losing an ack in a crash only means a redelivery, which the contract allows.
 //!
 //! A failed write, flush or fsync latches the store: every later write is refused with
@@ -34,7 +35,8 @@
 //! - `retention`: TTL expiry and the dedup window;
 //! - `group`, `journal`, `chunks`, `dedup`, `blobs`: how a commit group's writes, messages and
 //!   idempotency keys are laid out in sled, and sled's blob files made durable;
-//! - `clients`: the writer's copy of every outbox's meta and live handle;
+//! - `clients`: the writer's copy of every outbox's meta and live handle; `fresh`: the messages
+//!   just committed, kept in the handle for the connection's next read;
 //! - `keys` (the key layout of the tree), `records` (the values under it);
 //! - `engine`, `open`, `integrity`: sled's config and crash leftovers, opening a data dir, the
 //!   seal and the open check, `outboxd repair`;
@@ -66,6 +68,7 @@ mod clients;
 mod commit;
 mod dedup;
 mod engine;
+mod fresh;
 mod group;
 mod inspect;
 pub mod integrity;
@@ -185,6 +188,8 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
     /// Emptied body log segments kept for reuse.
     pub spare_segments: usize,
+    /// Bytes of just-committed messages kept in memory for their connections (see [`fresh`]).
+    pub delivery_cache_bytes: u64,
     pub max_outbox_messages: u64,
     pub max_outbox_bytes: u64,
     /// Durable subscriptions one client may hold (0 = no limit).
@@ -207,6 +212,7 @@ impl StoreOptions {
             group_commit_max_delay: Duration::from_micros(cfg.storage.group_commit_max_delay_us),
             cache_capacity_bytes: cfg.storage.cache_capacity_bytes,
             spare_segments: cfg.storage.spare_segments as usize,
+            delivery_cache_bytes: cfg.storage.delivery_cache_bytes,
             max_outbox_messages: cfg.limits.max_outbox_messages,
             max_outbox_bytes: cfg.limits.max_outbox_bytes,
             max_subscriptions: cfg.limits.max_subscriptions,
@@ -236,6 +242,8 @@ pub struct OutboxHandle {
     /// Set with a newer generation when an operator purged or deleted the outbox on another
     /// broker: the older connection ends as purged (4002), not as replaced.
     purged: AtomicBool,
+    /// Messages just committed, for the connection's next read (sled backend).
+    fresh: std::sync::Mutex<fresh::Fresh>,
 }
 
 /// Every outbox's live handle by client id, shared by the writer (which creates them) and the
@@ -243,7 +251,7 @@ pub struct OutboxHandle {
 type Handles = Arc<std::sync::RwLock<HashMap<ClientId, Arc<OutboxHandle>>>>;
 
 impl OutboxHandle {
-    fn new(cid: u64, name: ClientId, next_seq: u64) -> OutboxHandle {
+    fn new(cid: u64, name: ClientId, next_seq: u64, budget: Arc<fresh::Budget>) -> OutboxHandle {
         OutboxHandle {
             cid,
             name,
@@ -253,7 +261,26 @@ impl OutboxHandle {
             sends: Default::default(),
             generation: watch::channel(0).0,
             purged: AtomicBool::new(false),
+            fresh: std::sync::Mutex::new(fresh::Fresh::new(budget)),
         }
+    }
+
+    /// The list of messages just committed (see [`fresh`]).
+    fn fresh(&self) -> std::sync::MutexGuard<'_, fresh::Fresh> {
+        // The list is only ever a copy of what the store holds: whatever a panic left is
+        // still a list of stored messages.
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection of this outbox ended: the messages kept for its next read go (a later
+    /// connection reads them from the store), so they hold none of the budget meanwhile.
+    pub fn connection_ended(&self) {
+        self.fresh().clear();
+    }
+
+    /// Whether a connection waits on this outbox's frontier.
+    fn is_watched(&self) -> bool {
+        self.durable.receiver_count() > 0
     }
 
     /// Moves the durable frontier up to `next_seq` (never down); true when it moved.
@@ -611,6 +638,13 @@ impl Store {
             covered_to: after,
         };
         if start >= frontier || limit == 0 {
+            return Ok(batch);
+        }
+        if let Some(items) = handle.fresh().take(after, frontier, limit) {
+            // Taken in seq order from `start` on, without a gap: the next read goes on after
+            // the last of them.
+            batch.covered_to = items.last().map_or(after, |d| d.seq);
+            batch.items = items;
             return Ok(batch);
         }
         batch.items = match &self.engine {

@@ -18,7 +18,7 @@ use super::chunks::{self, Entries};
 use super::group::Writes;
 use super::records::{decode_dedup, encode, fingerprint, fresh_meta, new_epoch, stored_payload};
 use super::writer::WriterState;
-use super::{dedup, keys, StoreError};
+use super::{dedup, keys, records, StoreError};
 use super::{HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome, ResumeRefused};
 use crate::codec::{self, DedupEntry, StoredMessage};
 use crate::model::{now_ms, Ack, ClientId, Resume, Target, Topic};
@@ -184,6 +184,7 @@ impl WriterState {
             };
             sled::IVec::from(self.disk.append_body(&encoded, facts)?)
         };
+        let fresh = Arc::new(records::fresh(record));
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
         if max_msgs > 0 || max_bytes > 0 {
             for cid in &recipients {
@@ -213,6 +214,9 @@ impl WriterState {
                 group.insert(keys::expiry(expires_at, cid, seq), &[]);
             }
             group.touch_meta(cid);
+            if c.handle.is_watched() {
+                self.fresh.push((cid, seq, Arc::clone(&fresh)));
+            }
             self.touched.push(cid);
             written += 1;
         }
@@ -342,6 +346,7 @@ impl WriterState {
             return Ok(());
         };
         self.disk.group_mut()?.touch_meta(cid);
+        c.handle.fresh().remove(lo, hi);
         c.meta.pending = c.meta.pending.saturating_sub(freed);
         c.meta.bytes = c.meta.bytes.saturating_sub(freed_bytes);
         c.meta.acked = watermark;
@@ -489,6 +494,7 @@ impl WriterState {
         self.apply_group()?;
         let mut batch = Writes::new();
         let (removed, released) = self.remove_messages(cid, &mut batch, true)?;
+        self.forget_fresh(cid, 0, u64::MAX);
         let Some(c) = self.clients.state_mut(cid) else {
             return Ok(None);
         };
@@ -549,6 +555,7 @@ impl WriterState {
         // The name last: a crash before it leaves a name without records, which the next
         // open gives a fresh, empty outbox.
         self.disk.unname_client(client)?;
+        self.forget_fresh(cid, 0, u64::MAX);
         self.clients.remove(&self.handles, cid);
         self.uptos.remove(&cid);
         self.touched.push(cid);

@@ -133,6 +133,7 @@ impl WriterState {
             self.disk
                 .group_mut()?
                 .insert(keys::seq_key(keys::MISSED, cid, seq), &[][..]);
+            self.forget_fresh(cid, seq, seq);
             if let Some(c) = self.clients.state_mut(cid) {
                 c.meta.pending = c.meta.pending.saturating_sub(1);
                 c.meta.bytes = c.meta.bytes.saturating_sub(m.size);

@@ -20,6 +20,7 @@ fn options(dir: &Path) -> StoreOptions {
         group_commit_max_delay: Duration::ZERO,
         cache_capacity_bytes: 16 << 20,
         spare_segments: 4,
+        delivery_cache_bytes: 64 << 20,
         max_outbox_messages: 0,
         max_outbox_bytes: 0,
         max_subscriptions: 0,

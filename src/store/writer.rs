@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use super::clients::Clients;
 use super::commit::{Disk, Files};
 use super::records::{encode, fresh_meta};
-use super::{backup, group, integrity, keys, Handles, StoreError, StoreOptions};
+use super::{backup, fresh, group, integrity, keys, Handles, StoreError, StoreOptions};
 use super::{BackupOutcome, HelloOutcome, PublishOutcome, PublishRequest, PurgeOutcome};
 use crate::codec::CodecError;
 use crate::model::{Ack, ClientId, Resume, Target, Topic};
@@ -166,6 +166,9 @@ pub(super) struct WriterState {
     pub(super) published: u64,
     /// Clients whose durable frontier must advance at the next commit.
     pub(super) touched: Vec<u64>,
+    /// The group's messages for outboxes a connection watches, handed to their lists of fresh
+    /// messages once the commit has made them durable: (client, seq, message).
+    pub(super) fresh: Vec<(u64, u64, Arc<fresh::FreshMessage>)>,
     pending: Vec<Pending>,
     last_sweep: Instant,
     /// Publishes applied since the last commit, counted in the metrics only once it succeeds.
@@ -225,11 +228,13 @@ impl WriterState {
     ) -> Result<Self, StoreError> {
         let integrity::Checked { clients, mut metas } = checked;
         let disk = Disk::new(files, &opts, latched)?;
+        let budget = fresh::Budget::new(opts.delivery_cache_bytes);
         let mut st = WriterState {
             disk,
             opts,
             handles,
-            clients: Clients::default(),
+            clients: Clients::new(budget),
+            fresh: Vec::new(),
             subscribers: HashMap::new(),
             next_cid: 1,
             published: 0,
@@ -419,6 +424,13 @@ impl WriterState {
                 if tally.published > 0 {
                     m.commit_group_publishes.observe(tally.published as f64);
                 }
+                // Into the lists before the frontiers move: a reader woken by the move finds
+                // them there.
+                for (cid, seq, m) in self.fresh.drain(..) {
+                    if let Some(c) = self.clients.by_cid(cid) {
+                        c.handle.fresh().push(seq, &m);
+                    }
+                }
                 for cid in self.touched.drain(..) {
                     if let Some(c) = self.clients.by_cid(cid) {
                         c.handle.durable.send_replace(c.meta.next_seq);
@@ -429,11 +441,22 @@ impl WriterState {
                 }
             }
             Err(reason) => {
+                self.fresh.clear();
                 self.touched.clear();
                 for p in self.pending.drain(..) {
                     p.fail(&reason);
                 }
             }
+        }
+    }
+
+    /// Takes the messages `lo..=hi` of `cid`, which the store no longer has, out of its list of
+    /// fresh messages and out of what this group would add to it.
+    pub(super) fn forget_fresh(&mut self, cid: u64, lo: u64, hi: u64) {
+        self.fresh
+            .retain(|(c, seq, _)| *c != cid || !(lo..=hi).contains(seq));
+        if let Some(c) = self.clients.by_cid(cid) {
+            c.handle.fresh().remove(lo, hi);
         }
     }
 

@@ -82,7 +82,8 @@ impl Live {
         if let Some(h) = by_cid.get(&cid) {
             return Arc::clone(h);
         }
-        let h = OutboxHandle::new(cid, name.clone(), next_seq);
+        // The writer here does not hand over fresh messages: an empty budget.
+        let h = OutboxHandle::new(cid, name.clone(), next_seq, super::fresh::Budget::new(0));
         h.sent.store(sent, Ordering::Relaxed);
         let h = Arc::new(h);
         by_cid.insert(cid, Arc::clone(&h));
