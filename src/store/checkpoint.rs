@@ -18,8 +18,8 @@ use std::time::Instant;
 use tracing::warn;
 
 use super::blobs::BlobSync;
-use crate::metrics::Metrics;
 use super::bodies::FreeMark;
+use crate::metrics::Metrics;
 
 /// What a checkpoint syncs: sled's db, its log file and its blob files.
 pub(super) struct Flusher {

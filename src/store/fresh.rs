@@ -37,6 +37,23 @@ pub(super) struct FreshMessage {
 }
 
 impl FreshMessage {
+    /// The delivery of `seq`: the message itself when this outbox was its only one (nothing
+    /// copied), else a copy of it.
+    fn into_delivery(m: Arc<FreshMessage>, seq: u64) -> Delivery {
+        match Arc::try_unwrap(m) {
+            Ok(m) => Delivery {
+                seq,
+                id: m.id,
+                ts: m.ts,
+                from: m.from,
+                topic: m.topic,
+                payload: m.payload,
+                expires_at: m.expires_at,
+            },
+            Err(shared) => shared.delivery(seq),
+        }
+    }
+
     fn delivery(&self, seq: u64) -> Delivery {
         Delivery {
             seq,
@@ -132,7 +149,12 @@ impl Fresh {
 
     /// Up to `limit` messages from seq `after + 1` on, below `frontier`, taken out of the list;
     /// None when the list does not start there (the caller reads the store instead).
-    pub(super) fn take(&mut self, after: u64, frontier: u64, limit: usize) -> Option<Vec<Delivery>> {
+    pub(super) fn take(
+        &mut self,
+        after: u64,
+        frontier: u64,
+        limit: usize,
+    ) -> Option<Vec<Delivery>> {
         self.drop_through(after);
         if self.items.is_empty() || self.first != after.saturating_add(1) {
             return None;
@@ -146,7 +168,7 @@ impl Fresh {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let Some(m) = self.pop_front() else { break };
-            out.push(m.delivery(self.first - 1));
+            out.push(FreshMessage::into_delivery(m, self.first - 1));
         }
         Some(out)
     }
@@ -262,10 +284,51 @@ mod tests {
         b.push(1, &msg("\"x\""));
         assert_eq!(seqs(b.take(0, 100, 10)), None, "no room left");
         a.push(4, &msg("\"x\""));
-        assert_eq!(seqs(a.take(0, 100, 10)), None, "no room for 4: 1 to 3 dropped");
+        assert_eq!(
+            seqs(a.take(0, 100, 10)),
+            None,
+            "no room for 4: 1 to 3 dropped"
+        );
         assert_eq!(budget.used(), 0);
         b.push(1, &msg("\"x\""));
         assert_eq!(seqs(b.take(0, 100, 10)), Some(vec![1]));
+    }
+
+    #[test]
+    fn a_message_one_list_holds_is_handed_over_without_a_copy() {
+        fn text_at(p: &Payload) -> *const u8 {
+            match p {
+                Payload::Json(s) => s.as_ptr(),
+                Payload::Binary(b) => b.as_ptr(),
+            }
+        }
+        let budget = Budget::new(1 << 20);
+        let (mut only, mut one, mut other) = (
+            Fresh::new(Arc::clone(&budget)),
+            Fresh::new(Arc::clone(&budget)),
+            Fresh::new(Arc::clone(&budget)),
+        );
+        let direct = msg("\"direct\"");
+        let at = text_at(&direct.payload);
+        only.push(1, &direct);
+        drop(direct);
+        let got = only.take(0, 10, 10).unwrap_or_default();
+        assert_eq!(got.len(), 1);
+        assert_eq!(text_at(&got[0].payload), at, "moved, not copied");
+        // A topic publish: two outboxes share the message; each gets it whole.
+        let shared = msg("\"shared\"");
+        one.push(1, &shared);
+        other.push(7, &shared);
+        drop(shared);
+        let (a, b) = (one.take(0, 10, 10), other.take(6, 10, 10));
+        assert_eq!(
+            a.map(|v| v[0].payload.clone()),
+            Some(Payload::Json("\"shared\"".into()))
+        );
+        assert_eq!(
+            b.map(|v| v[0].payload.clone()),
+            Some(Payload::Json("\"shared\"".into()))
+        );
     }
 
     #[test]
@@ -276,7 +339,11 @@ mod tests {
         assert_eq!(seqs(acked.take(6, 100, 1)), Some(vec![7]));
         let mut expired = filled(&budget, 5..=9);
         expired.remove(7, 7);
-        assert_eq!(seqs(expired.take(4, 100, 10)), None, "a hole at 7 empties it");
+        assert_eq!(
+            seqs(expired.take(4, 100, 10)),
+            None,
+            "a hole at 7 empties it"
+        );
         let mut beyond = filled(&budget, 5..=9);
         beyond.remove(10, 12);
         assert_eq!(seqs(beyond.take(4, 100, 10)), Some(vec![5, 6, 7, 8, 9]));
