@@ -104,6 +104,16 @@ async fn publish_ttl_ms_expires_only_that_message() {
     bob.expect_quiet(QUIET).await;
 }
 
+/// Publishes three messages to bob; the second lives 200 ms.
+async fn publish_a_short_lived_second(alice: &mut common::Client) {
+    alice.publish_ok("a", "client:bob", json!("first")).await;
+    let ok = alice
+        .request(json!({"type": "publish", "ref": "b", "to": "client:bob", "payload": "short", "ttl_ms": 200}))
+        .await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    alice.publish_ok("c", "client:bob", json!("third")).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_expires_while_a_live_connection_holds_it_back_is_not_sent() {
     // Catches a message sent after retention removed it when the connection was already there
@@ -112,12 +122,7 @@ async fn a_message_that_expires_while_a_live_connection_holds_it_back_is_not_sen
     let broker = Broker::start(Opts::new().set("delivery", "max_inflight", 1));
     let (mut bob, _) = broker.client("bob").await;
     let (mut alice, _) = broker.client("alice").await;
-    alice.publish_ok("a", "client:bob", json!("first")).await;
-    let ok = alice
-        .request(json!({"type": "publish", "ref": "b", "to": "client:bob", "payload": "short", "ttl_ms": 200}))
-        .await;
-    assert_eq!(ok["type"], "ok", "{ok}");
-    alice.publish_ok("c", "client:bob", json!("third")).await;
+    publish_a_short_lived_second(&mut alice).await;
     // The window of one holds seqs 2 and 3 back until seq 1 is acked.
     assert_eq!(bob.recv_msg().await["seq"], 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -144,12 +149,7 @@ async fn message_expiring_while_connected_is_still_missed_after_per_seq_acks_pas
     // the client never received: a resume from before it must still count it in `missed`.
     let broker = Broker::start(Opts::new().set("delivery", "max_inflight", 1));
     let (mut alice, _) = broker.client("alice").await;
-    alice.publish_ok("a", "client:bob", json!("first")).await;
-    let ok = alice
-        .request(json!({"type": "publish", "ref": "b", "to": "client:bob", "payload": "short", "ttl_ms": 200}))
-        .await;
-    assert_eq!(ok["type"], "ok", "{ok}");
-    alice.publish_ok("c", "client:bob", json!("third")).await;
+    publish_a_short_lived_second(&mut alice).await;
 
     let (mut bob, welcome) = broker.client("bob").await;
     assert_eq!(welcome["missed"], 0, "{welcome}");

@@ -23,53 +23,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::Delivery;
-use crate::model::Payload;
 
-/// A message as the writer hands it over: shared by every outbox of one topic publish.
-#[derive(Debug)]
-pub(super) struct FreshMessage {
-    pub id: String,
-    pub ts: u64,
-    pub from: Option<String>,
-    pub topic: Option<String>,
-    pub payload: Payload,
-    pub expires_at: Option<u64>,
+/// What a list holds: the message as the writer stored it, shared by every outbox of one topic
+/// publish; its `seq` is set as it is handed out.
+type Shared = Arc<Delivery>;
+
+/// The delivery of `seq`: the message itself when this outbox was its only one (nothing
+/// copied), else a copy of it.
+fn delivery(m: Shared, seq: u64) -> Delivery {
+    let mut d = Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone());
+    d.seq = seq;
+    d
 }
 
-impl FreshMessage {
-    /// The delivery of `seq`: the message itself when this outbox was its only one (nothing
-    /// copied), else a copy of it.
-    fn into_delivery(m: Arc<FreshMessage>, seq: u64) -> Delivery {
-        match Arc::try_unwrap(m) {
-            Ok(m) => Delivery {
-                seq,
-                id: m.id,
-                ts: m.ts,
-                from: m.from,
-                topic: m.topic,
-                payload: m.payload,
-                expires_at: m.expires_at,
-            },
-            Err(shared) => shared.delivery(seq),
-        }
-    }
-
-    fn delivery(&self, seq: u64) -> Delivery {
-        Delivery {
-            seq,
-            id: self.id.clone(),
-            ts: self.ts,
-            from: self.from.clone(),
-            topic: self.topic.clone(),
-            payload: self.payload.clone(),
-            expires_at: self.expires_at,
-        }
-    }
-
-    /// What an entry counts against the budget: its payload and a little for the rest.
-    fn cost(&self) -> u64 {
-        self.payload.len() as u64 + 128
-    }
+/// What an entry counts against the budget: its payload and a little for the rest.
+fn cost(m: &Delivery) -> u64 {
+    m.payload.len() as u64 + 128
 }
 
 /// The bytes every outbox's list may hold together.
@@ -117,7 +86,7 @@ const MAX_ENTRIES: usize = 4096;
 pub(super) struct Fresh {
     /// The seq of `items[0]`.
     first: u64,
-    items: VecDeque<Arc<FreshMessage>>,
+    items: VecDeque<Shared>,
     bytes: u64,
     budget: Arc<Budget>,
 }
@@ -133,9 +102,9 @@ impl Fresh {
     }
 
     /// Adds the durable message `seq`; empties the list instead when it cannot join.
-    pub(super) fn push(&mut self, seq: u64, m: &Arc<FreshMessage>) {
+    pub(super) fn push(&mut self, seq: u64, m: &Shared) {
         let follows = self.items.is_empty() || self.first + self.items.len() as u64 == seq;
-        let cost = m.cost();
+        let cost = cost(m);
         if !follows || self.items.len() >= MAX_ENTRIES || !self.budget.take(cost) {
             self.clear();
             return;
@@ -168,7 +137,7 @@ impl Fresh {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let Some(m) = self.pop_front() else { break };
-            out.push(FreshMessage::into_delivery(m, self.first - 1));
+            out.push(delivery(m, self.first - 1));
         }
         Some(out)
     }
@@ -200,9 +169,9 @@ impl Fresh {
         }
     }
 
-    fn pop_front(&mut self) -> Option<Arc<FreshMessage>> {
+    fn pop_front(&mut self) -> Option<Shared> {
         let m = self.items.pop_front()?;
-        let cost = m.cost();
+        let cost = cost(&m);
         self.bytes -= cost;
         self.budget.give(cost);
         self.first += 1;
@@ -219,9 +188,11 @@ impl Drop for Fresh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Payload;
 
-    fn msg(text: &str) -> Arc<FreshMessage> {
-        Arc::new(FreshMessage {
+    fn msg(text: &str) -> Shared {
+        Arc::new(Delivery {
+            seq: 0,
             id: "1".into(),
             ts: 0,
             from: None,

@@ -184,7 +184,8 @@ impl WriterState {
             };
             sled::IVec::from(self.disk.append_body(&encoded, facts)?)
         };
-        let fresh = Arc::new(records::fresh(record));
+        // Its seq is each outbox's own: the list of fresh messages sets it when it hands it out.
+        let fresh = Arc::new(records::delivery(0, record));
         let (max_msgs, max_bytes) = (self.opts.max_outbox_messages, self.opts.max_outbox_bytes);
         if max_msgs > 0 || max_bytes > 0 {
             for cid in &recipients {

@@ -6,7 +6,6 @@
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::fresh::FreshMessage;
 use super::{Delivery, StoreError};
 use crate::codec::{self, ClientMeta, CodecError, StoredMessage, StoredPayload};
 use crate::model::{ClientId, Payload, Target};
@@ -113,19 +112,6 @@ pub(super) fn stored_payload(p: Payload) -> StoredPayload {
 }
 
 /// The stored message `m` under `seq`, as the store hands it out.
-/// A message just stored, as the writer hands it to its connections (see `fresh`).
-pub(super) fn fresh(m: StoredMessage) -> FreshMessage {
-    let d = delivery(0, m);
-    FreshMessage {
-        id: d.id,
-        ts: d.ts,
-        from: d.from,
-        topic: d.topic,
-        payload: d.payload,
-        expires_at: d.expires_at,
-    }
-}
-
 pub(super) fn delivery(seq: u64, m: StoredMessage) -> Delivery {
     Delivery {
         seq,

@@ -168,7 +168,7 @@ pub(super) struct WriterState {
     pub(super) touched: Vec<u64>,
     /// The group's messages for outboxes a connection watches, handed to their lists of fresh
     /// messages once the commit has made them durable: (client, seq, message).
-    pub(super) fresh: Vec<(u64, u64, Arc<fresh::FreshMessage>)>,
+    pub(super) fresh: Vec<(u64, u64, Arc<super::Delivery>)>,
     pending: Vec<Pending>,
     last_sweep: Instant,
     /// Publishes applied since the last commit, counted in the metrics only once it succeeds.
