@@ -224,8 +224,7 @@ impl Disk {
         let (key, value) = (sled::IVec::from(key.as_ref()), sled::IVec::from(value));
         self.outbox.insert(&key, &value)?;
         self.runs.note(&key, Some(&value));
-        self.carried.push((journal::OUTBOX, key, Some(value)));
-        self.show_pending();
+        self.carry([(journal::OUTBOX, key, Some(value))]);
         Ok(())
     }
 
@@ -235,8 +234,7 @@ impl Disk {
         let key = sled::IVec::from(key.as_ref());
         self.outbox.remove(&key)?;
         self.runs.note(&key, None);
-        self.carried.push((journal::OUTBOX, key, None));
-        self.show_pending();
+        self.carry([(journal::OUTBOX, key, None)]);
         Ok(())
     }
 
@@ -246,9 +244,7 @@ impl Disk {
         let batch = journal::to_batch(writes.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.outbox.apply_batch(batch)?;
         self.runs.note_all(&writes);
-        self.carried
-            .extend(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
-        self.show_pending();
+        self.carry(writes.into_iter().map(|(k, v)| (journal::OUTBOX, k, v)));
         Ok(())
     }
 
@@ -258,8 +254,7 @@ impl Disk {
         let key = sled::IVec::from(name.as_str().as_bytes());
         let value = sled::IVec::from(&cid.to_be_bytes()[..]);
         self.clients.insert(&key, &value)?;
-        self.carried.push((journal::CLIENTS, key, Some(value)));
-        self.show_pending();
+        self.carry([(journal::CLIENTS, key, Some(value))]);
         Ok(())
     }
 
@@ -268,9 +263,14 @@ impl Disk {
         self.writable()?;
         let key = sled::IVec::from(name.as_str().as_bytes());
         self.clients.remove(&key)?;
-        self.carried.push((journal::CLIENTS, key, None));
-        self.show_pending();
+        self.carry([(journal::CLIENTS, key, None)]);
         Ok(())
+    }
+
+    /// Notes writes applied to the trees outside a commit: the next journal record carries them.
+    fn carry(&mut self, writes: impl IntoIterator<Item = journal::Entry>) {
+        self.carried.extend(writes);
+        self.show_pending();
     }
 
     /// Shows in the metrics what no checkpoint covers yet, and the writes not durable at all:

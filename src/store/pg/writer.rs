@@ -307,14 +307,13 @@ impl PgWriter {
         let latched = self.latched.load(Ordering::Acquire);
         let mut fx = Effects::default();
         // What a kill of this broker now would undo: the group, until its transaction ends.
-        let metrics = Arc::clone(&self.opts.metrics);
-        metrics.writes_not_durable.set(work.len() as u64);
+        self.opts.metrics.writes_not_durable.set(work.len() as u64);
         let result = match self.connection().await {
             Ok(_) => self.transaction(work, latched, relaxed, &mut fx).await,
             // Nothing was applied: every command is refused with the reason.
             Err(e) => Err((e, work_into_pending(work))),
         };
-        metrics.writes_not_durable.set(0);
+        self.opts.metrics.writes_not_durable.set(0);
         let (pending, outcome) = match result {
             Ok(p) => (p, Ok(())),
             Err((e, p)) => (p, Err(e)),
