@@ -149,7 +149,7 @@ pub enum Flag {
 pub enum Durability {
     /// Confirm and send only after an fdatasync covers the write.
     Fsync,
-    /// Confirm after the in-memory write; the next checkpoint (about a second later) persists
+    /// Confirm after the in-memory write; the next checkpoint (within about 50 ms) persists
     /// it.
     Relaxed,
 }

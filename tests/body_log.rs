@@ -337,7 +337,7 @@ async fn messages_acked_one_by_one_survive_every_segment_change() {
             .publish_ok(&format!("t{n}"), "topic:nobody", json!("tick"))
             .await;
     }
-    // Segments go at the next checkpoint (about a second after the acks).
+    // Segments go at the next checkpoint (within 50 ms of the acks).
     let deadline = Instant::now() + Duration::from_secs(10);
     while body_log_bytes(&data) >= 3 << 20 {
         assert!(

@@ -7,8 +7,8 @@
 //! write `[tree u8][key len u32][key][value len u32, u32::MAX for a removal][value]`) is
 //! appended to the body log's young head after the group's bodies, both are written and synced
 //! at once, and only then are the writes applied to the trees, the commit number (`C`) last.
-//! sled's own background flush is off; the writer makes a checkpoint about every
-//! second (`Disk::checkpoint_if_due`): it records the body log position from which nothing is
+//! sled's own background flush is off; the writer makes a checkpoint every 50 ms while
+//! anything was written (`Disk::checkpoint_if_due`): it records the body log position from which nothing is
 //! yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the checkpoint's own
 //! thread, while commits go on after `P`), and only then may segments emptied before `P` be
 //! deleted.
