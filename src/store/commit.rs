@@ -4,10 +4,10 @@
 //! group of writes not yet applied. A commit numbers the group (record `C`), appends its
 //! journal record to the body log after the group's bodies, writes and fdatasyncs them at once
 //! (see `journal`), applies the writes to the tree and only then advances the seal. Nothing is
-//! confirmed before that sequence returns. A checkpoint (every 50 ms while anything was written,
-//! started by [`Disk::checkpoint_if_due`]) flushes sled and fdatasyncs its log (and sled's blob files, see
-//! `blobs`) on a thread of its own (`checkpoint`); only once it has finished are the body log
-//! segments emptied before its start deleted.
+//! confirmed before that sequence returns. A checkpoint (every 50 ms while anything was
+//! written, started by [`Disk::checkpoint_if_due`]) flushes sled and fdatasyncs its log (and
+//! sled's blob files, see `blobs`) on a thread of its own (`checkpoint`); only once it has
+//! finished are the body log segments emptied before its start deleted.
 //!
 //! A failed write, flush or fsync latches the store: after a failed fsync the kernel may have
 //! dropped the dirty pages, so a retry could confirm what is not on disk. The latch lives here
@@ -83,9 +83,9 @@ pub(super) struct Disk {
 /// A checkpoint is made this often while anything was written since the last one.
 ///
 /// Short, so that each one writes little: with a checkpoint once a second (a second of sled's
-/// writes flushed and synced at once), the p99 at 5k msg/s was 10 to 27 ms in runs where the
-/// commits themselves stayed fast (99 % under 0.4 ms); every 50 ms it was 1.3 to 1.9 ms, at
-/// the same CPU (bench/analysis.md).
+/// writes flushed and synced at once), the p99 at 5k msg/s was 4 to 27 ms while the commits
+/// themselves stayed fast (99 % under 0.4 ms); every 50 ms it was 1.3 to 2.1 ms, at the same
+/// CPU (bench/analysis.md).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// ... and as soon as this many journal bytes or carried writes wait for one (a bound on what
 /// an open replays and on what the writer holds).
@@ -399,8 +399,8 @@ impl Disk {
         Ok(())
     }
 
-    /// Starts a checkpoint when one is due ([`CHECKPOINT_EVERY`] after the last, while anything was
-    /// written since, or at once when much waits) and none runs; acts on one that has finished.
+    /// Starts a checkpoint when one is due ([`CHECKPOINT_EVERY`] after the last, while anything
+    /// was written since, or at once when much waits) and none runs; acts on one that has finished.
     /// A failure latches the store.
     pub(super) fn checkpoint_if_due(&mut self) {
         if self.latch.is_some() {

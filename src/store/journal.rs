@@ -8,8 +8,8 @@
 //! appended to the body log's young head after the group's bodies, both are written and synced
 //! at once, and only then are the writes applied to the trees, the commit number (`C`) last.
 //! sled's own background flush is off; the writer makes a checkpoint every 50 ms while
-//! anything was written (`Disk::checkpoint_if_due`): it records the body log position from which nothing is
-//! yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the checkpoint's own
+//! anything was written (`Disk::checkpoint_if_due`): it records the body log position from
+//! which nothing is yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the checkpoint's own
 //! thread, while commits go on after `P`), and only then may segments emptied before `P` be
 //! deleted.
 //!
