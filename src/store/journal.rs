@@ -9,9 +9,9 @@
 //! at once, and only then are the writes applied to the trees, the commit number (`C`) last.
 //! sled's own background flush is off; the writer makes a checkpoint every 50 ms while
 //! anything was written (`Disk::checkpoint_if_due`): it records the body log position from
-//! which nothing is yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the checkpoint's own
-//! thread, while commits go on after `P`), and only then may segments emptied before `P` be
-//! deleted.
+//! which nothing is yet known durable in sled (record `P`), flushes and fdatasyncs sled (on the
+//! checkpoint's own thread, while commits go on after `P`), and only then may segments emptied
+//! before `P` be deleted.
 //!
 //! Writes that reach the trees outside a commit (acks applied between commits, a purge, a new
 //! client's name) are applied at once and also go into the next record, before the group's own
