@@ -653,7 +653,14 @@ impl BodyLog {
             head(&self.segs, self.next_seg)?
         };
         self.next_seg += 1;
-        let old = std::mem::replace(&mut self.heads[i], new);
+        let mut old = std::mem::replace(&mut self.heads[i], new);
+        // The new head's records go into the old head's buffer (empty since the sync, its
+        // memory kept): a new one grew from nothing at every segment, by copies into memory
+        // the machine maps back, 3 % of the broker's time at 16 KiB saturation.
+        let head = &mut self.heads[i];
+        old.pending.clear();
+        old.pending.extend_from_slice(&head.pending);
+        std::mem::swap(&mut head.pending, &mut old.pending);
         self.sizes.insert(old.seg, (old.len, Instant::now()));
         self.rolled.push(old.seg);
         debug!(segment = self.heads[i].seg, "body log: new segment");
