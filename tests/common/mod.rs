@@ -1171,6 +1171,28 @@ impl Broker {
         assert_eq!(r.status, 200, "GET /metrics: {r:?}");
         parse_metrics(&r.body)
     }
+
+    /// Waits until this broker has counted at least `n` acks and holds no write that is not
+    /// durable (acks are held back to share a batch): from then on they hold after a kill -9,
+    /// and another broker on the same database sees them. Panics after 30 s.
+    pub async fn until_acks_durable(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut counted = false;
+        loop {
+            let m = self.metrics().await;
+            counted = counted || m["outboxd_acked_total"] >= n as f64;
+            if counted && m["outboxd_writes_not_durable"] == 0.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} acks were not made durable within 30 s: acked {}, writes not durable {}",
+                m["outboxd_acked_total"],
+                m["outboxd_writes_not_durable"]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
