@@ -38,9 +38,9 @@ pub struct Faults {
     /// `OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS`: how long after it filled a body log segment may
     /// be compacted, instead of a minute.
     body_compact_after_ms: Option<u64>,
-    /// `OUTBOXD_FAULT_CHECKPOINT_EVERY_MS`: a checkpoint this often instead of about once a
-    /// second. The trees reach the disk only at checkpoints (sled's own background flush is
-    /// off), so a kill -9 before one leaves the commit journal alone to recover from.
+    /// `OUTBOXD_FAULT_CHECKPOINT_EVERY_MS`: a checkpoint this often instead of every 50 ms.
+    /// The trees reach the disk only at checkpoints (sled's own background flush is off), so a
+    /// kill -9 before one leaves the commit journal alone to recover from.
     checkpoint_every_ms: Option<u64>,
 }
 
