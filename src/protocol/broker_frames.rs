@@ -5,6 +5,7 @@
 //! not need may be absent, unknown fields and unknown frame types are ignored: a newer broker
 //! may say more) and strict about the type of every field it knows.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use thiserror::Error;
 
-use super::{present, read_body, write_body, BodyError, ErrorCode};
+use super::{present_borrowed, read_body, write_body, BodyError, ErrorCode};
 use crate::model::Payload;
 
 /// What the broker tells a client after `hello`, as the broker writes it (the client reads it
@@ -248,9 +249,9 @@ pub enum BrokerFrameError {
 
 /// Every field of every broker frame, so that each is type-checked whatever the frame's type.
 #[derive(Deserialize)]
-struct RawBrokerFrame {
-    #[serde(rename = "type")]
-    kind: String,
+struct RawBrokerFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
     #[serde(rename = "ref")]
     reference: Option<Value>,
     client_id: Option<String>,
@@ -267,8 +268,8 @@ struct RawBrokerFrame {
     ts: Option<u64>,
     from: Option<String>,
     topic: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Box<RawValue>>,
+    #[serde(borrow, default, deserialize_with = "present_borrowed")]
+    payload: Option<&'a RawValue>,
     payload_b64: Option<String>,
     redelivered: Option<bool>,
     recipients: Option<u64>,
@@ -285,7 +286,7 @@ struct RawBrokerFrame {
 /// `welcome` or `msg` without the fields that give it a meaning.
 pub fn parse_broker_frame(text: &str) -> Result<BrokerFrame, BrokerFrameError> {
     let f: RawBrokerFrame = serde_json::from_str(text)?;
-    Ok(match f.kind.as_str() {
+    Ok(match f.kind.as_ref() {
         "welcome" => {
             let (Some(epoch), Some(resumed), Some(last_seq), Some(heartbeat_ms)) =
                 (f.epoch, f.resumed, f.last_seq, f.heartbeat_ms)
@@ -308,7 +309,7 @@ pub fn parse_broker_frame(text: &str) -> Result<BrokerFrame, BrokerFrameError> {
             let Some(seq) = f.seq else {
                 return Err(BrokerFrameError::MsgWithoutSeq);
             };
-            let payload = read_body(f.payload, f.payload_b64).map_err(|e| match e {
+            let payload = read_body(f.payload, f.payload_b64.as_deref()).map_err(|e| match e {
                 BodyError::Base64(e) => format!("payload_b64 is not base64: {e}"),
                 BodyError::Both => "msg has both payload and payload_b64".to_owned(),
                 BodyError::Neither => "msg has no payload".to_owned(),
@@ -337,7 +338,7 @@ pub fn parse_broker_frame(text: &str) -> Result<BrokerFrame, BrokerFrameError> {
         }),
         "ping" => BrokerFrame::Ping,
         "pong" => BrokerFrame::Pong,
-        _ => BrokerFrame::Unknown(f.kind),
+        _ => BrokerFrame::Unknown(f.kind.into_owned()),
     })
 }
 

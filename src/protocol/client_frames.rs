@@ -5,12 +5,16 @@
 //! stable error code the peer is told; the Rust client writes them with the `encode_*`
 //! functions, which only ever write what the parser accepts (the round trips below).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{present, read_body, write_body, write_json_string, BodyError, ErrorCode, MAX_KEY_LEN};
+use super::{
+    present, present_borrowed, read_body, write_body, write_json_string, BodyError, ErrorCode,
+    MAX_KEY_LEN,
+};
 use crate::model::{Ack, ClientId, NameError, Payload, Resume, Target, TargetError, Topic};
 
 /// A frame the broker could not accept, with what to tell the peer.
@@ -80,10 +84,12 @@ pub enum ClientFrame {
     },
 }
 
+/// A client frame as JSON has it. Strings borrow from the frame's text where they hold no
+/// escape; the payload always does (it is copied once, into the [`Payload`]).
 #[derive(Deserialize)]
-struct RawFrame {
-    #[serde(rename = "type")]
-    kind: String,
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
     #[serde(rename = "ref", default, deserialize_with = "present")]
     reference: Option<Box<RawValue>>,
     client_id: Option<String>,
@@ -92,13 +98,27 @@ struct RawFrame {
     transient: Option<bool>,
     seq: Option<u64>,
     upto: Option<u64>,
-    to: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Box<RawValue>>,
-    payload_b64: Option<String>,
+    #[serde(borrow)]
+    to: Option<Text<'a>>,
+    #[serde(borrow, default, deserialize_with = "present_borrowed")]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload_b64: Option<Text<'a>>,
     key: Option<String>,
     ttl_ms: Option<u64>,
-    topic: Option<String>,
+    #[serde(borrow)]
+    topic: Option<Text<'a>>,
+}
+
+/// A string field, borrowed from the frame's text unless it holds an escape. (An
+/// `Option<Cow<str>>` field would always copy: serde borrows only a `Cow` it sees directly.)
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl Text<'_> {
+    fn get(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Deserialize)]
@@ -131,7 +151,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
     let bad = |msg: &str, reference: Option<Box<RawValue>>| {
         FrameError::new(ErrorCode::BadFrame, msg, reference)
     };
-    match raw.kind.as_str() {
+    match raw.kind.as_ref() {
         "hello" => {
             let Some(id) = raw.client_id else {
                 return Err(bad("hello needs a client_id", reference));
@@ -156,7 +176,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             let Some(to) = raw.to else {
                 return Err(bad("publish needs `to`", reference));
             };
-            let to = match Target::parse(&to) {
+            let to = match Target::parse(to.get()) {
                 Ok(t) => t,
                 Err(e) => {
                     return Err(FrameError::new(
@@ -166,7 +186,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
                     ))
                 }
             };
-            let payload = match read_body(raw.payload, raw.payload_b64) {
+            let payload = match read_body(raw.payload, raw.payload_b64.as_ref().map(Text::get)) {
                 Ok(payload) => payload,
                 Err(BodyError::Base64(e)) => {
                     return Err(bad(&format!("payload_b64 is not base64: {e}"), reference))
@@ -215,7 +235,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             let Some(topic) = raw.topic else {
                 return Err(bad(&format!("{kind} needs `topic`"), reference));
             };
-            let topic = match Topic::new(&topic) {
+            let topic = match Topic::new(topic.get()) {
                 Ok(t) => t,
                 Err(e) => {
                     return Err(FrameError::new(
@@ -434,6 +454,29 @@ mod tests {
         }
         match parse(r#"{"type":"publish","to":"topic:t","payload":null}"#).unwrap() {
             ClientFrame::Publish(p) => assert_eq!(p.payload, Payload::Json("null".into())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn escaped_strings_read_as_their_text() {
+        // The parser borrows strings from the frame where it can; one with an escape must still
+        // read as the text it stands for.
+        let frame = r#"{"type":"publi\u0073h","to":"client:b\u006fb","payload":"\"x\""}"#;
+        match parse(frame).unwrap() {
+            ClientFrame::Publish(p) => {
+                assert_eq!(p.to, Target::Client(ClientId::new("bob").unwrap()));
+                assert_eq!(p.payload, Payload::Json(r#""\"x\"""#.into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"subscribe","topic":"a\/b"}"#).unwrap() {
+            ClientFrame::Subscribe { topic, .. } => assert_eq!(topic.as_str(), "a/b"),
+            other => panic!("{other:?}"),
+        }
+        let b64 = r#"{"type":"publish","to":"client:bob","payload_b64":"AP8B\/w=="}"#;
+        match parse(b64).unwrap() {
+            ClientFrame::Publish(p) => assert_eq!(p.payload, Payload::Binary(vec![0, 255, 1, 255])),
             other => panic!("{other:?}"),
         }
     }

@@ -104,6 +104,14 @@ where
     Box::<RawValue>::deserialize(d).map(Some)
 }
 
+/// [`present`], borrowing the value's text from the frame instead of copying it.
+fn present_borrowed<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
 /// Why a frame's body (`payload` or `payload_b64`) could not be read. Each side words it for
 /// the frame it was reading.
 #[derive(Debug)]
@@ -113,9 +121,9 @@ enum BodyError {
     Base64(base64::DecodeError),
 }
 
-/// The body of a `publish` or `msg`: exactly one of `payload` (JSON, kept verbatim) and
-/// `payload_b64` (bytes in standard base64).
-fn read_body(json: Option<Box<RawValue>>, b64: Option<String>) -> Result<Payload, BodyError> {
+/// The body of a `publish` or `msg`: exactly one of `payload` (JSON, kept verbatim: its text
+/// copied once, out of the frame) and `payload_b64` (bytes in standard base64).
+fn read_body(json: Option<&RawValue>, b64: Option<&str>) -> Result<Payload, BodyError> {
     match (json, b64) {
         (Some(json), None) => Ok(Payload::Json(json.get().to_owned())),
         (None, Some(b64)) => base64::engine::general_purpose::STANDARD
@@ -143,9 +151,17 @@ fn write_body(out: &mut String, payload: &Payload) {
     }
 }
 
-/// Appends `s` as a JSON string, escaped.
+/// Appends `s` as a JSON string, escaped. Names, keys and tokens need no escape: they are
+/// copied as they are, and only a string that needs one goes through serde_json.
 fn write_json_string(out: &mut String, s: &str) {
-    let _ = write!(out, "{}", serde_json::Value::String(s.to_owned()));
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        let _ = write!(out, "{}", serde_json::Value::String(s.to_owned()));
+    }
 }
 
 /// JSON text without the whitespace between its tokens (inside strings everything stays).
@@ -185,19 +201,20 @@ mod tests {
         let mut member = String::new();
         write_body(&mut member, &p);
         assert_eq!(member, r#""payload_b64":"AP8B""#);
-        assert_eq!(read_body(None, Some("AP8B".into())).unwrap(), p);
-        assert!(read_body(None, Some("!!".into())).is_err());
+        assert_eq!(read_body(None, Some("AP8B")).unwrap(), p);
+        assert!(read_body(None, Some("!!")).is_err());
     }
 
     #[test]
     fn a_body_is_exactly_one_of_payload_and_payload_b64() {
-        let json = || Some(RawValue::from_string("null".into()).unwrap());
+        let null = RawValue::from_string("null".into()).unwrap();
+        let json = || Some(&*null);
         assert_eq!(
             read_body(json(), None).unwrap(),
             Payload::Json("null".into())
         );
         assert!(matches!(
-            read_body(json(), Some("AA==".into())),
+            read_body(json(), Some("AA==")),
             Err(BodyError::Both)
         ));
         assert!(matches!(read_body(None, None), Err(BodyError::Neither)));
@@ -208,5 +225,20 @@ mod tests {
         let mut out = String::new();
         write_json_string(&mut out, "a\"b\\c\n");
         assert_eq!(out, r#""a\"b\\c\n""#);
+        // Whether copied as it is or escaped, the text is what serde_json writes.
+        for s in [
+            "",
+            "client:bob",
+            "k-00ff",
+            "é ü \u{7f}",
+            "tab\there",
+            "\u{1}",
+            "q\"",
+            "b\\",
+        ] {
+            let mut out = String::new();
+            write_json_string(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
     }
 }
