@@ -53,8 +53,8 @@ pub(super) struct Disk {
     bodies: BodyLog,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
-    /// The run records of idempotency keys the tree holds (see `dedup`): every write of the
-    /// tree below notes the ones it makes.
+    /// The run records of idempotency keys the tree holds, and which scopes hold `K` records
+    /// (see `dedup`): every write of the tree below notes the ones it makes.
     runs: dedup::Runs,
     /// When the group was last applied to the tree.
     applied_at: Instant,
@@ -156,6 +156,12 @@ impl Disk {
     /// The run records of idempotency keys the tree holds, to look keys up in.
     pub(super) fn runs(&self) -> &dedup::Runs {
         &self.runs
+    }
+
+    /// Whether the tree may hold the `K` record of idempotency key `body` (see
+    /// [`dedup::Runs::may_hold_single`]): when not, a lookup skips reading it.
+    pub(super) fn may_hold_single(&mut self, body: &[u8]) -> Result<bool, StoreError> {
+        self.runs.may_hold_single(&self.outbox, body)
     }
 
     /// The body log, to read bodies (the group's own ones too).

@@ -33,7 +33,7 @@
 //! holds what the tree holds, as every write of the tree goes through `commit`, which notes
 //! the runs it writes or removes ([`Runs::note`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use sled::IVec;
@@ -78,10 +78,22 @@ fn similar(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a[..common] == b[..common]
 }
 
-/// The run records the tree holds (`R scope last-key` -> where the run is and its first key),
-/// as the writer keeps them in memory.
+/// What the writer keeps in memory of the tree's idempotency records: every run record
+/// (`R scope last-key` -> where the run is and its first key), and, for the scopes looked at
+/// since open, the greatest `K` record of that scope.
+///
+/// A lookup reads the `K` record of its key before the runs. A numbered key is above every
+/// key its publisher named before, so it has none: with the bound known, a lookup of a key above
+/// it skips that read (a sled lookup per keyed publish otherwise).
 #[derive(Debug, Default)]
-pub(super) struct Runs(BTreeMap<IVec, IVec>);
+pub(super) struct Runs {
+    runs: BTreeMap<IVec, IVec>,
+    /// Scope (length byte and name) -> the greatest `K` record of it the tree holds (None: it
+    /// holds none). Absent: not known, found out with one seek. A `K` record written above it
+    /// raises it; one removed makes it unknown again, so it is looked at anew once retention
+    /// has deleted keys.
+    singles: HashMap<Vec<u8>, Option<IVec>>,
+}
 
 impl Runs {
     /// Every run record `tree` holds.
@@ -91,32 +103,81 @@ impl Runs {
             let (k, v) = item?;
             runs.insert(k, v);
         }
-        Ok(Runs(runs))
+        Ok(Runs {
+            runs,
+            singles: HashMap::new(),
+        })
     }
 
-    /// Notes a write of the tree (`None` = a removal); any key but a run record's is ignored.
+    /// Notes a write of the tree (`None` = a removal); any key but a run record's or a `K`
+    /// record's is ignored.
     pub(super) fn note(&mut self, key: &IVec, value: Option<&IVec>) {
-        if key.first() != Some(&keys::DEDUP_RUN) {
-            return;
+        match key.first() {
+            Some(&keys::DEDUP_RUN) => {
+                match value {
+                    Some(v) => self.runs.insert(key.clone(), v.clone()),
+                    None => self.runs.remove(key),
+                };
+            }
+            Some(&keys::DEDUP) => {
+                let body = &key[1..];
+                let scope = &body[..scope_len(body)];
+                match value {
+                    Some(_) => {
+                        if let Some(greatest) = self.singles.get_mut(scope) {
+                            if greatest.as_ref().is_none_or(|g| key > g) {
+                                *greatest = Some(key.clone());
+                            }
+                        }
+                    }
+                    None => {
+                        self.singles.remove(scope);
+                    }
+                }
+            }
+            _ => {}
         }
-        match value {
-            Some(v) => self.0.insert(key.clone(), v.clone()),
-            None => self.0.remove(key),
-        };
     }
 
-    /// Notes every run record among `writes` (sorted by key, so they are one range of it).
+    /// Notes every run record and `K` record among `writes` (sorted by key, so each kind is
+    /// one range of it).
     pub(super) fn note_all(&mut self, writes: &Writes) {
-        let runs = IVec::from(&[keys::DEDUP_RUN][..])..IVec::from(&[keys::DEDUP_RUN + 1][..]);
-        for (k, v) in writes.range(runs) {
-            self.note(k, v.as_ref());
+        for kind in [keys::DEDUP, keys::DEDUP_RUN] {
+            let range = IVec::from(&[kind][..])..IVec::from(&[kind + 1][..]);
+            for (k, v) in writes.range(range) {
+                self.note(k, v.as_ref());
+            }
         }
+    }
+
+    /// Whether `tree` may hold the `K` record of `body` (scope and key): false only when it
+    /// is above the greatest one of its scope.
+    pub(super) fn may_hold_single(
+        &mut self,
+        tree: &sled::Tree,
+        body: &[u8],
+    ) -> Result<bool, StoreError> {
+        let scope = &body[..scope_len(body)];
+        let greatest = match self.singles.get(scope) {
+            Some(g) => g,
+            None => {
+                let g = tree
+                    .scan_prefix(keys::dedup(scope))
+                    .keys()
+                    .next_back()
+                    .transpose()?;
+                self.singles.entry(scope.to_vec()).or_insert(g)
+            }
+        };
+        Ok(greatest
+            .as_ref()
+            .is_some_and(|g| keys::dedup(body).as_slice() <= g.as_ref()))
     }
 
     /// How many run records there are.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.0.len()
+        self.runs.len()
     }
 }
 
@@ -129,7 +190,7 @@ fn run_at_or_after(
     let key = keys::dedup_run(body);
     let scope = &key[..1 + scope_len(body)];
     let next = runs
-        .0
+        .runs
         .range::<[u8], _>((Bound::Included(key.as_slice()), Bound::Unbounded))
         .next();
     match next {
@@ -376,6 +437,49 @@ mod tests {
             .iter()
             .map(|(b, r)| (String::from_utf8_lossy(b).into_owned(), r.entries.len()))
             .collect()
+    }
+
+    #[test]
+    fn a_key_above_its_scopes_greatest_single_record_skips_the_read() {
+        let t = tree();
+        let body = |scope: &str, key: &str| keys::dedup_body(scope, key);
+        // A `K` record stored before the writer's map was made (as after a restart).
+        let k5 = IVec::from(keys::dedup(&body("p", "k5")));
+        t.insert(&k5, encode_dedup(&entry(1)).unwrap()).unwrap();
+        let mut runs = Runs::load(&t).unwrap();
+        assert!(runs.may_hold_single(&t, &body("p", "k1")).unwrap());
+        assert!(runs.may_hold_single(&t, &body("p", "k5")).unwrap());
+        assert!(!runs.may_hold_single(&t, &body("p", "k6")).unwrap());
+        // Another scope holds none; one whose name extends this one's is a scope of its own.
+        assert!(!runs.may_hold_single(&t, &body("q", "k1")).unwrap());
+        assert!(!runs.may_hold_single(&t, &body("pp", "k1")).unwrap());
+
+        // Written through the writer's notes: the bound rises, and only for its scope.
+        let k8 = IVec::from(keys::dedup(&body("p", "k8")));
+        t.insert(&k8, encode_dedup(&entry(2)).unwrap()).unwrap();
+        runs.note(&k8, Some(&IVec::from(&b"e"[..])));
+        assert!(runs.may_hold_single(&t, &body("p", "k6")).unwrap());
+        assert!(!runs.may_hold_single(&t, &body("p", "k9")).unwrap());
+        assert!(!runs.may_hold_single(&t, &body("q", "k1")).unwrap());
+
+        // Removed: looked at anew, so the bound falls back to what is left.
+        t.remove(&k8).unwrap();
+        runs.note(&k8, None);
+        assert!(!runs.may_hold_single(&t, &body("p", "k6")).unwrap());
+
+        // The same through a group's writes, beside a run record.
+        let q3 = IVec::from(keys::dedup(&body("q", "k3")));
+        let r = IVec::from(keys::dedup_run(&body("r", "k1")));
+        t.insert(&q3, encode_dedup(&entry(3)).unwrap()).unwrap();
+        let mut writes = Writes::new();
+        writes.insert(k8.clone(), Some(IVec::from(&b"e"[..])));
+        writes.insert(q3.clone(), Some(IVec::from(&b"e"[..])));
+        writes.insert(r, Some(IVec::from(&b"r"[..])));
+        runs.note_all(&writes);
+        assert!(runs.may_hold_single(&t, &body("p", "k7")).unwrap());
+        assert!(runs.may_hold_single(&t, &body("q", "k2")).unwrap());
+        assert!(!runs.may_hold_single(&t, &body("q", "k4")).unwrap());
+        assert_eq!(runs.len(), 1);
     }
 
     #[test]

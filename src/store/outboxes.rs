@@ -245,16 +245,19 @@ impl WriterState {
     /// The entry of an idempotency key (scope + key) stored within the dedup window, from this
     /// group, a record of its own or a run. A key named again after its window has a newer
     /// record of its own beside its old entry, which only retention has yet to delete.
-    fn find_dedup(&self, body: &[u8], now: u64) -> Result<Option<DedupEntry>, StoreError> {
-        let fresh = |e: &DedupEntry| e.ts.saturating_add(self.opts.dedup_window_ms) > now;
+    fn find_dedup(&mut self, body: &[u8], now: u64) -> Result<Option<DedupEntry>, StoreError> {
+        let window = self.opts.dedup_window_ms;
+        let fresh = |e: &DedupEntry| e.ts.saturating_add(window) > now;
         if let Some(e) = self.disk.group().dedup(body) {
             return Ok(Some(e.clone()));
         }
-        let k = keys::dedup(body);
-        if let Some(v) = self.disk.tree().get(&k)? {
-            let e: DedupEntry = decode_dedup(&k, &v)?;
-            if fresh(&e) {
-                return Ok(Some(e));
+        if self.disk.may_hold_single(body)? {
+            let k = keys::dedup(body);
+            if let Some(v) = self.disk.tree().get(&k)? {
+                let e: DedupEntry = decode_dedup(&k, &v)?;
+                if fresh(&e) {
+                    return Ok(Some(e));
+                }
             }
         }
         Ok(dedup::find(self.disk.runs(), self.disk.bodies(), body)?.filter(fresh))
