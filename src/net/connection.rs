@@ -12,16 +12,17 @@
 //! Delivery order inside the loop: messages are read from the store only below the outbox's
 //! durable frontier (see [`crate::store`]), so nothing is sent before an fsync covers it.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -42,37 +43,66 @@ use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
 };
-use crate::store::{Delivery, OutboxHandle, PublishRequest, ResumeRefused, StoreError};
+use crate::store::{
+    Delivery, OutboxHandle, PublishOutcome, PublishRequest, ResumeRefused, StoreError,
+};
 
 type Ws = WebSocketStream<crate::net::tls::Stream>;
-type Reply = Pin<Box<dyn Future<Output = String> + Send>>;
+/// An answer the connection owes its peer, in request order.
+enum Reply {
+    /// A publish the store has taken: its outcome arrives once its group is durable.
+    Publish {
+        rx: oneshot::Receiver<Result<PublishOutcome, StoreError>>,
+        reference: Option<Box<serde_json::value::RawValue>>,
+        /// The recipient of a direct publish (a topic's are named by the outcome).
+        direct: Option<ClientId>,
+    },
+    /// Any other request (a subscribe): the frame it answers with, once done.
+    Other(Pin<Box<dyn Future<Output = String> + Send>>),
+}
 
-/// Replies to publishes and subscribes, in request order. Made on the first request: an empty
-/// `FuturesOrdered` already allocates, and most connections only receive.
+/// Replies to publishes and subscribes, in request order.
+///
+/// The store answers one connection's requests in the order they were queued, so only the
+/// oldest reply is ever waited on: a queue, not a set of futures polled together (which cost
+/// an allocation and a wake-up of its own per publish).
 #[derive(Default)]
-struct Replies(Option<FuturesOrdered<Reply>>);
+struct Replies(VecDeque<Reply>);
 
 impl Replies {
     fn push_back(&mut self, reply: Reply) {
-        self.0
-            .get_or_insert_with(FuturesOrdered::new)
-            .push_back(reply);
+        self.0.push_back(reply);
     }
 
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, FuturesOrdered::len)
+        self.0.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
     }
 
-    /// The next reply in request order; `None` when none is pending. Cancel-safe.
-    async fn next(&mut self) -> Option<String> {
-        match &mut self.0 {
-            Some(pending) => pending.next().await,
-            None => None,
-        }
+    /// The frame answering the oldest request, once it is done; `None` when none is pending.
+    /// Cancel-safe: the reply leaves the queue only when its frame is returned.
+    async fn next(&mut self, metrics: &Metrics) -> Option<String> {
+        let frame = match self.0.front_mut()? {
+            Reply::Publish {
+                rx,
+                reference,
+                direct,
+            } => {
+                let r = rx.await.unwrap_or(Err(StoreError::Closed));
+                match publish_answer(direct.as_ref(), r, metrics) {
+                    Ok(ok) => ok.encode(reference.as_deref()),
+                    Err(refusal) => {
+                        encode_error(reference.as_deref(), refusal.code(), &refusal.message())
+                    }
+                }
+            }
+            Reply::Other(reply) => reply.await,
+        };
+        self.0.pop_front();
+        Some(frame)
     }
 }
 
@@ -790,6 +820,7 @@ impl Conn {
         let mut durable = self.handle.watch_durable();
         let mut taken = self.handle.watch_generation();
         let mut replies = Replies::default();
+        let metrics = Arc::clone(&self.shared.metrics);
         let max_pending = usize::try_from(self.shared.cfg.delivery.max_inflight).unwrap_or(1024);
         let shutdown = self.shared.shutdown.clone();
         let drained = self.out.tx.drained();
@@ -820,7 +851,7 @@ impl Conn {
                 }
                 // Replies wait for room in the write queue: a publisher that pipelines and
                 // reads its replies is never too slow, only one that stops reading.
-                Some(frame) = replies.next(), if !replies.is_empty() && self.out.tx.capacity() > 0 => {
+                Some(frame) = replies.next(&metrics), if !replies.is_empty() && self.out.tx.capacity() > 0 => {
                     if let Err(end) = self.out.text(frame) {
                         break end;
                     }
@@ -848,7 +879,7 @@ impl Conn {
         if matches!(end, End::Shutdown) {
             // Publishes already queued are committed by the store; tell their publishers.
             let drain = async {
-                while let Some(frame) = replies.next().await {
+                while let Some(frame) = replies.next(&metrics).await {
                     if self.out.text(frame).is_err() {
                         break;
                     }
@@ -1122,7 +1153,7 @@ impl Conn {
         let store = self.shared.store.clone();
         let metrics = Arc::clone(&self.shared.metrics);
         let client = self.client.clone();
-        replies.push_back(Box::pin(async move {
+        replies.push_back(Reply::Other(Box::pin(async move {
             match store.subscribe(client, topic, on).await {
                 Ok(()) => protocol::encode_ok(reference.as_deref()),
                 Err(e) => {
@@ -1133,7 +1164,7 @@ impl Conn {
                     store_error_frame(reference.as_deref(), &e)
                 }
             }
-        }));
+        })));
     }
 
     async fn publish(&mut self, p: Publish, replies: &mut Replies) -> Result<(), End> {
@@ -1177,16 +1208,11 @@ impl Conn {
                 return self.out.text(store_error_frame(reference.as_deref(), &e));
             }
         };
-        let metrics = Arc::clone(&self.shared.metrics);
-        replies.push_back(Box::pin(async move {
-            let r = rx.await.unwrap_or(Err(StoreError::Closed));
-            match publish_answer(direct.as_ref(), r, &metrics) {
-                Ok(ok) => ok.encode(reference.as_deref()),
-                Err(refusal) => {
-                    encode_error(reference.as_deref(), refusal.code(), &refusal.message())
-                }
-            }
-        }));
+        replies.push_back(Reply::Publish {
+            rx,
+            reference,
+            direct,
+        });
         Ok(())
     }
 }
