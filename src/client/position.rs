@@ -24,13 +24,15 @@ use crate::model::ClientId;
 
 /// One incarnation of a client's outbox, as named by the broker. Seqs mean something only
 /// together with their epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Epoch(String);
+///
+/// Every delivered message and every ack carries its epoch, so the text is shared: a clone
+/// costs a reference count, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Epoch(Arc<str>);
 
 impl Epoch {
     pub fn new(s: impl Into<String>) -> Self {
-        Epoch(s.into())
+        Epoch(Arc::from(s.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -41,6 +43,18 @@ impl Epoch {
 impl fmt::Display for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Epoch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Epoch::new)
     }
 }
 
