@@ -12,17 +12,14 @@
 //! Delivery order inside the loop: messages are read from the store only below the outbox's
 //! durable frontier (see [`crate::store`]), so nothing is sent before an fsync covers it.
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -34,77 +31,19 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::Grants;
 use crate::broker::registry::{Kick, SessionGen, Ticket};
 use crate::broker::session::{Beat, Liveness, RateLimit, Window};
-use crate::broker::{publish_answer, store_error_message, Shared};
+use crate::broker::{store_error_message, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use crate::model::ClientId;
+use crate::net::replies::{Replies, Reply};
 use crate::net::tls::Tls;
 use crate::net::write_queue::{self, TrySendError};
 use crate::protocol::{
     self, close, encode_error, encode_msg, ClientFrame, ErrorCode, MsgView, Publish, Welcome,
     SUBPROTOCOL,
 };
-use crate::store::{
-    Delivery, OutboxHandle, PublishOutcome, PublishRequest, ResumeRefused, StoreError,
-};
+use crate::store::{Delivery, OutboxHandle, PublishRequest, ResumeRefused, StoreError};
 
 type Ws = WebSocketStream<crate::net::tls::Stream>;
-/// An answer the connection owes its peer, in request order.
-enum Reply {
-    /// A publish the store has taken: its outcome arrives once its group is durable.
-    Publish {
-        rx: oneshot::Receiver<Result<PublishOutcome, StoreError>>,
-        reference: Option<Box<serde_json::value::RawValue>>,
-        /// The recipient of a direct publish (a topic's are named by the outcome).
-        direct: Option<ClientId>,
-    },
-    /// Any other request (a subscribe): the frame it answers with, once done.
-    Other(Pin<Box<dyn Future<Output = String> + Send>>),
-}
-
-/// Replies to publishes and subscribes, in request order.
-///
-/// The store answers one connection's requests in the order they were queued, so only the
-/// oldest reply is ever waited on: a queue, not a set of futures polled together (which cost
-/// an allocation and a wake-up of its own per publish).
-#[derive(Default)]
-struct Replies(VecDeque<Reply>);
-
-impl Replies {
-    fn push_back(&mut self, reply: Reply) {
-        self.0.push_back(reply);
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The frame answering the oldest request, once it is done; `None` when none is pending.
-    /// Cancel-safe: the reply leaves the queue only when its frame is returned.
-    async fn next(&mut self, metrics: &Metrics) -> Option<String> {
-        let frame = match self.0.front_mut()? {
-            Reply::Publish {
-                rx,
-                reference,
-                direct,
-            } => {
-                let r = rx.await.unwrap_or(Err(StoreError::Closed));
-                match publish_answer(direct.as_ref(), r, metrics) {
-                    Ok(ok) => ok.encode(reference.as_deref()),
-                    Err(refusal) => {
-                        encode_error(reference.as_deref(), refusal.code(), &refusal.message())
-                    }
-                }
-            }
-            Reply::Other(reply) => reply.await,
-        };
-        self.0.pop_front();
-        Some(frame)
-    }
-}
 
 /// Why a connection ends, and what the peer is told.
 #[derive(Debug)]
