@@ -53,8 +53,8 @@ pub(super) struct Disk {
     bodies: BodyLog,
     /// The group's writes, applied as one batch at its commit.
     group: group::Group,
-    /// The run records of idempotency keys the tree holds, and which scopes hold `K` records
-    /// (see `dedup`): every write of the tree below notes the ones it makes.
+    /// The run records of idempotency keys the tree holds, and the greatest `K` record of each
+    /// scope looked at (see `dedup`): every write of the tree below notes the ones it makes.
     runs: dedup::Runs,
     /// When the group was last applied to the tree.
     applied_at: Instant,
