@@ -129,6 +129,13 @@ pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(bincode::serde::encode_to_vec(value, config())?)
 }
 
+/// Appends what [`encode_body`] returns to `out` (the body log's buffer): a body is written
+/// where it is stored, not built apart and copied there.
+pub fn encode_body_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write(value, out, config())?;
+    Ok(())
+}
+
 /// Decodes a body written by [`encode_body`] (or split out of a record by [`split_chunk`]).
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice(body, config())?;

@@ -584,6 +584,33 @@ impl BodyLog {
         r
     }
 
+    /// Appends at the head of `lane` the body `encode` writes into the head's buffer: a record
+    /// built in place, without a copy. An error leaves the buffer as it was.
+    pub(super) fn append_with<E>(
+        &mut self,
+        lane: Lane,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<BodyRef, E> {
+        let h = &mut self.heads[lane as usize];
+        let start = h.pending.len();
+        h.pending.extend_from_slice(&[0; HEADER]);
+        if let Err(e) = encode(&mut h.pending) {
+            h.pending.truncate(start);
+            return Err(e);
+        }
+        let body = &h.pending[start + HEADER..];
+        // Bodies are far below 4 GiB (payloads are capped at 64 KiB).
+        let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        let crc = checksum(Some(h.seg), body);
+        h.pending[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        h.pending[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+        Ok(BodyRef {
+            seg: h.seg,
+            off: h.len + start as u64,
+            len,
+        })
+    }
+
     /// Appends a commit group's journal record (see `journal`) at the young head, after the
     /// group's bodies: the next [`BodyLog::sync`] writes and syncs both at once.
     pub(super) fn append_journal(&mut self, record: &[u8]) {

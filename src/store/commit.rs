@@ -32,7 +32,7 @@ use super::checkpoint::{Checkpoints, Flusher, Mark};
 use super::clients::Clients;
 use super::records::{encode, encode_dedup};
 use super::{blobs, chunks, dedup, group, integrity, journal, keys, StoreError, StoreOptions};
-use crate::codec::DedupEntry;
+use crate::codec::{self, DedupEntry, StoredMessage};
 use crate::config::Durability;
 use crate::faults::Faults;
 use crate::metrics::Metrics;
@@ -171,9 +171,16 @@ impl Disk {
 
     /// Appends a message body to the body log; the returned entry (its reference and `facts`)
     /// goes into the group's chunks in its place.
-    pub(super) fn append_body(&mut self, body: &[u8], facts: Facts) -> Result<Vec<u8>, StoreError> {
+    pub(super) fn append_body(
+        &mut self,
+        record: &StoredMessage,
+        facts: Facts,
+    ) -> Result<Vec<u8>, StoreError> {
         self.writable()?;
-        Ok(self.bodies.append(Lane::Young, body).encode(facts))
+        let r = self.bodies.append_with(Lane::Young, |buf| {
+            codec::encode_body_into(record, buf).map_err(StoreError::Encode)
+        })?;
+        Ok(r.encode(facts))
     }
 
     /// Notes references removed from the tree outside the group (purge, delete): the chunk

@@ -169,20 +169,19 @@ impl WriterState {
             payload: stored_payload(req.payload),
             expires_at,
         };
-        let encoded = codec::encode_body(&record).map_err(StoreError::Encode)?;
         // The body goes to the body log once, however many outboxes it reaches; each chunk
         // holds its reference (see `bodies`).
         let body = if recipients.is_empty() {
             sled::IVec::default()
         } else if self.opts.faults.inline_bodies() {
-            sled::IVec::from(encoded)
+            sled::IVec::from(codec::encode_body(&record).map_err(StoreError::Encode)?)
         } else {
             let facts = Facts {
                 ts: now,
                 expires_at,
                 size,
             };
-            sled::IVec::from(self.disk.append_body(&encoded, facts)?)
+            sled::IVec::from(self.disk.append_body(&record, facts)?)
         };
         // Its seq is each outbox's own: the list of fresh messages sets it when it hands it out.
         let fresh = Arc::new(records::delivery(0, record));

@@ -94,6 +94,41 @@ fn bodies_read_back_before_and_after_they_are_written() {
 }
 
 #[test]
+fn a_body_built_in_the_buffer_reads_back_and_a_failed_build_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, t) = tree();
+    let mut log = open_log(dir.path(), &t, true, None, None);
+    let a = log.append(Lane::Young, b"copied in");
+    let failed: Result<BodyRef, &str> = log.append_with(Lane::Young, |buf| {
+        buf.extend_from_slice(b"half a bo");
+        Err("encoding failed")
+    });
+    assert_eq!(failed, Err("encoding failed"));
+    let b = log
+        .append_with(Lane::Young, |buf| {
+            buf.extend_from_slice(b"built in place");
+            Ok::<(), &str>(())
+        })
+        .unwrap();
+    let c = log.append(Lane::Young, b"after it");
+    assert_eq!(
+        b.off,
+        a.off + (HEADER + 9) as u64,
+        "the failed body took no room"
+    );
+    assert_eq!(b.len, 14);
+    log.sync().unwrap();
+    let readers = log.segments();
+    for (r, want) in [
+        (a, &b"copied in"[..]),
+        (b, b"built in place"),
+        (c, b"after it"),
+    ] {
+        assert_eq!(readers.body(r).unwrap().unwrap(), want, "{r:?}");
+    }
+}
+
+#[test]
 fn a_damaged_body_is_corrupt_and_a_deleted_segment_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let (_db, t) = tree();
