@@ -24,7 +24,14 @@ pub fn make(size: usize, intended_ns: u64, seq: u64) -> Vec<u8> {
     let size = size.max(MIN_SIZE);
     let mut body = Vec::with_capacity(size);
     body.push(b'"');
-    body.extend_from_slice(format!("{intended_ns:016x}{seq:016x}").as_bytes());
+    // The load generator builds one per message: hex written directly, not through format!.
+    for n in [intended_ns, seq] {
+        body.extend(
+            (0..16)
+                .rev()
+                .map(|shift| b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize]),
+        );
+    }
     body.resize(size - 1, b'x');
     body.push(b'"');
     body

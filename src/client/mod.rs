@@ -407,7 +407,13 @@ impl Publisher {
 
     fn new_key(&self) -> String {
         let n = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n:016x}", self.shared.key_prefix)
+        let prefix = &self.shared.key_prefix;
+        // Built at its final size: one allocation per publish, no formatter.
+        let mut key = String::with_capacity(prefix.len() + 17);
+        key.push_str(prefix);
+        key.push('-');
+        push_hex16(&mut key, n);
+        key
     }
 
     /// Queues a request now (so requests started one after the other go out in that order)
@@ -446,6 +452,14 @@ impl Publisher {
             guard.armed = false;
             answer.unwrap_or(Err(RequestError::Stopped(StopReason::Closed)))
         }
+    }
+}
+
+/// Appends `n` to `s` as 16 lowercase hex digits (what `{:016x}` writes).
+fn push_hex16(s: &mut String, n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        s.push(char::from(DIGITS[((n >> (shift * 4)) & 0xf) as usize]));
     }
 }
 
@@ -515,7 +529,7 @@ impl PublishRequest {
         // together even when their confirmations are awaited one at a time.
         let submitted = self
             .check()
-            .map(|(publisher, kind, timeout, key)| publisher.submit(kind, timeout, Some(key)));
+            .map(|(publisher, kind, timeout, key)| publisher.submit(kind, timeout, key));
         PendingPublish(Box::pin(async move {
             match submitted?.await? {
                 Reply::Published(p) => Ok(p),
@@ -526,8 +540,12 @@ impl PublishRequest {
         }))
     }
 
+    /// The publisher, the request, its timeout, and its key again when a timeout may have to
+    /// name it.
     #[allow(clippy::type_complexity)]
-    fn check(self) -> Result<(Publisher, RequestKind, Option<Duration>, String), RequestError> {
+    fn check(
+        self,
+    ) -> Result<(Publisher, RequestKind, Option<Duration>, Option<String>), RequestError> {
         let to = Target::parse(&self.to).map_err(|e| RequestError::Invalid(e.to_string()))?;
         if let Some(k) = &self.key {
             if k.is_empty() || k.len() > MAX_KEY_LEN {
@@ -546,13 +564,14 @@ impl PublishRequest {
         let ttl_ms = self
             .ttl
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+        let named = self.timeout.is_some().then(|| key.clone());
         let kind = RequestKind::Publish {
             to,
             payload: self.payload,
-            key: key.clone(),
+            key,
             ttl_ms,
         };
-        Ok((self.publisher, kind, self.timeout, key))
+        Ok((self.publisher, kind, self.timeout, named))
     }
 }
 
@@ -682,5 +701,19 @@ impl futures_util::Stream for Client {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
         self.incoming.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_hex16;
+
+    #[test]
+    fn a_generated_key_number_is_written_as_format_writes_it() {
+        for n in [0, 1, 0xabc, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let mut s = String::from("prefix-");
+            push_hex16(&mut s, n);
+            assert_eq!(s, format!("prefix-{n:016x}"));
+        }
     }
 }
