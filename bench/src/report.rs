@@ -330,8 +330,8 @@ pub fn markdown(r: &Report, systems: &[System], analysis: Option<&str>) -> Strin
     let _ = writeln!(
         w,
         "- The machine is shared and noisy, and the brokers share its 2 cores with the load \
-         generator (one process, tokio, all clients). Compare systems within this run, by \
-         ratio; absolute numbers move from run to run."
+         generator (one process, tokio, mimalloc, all clients). Compare systems within this run, \
+         by ratio; absolute numbers move from run to run."
     );
     for (k, v) in &r.versions {
         let _ = writeln!(w, "- {k}: `{v}`");
