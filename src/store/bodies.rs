@@ -30,6 +30,7 @@
 //! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -573,15 +574,14 @@ impl BodyLog {
     /// Appends `body` at the head of `lane`; the reference is good once [`BodyLog::sync`] has
     /// returned.
     pub(super) fn append(&mut self, lane: Lane, body: &[u8]) -> BodyRef {
-        let h = &mut self.heads[lane as usize];
-        let r = BodyRef {
-            seg: h.seg,
-            off: h.len + h.pending.len() as u64,
-            // Bodies are far below 4 GiB (payloads are capped at 64 KiB, key runs at 48 KiB).
-            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
-        };
-        put_record(&mut h.pending, h.seg, r.len, body);
-        r
+        let copied = self.append_with(lane, |buf| {
+            buf.extend_from_slice(body);
+            Ok::<(), Infallible>(())
+        });
+        match copied {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
     }
 
     /// Appends at the head of `lane` the body `encode` writes into the head's buffer: a record
@@ -599,7 +599,7 @@ impl BodyLog {
             return Err(e);
         }
         let body = &h.pending[start + HEADER..];
-        // Bodies are far below 4 GiB (payloads are capped at 64 KiB).
+        // Bodies are far below 4 GiB (payloads are capped at 64 KiB, key runs at 48 KiB).
         let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
         let crc = checksum(Some(h.seg), body);
         h.pending[start..start + 4].copy_from_slice(&len.to_le_bytes());
