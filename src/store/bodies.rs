@@ -24,12 +24,14 @@
 //! journal record before it is needed either), and a segment with no reference left, other than
 //! the ones being appended to, is given up. Every open starts new heads and gives up the
 //! segments nothing refers to. A full segment given up is kept as a spare to be written over by
-//! a later young head (see [`spares`]); others are deleted.
+//! a later young head (see [`spares`]), unless a large commit wrote it in one write; others are
+//! deleted.
 //!
 //! A segment keeps its space while any of its messages is stored; the retention sweep moves the
-//! bodies still stored out of old, mostly dead segments ([`BodyLog::compaction`]).
+//! bodies still stored out of old, mostly dead segments, and at once out of nearly dead ones
+//! (idempotency key runs outlive the messages beside them; [`BodyLog::compaction`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -346,6 +348,9 @@ struct Head {
     unsynced: bool,
     /// Whether it is a new file, which every write makes longer (not a spare written over).
     grows: bool,
+    /// Whether a large commit wrote it in one write ([`write_commit`]): its pages may sit in
+    /// large folios, so it is never kept as a spare.
+    coarse: bool,
     /// When it became the head.
     since: Instant,
 }
@@ -381,6 +386,9 @@ pub(super) struct BodyLog {
     fsync: bool,
     /// Spares on disk, by the number each last had: what a new young head writes over.
     spares: Vec<u64>,
+    /// Segments no longer appended to that a commit wrote in large pieces: deleted, never kept
+    /// as spares, when nothing refers to them any more.
+    coarse: HashSet<u64>,
     /// How many spares are kept (`storage.spare_segments`).
     max_spares: usize,
     /// The spare being zero-filled off the writer's thread, if any: its number once done.
@@ -420,6 +428,13 @@ pub(super) type ChunkKey = [u8; 17];
 const COMPACT_BYTES: u64 = 4 << 20;
 /// How long after it filled a segment may be compacted (unless a test sets another).
 const COMPACT_AFTER: Duration = Duration::from_secs(60);
+/// A full segment the tree refers to at most one part in this many of is compacted with no
+/// wait. What keeps such a segment is mostly idempotency key runs, which live for the dedup
+/// window while the messages beside them are acked in moments: moving them costs at most a
+/// 32nd of what the segment cost to write, and frees it to be written over (or its memory to
+/// be used again) at once. Without it, the page cache of a broker writing large messages grew
+/// by the whole stream for the first minute, into memory the machine had to map back.
+const NEARLY_DEAD: u64 = 32;
 
 /// The page size: every write to a segment ends its pieces at its boundaries
 /// ([`write_in_pages`]), and a write to a spare is padded to one.
@@ -445,6 +460,23 @@ fn write_in_pages(file: &File, bytes: &[u8], at: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// A commit at least this large to a new file is written in one write ([`write_commit`]).
+const COARSE_BYTES: usize = 1 << 20;
+
+/// Writes a commit's `bytes` at `at`: in pages ([`write_in_pages`]), or, when `coarse`, in one
+/// write. At 16 KiB a message, a write per page was a quarter of the writer's time, in system
+/// calls. The pages of one large write may sit in large folios, but not its last, part-written
+/// page, where the next commit starts (a folio never reaches past the end of the write that
+/// made it): so only a commit to a new file, and a segment written so is never kept as a
+/// spare, whose later commits would write into those folios.
+fn write_commit(file: &File, bytes: &[u8], at: u64, coarse: bool) -> io::Result<()> {
+    if coarse {
+        file.write_all_at(bytes, at)
+    } else {
+        write_in_pages(file, bytes, at)
+    }
+}
+
 /// A new head for segment `seg`: a new file.
 fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
     Ok(Head {
@@ -455,6 +487,7 @@ fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
         pending: SALTED.to_vec(),
         unsynced: false,
         grows: true,
+        coarse: false,
         since: Instant::now(),
     })
 }
@@ -540,6 +573,7 @@ impl BodyLog {
             segment_bytes,
             fsync: settings.fsync,
             spares,
+            coarse: HashSet::new(),
             max_spares: settings.spares,
             preparing: None,
             prepare_after: None,
@@ -644,7 +678,9 @@ impl BodyLog {
                     let pad = end.next_multiple_of(PAGE) - end;
                     h.pending.resize(h.pending.len() + pad as usize, 0);
                 }
-                write_in_pages(&h.file, &h.pending, h.len)?;
+                let coarse = h.grows && h.pending.len() >= COARSE_BYTES;
+                h.coarse |= coarse;
+                write_commit(&h.file, &h.pending, h.len, coarse)?;
                 h.len += records as u64;
                 h.pending.clear();
                 h.unsynced = true;
@@ -689,6 +725,9 @@ impl BodyLog {
         old.pending.extend_from_slice(&head.pending);
         std::mem::swap(&mut head.pending, &mut old.pending);
         self.sizes.insert(old.seg, (old.len, Instant::now()));
+        if old.coarse {
+            self.coarse.insert(old.seg);
+        }
         self.rolled.push(old.seg);
         debug!(segment = self.heads[i].seg, "body log: new segment");
         Ok(())
@@ -727,7 +766,8 @@ impl BodyLog {
     }
 
     /// The next compaction step, if one is due: the oldest segment, full for
-    /// [`COMPACT_AFTER`] at least, less than half of whose bytes the tree still refers to, and the chunks that refer to it, up to about
+    /// [`COMPACT_AFTER`] at least, less than half of whose bytes the tree still refers to, or
+    /// at once when at most [`NEARLY_DEAD`] of them, and the chunks that refer to it, up to about
     /// [`COMPACT_BYTES`] of bodies. The writer rewrites those chunks with their bodies appended
     /// again ([`BodyLog::append`]); once that is durable the segment goes.
     pub(super) fn compaction(&self) -> Option<(u64, Vec<Vec<u8>>)> {
@@ -741,7 +781,9 @@ impl BodyLog {
                     return false;
                 };
                 let live = self.live.get(seg).copied().unwrap_or(0);
-                live.saturating_mul(2) < *size && full_since.elapsed() >= self.compact_after
+                let due = full_since.elapsed() >= self.compact_after
+                    || live.saturating_mul(NEARLY_DEAD) <= *size;
+                live.saturating_mul(2) < *size && due
             })
             .min()?;
         let holders = self.holders.get(&seg)?;
@@ -815,7 +857,13 @@ impl BodyLog {
         self.sizes.remove(&seg);
         self.live.remove(&seg);
         self.holders.remove(&seg);
-        let spares = self.max_spares;
+        // A segment with large folios would make a later small commit over it write a whole
+        // folio: it is deleted.
+        let spares = if self.coarse.remove(&seg) {
+            0
+        } else {
+            self.max_spares
+        };
         if let Err(e) = retire(
             &self.segs,
             seg,

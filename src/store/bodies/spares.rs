@@ -96,6 +96,7 @@ pub(super) fn reused_head(
                     pending: Vec::new(),
                     unsynced: false,
                     grows: false,
+                    coarse: false,
                     since: Instant::now(),
                 });
             }
@@ -329,6 +330,31 @@ mod tests {
             assert_eq!(readers.body(*r).unwrap().unwrap(), vec![i as u8; 100]);
         }
         assert!(!files_in(dir.path()).iter().any(|n| n.ends_with(ZEROING)));
+    }
+
+    #[test]
+    fn a_segment_a_large_commit_wrote_in_one_write_is_deleted_not_kept_as_a_spare() {
+        // Its pages may sit in large folios, which a spare's small commits would write whole.
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, t) = tree();
+        let mut log = open_with_spares(dir.path(), &t, true, Some(1 << 20), None, 2);
+        let big: Vec<BodyRef> = (0..17)
+            .map(|i| log.append(Lane::Young, &[i; 64 << 10]))
+            .collect();
+        log.sync().unwrap();
+        let seg = big[0].seg;
+        assert_ne!(log.heads[Lane::Young as usize].seg, seg, "it is full");
+        for r in &big {
+            log.add(&KEY_A, *r);
+        }
+        log.free();
+        for r in &big {
+            log.release(&KEY_A, *r);
+        }
+        log.free();
+        let files = files_in(dir.path());
+        assert!(!files.contains(&spare_name(seg)), "{files:?}");
+        assert!(!files.contains(&segment_name(seg)), "{files:?}");
     }
 
     #[test]

@@ -249,6 +249,42 @@ fn a_segment_that_fills_while_nothing_else_in_it_is_stored_keeps_the_group_just_
 }
 
 #[test]
+fn a_full_segment_the_tree_hardly_refers_to_is_compacted_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, t) = tree();
+    let mut log = open_log(
+        dir.path(),
+        &t,
+        true,
+        Some(40_000),
+        Some(Duration::from_secs(3600)),
+    );
+    let kept = log.append(Lane::Young, &[1u8; 1000]);
+    let gone: Vec<BodyRef> = (0..39)
+        .map(|_| log.append(Lane::Young, &[2u8; 1000]))
+        .collect();
+    log.sync().unwrap();
+    assert_ne!(log.heads[0].seg, kept.seg, "the segment is full");
+    log.add(&KEY_A, kept);
+    for r in &gone {
+        log.add(&KEY_B, *r);
+    }
+    assert_eq!(log.compaction(), None, "its bodies are all stored");
+    for r in &gone[..20] {
+        log.release(&KEY_B, *r);
+    }
+    assert_eq!(log.compaction(), None, "half of it is stored: it waits");
+    for r in &gone[20..] {
+        log.release(&KEY_B, *r);
+    }
+    assert_eq!(
+        log.compaction(),
+        Some((kept.seg, vec![KEY_A.to_vec()])),
+        "a 40th of it is stored"
+    );
+}
+
+#[test]
 fn compaction_picks_the_oldest_mostly_dead_segment_once_it_has_waited() {
     let dir = tempfile::tempdir().unwrap();
     let (_db, t) = tree();
@@ -353,4 +389,37 @@ fn a_few_bytes_written_over_a_large_write_dirty_one_page() {
         .iter()
         .all(|&b| b == 1));
     assert!(back[(2 << 20) + 700..].iter().all(|&b| b == 7));
+}
+
+#[test]
+fn a_small_commit_after_a_large_one_in_one_write_dirties_one_page() {
+    // Catches a large commit whose last, part-written page sits in a large folio: the next
+    // commit starts there, and its fdatasync would write the whole folio.
+    let dir = tempfile::tempdir().unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.path().join("seg"))
+        .unwrap();
+    let start = dirtied_by_this_thread();
+    write_commit(&file, &[5u8; 100], 0, false).unwrap();
+    let commit = vec![7u8; (4 << 20) + 1000];
+    write_commit(&file, &commit, 100, true).unwrap();
+    if dirtied_by_this_thread() == start {
+        eprintln!("skipped: the temp dir's file system does not count dirtied bytes");
+        return;
+    }
+    file.sync_data().unwrap();
+    let end = 100 + commit.len() as u64;
+    let before = dirtied_by_this_thread();
+    write_commit(&file, &[1u8; 600], end, true).unwrap();
+    let dirtied = dirtied_by_this_thread() - before;
+    assert_eq!(dirtied, PAGE, "600 bytes dirtied {dirtied} bytes");
+    file.sync_data().unwrap();
+    let mut back = vec![0u8; end as usize + 600];
+    file.read_exact_at(&mut back, 0).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 5));
+    assert!(back[100..end as usize].iter().all(|&b| b == 7));
+    assert!(back[end as usize..].iter().all(|&b| b == 1));
 }
