@@ -279,9 +279,11 @@ async fn a_damaged_body_is_refused_at_start_and_its_loss_reported_after_repair()
 
 /// Small body log segments, so a test sees many of them.
 /// Segments of 1 MiB, compacted as soon as they are mostly dead, none kept as a spare (so the
-/// space the body log holds is what its stored messages need).
+/// space the body log holds is what its stored messages need); the compactions logged (at
+/// debug: they are routine).
 fn small_segments() -> Opts {
     Opts::new()
+        .env("RUST_LOG", "info,outboxd::store::retention=debug")
         .env("OUTBOXD_FAULT_BODY_SEGMENT_BYTES", 1 << 20)
         .env("OUTBOXD_FAULT_BODY_COMPACT_AFTER_MS", 0)
         .env("OUTBOXD_STORAGE__SPARE_SEGMENTS", 0)

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use sled::IVec;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::bodies::{self, BodyRef, Lane};
 use super::records::{decode, decode_dedup};
@@ -79,7 +79,8 @@ impl WriterState {
                 records += 1;
             }
         }
-        info!(
+        // Routine: at 16 KiB saturation a nearly dead segment is compacted many times a second.
+        debug!(
             segment = format!("{seg:016x}"),
             bodies = moved.len(),
             records,
