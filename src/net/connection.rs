@@ -34,6 +34,7 @@ use crate::broker::session::{Beat, Liveness, RateLimit, Window};
 use crate::broker::{store_error_message, Shared};
 use crate::metrics::{CloseReason, Metrics};
 use crate::model::ClientId;
+use crate::net::read_ahead::ReadAhead;
 use crate::net::replies::{Replies, Reply};
 use crate::net::tls::Tls;
 use crate::net::write_queue::{self, TrySendError};
@@ -43,7 +44,7 @@ use crate::protocol::{
 };
 use crate::store::{Delivery, OutboxHandle, PublishRequest, ResumeRefused, StoreError};
 
-type Ws = WebSocketStream<crate::net::tls::Stream>;
+type Ws = WebSocketStream<ReadAhead<crate::net::tls::Stream>>;
 
 /// Why a connection ends, and what the peer is told.
 #[derive(Debug)]
@@ -374,7 +375,8 @@ async fn handshake(
     };
     let frame = usize::try_from(cfg.server.max_frame_bytes).unwrap_or(usize::MAX);
     // tungstenite zero-fills the whole read buffer on its first read, so its size is resident
-    // memory for every idle connection; a bigger frame grows the buffer as it needs.
+    // memory for every idle connection; a bigger frame grows the buffer as it needs, and a busy
+    // peer's bytes are read ahead underneath (`net::read_ahead`).
     let ws_cfg = WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(32 * 1024)
@@ -398,7 +400,7 @@ async fn handshake(
         _ = shutdown.cancelled() => return None,
         r = tokio::time::timeout_at(
             deadline,
-            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_cfg)),
+            tokio_tungstenite::accept_hdr_async_with_config(ReadAhead::new(stream), callback, Some(ws_cfg)),
         ) => r,
     };
     match upgrade {

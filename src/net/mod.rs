@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod connection;
 mod listener;
+mod read_ahead;
 mod replies;
 pub mod tls;
 pub mod write_queue;
