@@ -477,6 +477,25 @@ fn write_commit(file: &File, bytes: &[u8], at: u64, coarse: bool) -> io::Result<
     }
 }
 
+/// Gives the page cache back the pages of a large commit once it is on disk: they go back to
+/// the kernel at once, and the next commit writes into them again while they are still mapped.
+/// Kept, the cache grew by the whole stream into memory the machine had to map back (2.1–2.5 ms
+/// of CPU a megabyte against 0.17 into pages just freed, on the machines measured). The
+/// commit's first and last pages, which it shares with the commits before and after, are only
+/// partly in the range, so they stay. A reader of these bodies reads them from the disk; a
+/// recipient keeping up is served from memory (see `fresh`). Only advice: an error changes
+/// nothing that is stored.
+fn drop_from_cache(file: &File, from: u64, len: u64) {
+    if let Err(e) = rustix::fs::fadvise(
+        file,
+        from,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    ) {
+        debug!(error = %e, "body log: dropping a written commit from the page cache failed");
+    }
+}
+
 /// A new head for segment `seg`: a new file.
 fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
     Ok(Head {
@@ -666,6 +685,7 @@ impl BodyLog {
     /// Then starts a new segment for a head that is full.
     pub(super) fn sync(&mut self) -> io::Result<()> {
         for h in self.heads.iter_mut().rev() {
+            let mut written_whole = None;
             if !h.pending.is_empty() {
                 let records = h.pending.len();
                 // The end mark goes after the records; the next write starts over it. In a spare,
@@ -681,12 +701,18 @@ impl BodyLog {
                 let coarse = h.grows && h.pending.len() >= COARSE_BYTES;
                 h.coarse |= coarse;
                 write_commit(&h.file, &h.pending, h.len, coarse)?;
+                if coarse {
+                    written_whole = Some((h.len, records as u64));
+                }
                 h.len += records as u64;
                 h.pending.clear();
                 h.unsynced = true;
             }
             if h.unsynced && self.fsync {
                 h.file.sync_data()?;
+                if let Some((from, len)) = written_whole {
+                    drop_from_cache(&h.file, from, len);
+                }
             }
             h.unsynced = false;
         }

@@ -348,10 +348,15 @@ fn an_open_keeps_the_segments_the_tree_refers_to_and_starts_a_new_one() {
 /// Bytes this thread has caused to be written to storage (`write_bytes` of
 /// `/proc/thread-self/io`): the kernel counts a folio's whole size when a write dirties it.
 fn dirtied_by_this_thread() -> u64 {
+    io_of_this_thread("write_bytes")
+}
+
+/// A count of `/proc/thread-self/io` (`read_bytes`: bytes read from storage, not the cache).
+fn io_of_this_thread(field: &str) -> u64 {
     std::fs::read_to_string("/proc/thread-self/io")
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(": "))
         .unwrap()
         .trim()
         .parse()
@@ -422,4 +427,37 @@ fn a_small_commit_after_a_large_one_in_one_write_dirties_one_page() {
     assert!(back[..100].iter().all(|&b| b == 5));
     assert!(back[100..end as usize].iter().all(|&b| b == 7));
     assert!(back[end as usize..].iter().all(|&b| b == 1));
+}
+
+#[test]
+fn a_large_commit_leaves_the_page_cache_once_synced_but_not_its_last_page() {
+    // Catches a large commit kept in the page cache (the cache grows by the whole stream), and
+    // its last page dropped with it (the next commit, which starts there, would read it back
+    // from the disk first).
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, t) = tree();
+    let mut log = open_log(dir.path(), &t, true, Some(64 << 20), None);
+    let big = log.append(Lane::Young, &vec![3u8; 2 << 20]);
+    log.sync().unwrap();
+    let before = io_of_this_thread("read_bytes");
+    let small = log.append(Lane::Young, &[4u8; 600]);
+    log.sync().unwrap();
+    assert_eq!(
+        io_of_this_thread("read_bytes"),
+        before,
+        "the next commit read its page from the disk"
+    );
+    let readers = log.segments();
+    assert_eq!(readers.body(small).unwrap().unwrap(), vec![4u8; 600]);
+    assert_eq!(readers.body(big).unwrap().unwrap(), vec![3u8; 2 << 20]);
+    let read = io_of_this_thread("read_bytes") - before;
+    if read == 0 && dirtied_by_this_thread() == 0 {
+        // A file system without a page cache of its own to count (tmpfs) reads nothing.
+        eprintln!("skipped: the temp dir's file system does not count bytes read");
+        return;
+    }
+    assert!(
+        read >= 1 << 20,
+        "the large commit was read back from memory ({read} bytes from the disk)"
+    );
 }
