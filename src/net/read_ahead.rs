@@ -56,12 +56,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if out.remaining() == 0 {
+            // Nothing asked: nothing read ahead and thrown away.
+            return Poll::Ready(Ok(()));
+        }
         if this.at == this.end {
             if this.buf.is_empty() {
                 let asked = out.remaining();
                 let before = out.filled().len();
                 ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-                if asked > 0 && out.filled().len() - before == asked {
+                if out.filled().len() - before == asked {
                     this.buf = vec![0; AHEAD];
                 }
                 return Poll::Ready(Ok(()));

@@ -363,17 +363,22 @@ fn io_of_this_thread(field: &str) -> u64 {
         .unwrap()
 }
 
+/// A new, empty file in `dir`, read and written as the body log does.
+fn new_file(dir: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join("seg"))
+        .unwrap()
+}
+
 #[test]
 fn a_few_bytes_written_over_a_large_write_dirty_one_page() {
     // Catches a segment written in one large write: its pages then sit in large folios, and
     // a later commit's few bytes among them make the fdatasync write the whole folio.
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.path().join("seg"))
-        .unwrap();
+    let file = new_file(dir.path());
     let start = dirtied_by_this_thread();
     write_in_pages(&file, &vec![7u8; 4 << 20], 0).unwrap();
     if dirtied_by_this_thread() == start {
@@ -401,12 +406,7 @@ fn a_small_commit_after_a_large_one_in_one_write_dirties_one_page() {
     // Catches a large commit whose last, part-written page sits in a large folio: the next
     // commit starts there, and its fdatasync would write the whole folio.
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.path().join("seg"))
-        .unwrap();
+    let file = new_file(dir.path());
     let start = dirtied_by_this_thread();
     write_commit(&file, &[5u8; 100], 0, false).unwrap();
     let commit = vec![7u8; (4 << 20) + 1000];
