@@ -24,14 +24,14 @@
 //! journal record before it is needed either), and a segment with no reference left, other than
 //! the ones being appended to, is given up. Every open starts new heads and gives up the
 //! segments nothing refers to. A full segment given up is kept as a spare to be written over by
-//! a later young head (see [`spares`]), unless a large commit wrote it in one write; others are
-//! deleted.
+//! a later young head (see [`spares`]); others are deleted. Writes go around the page cache
+//! (see [`direct`]).
 //!
 //! A segment keeps its space while any of its messages is stored; the retention sweep moves the
 //! bodies still stored out of old, mostly dead segments, and at once out of nearly dead ones
 //! (idempotency key runs outlive the messages beside them; [`BodyLog::compaction`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use super::StoreError;
 use crate::codec::CodecError;
 
+mod direct;
 mod refs;
 mod spares;
 
@@ -348,11 +349,15 @@ struct Head {
     unsynced: bool,
     /// Whether it is a new file, which every write makes longer (not a spare written over).
     grows: bool,
-    /// Whether a large commit wrote it in one write ([`write_commit`]): its pages may sit in
-    /// large folios, so it is never kept as a spare.
-    coarse: bool,
     /// When it became the head.
     since: Instant,
+    /// The file opened for direct writes, which every write takes (see [`direct`]); None where
+    /// the filesystem has none.
+    direct: Option<Arc<File>>,
+    /// The bytes of the file's last, part-written page, while `direct` is open.
+    tail: direct::Tail,
+    /// Where the chunks of the records not yet written that went to the flusher end, if any did.
+    sent_to: Option<u64>,
 }
 
 /// The writer's side of the body log: appends, syncs, counts references, deletes segments.
@@ -386,15 +391,16 @@ pub(super) struct BodyLog {
     fsync: bool,
     /// Spares on disk, by the number each last had: what a new young head writes over.
     spares: Vec<u64>,
-    /// Segments no longer appended to that a commit wrote in large pieces: deleted, never kept
-    /// as spares, when nothing refers to them any more.
-    coarse: HashSet<u64>,
     /// How many spares are kept (`storage.spare_segments`).
     max_spares: usize,
     /// The spare being zero-filled off the writer's thread, if any: its number once done.
     preparing: Option<std::thread::JoinHandle<io::Result<u64>>>,
     /// No spare is prepared before this (after one failed).
     prepare_after: Option<Instant>,
+    /// The memory the writer's own direct writes are made from.
+    stage: direct::Stage,
+    /// The thread that writes chunks of a large group while it is gathered.
+    flusher: Option<direct::Flusher>,
 }
 
 /// How the writer's body log is run.
@@ -432,22 +438,20 @@ const COMPACT_AFTER: Duration = Duration::from_secs(60);
 /// wait. What keeps such a segment is mostly idempotency key runs, which live for the dedup
 /// window while the messages beside them are acked in moments: moving them costs at most a
 /// 32nd of what the segment cost to write, and frees it to be written over (or its memory to
-/// be used again) at once. Without it, the page cache of a broker writing large messages grew
-/// by the whole stream for the first minute, into memory the machine had to map back.
+/// be used again) at once. Without it, a broker writing large messages kept the whole stream
+/// on disk for the first minute.
 const NEARLY_DEAD: u64 = 32;
 
-/// The page size: every write to a segment ends its pieces at its boundaries
-/// ([`write_in_pages`]), and a write to a spare is padded to one.
+/// The page size: a direct write starts and ends at its boundaries (see [`direct`]); a write
+/// through the page cache ends its pieces at them ([`write_in_pages`]), and one to a spare is
+/// padded to one.
 const PAGE: u64 = 4096;
 
-/// Writes `bytes` at `at` in pieces that each end at a page boundary. The kernel holds a file's
-/// pages in folios as large as the write that made them, and a commit of a few hundred bytes
-/// into a folio of a megabyte makes its fdatasync write the whole megabyte: pages made one at a
-/// time keep every later commit's write to the pages it touched. Those pages stay in memory
-/// while the segment is a spare and are written over when it is reused. On the virtual machines
-/// measured, memory the kernel has not touched for a few seconds costs about 3.5 ms of CPU a
-/// megabyte to write into (the hypervisor maps it back a page at a time), and pages kept in
-/// the cache 0.2 ms.
+/// Writes `bytes` at `at` through the page cache (where the filesystem has no direct writes, and
+/// for spares being zero-filled), in pieces that each end at a page boundary. The kernel holds a
+/// file's pages in folios as large as the write that made them, and a commit of a few hundred
+/// bytes into a folio of a megabyte makes its fdatasync write the whole megabyte: pages made
+/// one at a time keep every later commit's write to the pages it touched.
 fn write_in_pages(file: &File, bytes: &[u8], at: u64) -> io::Result<()> {
     let mut done = 0;
     while done < bytes.len() {
@@ -460,53 +464,20 @@ fn write_in_pages(file: &File, bytes: &[u8], at: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A commit at least this large to a new file is written in one write ([`write_commit`]).
-const COARSE_BYTES: usize = 1 << 20;
-
-/// Writes a commit's `bytes` at `at`: in pages ([`write_in_pages`]), or, when `coarse`, in one
-/// write. At 16 KiB a message, a write per page was a quarter of the writer's time, in system
-/// calls. The pages of one large write may sit in large folios, but not its last, part-written
-/// page, where the next commit starts (a folio never reaches past the end of the write that
-/// made it): so only a commit to a new file, and a segment written so is never kept as a
-/// spare, whose later commits would write into those folios.
-fn write_commit(file: &File, bytes: &[u8], at: u64, coarse: bool) -> io::Result<()> {
-    if coarse {
-        file.write_all_at(bytes, at)
-    } else {
-        write_in_pages(file, bytes, at)
-    }
-}
-
-/// Gives the page cache back the pages of a large commit once it is on disk: they go back to
-/// the kernel at once, and the next commit writes into them again while they are still mapped.
-/// Kept, the cache grew by the whole stream into memory the machine had to map back (2.1–2.5 ms
-/// of CPU a megabyte against 0.17 into pages just freed, on the machines measured). The
-/// commit's first and last pages, which it shares with the commits before and after, are only
-/// partly in the range, so they stay. A reader of these bodies reads them from the disk; a
-/// recipient keeping up is served from memory (see `fresh`). Only advice: an error changes
-/// nothing that is stored.
-fn drop_from_cache(file: &File, from: u64, len: u64) {
-    if let Err(e) = rustix::fs::fadvise(
-        file,
-        from,
-        std::num::NonZeroU64::new(len),
-        rustix::fs::Advice::DontNeed,
-    ) {
-        debug!(error = %e, "body log: dropping a written commit from the page cache failed");
-    }
-}
-
 /// A new head for segment `seg`: a new file.
 fn head(segs: &Segments, seg: u64) -> io::Result<Head> {
+    let file = create_segment(segs, seg)?;
     Ok(Head {
         seg,
-        file: create_segment(segs, seg)?,
+        file,
+        direct: direct::open(&segs.path(seg)),
+        tail: direct::Tail::default(),
+        sent_to: None,
         len: 0,
         // The mark goes to disk with the first records.
         pending: SALTED.to_vec(),
         unsynced: false,
         grows: true,
-        coarse: false,
         since: Instant::now(),
     })
 }
@@ -592,10 +563,11 @@ impl BodyLog {
             segment_bytes,
             fsync: settings.fsync,
             spares,
-            coarse: HashSet::new(),
             max_spares: settings.spares,
             preparing: None,
             prepare_after: None,
+            stage: direct::Stage::default(),
+            flusher: direct::Flusher::start(),
         };
         for (key, refs) in stored {
             for r in refs {
@@ -657,11 +629,30 @@ impl BodyLog {
         let crc = checksum(Some(h.seg), body);
         h.pending[start..start + 4].copy_from_slice(&len.to_le_bytes());
         h.pending[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
-        Ok(BodyRef {
+        let r = BodyRef {
             seg: h.seg,
             off: h.len + start as u64,
             len,
-        })
+        };
+        self.stream(lane);
+        Ok(r)
+    }
+
+    /// Sends the whole chunks of `lane`'s records not yet written to the flusher (see `direct`).
+    fn stream(&mut self, lane: Lane) {
+        let h = &mut self.heads[lane as usize];
+        let (Some(flusher), Some(file)) = (self.flusher.as_mut(), &h.direct) else {
+            return;
+        };
+        let mut start = h.sent_to.unwrap_or(h.len - h.tail.len());
+        let end = h.len + h.pending.len() as u64;
+        while end - start >= direct::CHUNK {
+            let mut stage = flusher.stage();
+            stage.fill(&h.tail, &h.pending, h.len, start, start + direct::CHUNK);
+            flusher.send(file, stage, start);
+            start += direct::CHUNK;
+            h.sent_to = Some(start);
+        }
     }
 
     /// Appends a commit group's journal record (see `journal`) at the young head, after the
@@ -685,24 +676,37 @@ impl BodyLog {
     /// Then starts a new segment for a head that is full.
     pub(super) fn sync(&mut self) -> io::Result<()> {
         for h in self.heads.iter_mut().rev() {
-            let mut written_whole = None;
             if !h.pending.is_empty() {
                 let records = h.pending.len();
                 // The end mark goes after the records; the next write starts over it. In a spare,
-                // zeros fill the last page: a write that covers a page whole need not read it
-                // first should its page have left the cache. A new file has nothing to read past
-                // its end, and the padding would only add to the pages each sync writes.
+                // zeros fill the last page: a write through the page cache that covers a page
+                // whole need not read it first should its page have left the cache. A new file
+                // has nothing to read past its end, and the padding would only add to the pages
+                // each sync writes.
                 h.pending.extend_from_slice(&END);
                 if !h.grows {
                     let end = h.len + h.pending.len() as u64;
                     let pad = end.next_multiple_of(PAGE) - end;
                     h.pending.resize(h.pending.len() + pad as usize, 0);
                 }
-                let coarse = h.grows && h.pending.len() >= COARSE_BYTES;
-                h.coarse |= coarse;
-                write_commit(&h.file, &h.pending, h.len, coarse)?;
-                if coarse {
-                    written_whole = Some((h.len, records as u64));
+                let written = h.direct.as_ref().map(|file| {
+                    let start = h.sent_to.take().unwrap_or(h.len - h.tail.len());
+                    let end = h.len + h.pending.len() as u64;
+                    self.stage.fill(&h.tail, &h.pending, h.len, start, end);
+                    let mine = self.stage.write(file, start);
+                    let theirs = self.flusher.as_mut().map_or(Ok(()), direct::Flusher::wait);
+                    mine.and(theirs)
+                });
+                match written {
+                    Some(Ok(())) => h.tail.advance(&h.pending, records, h.len + records as u64),
+                    Some(Err(e)) if !direct::refused(&e) => return Err(e),
+                    refused => {
+                        if let Some(Err(e)) = refused {
+                            warn!(segment = h.seg, error = %e, "body log: the disk refuses direct writes; this segment is written through the page cache");
+                            h.direct = None;
+                        }
+                        write_in_pages(&h.file, &h.pending, h.len)?;
+                    }
                 }
                 h.len += records as u64;
                 h.pending.clear();
@@ -710,9 +714,6 @@ impl BodyLog {
             }
             if h.unsynced && self.fsync {
                 h.file.sync_data()?;
-                if let Some((from, len)) = written_whole {
-                    drop_from_cache(&h.file, from, len);
-                }
             }
             h.unsynced = false;
         }
@@ -751,9 +752,6 @@ impl BodyLog {
         old.pending.extend_from_slice(&head.pending);
         std::mem::swap(&mut head.pending, &mut old.pending);
         self.sizes.insert(old.seg, (old.len, Instant::now()));
-        if old.coarse {
-            self.coarse.insert(old.seg);
-        }
         self.rolled.push(old.seg);
         debug!(segment = self.heads[i].seg, "body log: new segment");
         Ok(())
@@ -883,18 +881,11 @@ impl BodyLog {
         self.sizes.remove(&seg);
         self.live.remove(&seg);
         self.holders.remove(&seg);
-        // A segment with large folios would make a later small commit over it write a whole
-        // folio: it is deleted.
-        let spares = if self.coarse.remove(&seg) {
-            0
-        } else {
-            self.max_spares
-        };
         if let Err(e) = retire(
             &self.segs,
             seg,
             &mut self.spares,
-            spares,
+            self.max_spares,
             self.segment_bytes,
         ) {
             warn!(segment = seg, error = %e, "body log: removing a segment failed; it is removed at the next start");

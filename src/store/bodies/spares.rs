@@ -96,8 +96,10 @@ pub(super) fn reused_head(
                     pending: Vec::new(),
                     unsynced: false,
                     grows: false,
-                    coarse: false,
                     since: Instant::now(),
+                    direct: super::direct::open(&segs.path(seg)),
+                    tail: super::direct::Tail::with(&SALTED),
+                    sent_to: None,
                 });
             }
             Err(e) => {
@@ -333,11 +335,15 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_a_large_commit_wrote_in_one_write_is_deleted_not_kept_as_a_spare() {
-        // Its pages may sit in large folios, which a spare's small commits would write whole.
+    fn a_segment_of_large_commits_is_kept_as_a_spare_and_written_over_directly() {
+        // Catches a spare's direct writes misplaced (its tail starts after the mark, not at the
+        // file's start) and a segment of large commits deleted rather than kept.
         let dir = tempfile::tempdir().unwrap();
         let (_db, t) = tree();
         let mut log = open_with_spares(dir.path(), &t, true, Some(1 << 20), None, 2);
+        if !super::super::tests::has_direct_writes(dir.path(), &log) {
+            return;
+        }
         let big: Vec<BodyRef> = (0..17)
             .map(|i| log.append(Lane::Young, &[i; 64 << 10]))
             .collect();
@@ -353,8 +359,22 @@ mod tests {
         }
         log.free();
         let files = files_in(dir.path());
-        assert!(!files.contains(&spare_name(seg)), "{files:?}");
-        assert!(!files.contains(&segment_name(seg)), "{files:?}");
+        assert!(files.contains(&spare_name(seg)), "{files:?}");
+        let mut after = Vec::new();
+        for i in 0..12u8 {
+            let body = vec![i; 30_000 + usize::from(i)];
+            after.push((log.append(Lane::Young, &body), body));
+            log.sync().unwrap();
+        }
+        let h = &log.heads[Lane::Young as usize];
+        assert!(
+            !h.grows && h.direct.is_some(),
+            "the young head is the spare"
+        );
+        let readers = Segments::open(dir.path(), false).unwrap();
+        for (r, body) in &after {
+            assert_eq!(readers.body(*r).unwrap().unwrap(), *body, "{r:?}");
+        }
     }
 
     #[test]
