@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::error::{RequestError, StopReason};
 use super::payload::Payload;
@@ -130,7 +131,7 @@ pub(crate) enum Reply {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// Send this text frame on the current connection.
-    Send(String),
+    Send(Utf8Bytes),
     /// Save this position; wait for it before the next action (which may be an ack it covers).
     Save(Position),
     /// Hand a message to the application; `generation` goes into its ack handle.
@@ -172,7 +173,8 @@ struct Up {
 #[derive(Debug)]
 struct Pending {
     kind: RequestKind,
-    frame: String,
+    /// Kept for a resend after a reconnect; each send shares it.
+    frame: Utf8Bytes,
     sent: bool,
     /// The caller gave up; forget it once the broker answers (or the connection drops).
     cancelled: bool,
@@ -429,7 +431,8 @@ impl Machine {
             BrokerFrame::Error(e) => self.on_error(e),
             BrokerFrame::Ping => {
                 if !matches!(self.conn, Conn::Down) {
-                    self.out.push_back(Action::Send(protocol::PONG.to_owned()));
+                    self.out
+                        .push_back(Action::Send(Utf8Bytes::from_static(protocol::PONG)));
                 }
                 Ok(())
             }
@@ -491,8 +494,9 @@ impl Machine {
             // Same incarnation: the dedup state stands. Acks made while the hello was on its
             // way are not in the resume: state them now.
             if self.acked > last_seq {
-                self.out
-                    .push_back(Action::Send(protocol::encode_ack(Ack::Upto(self.acked))));
+                self.out.push_back(Action::Send(
+                    protocol::encode_ack(Ack::Upto(self.acked)).into(),
+                ));
             }
         } else {
             if let Some(previous) = claimed {
@@ -551,7 +555,7 @@ impl Machine {
             if !self.outstanding.contains(&seq) {
                 // Processed and acked before; that ack was lost on the way.
                 self.out
-                    .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq))));
+                    .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq)).into()));
             }
             return Ok(());
         }
@@ -737,13 +741,13 @@ impl Machine {
         if seq > self.acked && self.is_up() {
             // Out of order: the position cannot cover it yet, the broker can delete it now.
             self.out
-                .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq))));
+                .push_back(Action::Send(protocol::encode_ack(Ack::Seq(seq)).into()));
         }
     }
 
     /// The application wants `kind` done; `id` is unique and increasing.
     pub fn request(&mut self, id: u64, kind: RequestKind) {
-        let frame = request_frame(id, &kind);
+        let frame = request_frame(id, &kind).into();
         self.requests.insert(
             id,
             Pending {
@@ -791,7 +795,7 @@ impl Machine {
                 self.save_due = false;
                 if let Some(upto) = self.upto_after_save.take() {
                     self.out
-                        .push_front(Action::Send(protocol::encode_ack(Ack::Upto(upto))));
+                        .push_front(Action::Send(protocol::encode_ack(Ack::Upto(upto)).into()));
                 }
                 return Some(Action::Save(position));
             }

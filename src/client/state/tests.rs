@@ -40,7 +40,7 @@ fn sends(actions: &[Action]) -> Vec<Value> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send(t) => Some(serde_json::from_str(t).unwrap()),
+            Action::Send(t) => Some(serde_json::from_str(t.as_str()).unwrap()),
             _ => None,
         })
         .collect()
