@@ -28,8 +28,12 @@ use std::thread::JoinHandle;
 
 use super::PAGE;
 
-/// A head's new records go to the flusher a chunk of this many bytes at a time.
+/// A head's new records go to the flusher a chunk of this many bytes at a time (256 KiB
+/// measured slower at 16 KiB messages, 2 MiB no faster).
 pub(super) const CHUNK: u64 = 1 << 20;
+
+/// Stages kept for the next chunks once written; a larger group's others are freed.
+const KEPT: usize = 4;
 
 /// Opens `path` a second time, for direct writes; None where the filesystem has none.
 pub(super) fn open(path: &Path) -> Option<Arc<File>> {
@@ -202,7 +206,9 @@ impl Flusher {
                 return Err(io::Error::other("the body log's flusher thread is gone"));
             };
             self.outstanding -= 1;
-            self.free.push(stage);
+            if self.free.len() < KEPT {
+                self.free.push(stage);
+            }
             if result.is_ok() {
                 result = written;
             }
