@@ -203,6 +203,7 @@ impl Segments {
         mut refs: Vec<(BodyRef, u64, u64)>,
     ) -> Result<(), (u64, u64, String)> {
         refs.sort_unstable_by_key(|(r, _, _)| (r.seg, r.off));
+        let mut stage = direct::Stage::default();
         let mut at = 0;
         while at < refs.len() {
             let seg = refs[at].0.seg;
@@ -225,8 +226,14 @@ impl Segments {
                 .file
                 .metadata()
                 .and_then(|m| {
+                    let read = direct::read_whole(&self.path(seg), m.len(), &mut stage);
+                    if let Some(read) = read {
+                        return read.map(std::borrow::Cow::Borrowed);
+                    }
                     let mut bytes = vec![0u8; usize::try_from(m.len()).unwrap_or(usize::MAX)];
-                    file.file.read_exact_at(&mut bytes, 0).map(|()| bytes)
+                    file.file
+                        .read_exact_at(&mut bytes, 0)
+                        .map(|()| std::borrow::Cow::Owned(bytes))
                 })
                 .map_err(|e| {
                     (
