@@ -590,6 +590,12 @@ impl BodyLog {
                 "body log opened"
             );
         }
+        if log.heads.iter().any(|h| h.direct.is_none()) {
+            warn!(
+                dir = %log.segs.dir.display(),
+                "body log: this file system takes no direct writes; segments are written through the page cache, which costs more CPU and memory with large messages"
+            );
+        }
         Ok(log)
     }
 
