@@ -367,6 +367,14 @@ struct Head {
     sent_to: Option<u64>,
 }
 
+impl Head {
+    /// Where the next direct write starts: after the chunks the flusher has, or else at the
+    /// page boundary before the file's end (the tail's page).
+    fn unsent(&self) -> u64 {
+        self.sent_to.unwrap_or(self.len - self.tail.len())
+    }
+}
+
 /// The writer's side of the body log: appends, syncs, counts references, deletes segments.
 pub(super) struct BodyLog {
     segs: Arc<Segments>,
@@ -657,7 +665,7 @@ impl BodyLog {
         let (Some(flusher), Some(file)) = (self.flusher.as_mut(), &h.direct) else {
             return;
         };
-        let mut start = h.sent_to.unwrap_or(h.len - h.tail.len());
+        let mut start = h.unsent();
         let end = h.len + h.pending.len() as u64;
         while end - start >= direct::CHUNK {
             let mut stage = flusher.stage();
@@ -702,8 +710,9 @@ impl BodyLog {
                     let pad = end.next_multiple_of(PAGE) - end;
                     h.pending.resize(h.pending.len() + pad as usize, 0);
                 }
+                let start = h.unsent();
+                h.sent_to = None;
                 let written = h.direct.as_ref().map(|file| {
-                    let start = h.sent_to.take().unwrap_or(h.len - h.tail.len());
                     let end = h.len + h.pending.len() as u64;
                     self.stage.fill(&h.tail, &h.pending, h.len, start, end);
                     let mine = self.stage.write(file, start);

@@ -38,13 +38,16 @@ const KEPT: usize = 4;
 
 /// Opens `path` a second time, for direct writes; None where the filesystem has none.
 pub(super) fn open(path: &Path) -> Option<Arc<File>> {
+    open_with(OpenOptions::new().write(true), path).map(Arc::new)
+}
+
+/// Opens `path` with `options` and `O_DIRECT`; None where the filesystem has none.
+fn open_with(options: &mut OpenOptions, path: &Path) -> Option<File> {
     let direct = rustix::fs::OFlags::DIRECT.bits();
-    OpenOptions::new()
-        .write(true)
+    options
         .custom_flags(i32::try_from(direct).ok()?)
         .open(path)
         .ok()
-        .map(Arc::new)
 }
 
 /// Reads all of the file at `path` (`len` bytes) into `stage` around the page cache, for the
@@ -57,12 +60,7 @@ pub(super) fn read_whole<'a>(
     len: u64,
     stage: &'a mut Stage,
 ) -> Option<io::Result<&'a [u8]>> {
-    let direct = rustix::fs::OFlags::DIRECT.bits();
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(i32::try_from(direct).ok()?)
-        .open(path)
-        .ok()?;
+    let file = open_with(OpenOptions::new().read(true), path)?;
     let len = usize::try_from(len).ok()?;
     let window = stage.window(len.next_multiple_of(PAGE as usize));
     let mut done = 0;
@@ -311,9 +309,10 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let mut stage = Stage::default();
         let Some(read) = read_whole(&path, bytes.len() as u64, &mut stage) else {
-            let tmpfs = rustix::fs::statfs(dir.path())
-                .is_ok_and(|s| u64::try_from(s.f_type).is_ok_and(|t| t == 0x0102_1994));
-            assert!(tmpfs, "no direct reads on a disk file system");
+            assert!(
+                super::super::tests::on_tmpfs(dir.path()),
+                "no direct reads on a disk file system"
+            );
             eprintln!("skipped: the temp dir's file system has no direct reads");
             return;
         };

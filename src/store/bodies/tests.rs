@@ -401,14 +401,20 @@ fn a_few_bytes_written_over_a_large_write_dirty_one_page() {
     assert!(back[(2 << 20) + 700..].iter().all(|&b| b == 7));
 }
 
+/// Whether `dir` is on tmpfs, the one file system here that may take no direct I/O.
+pub(super) fn on_tmpfs(dir: &Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    rustix::fs::statfs(dir).is_ok_and(|s| u64::try_from(s.f_type).is_ok_and(|t| t == TMPFS_MAGIC))
+}
+
 /// Whether `dir`'s file system takes direct writes, as every disk file system does; tmpfs
 /// took none before Linux 6.6. Where it does, a head without them is a failure.
 pub(super) fn has_direct_writes(dir: &Path, log: &BodyLog) -> bool {
-    const TMPFS_MAGIC: u64 = 0x0102_1994;
-    let tmpfs = rustix::fs::statfs(dir)
-        .is_ok_and(|s| u64::try_from(s.f_type).is_ok_and(|t| t == TMPFS_MAGIC));
     let direct = log.heads.iter().all(|h| h.direct.is_some());
-    assert!(direct || tmpfs, "no direct writes on a disk file system");
+    assert!(
+        direct || on_tmpfs(dir),
+        "no direct writes on a disk file system"
+    );
     if !direct {
         eprintln!("skipped: the temp dir's file system has no direct writes");
     }
