@@ -6,7 +6,8 @@
 # Usage: bench/alternate.sh OLD_OUTBOXD NEW_OUTBOXD [PAIRS] [RATE]   (defaults: 8 pairs, 5000)
 # SIZE=16384 measures another payload size (default 256); WORKLOADS=saturation leaves out the
 # fixed-rate run (default saturation,latency).
-# Needs target/release/outboxd-bench (cargo build --release -p outboxd-bench). Prints each
+# Needs target/release/outboxd-bench (cargo build --release -p outboxd-bench); OLD_DRIVER and
+# NEW_DRIVER name two builds of it instead, for a change to the client too. Prints each
 # build's median and quartiles, and the ratio new/old of the medians; keeps the runs' JSON in
 # a temp dir it names.
 set -euo pipefail
@@ -14,13 +15,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 old=$(realpath "$1"); new=$(realpath "$2"); pairs=${3:-8}; rate=${4:-5000}
 size=${SIZE:-256}; workloads=${WORKLOADS:-saturation,latency}
 driver=target/release/outboxd-bench
-[[ -x $driver ]] || { echo "alternate: build $driver first (cargo build --release -p outboxd-bench)" >&2; exit 2; }
+old_driver=${OLD_DRIVER:-$driver}; new_driver=${NEW_DRIVER:-$driver}
+for d in "$old_driver" "$new_driver"; do
+    [[ -x $d ]] || { echo "alternate: build $d first (cargo build --release -p outboxd-bench)" >&2; exit 2; }
+done
 out=$(mktemp -d)
 for i in $(seq 1 "$pairs"); do
     if (( i % 2 )); then order="old new"; else order="new old"; fi
     for which in $order; do
-        bin=$old; [[ $which == new ]] && bin=$new
-        "$driver" --systems outboxd --workloads "$workloads" --sizes "$size" --rates "$rate" \
+        bin=$old; d=$old_driver; [[ $which == new ]] && { bin=$new; d=$new_driver; }
+        "$d" --systems outboxd --workloads "$workloads" --sizes "$size" --rates "$rate" \
             --reps 1 --outboxd-bin "$bin" --json "$out/$which-$i.json" > "$out/$which-$i.log" 2>&1
         echo "pair $i/$pairs: $which done"
     done

@@ -1015,7 +1015,7 @@ impl Publisher {
 
     /// Hands one message to the client library. Errors only when the client refuses it
     /// outright; broker refusals are counted in [`PubStats`].
-    pub async fn send(&self, body: Vec<u8>) -> Result<()> {
+    pub async fn send(&self, body: String) -> Result<()> {
         match self {
             Publisher::Outboxd {
                 publisher,
@@ -1023,8 +1023,7 @@ impl Publisher {
                 pending,
                 ..
             } => {
-                let text = String::from_utf8(body)?;
-                let payload = Payload::json_text(text)?;
+                let payload = Payload::json_text(body)?;
                 let mut p = publisher.publish(target.as_str(), payload).start();
                 // `start()` (outboxd::client) queues the request only when its future is first
                 // polled, despite its doc; awaiting confirmations one by one would then send
@@ -1042,6 +1041,7 @@ impl Publisher {
                     .map_err(|_| anyhow!("the confirmation collector stopped"))?;
             }
             Publisher::Mqtt { client, topic, .. } => {
+                let body = body.into_bytes();
                 client
                     .publish(topic.as_str(), QoS::AtLeastOnce, false, body)
                     .await?;
@@ -1052,6 +1052,7 @@ impl Publisher {
                 pending,
                 ..
             } => {
+                let body = body.into_bytes();
                 let ack = js
                     .publish(subject.clone(), body.into())
                     .await
@@ -1061,6 +1062,7 @@ impl Publisher {
                     .map_err(|_| anyhow!("the confirmation collector stopped"))?;
             }
             Publisher::Redis { streams, queue, .. } => {
+                let body = body.into_bytes();
                 let mut cmd = Vec::with_capacity(streams.len() * (body.len() + 64) + 32);
                 let many = streams.len() > 1;
                 if many {
@@ -1098,7 +1100,7 @@ impl Publisher {
                                 mandatory: true,
                                 ..Default::default()
                             },
-                            &body,
+                            body.as_bytes(),
                             // 2: persistent.
                             lapin::BasicProperties::default().with_delivery_mode(2),
                         )

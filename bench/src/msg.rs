@@ -19,21 +19,26 @@ pub fn now_ns() -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// A body of exactly `size` bytes (at least [`MIN_SIZE`]).
-pub fn make(size: usize, intended_ns: u64, seq: u64) -> Vec<u8> {
+/// A body of exactly `size` bytes (at least [`MIN_SIZE`]), as text: outboxd's client takes it
+/// as it is; the other systems take its bytes.
+pub fn make(size: usize, intended_ns: u64, seq: u64) -> String {
+    const PAD: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
     let size = size.max(MIN_SIZE);
-    let mut body = Vec::with_capacity(size);
-    body.push(b'"');
+    let mut body = String::with_capacity(size);
+    body.push('"');
     // The load generator builds one per message: hex written directly, not through format!.
     for n in [intended_ns, seq] {
         body.extend(
             (0..16)
                 .rev()
-                .map(|shift| b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize]),
+                .map(|shift| char::from(b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize])),
         );
     }
-    body.resize(size - 1, b'x');
-    body.push(b'"');
+    while body.len() < size - 1 {
+        let n = (size - 1 - body.len()).min(PAD.len());
+        body.push_str(&PAD[..n]);
+    }
+    body.push('"');
     body
 }
 
@@ -57,9 +62,9 @@ mod tests {
         for size in [MIN_SIZE, 64, 256, 16 * 1024] {
             let b = make(size, 123_456_789, 42);
             assert_eq!(b.len(), size);
-            assert_eq!(parse(&b), Some((123_456_789, 42)));
+            assert_eq!(parse(b.as_bytes()), Some((123_456_789, 42)));
             assert!(
-                serde_json::from_slice::<String>(&b).is_ok(),
+                serde_json::from_str::<String>(&b).is_ok(),
                 "valid JSON text"
             );
         }

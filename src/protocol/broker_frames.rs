@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use thiserror::Error;
 
-use super::{present_borrowed, read_body, write_body, BodyError, ErrorCode};
+use super::{present_borrowed, read_body, write_body, BodyError, ErrorCode, Split};
 use crate::model::Payload;
 
 /// What the broker tells a client after `hello`, as the broker writes it (the client reads it
@@ -285,7 +285,26 @@ struct RawBrokerFrame<'a> {
 /// Errors: [`BrokerFrameError`] for text that is not a frame, a field of the wrong type, or a
 /// `welcome` or `msg` without the fields that give it a meaning.
 pub fn parse_broker_frame(text: &str) -> Result<BrokerFrame, BrokerFrameError> {
+    read(text, Split::of(text))
+}
+
+/// [`parse_broker_frame`], reading the frame split when `split` is given (see [`Split`]).
+fn read(text: &str, split: Option<Split>) -> Result<BrokerFrame, BrokerFrameError> {
+    if let Some(split) = split {
+        if let Ok(f) = serde_json::from_str::<RawBrokerFrame>(&split.rest) {
+            return interpret(f, Some(split.payload));
+        }
+    }
     let f: RawBrokerFrame = serde_json::from_str(text)?;
+    let payload = f.payload.map(RawValue::get);
+    interpret(f, payload)
+}
+
+/// A frame serde_json read, given its meaning; `payload` is its payload's JSON text.
+fn interpret(
+    f: RawBrokerFrame<'_>,
+    payload: Option<&str>,
+) -> Result<BrokerFrame, BrokerFrameError> {
     Ok(match f.kind.as_ref() {
         "welcome" => {
             let (Some(epoch), Some(resumed), Some(last_seq), Some(heartbeat_ms)) =
@@ -309,7 +328,7 @@ pub fn parse_broker_frame(text: &str) -> Result<BrokerFrame, BrokerFrameError> {
             let Some(seq) = f.seq else {
                 return Err(BrokerFrameError::MsgWithoutSeq);
             };
-            let payload = read_body(f.payload, f.payload_b64.as_deref()).map_err(|e| match e {
+            let payload = read_body(payload, f.payload_b64.as_deref()).map_err(|e| match e {
                 BodyError::Base64(e) => format!("payload_b64 is not base64: {e}"),
                 BodyError::Both => "msg has both payload and payload_b64".to_owned(),
                 BodyError::Neither => "msg has no payload".to_owned(),
@@ -349,6 +368,45 @@ mod tests {
 
     fn parse(s: &str) -> BrokerFrame {
         parse_broker_frame(s).unwrap()
+    }
+
+    #[test]
+    fn a_long_frame_means_the_same_read_split_or_whole() {
+        let long = "x".repeat(2000);
+        let payloads = [
+            format!(r#"{{"text":"{long}","n":[1,2.5e3,null,true]}}"#),
+            format!(r#""{long}\"\u00e9""#),
+            "null".to_owned(),
+        ];
+        for payload in &payloads {
+            let p = Payload::Json(payload.clone());
+            let text = encode_msg(&MsgView {
+                seq: 9,
+                id: "0a",
+                ts: 1,
+                from: Some("alice"),
+                topic: None,
+                payload: &p,
+                redelivered: false,
+            });
+            let split = read(&text, Split::always(&text)).unwrap();
+            assert_eq!(split, parse(&text));
+            let BrokerFrame::Msg(m) = split else {
+                panic!("not a msg: {text}")
+            };
+            assert_eq!(m.payload, Ok(p));
+        }
+        // A bad field beside a long payload is refused as it is without the split.
+        for text in [
+            format!(r#"{{"type":"msg","seq":"9","payload":"{long}"}}"#),
+            format!(r#"{{"type":"msg","seq":9,"payload":"{long}","payload_b64":"AA=="}}"#),
+            format!(r#"{{"type":"msg","payload":"{long}"}}"#),
+        ] {
+            assert_eq!(
+                format!("{:?}", read(&text, Split::always(&text))),
+                format!("{:?}", parse_broker_frame(&text))
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::{
     present, present_borrowed, read_body, write_body, write_json_string, BodyError, ErrorCode,
-    MAX_KEY_LEN,
+    Split, MAX_KEY_LEN,
 };
 use crate::model::{Ack, ClientId, NameError, Payload, Resume, Target, TargetError, Topic};
 
@@ -131,6 +131,16 @@ struct RefOnly {
 ///
 /// Errors carry the code to answer with; they never depend on stored state.
 pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame, FrameError> {
+    read(text, Split::of(text), max_payload)
+}
+
+/// [`parse_client_frame`], reading the frame split when `split` is given (see [`Split`]).
+fn read(text: &str, split: Option<Split>, max_payload: usize) -> Result<ClientFrame, FrameError> {
+    if let Some(split) = split {
+        if let Ok(raw) = serde_json::from_str::<RawFrame>(&split.rest) {
+            return validate(raw, Some(split.payload), max_payload);
+        }
+    }
     let raw: RawFrame = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -147,6 +157,16 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
             return Err(FrameError::new(ErrorCode::BadFrame, msg, reference));
         }
     };
+    let payload = raw.payload.map(RawValue::get);
+    validate(raw, payload, max_payload)
+}
+
+/// A frame serde_json read, checked field by field; `payload` is its payload's JSON text.
+fn validate(
+    raw: RawFrame<'_>,
+    payload: Option<&str>,
+    max_payload: usize,
+) -> Result<ClientFrame, FrameError> {
     let reference = raw.reference;
     let bad = |msg: &str, reference: Option<Box<RawValue>>| {
         FrameError::new(ErrorCode::BadFrame, msg, reference)
@@ -186,7 +206,7 @@ pub fn parse_client_frame(text: &str, max_payload: usize) -> Result<ClientFrame,
                     ))
                 }
             };
-            let payload = match read_body(raw.payload, raw.payload_b64.as_ref().map(Text::get)) {
+            let payload = match read_body(payload, raw.payload_b64.as_ref().map(Text::get)) {
                 Ok(payload) => payload,
                 Err(BodyError::Base64(e)) => {
                     return Err(bad(&format!("payload_b64 is not base64: {e}"), reference))
@@ -685,6 +705,29 @@ mod tests {
                 if let Err(e) = parse_client_frame(&s, 64) {
                     prop_assert!(!e.message.is_empty());
                 }
+            }
+
+            #[test]
+            fn a_frame_means_the_same_read_split_or_whole(v in frame_like(), pad in 0usize..3) {
+                let text = v.to_string();
+                let whole = format!("{:?}", read(&text, None, 64));
+                prop_assert_eq!(format!("{:?}", read(&text, Split::always(&text), 64)), whole);
+                // The value as the payload of a publish that is valid.
+                let text = format!(r#"{{"type":"publish","to":"client:bob","payload": {text} }}"#);
+                let whole = read(&text, None, 1 << 16);
+                prop_assert!(whole.is_ok());
+                let whole = format!("{whole:?}");
+                prop_assert_eq!(format!("{:?}", read(&text, Split::always(&text), 1 << 16)), whole);
+                // The same frame with a payload long enough to be split by the public parser.
+                let mut long = v;
+                if let Some(m) = long.as_object_mut() {
+                    m.insert("payload".into(), Value::String("é\"".repeat(pad * 300)));
+                }
+                let text = long.to_string();
+                prop_assert_eq!(
+                    format!("{:?}", parse_client_frame(&text, 1 << 16)),
+                    format!("{:?}", read(&text, None, 1 << 16))
+                );
             }
 
             #[test]
