@@ -33,8 +33,10 @@ use super::PAGE;
 /// measured slower at 16 KiB messages, 2 MiB no faster).
 pub(super) const CHUNK: u64 = 1 << 20;
 
-/// Stages kept for the next chunks once written; a larger group's others are freed.
-const KEPT: usize = 4;
+/// Stages kept for the next chunks once written; a larger group's others are freed. Groups of
+/// 16 KiB messages at full speed average 3.6 MiB (41k messages a second, 191 syncs): with four
+/// kept, the larger groups allocated (and zeroed) their other stages anew, measurably.
+const KEPT: usize = 8;
 
 /// Opens `path` a second time, for direct writes; None where the filesystem has none.
 pub(super) fn open(path: &Path) -> Option<Arc<File>> {
@@ -138,7 +140,8 @@ impl Stage {
     fn window(&mut self, len: usize) -> &mut [u8] {
         let page = PAGE as usize;
         if self.buf.len() < len + page {
-            self.buf = vec![0u8; (len + page).next_multiple_of(CHUNK as usize)];
+            // A page more than the window, for the alignment.
+            self.buf = vec![0u8; len.next_multiple_of(CHUNK as usize) + page];
         }
         let skew = self.buf.as_ptr().align_offset(page);
         self.len = len;
