@@ -72,23 +72,14 @@ fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
             b't' => literal_end(b, i, b"true")?,
             b'f' => literal_end(b, i, b"false")?,
             b'-' | b'0'..=b'9' => number_end(b, i)?,
-            b'[' => {
+            bracket @ (b'[' | b'{') => {
+                let close = if bracket == b'[' { b']' } else { b'}' };
                 let j = skip_ws(b, i + 1);
-                if b.get(j) == Some(&b']') {
+                if b.get(j) == Some(&close) {
                     j + 1
                 } else {
-                    open.push(b']');
-                    i = j;
-                    continue;
-                }
-            }
-            b'{' => {
-                let j = skip_ws(b, i + 1);
-                if b.get(j) == Some(&b'}') {
-                    j + 1
-                } else {
-                    open.push(b'}');
-                    i = member_value(b, j)?;
+                    open.push(close);
+                    i = next_element(b, close, j)?;
                     continue;
                 }
             }
@@ -102,12 +93,7 @@ fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
             i = skip_ws(b, i);
             match *b.get(i)? {
                 b',' => {
-                    let j = skip_ws(b, i + 1);
-                    i = if close == b'}' {
-                        member_value(b, j)?
-                    } else {
-                        j
-                    };
+                    i = next_element(b, close, skip_ws(b, i + 1))?;
                     break;
                 }
                 c if c == close => {
@@ -117,6 +103,16 @@ fn value_end(b: &[u8], mut i: usize) -> Option<usize> {
                 _ => return None,
             }
         }
+    }
+}
+
+/// Past a container's opening bracket or a comma (and whitespace): where the next value starts,
+/// after its key and colon in an object (whose closing bracket is `close`).
+fn next_element(b: &[u8], close: u8, i: usize) -> Option<usize> {
+    if close == b'}' {
+        member_value(b, i)
+    } else {
+        Some(i)
     }
 }
 
@@ -154,7 +150,7 @@ fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// How many bytes at the start of `b` a string holds as they are: up to the first quote,
 /// backslash or control character.
-fn plain_run(b: &[u8]) -> usize {
+pub(super) fn plain_run(b: &[u8]) -> usize {
     const LANES: usize = 64;
     let (chunks, _) = b.as_chunks::<LANES>();
     let mut n = 0;
